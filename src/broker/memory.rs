@@ -1,0 +1,52 @@
+//! The single-node broker: every topic is local, so publishing is handing the event to the sink.
+
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+
+use super::{Broker, BrokerError, Event, Sink, Topic};
+
+#[derive(Default)]
+pub struct MemoryBroker {
+    sink: OnceLock<Arc<dyn Sink>>,
+}
+
+impl MemoryBroker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Connects the broker to the node's sink; events published before are dropped, which only
+    /// happens during start-up when no session exists yet.
+    pub fn attach(&self, sink: Arc<dyn Sink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// Delivers synchronously, in call order. The embedded store calls this right after a
+    /// commit, which is what keeps each stream's live deliveries in seq order.
+    pub fn deliver_now(&self, topic: &Topic, event: &Event) {
+        if let Some(sink) = self.sink.get() {
+            sink.deliver(topic, event);
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn subscribe(&self, _topic: &Topic) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, _topic: &Topic) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    async fn publish(&self, topic: Topic, event: Event) -> Result<(), BrokerError> {
+        self.deliver_now(&topic, &event);
+        Ok(())
+    }
+
+    async fn ready(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,97 @@
+//! Routing between nodes: who gets a message, not how it is stored.
+//!
+//! A [`Topic`] names the audience of an [`Event`]: a user's sessions, a room's members, or every
+//! session. A node tells its broker which topics it has local interest in; the broker hands every
+//! event for those topics to the node's [`Sink`], which fans it out to local sessions. Stream
+//! messages enter the broker from the store, right after they were stored, so that a subscriber
+//! can never see seq n+1 before n is readable (see `store`). The in-memory broker is the reference:
+//! one node, every topic local.
+
+mod memory;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::protocol::{RoomName, StreamId, UserId};
+
+pub use memory::MemoryBroker;
+
+/// A session id, unique across the cluster (64 random bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl SessionId {
+    pub fn random() -> Self {
+        Self(fastrand::u64(1..))
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// The audience of an event.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// Every session of one user.
+    User(UserId),
+    /// Every session joined to one room.
+    Room(RoomName),
+    /// Every session on every node.
+    All,
+}
+
+/// A message frame on its way to sessions, encoded once and shared by all of them.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The stream and seq, or `None` for a broadcast.
+    pub position: Option<(StreamId, u64)>,
+    pub frame: Bytes,
+    /// The session that sent it and got a reply instead of an echo.
+    pub exclude: Option<SessionId>,
+    /// When the message was accepted, in ms since the epoch (for the latency histogram).
+    pub ts: u64,
+}
+
+/// What travels from node to node.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A message of a stream, or a broadcast.
+    Message(Arc<Delivery>),
+    /// A pre-encoded frame with no seq (presence events).
+    Frame(Bytes),
+    /// Close the user's sessions (the disconnect API, the single-session policy).
+    Disconnect { code: u16, reason: Arc<str>, except: Option<SessionId> },
+}
+
+/// Where a node receives the events of the topics it subscribed to.
+pub trait Sink: Send + Sync {
+    /// Hands `event` to the local sessions of `topic`. Never blocks: a session whose queue is
+    /// full is closed as too slow rather than waited for.
+    fn deliver(&self, topic: &Topic, event: &Event);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Routes events between the nodes of a cluster.
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Starts receiving the events of `topic` on this node. Idempotent.
+    async fn subscribe(&self, topic: &Topic) -> Result<(), BrokerError>;
+    /// Stops receiving the events of `topic` on this node. Idempotent.
+    async fn unsubscribe(&self, topic: &Topic) -> Result<(), BrokerError>;
+    /// Sends an event that is not part of a stream (broadcast, presence, control) to every node
+    /// subscribed to `topic`, this one included. Returns once the broker accepted it.
+    async fn publish(&self, topic: Topic, event: Event) -> Result<(), BrokerError>;
+    /// Whether the broker can route right now (for `/readyz`).
+    async fn ready(&self) -> bool;
+}

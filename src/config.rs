@@ -1,0 +1,339 @@
+//! Command line, environment and TOML configuration (PROTOCOL.md §6).
+//!
+//! Every option is declared once, on [`ServeArgs`], with its default and its environment
+//! variable. A `--config` file fills in only what neither a flag nor the environment gave, which
+//! gives the precedence flag > environment > file > default. Everything is validated before the
+//! node starts, with a message that says what to change.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Switchyard: a WebSocket messaging server that runs as one node or as a cluster",
+    long_about = "Switchyard holds long-lived WebSocket connections and delivers direct, room and \
+broadcast messages with presence, numbered streams and catch-up. Run `switchyard serve` for a \
+single node in dev mode on 127.0.0.1:8080 with a demo page at /."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: CliCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CliCommand {
+    /// Run a node. Every option can also come from SWITCHYARD_<OPTION> or a --config TOML file.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The options of `switchyard serve`: one field per flag, each readable from the environment
+/// variable named beside it and from the `--config` file under the flag's name.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// TOML file whose keys are these flags' names (e.g. listen = "0.0.0.0:8080")
+    #[arg(long, env = "SWITCHYARD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Where HTTP and WebSocket listen
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// This node's id, unique in the cluster [default: generated]
+    #[arg(long, env = "SWITCHYARD_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// Embedded storage of a single node
+    #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = "./switchyard-data", value_name = "DIR")]
+    pub data_dir: PathBuf,
+
+    /// Run as a cluster member over this Redis [default: none, single node]
+    #[arg(long, env = "SWITCHYARD_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
+
+    /// Verify client tokens with this HS256 secret [default: none, dev mode]
+    #[arg(long, env = "SWITCHYARD_JWT_SECRET", value_name = "S", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Verify client tokens with this RS256 or ES256 public key (PEM) [default: none, dev mode]
+    #[arg(long, env = "SWITCHYARD_JWT_PUBLIC_KEY", value_name = "FILE")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// A key for the server API; may repeat [default: none]
+    #[arg(long, env = "SWITCHYARD_API_KEY", value_name = "KEY", value_delimiter = ',', hide_env_values = true)]
+    pub api_key: Vec<String>,
+
+    /// A new session of a user closes the user's older ones (4002)
+    #[arg(long, env = "SWITCHYARD_SINGLE_SESSION")]
+    pub single_session: bool,
+
+    /// Rooms that need the token's `rooms` claim; may repeat
+    #[arg(long, env = "SWITCHYARD_PRIVATE_PREFIX", value_name = "P", value_delimiter = ',', default_value = "private:")]
+    pub private_prefix: Vec<String>,
+
+    /// Rooms without presence events; may repeat [default: none]
+    #[arg(long, env = "SWITCHYARD_QUIET_PREFIX", value_name = "P", value_delimiter = ',')]
+    pub quiet_prefix: Vec<String>,
+
+    /// Messages kept per stream
+    #[arg(long, env = "SWITCHYARD_HISTORY_SIZE", default_value_t = 1000, value_name = "N")]
+    pub history_size: u64,
+
+    /// How long a stream's messages are kept, in seconds
+    #[arg(long, env = "SWITCHYARD_HISTORY_TTL", default_value_t = 604_800, value_name = "SECS")]
+    pub history_ttl: u64,
+
+    /// Largest frame accepted (closed with 1009 above it)
+    #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_SIZE", default_value_t = 65_536, value_name = "BYTES")]
+    pub max_message_size: usize,
+
+    /// Commands per second per session, with a burst of 2N (0: off)
+    #[arg(long, env = "SWITCHYARD_RATE_LIMIT", default_value_t = 100, value_name = "N")]
+    pub rate_limit: u32,
+
+    /// Most WebSocket sessions this node holds; more upgrades get HTTP 503
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 50_000, value_name = "N")]
+    pub max_connections: usize,
+
+    /// Seconds between WebSocket pings; a session silent for two intervals is closed
+    #[arg(long, env = "SWITCHYARD_PING_INTERVAL", default_value_t = 25, value_name = "SECS")]
+    pub ping_interval: u64,
+
+    /// Frames queued per session before a reader that does not keep up is closed (4003)
+    #[arg(long, env = "SWITCHYARD_OUTBOUND_QUEUE", default_value_t = 1024, value_name = "N")]
+    pub outbound_queue: usize,
+
+    /// Log format
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Serve a plain WebSocket echo at /echo, for the Autobahn|Testsuite conformance run
+    #[arg(long, env = "SWITCHYARD_AUTOBAHN_ECHO")]
+    pub autobahn_echo: bool,
+}
+
+/// Parses `argv` (including the program name) with the precedence flag > environment > file >
+/// default. Errors say which option or file key to change.
+pub fn parse<I, T>(argv: I) -> anyhow::Result<Cli>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+    let matches = Cli::command().try_get_matches_from(&argv).map_err(clap_exit)?;
+    let Some(("serve", serve)) = matches.subcommand() else {
+        return Ok(Cli::from_arg_matches(&matches)?);
+    };
+    let Some(file) = serve.get_one::<PathBuf>("config") else {
+        let cli = Cli::from_arg_matches(&matches)?;
+        validate(&cli)?;
+        return Ok(cli);
+    };
+    let extra = file_args(file, serve)?;
+    let mut argv = argv;
+    argv.extend(extra);
+    let matches = Cli::command().try_get_matches_from(&argv).map_err(|e| {
+        anyhow::anyhow!("{}: {}", file.display(), e.render().to_string().trim())
+    })?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    validate(&cli)?;
+    Ok(cli)
+}
+
+/// `--help` and `--version` are not errors: print them and exit like clap would.
+fn clap_exit(e: clap::Error) -> anyhow::Error {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    anyhow::anyhow!("{}", e.render().to_string().trim())
+}
+
+/// Turns the keys of a TOML file into `--key=value` arguments for the options that neither a
+/// flag nor the environment set.
+fn file_args(file: &PathBuf, serve: &ArgMatches) -> anyhow::Result<Vec<OsString>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read config file {}", file.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("config file {} is not valid TOML: {e}", file.display()))?;
+    let command = Cli::command();
+    let serve_cmd = command.find_subcommand("serve").expect("serve exists");
+    let mut out = Vec::new();
+    for (key, value) in &table {
+        let arg = serve_cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()) && key != "config")
+            .ok_or_else(|| {
+                let known: Vec<_> = serve_cmd
+                    .get_arguments()
+                    .filter_map(|a| a.get_long())
+                    .filter(|l| *l != "config" && *l != "help")
+                    .collect();
+                anyhow::anyhow!(
+                    "config file {}: unknown key `{key}`; valid keys are: {}",
+                    file.display(),
+                    known.join(", ")
+                )
+            })?;
+        let given = matches!(
+            serve.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        if given {
+            continue;
+        }
+        let scalar = |v: &toml::Value| -> anyhow::Result<String> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                _ => bail!("config file {}: `{key}` must be a string or a number", file.display()),
+            }
+        };
+        match value {
+            toml::Value::Boolean(true) => out.push(format!("--{key}").into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for item in items {
+                    out.push(format!("--{key}={}", scalar(item)?).into());
+                }
+            }
+            other => out.push(format!("--{key}={}", scalar(other)?).into()),
+        }
+    }
+    Ok(out)
+}
+
+fn validate(cli: &Cli) -> anyhow::Result<()> {
+    let CliCommand::Serve(args) = &cli.command;
+    args.validate()
+}
+
+impl ServeArgs {
+    /// Dev mode: no JWT key configured, whatever API keys are given.
+    pub fn dev_mode(&self) -> bool {
+        self.jwt_secret.is_none() && self.jwt_public_key.is_none()
+    }
+
+    /// Checks the options together; each error names the option to change.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
+            bail!("give either --jwt-secret or --jwt-public-key, not both");
+        }
+        if self.jwt_secret.as_deref() == Some("") {
+            bail!("--jwt-secret is empty: give a secret, or leave it out for dev mode");
+        }
+        if self.dev_mode() && !self.listen.ip().is_loopback() {
+            bail!(
+                "refusing to listen on {} in dev mode (no --jwt-secret or --jwt-public-key): \
+                 dev mode lets anyone connect as any user, so it binds to loopback only. \
+                 Configure a JWT key or listen on 127.0.0.1",
+                self.listen
+            );
+        }
+        if self.redis.is_some() {
+            bail!("--redis: cluster mode is not available in this build yet; leave it out to run a single node");
+        }
+        if let Some(id) = &self.node_id
+            && !crate::protocol::valid_name(id)
+        {
+            bail!("--node-id must be 1-128 characters of A-Z a-z 0-9 _ . : @ -");
+        }
+        if self.api_key.iter().any(|k| k.len() < 8) {
+            bail!("--api-key: every key must be at least 8 characters");
+        }
+        if self.private_prefix.iter().chain(&self.quiet_prefix).any(String::is_empty) {
+            bail!("--private-prefix / --quiet-prefix must not be empty strings");
+        }
+        if self.history_size == 0 {
+            bail!("--history-size must be at least 1");
+        }
+        if self.history_ttl == 0 {
+            bail!("--history-ttl must be at least 1 second");
+        }
+        if self.max_message_size < 256 {
+            bail!("--max-message-size must be at least 256 bytes");
+        }
+        if self.ping_interval == 0 {
+            bail!("--ping-interval must be at least 1 second");
+        }
+        if self.outbound_queue < 16 {
+            bail!("--outbound-queue must be at least 16");
+        }
+        if self.max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(cli: Cli) -> ServeArgs {
+        let CliCommand::Serve(args) = cli.command;
+        *args
+    }
+
+    #[test]
+    fn defaults_are_a_dev_node_on_loopback() {
+        let args = serve(parse(["switchyard", "serve"]).unwrap());
+        assert_eq!(args.listen.to_string(), "127.0.0.1:8080");
+        assert!(args.dev_mode());
+        assert_eq!(args.private_prefix, vec!["private:"]);
+        assert_eq!(args.history_size, 1000);
+        assert_eq!(args.history_ttl, 604_800);
+        assert_eq!(args.max_message_size, 65_536);
+        assert_eq!(args.rate_limit, 100);
+    }
+
+    #[test]
+    fn file_fills_what_flags_do_not_give() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\napi-key = [\"k1-long-key\", \"k2-long-key\"]\nhistory-size = 50\nsingle-session = true\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let args = serve(parse(["switchyard", "serve", "--config", f, "--history-size", "7"]).unwrap());
+        assert_eq!(args.listen.port(), 9000);
+        assert_eq!(args.api_key, vec!["k1-long-key", "k2-long-key"]);
+        assert_eq!(args.history_size, 7, "a flag beats the file");
+        assert!(args.single_session);
+    }
+
+    #[test]
+    fn bad_input_says_what_to_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(&file, "lisen = \"x\"\n").unwrap();
+        let err = parse(["switchyard", "serve", "--config", file.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("unknown key `lisen`"), "{err}");
+
+        std::fs::write(&file, "history-size = \"many\"\n").unwrap();
+        let err = parse(["switchyard", "serve", "--config", file.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("history-size"), "{err}");
+
+        let err = parse(["switchyard", "serve", "--listen", "0.0.0.0:8080"]).unwrap_err();
+        assert!(err.to_string().contains("dev mode"), "{err}");
+
+        let err = parse(["switchyard", "serve", "--history-size", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--history-size"), "{err}");
+    }
+}

@@ -1,0 +1,262 @@
+//! The sessions connected to this node, indexed by user and by room.
+//!
+//! Lock-light by design: the indexes are sharded, a shard lock is held only to walk a list of
+//! handles and never across an `.await`, and handing a frame to a session is a non-blocking push
+//! of a cheap clone (an `Arc` or a `Bytes`) into its bounded queue. A session whose queue is full
+//! is asked to close with 4003 instead of being waited for, so one slow reader never holds up
+//! the others and memory stays bounded.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc};
+
+use crate::broker::{Delivery, Event, SessionId, Sink, Topic};
+use crate::metrics::Metrics;
+use crate::protocol::{RoomName, UserId, close};
+
+const SHARDS: usize = 16;
+
+/// What a session's queue holds.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A message with its stream position, filtered per session for duplicates.
+    Message(Arc<Delivery>),
+    /// Any other pre-encoded frame.
+    Frame(Bytes),
+}
+
+/// A request to close a session, set once.
+#[derive(Default)]
+pub struct CloseSignal {
+    requested: AtomicBool,
+    reason: Mutex<Option<(u16, Arc<str>)>>,
+    notify: Notify,
+}
+
+impl CloseSignal {
+    /// Asks the session to close; the first request wins.
+    pub fn request(&self, code: u16, reason: Arc<str>) {
+        if !self.requested.swap(true, Ordering::AcqRel) {
+            *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some((code, reason));
+            self.notify.notify_one();
+        }
+    }
+
+    /// Waits until a close is requested and returns its code and reason.
+    pub async fn requested(&self) -> (u16, Arc<str>) {
+        loop {
+            if self.requested.load(Ordering::Acquire)
+                && let Some(r) = self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            {
+                return r;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// The hub's view of one local session.
+pub struct SessionHandle {
+    pub id: SessionId,
+    pub user: UserId,
+    queue: mpsc::Sender<Outbound>,
+    pub close: CloseSignal,
+}
+
+impl SessionHandle {
+    pub fn new(id: SessionId, user: UserId, queue: mpsc::Sender<Outbound>) -> Self {
+        Self { id, user, queue, close: CloseSignal::default() }
+    }
+
+    /// Queues `item`, or asks the session to close as too slow when its queue is full.
+    fn push(&self, item: Outbound, metrics: &Metrics) {
+        match self.queue.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.close.requested.load(Ordering::Relaxed) {
+                    metrics.outbound_dropped.inc();
+                }
+                self.close.request(close::TOO_SLOW, Arc::from("too slow: outbound queue full"));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+type Members = HashMap<SessionId, Arc<SessionHandle>>;
+
+struct Index<K> {
+    shards: Box<[RwLock<HashMap<K, Members>>]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl<K: Hash + Eq + Clone> Index<K> {
+    fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+        }
+    }
+
+    fn shard(&self, key: &K) -> &RwLock<HashMap<K, Members>> {
+        &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
+    }
+
+    /// Adds; true when `key` had no local member before.
+    fn insert(&self, key: &K, handle: Arc<SessionHandle>) -> bool {
+        let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
+        let members = shard.entry(key.clone()).or_default();
+        let first = members.is_empty();
+        members.insert(handle.id, handle);
+        first
+    }
+
+    /// Removes; true when it was the last local member of `key`.
+    fn remove(&self, key: &K, id: SessionId) -> bool {
+        let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
+        let Some(members) = shard.get_mut(key) else { return false };
+        let removed = members.remove(&id).is_some();
+        if members.is_empty() {
+            shard.remove(key);
+            return removed;
+        }
+        false
+    }
+
+    fn for_each(&self, key: &K, mut f: impl FnMut(&Arc<SessionHandle>)) {
+        let shard = self.shard(key).read().unwrap_or_else(|p| p.into_inner());
+        if let Some(members) = shard.get(key) {
+            members.values().for_each(&mut f);
+        }
+    }
+
+    fn for_all(&self, mut f: impl FnMut(&Arc<SessionHandle>)) {
+        for shard in self.shards.iter() {
+            let shard = shard.read().unwrap_or_else(|p| p.into_inner());
+            shard.values().flat_map(HashMap::values).for_each(&mut f);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len()).sum()
+    }
+}
+
+pub struct Hub {
+    users: Index<UserId>,
+    rooms: Index<RoomName>,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { users: Index::new(), rooms: Index::new(), metrics }
+    }
+
+    /// Registers a session under its user; true when it is the user's first local session.
+    pub fn add_session(&self, handle: Arc<SessionHandle>) -> bool {
+        self.users.insert(&handle.user.clone(), handle)
+    }
+
+    /// Unregisters a session; true when it was the user's last local session.
+    pub fn remove_session(&self, user: &UserId, id: SessionId) -> bool {
+        self.users.remove(user, id)
+    }
+
+    /// Adds a session to a room; true when it is the room's first local member.
+    pub fn join(&self, room: &RoomName, handle: Arc<SessionHandle>) -> bool {
+        self.rooms.insert(room, handle)
+    }
+
+    /// Removes a session from a room; true when it was the room's last local member.
+    pub fn leave(&self, room: &RoomName, id: SessionId) -> bool {
+        self.rooms.remove(room, id)
+    }
+
+    /// Asks every local session to close (node shutdown).
+    pub fn close_all(&self, code: u16, reason: &str) {
+        let reason: Arc<str> = Arc::from(reason);
+        self.users.for_all(|h| h.close.request(code, reason.clone()));
+    }
+
+    /// (sessions, users, rooms) on this node.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let mut sessions = 0;
+        self.users.for_all(|_| sessions += 1);
+        (sessions, self.users.len(), self.rooms.len())
+    }
+
+    fn each(&self, topic: &Topic, f: impl FnMut(&Arc<SessionHandle>)) {
+        match topic {
+            Topic::User(user) => self.users.for_each(user, f),
+            Topic::Room(room) => self.rooms.for_each(room, f),
+            Topic::All => self.users.for_all(f),
+        }
+    }
+}
+
+impl Sink for Hub {
+    fn deliver(&self, topic: &Topic, event: &Event) {
+        match event {
+            Event::Message(delivery) => self.each(topic, |h| {
+                if delivery.exclude != Some(h.id) {
+                    h.push(Outbound::Message(delivery.clone()), &self.metrics);
+                }
+            }),
+            Event::Frame(frame) => self.each(topic, |h| h.push(Outbound::Frame(frame.clone()), &self.metrics)),
+            Event::Disconnect { code, reason, except } => self.each(topic, |h| {
+                if *except != Some(h.id) {
+                    h.close.request(*code, reason.clone());
+                }
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(user: &str, id: u64, cap: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(cap);
+        (Arc::new(SessionHandle::new(SessionId(id), UserId::parse(user).unwrap(), tx)), rx)
+    }
+
+    #[tokio::test]
+    async fn fans_out_one_frame_and_skips_the_sender() {
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        let room = RoomName::parse("r").unwrap();
+        let (a, mut ra) = handle("a", 1, 4);
+        let (b, mut rb) = handle("b", 2, 4);
+        assert!(hub.join(&room, a.clone()));
+        assert!(!hub.join(&room, b.clone()));
+        let frame = Bytes::from_static(b"{}");
+        let delivery = Arc::new(Delivery { position: None, frame: frame.clone(), exclude: Some(SessionId(1)), ts: 0 });
+        hub.deliver(&Topic::Room(room.clone()), &Event::Message(delivery));
+        assert!(ra.try_recv().is_err(), "the sender gets no echo");
+        match rb.try_recv().unwrap() {
+            Outbound::Message(d) => assert_eq!(d.frame.as_ptr(), frame.as_ptr(), "the bytes are shared, not copied"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(!hub.leave(&room, SessionId(1)));
+        assert!(hub.leave(&room, SessionId(2)));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_closes_the_session_as_too_slow() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Hub::new(metrics.clone());
+        let (a, _ra) = handle("a", 1, 1);
+        hub.add_session(a.clone());
+        let topic = Topic::User(a.user.clone());
+        hub.deliver(&topic, &Event::Frame(Bytes::from_static(b"1")));
+        hub.deliver(&topic, &Event::Frame(Bytes::from_static(b"2")));
+        let (code, _) = a.close.requested().await;
+        assert_eq!(code, close::TOO_SLOW);
+        assert_eq!(metrics.outbound_dropped.get(), 1);
+    }
+}

@@ -1,0 +1,61 @@
+//! The `switchyard` binary: parse the configuration, set up logging, run a node until SIGTERM or
+//! Ctrl-C, then shut it down gracefully.
+
+use anyhow::Context;
+use switchyard::config::{self, CliCommand, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = match config::parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("switchyard: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let CliCommand::Serve(args) = cli.command;
+    init_logging(args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    if let Err(e) = runtime.block_on(serve(*args)) {
+        eprintln!("switchyard: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
+    let dev = args.dev_mode();
+    let data_dir = args.data_dir.clone();
+    let server = switchyard::Server::start(args).await?;
+    let addr = server.addr;
+    tracing::info!(node = %server.node.id, %addr, data_dir = %data_dir.display(), "listening");
+    println!("switchyard {} listening on http://{addr} (WebSocket ws://{addr}/ws, node {})", env!("CARGO_PKG_VERSION"), server.node.id);
+    if dev {
+        println!(
+            "dev mode: no JWT key configured, clients connect with ws://{addr}/ws?user=<id>; demo page at http://{addr}/"
+        );
+        tracing::warn!("dev mode: clients are trusted to name their user; configure --jwt-secret or --jwt-public-key for production");
+    }
+    wait_for_signal().await.context("installing signal handlers")?;
+    tracing::info!("shutting down: closing sessions with 1001");
+    server.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r?,
+    }
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! A node: the backends chosen at start-up and the operations that sessions and the server API
+//! share. Everything that routes a message or changes presence goes through here, so a session
+//! and a backend calling the API get the same behaviour on every node.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::auth::{Authenticator, Identity};
+use crate::broker::{Broker, Delivery, Event, MemoryBroker, SessionId, Sink, Topic};
+use crate::config::ServeArgs;
+use crate::hub::{Hub, SessionHandle};
+use crate::metrics::{Kind, Metrics};
+use crate::presence::{MemoryPresence, NodeInfo, Presence, SessionInfo};
+use crate::protocol::{
+    ErrorCode, HistoryQuery, MessageDraft, ProtocolError, RoomName, StreamId, UserId, close, encode_message,
+    encode_presence, new_mid, now_ms,
+};
+use crate::shutdown::Shutdown;
+use crate::store::{AppendRequest, Appended, EmbeddedStore, Entry, Slice, Store};
+use crate::store::embedded::Retention;
+
+/// How often the node refreshes its entry in the node registry.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+
+/// A message to append to one user's stream (and the sender's, when a user sent it).
+pub struct DirectMessage {
+    /// Shown as `from`: the sending user, or the name a backend gave.
+    pub from: Arc<str>,
+    /// The sending user, whose own stream gets a copy for their other devices.
+    pub sender: Option<(UserId, Option<SessionId>)>,
+    pub to: UserId,
+    pub body: Arc<str>,
+    pub key: Option<String>,
+}
+
+/// A message to append to a room's stream.
+pub struct RoomMessage {
+    pub from: Arc<str>,
+    /// The publishing user and session, when a client published.
+    pub sender: Option<(UserId, SessionId)>,
+    pub room: RoomName,
+    pub body: Arc<str>,
+    pub key: Option<String>,
+}
+
+/// The answer to a catch-up read: what to deliver, the stream's last seq, and whether retention
+/// dropped part of what was asked for.
+pub struct CatchUp {
+    pub slice: Slice,
+    pub truncated: bool,
+}
+
+/// Presence of one user, as the client `presence` command answers it.
+#[derive(Serialize)]
+pub struct UserPresence {
+    pub online: bool,
+    pub sessions: usize,
+}
+
+pub struct Node {
+    pub id: Arc<str>,
+    pub config: Arc<ServeArgs>,
+    pub auth: Authenticator,
+    pub store: Arc<dyn Store>,
+    pub broker: Arc<dyn Broker>,
+    pub presence: Arc<dyn Presence>,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub started_at: u64,
+    pub address: String,
+    pub shutdown: Shutdown,
+}
+
+impl Node {
+    /// Builds a single node: embedded store, in-memory broker and presence.
+    pub async fn single(config: ServeArgs, address: String, shutdown: Shutdown) -> anyhow::Result<Arc<Self>> {
+        let auth = match (&config.jwt_secret, &config.jwt_public_key) {
+            (Some(secret), _) => Authenticator::hs256(secret),
+            (None, Some(path)) => Authenticator::public_key_file(path)?,
+            (None, None) => Authenticator::dev(),
+        };
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let broker = Arc::new(MemoryBroker::new());
+        broker.attach(hub.clone() as Arc<dyn Sink>);
+        let retention = Retention {
+            max_messages: config.history_size,
+            ttl_ms: config.history_ttl.saturating_mul(1000),
+        };
+        let store = Arc::new(EmbeddedStore::open(&config.data_dir, retention, broker.clone())?);
+        let id: Arc<str> = match &config.node_id {
+            Some(id) => Arc::from(id.as_str()),
+            None => Arc::from(format!("node-{:08x}", fastrand::u32(..))),
+        };
+        let node = Arc::new(Self {
+            id,
+            config: Arc::new(config),
+            auth,
+            store,
+            broker,
+            presence: Arc::new(MemoryPresence::new()),
+            hub,
+            metrics,
+            started_at: now_ms(),
+            address,
+            shutdown,
+        });
+        node.heartbeat().await?;
+        let beat = node.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+            let mut shutdown = beat.shutdown.clone();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = beat.heartbeat().await {
+                            tracing::warn!(error = %e, "heartbeat failed");
+                        }
+                    }
+                    _ = shutdown.wait() => break,
+                }
+            }
+        });
+        Ok(node)
+    }
+
+    async fn heartbeat(&self) -> anyhow::Result<()> {
+        let (sessions, users, _) = self.hub.counts();
+        let info = NodeInfo {
+            id: self.id.clone(),
+            address: self.address.clone(),
+            started_at: self.started_at,
+            last_seen: now_ms(),
+            sessions,
+            users,
+        };
+        self.presence.heartbeat(&info).await?;
+        Ok(())
+    }
+
+    /// Whether the node can serve: its store and broker answer.
+    pub async fn ready(&self) -> bool {
+        self.store.ready().await && self.broker.ready().await
+    }
+
+    /// Registers a new local session everywhere; applies the single-session policy.
+    pub async fn open_session(&self, handle: &Arc<SessionHandle>, info: &SessionInfo) -> Result<(), ProtocolError> {
+        self.presence.connect(info).await?;
+        if self.hub.add_session(handle.clone()) {
+            self.broker.subscribe(&Topic::User(info.user.clone())).await.map_err(unavailable)?;
+        }
+        self.metrics.connections.inc();
+        if self.config.single_session {
+            let event = Event::Disconnect {
+                code: close::REPLACED,
+                reason: Arc::from("signed in elsewhere"),
+                except: Some(handle.id),
+            };
+            self.broker.publish(Topic::User(info.user.clone()), event).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Node::open_session`] after leaving `rooms`. Best effort: a session that is gone
+    /// must not stay registered because one backend call failed.
+    pub async fn close_session(&self, info: &SessionInfo, rooms: impl IntoIterator<Item = RoomName>) {
+        for room in rooms {
+            if let Err(e) = self.leave(&room, &info.user, info.session).await {
+                tracing::warn!(error = %e, room = %room, "leave on disconnect failed");
+            }
+        }
+        if self.hub.remove_session(&info.user, info.session)
+            && let Err(e) = self.broker.unsubscribe(&Topic::User(info.user.clone())).await
+        {
+            tracing::warn!(error = %e, "unsubscribe on disconnect failed");
+        }
+        if let Err(e) = self.presence.disconnect(info).await {
+            tracing::warn!(error = %e, "presence disconnect failed");
+        }
+    }
+
+    fn draft(&self, from: Arc<str>, to: Option<UserId>, room: Option<RoomName>, body: Arc<str>) -> MessageDraft {
+        let ts = now_ms();
+        MessageDraft { mid: new_mid(ts), from, to, room, body, ts }
+    }
+
+    /// Appends a direct message to the recipient's stream and, when a user sent it, to the
+    /// sender's; answers the seq in the sender's stream (or the recipient's for a backend).
+    pub async fn send_direct(&self, msg: DirectMessage) -> Result<Appended, ProtocolError> {
+        let draft = self.draft(msg.from.clone(), Some(msg.to.clone()), None, msg.body);
+        let recipient = Entry {
+            stream: StreamId::User(msg.to.clone()),
+            topic: Topic::User(msg.to.clone()),
+            draft: draft.clone(),
+            exclude: None,
+        };
+        let (entries, reply_entry, scope) = match msg.sender {
+            Some((sender, session)) if sender == msg.to => {
+                let own = Entry { exclude: session, ..recipient };
+                (vec![own], 0, format!("u:{sender}"))
+            }
+            Some((sender, session)) => {
+                let copy = Entry {
+                    stream: StreamId::User(sender.clone()),
+                    topic: Topic::User(sender.clone()),
+                    draft,
+                    exclude: session,
+                };
+                (vec![recipient, copy], 1, format!("u:{sender}"))
+            }
+            None => (vec![recipient], 0, format!("api:{}", msg.from)),
+        };
+        let idempotency = msg.key.map(|k| (scope, k));
+        let appended = self.store.append(AppendRequest { entries, reply_entry, idempotency }).await?;
+        if !appended.duplicate {
+            self.metrics.messages_in.direct.inc();
+        }
+        Ok(appended)
+    }
+
+    /// Appends a message to a room's stream; every member but the publishing session gets it.
+    pub async fn publish_room(&self, msg: RoomMessage) -> Result<Appended, ProtocolError> {
+        let draft = self.draft(msg.from.clone(), None, Some(msg.room.clone()), msg.body);
+        let scope = match &msg.sender {
+            Some((user, _)) => format!("u:{user}"),
+            None => format!("api:{}", msg.from),
+        };
+        let entry = Entry {
+            stream: StreamId::Room(msg.room.clone()),
+            topic: Topic::Room(msg.room),
+            draft,
+            exclude: msg.sender.map(|(_, s)| s),
+        };
+        let request = AppendRequest { entries: vec![entry], reply_entry: 0, idempotency: msg.key.map(|k| (scope, k)) };
+        let appended = self.store.append(request).await?;
+        if !appended.duplicate {
+            self.metrics.messages_in.room.inc();
+        }
+        Ok(appended)
+    }
+
+    /// Sends a message to every session connected now; it belongs to no stream.
+    pub async fn broadcast(&self, from: Arc<str>, body: Arc<str>) -> Result<Arc<str>, ProtocolError> {
+        let draft = self.draft(from, None, None, body);
+        let delivery = Delivery { position: None, frame: encode_message(None, &draft), exclude: None, ts: draft.ts };
+        self.broker.publish(Topic::All, Event::Message(Arc::new(delivery))).await.map_err(unavailable)?;
+        self.metrics.messages_in.broadcast.inc();
+        Ok(draft.mid)
+    }
+
+    /// Whether `identity` may join or read `room` (private prefixes need the `rooms` claim).
+    pub fn may_enter(&self, identity: &Identity, room: &RoomName) -> bool {
+        let private = self.config.private_prefix.iter().any(|p| room.as_str().starts_with(p.as_str()));
+        !private || identity.has_room_claim(room)
+    }
+
+    /// Whether `identity` may read `stream`: its own user stream, or a room it may enter.
+    pub fn may_read(&self, identity: &Identity, stream: &StreamId) -> bool {
+        match stream {
+            StreamId::User(user) => *user == identity.user,
+            StreamId::Room(room) => self.may_enter(identity, room),
+        }
+    }
+
+    fn quiet(&self, room: &RoomName) -> bool {
+        self.config.quiet_prefix.iter().any(|p| room.as_str().starts_with(p.as_str()))
+    }
+
+    /// Makes a local session a member of `room`: live messages flow to it from now on. Sends a
+    /// `join` presence event when the user was not in the room yet.
+    pub async fn join(&self, room: &RoomName, handle: &Arc<SessionHandle>) -> Result<(), ProtocolError> {
+        if self.hub.join(room, handle.clone()) {
+            self.broker.subscribe(&Topic::Room(room.clone())).await.map_err(unavailable)?;
+        }
+        let entered = self.presence.join(room, &handle.user, handle.id).await?;
+        if entered && !self.quiet(room) {
+            let frame = encode_presence(room, "join", &handle.user);
+            self.broker.publish(Topic::Room(room.clone()), Event::Frame(frame)).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a session from `room`; sends a `leave` presence event when it was the user's last.
+    pub async fn leave(&self, room: &RoomName, user: &UserId, session: SessionId) -> Result<(), ProtocolError> {
+        if self.hub.leave(room, session) {
+            self.broker.unsubscribe(&Topic::Room(room.clone())).await.map_err(unavailable)?;
+        }
+        let left = self.presence.leave(room, user, session).await?;
+        if left && !self.quiet(room) {
+            let frame = encode_presence(room, "leave", user);
+            self.broker.publish(Topic::Room(room.clone()), Event::Frame(frame)).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Reads what a catch-up after `since` delivers (PROTOCOL.md §3 `join`, `sync`): every kept
+    /// message after `since`, or every kept message when `since` is beyond the end or older than
+    /// what retention kept, which is then `truncated`.
+    pub async fn catch_up(&self, stream: &StreamId, since: u64) -> Result<CatchUp, ProtocolError> {
+        let all = self.config.history_size as usize;
+        let slice = self.store.read(stream, HistoryQuery::After { since, limit: all }).await?;
+        if since > slice.last_seq {
+            let slice = self.store.read(stream, HistoryQuery::After { since: 0, limit: all }).await?;
+            return Ok(CatchUp { slice, truncated: true });
+        }
+        let truncated = match slice.messages.first() {
+            Some(first) => first.seq > since + 1,
+            None => since < slice.last_seq,
+        };
+        Ok(CatchUp { slice, truncated })
+    }
+
+    /// The last seq of a stream (0 if never written).
+    pub async fn last_seq(&self, stream: &StreamId) -> Result<u64, ProtocolError> {
+        Ok(self.store.read(stream, HistoryQuery::Last { limit: 0 }).await?.last_seq)
+    }
+
+    pub async fn history(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, ProtocolError> {
+        Ok(self.store.read(stream, query).await?)
+    }
+
+    pub async fn user_presence(&self, users: &[UserId]) -> Result<Vec<UserPresence>, ProtocolError> {
+        let counts = self.presence.session_counts(users).await?;
+        Ok(counts.into_iter().map(|n| UserPresence { online: n > 0, sessions: n }).collect())
+    }
+
+    /// Closes every session of `user` on every node with 4004; answers how many there were.
+    pub async fn disconnect_user(&self, user: &UserId, reason: &str) -> Result<usize, ProtocolError> {
+        let sessions = self.presence.sessions(user).await?.len();
+        let event = Event::Disconnect { code: close::KICKED, reason: Arc::from(reason), except: None };
+        self.broker.publish(Topic::User(user.clone()), event).await.map_err(unavailable)?;
+        Ok(sessions)
+    }
+
+    pub fn count(&self, kind: Kind, n: u64) {
+        self.metrics.messages_out.get(kind).inc_by(n);
+    }
+}
+
+fn unavailable(e: crate::broker::BrokerError) -> ProtocolError {
+    ProtocolError::new(ErrorCode::Unavailable, e.to_string())
+}

@@ -1,0 +1,248 @@
+//! Client → server commands (PROTOCOL.md §3).
+//!
+//! A frame is parsed in one pass into a flat struct of optional fields, then checked per command
+//! type. That way the `id` is known even when the rest of the frame is wrong, and the error reply
+//! can carry it.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{ProtocolError, RoomName, StreamId, UserId};
+
+/// Largest `limit` a history query may ask for.
+pub const MAX_HISTORY_LIMIT: usize = 1000;
+/// `limit` of a history query that gives none.
+pub const DEFAULT_HISTORY_LIMIT: usize = 100;
+/// Longest idempotency key accepted.
+pub const MAX_KEY_LEN: usize = 256;
+/// Most users one presence query may name.
+pub const MAX_PRESENCE_USERS: usize = 1000;
+
+/// One parsed frame: the client's correlation id (if any) and the command or why it is invalid.
+pub struct CommandFrame {
+    /// The raw `id`, echoed verbatim in the reply; always a JSON number or string.
+    pub id: Option<Box<RawValue>>,
+    pub command: Result<Command, ProtocolError>,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Send { to: UserId, body: Box<RawValue>, key: Option<String> },
+    Join { room: RoomName, since: Option<u64> },
+    Leave { room: RoomName },
+    Publish { room: RoomName, body: Box<RawValue>, key: Option<String> },
+    Sync { since: Option<u64> },
+    Ack { seq: u64 },
+    Presence(PresenceQuery),
+    History { stream: StreamId, query: HistoryQuery },
+    Ping,
+}
+
+#[derive(Debug)]
+pub enum PresenceQuery {
+    Users(Vec<UserId>),
+    Room(RoomName),
+}
+
+/// Which slice of a stream a history request wants (§3 `history`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HistoryQuery {
+    /// The first `limit` messages after `since`.
+    After { since: u64, limit: usize },
+    /// The last `limit` messages before `before`.
+    Before { before: u64, limit: usize },
+    /// The last `limit` messages.
+    Last { limit: usize },
+}
+
+impl HistoryQuery {
+    /// Builds a query from the optional fields shared by the WebSocket and the HTTP API.
+    pub fn from_parts(
+        since: Option<u64>,
+        before: Option<u64>,
+        limit: Option<u64>,
+    ) -> Result<Self, ProtocolError> {
+        let limit = match limit {
+            None => DEFAULT_HISTORY_LIMIT,
+            Some(n) if n as usize > MAX_HISTORY_LIMIT => {
+                return Err(ProtocolError::bad_request("limit must be at most 1000"));
+            }
+            Some(n) => n as usize,
+        };
+        match (since, before) {
+            (Some(_), Some(_)) => Err(ProtocolError::bad_request("give since or before, not both")),
+            (Some(since), None) => Ok(Self::After { since, limit }),
+            (None, Some(before)) => Ok(Self::Before { before, limit }),
+            (None, None) => Ok(Self::Last { limit }),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    id: Option<Box<RawValue>>,
+    to: Option<String>,
+    body: Option<Box<RawValue>>,
+    key: Option<String>,
+    room: Option<String>,
+    since: Option<u64>,
+    before: Option<u64>,
+    limit: Option<u64>,
+    seq: Option<u64>,
+    users: Option<Vec<String>>,
+    stream: Option<String>,
+}
+
+fn required<T>(field: Option<T>, name: &str, kind: &str) -> Result<T, ProtocolError> {
+    field.ok_or_else(|| ProtocolError::bad_request(format!("{kind} needs `{name}`")))
+}
+
+fn checked_key(key: Option<String>) -> Result<Option<String>, ProtocolError> {
+    match key {
+        Some(k) if k.is_empty() || k.len() > MAX_KEY_LEN => {
+            Err(ProtocolError::bad_request("key must be 1-256 bytes"))
+        }
+        other => Ok(other),
+    }
+}
+
+/// Parses one text frame. Never fails as a whole: a frame that is not even a JSON object yields
+/// `id: None` and a `bad_request`.
+pub fn parse_command(text: &str) -> CommandFrame {
+    let raw: RawFrame<'_> = match serde_json::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            return CommandFrame {
+                id: None,
+                command: Err(ProtocolError::bad_request(format!("malformed command: {e}"))),
+            };
+        }
+    };
+    let id_ok = raw.id.as_ref().is_none_or(|id| {
+        let first = id.get().as_bytes().first().copied().unwrap_or(b' ');
+        first == b'"' || first == b'-' || first.is_ascii_digit()
+    });
+    if !id_ok {
+        return CommandFrame {
+            id: None,
+            command: Err(ProtocolError::bad_request("id must be a number or a string")),
+        };
+    }
+    let RawFrame { kind, id, .. } = &raw;
+    let kind = kind.as_deref().map(str::to_owned);
+    let id = id.clone();
+    CommandFrame { id, command: build(kind.as_deref(), raw) }
+}
+
+fn build(kind: Option<&str>, raw: RawFrame<'_>) -> Result<Command, ProtocolError> {
+    let kind = kind.ok_or_else(|| ProtocolError::bad_request("command needs `type`"))?;
+    Ok(match kind {
+        "send" => Command::Send {
+            to: UserId::parse(&required(raw.to, "to", kind)?)?,
+            body: required(raw.body, "body", kind)?,
+            key: checked_key(raw.key)?,
+        },
+        "join" => Command::Join {
+            room: RoomName::parse(&required(raw.room, "room", kind)?)?,
+            since: raw.since,
+        },
+        "leave" => Command::Leave { room: RoomName::parse(&required(raw.room, "room", kind)?)? },
+        "publish" => Command::Publish {
+            room: RoomName::parse(&required(raw.room, "room", kind)?)?,
+            body: required(raw.body, "body", kind)?,
+            key: checked_key(raw.key)?,
+        },
+        "sync" => Command::Sync { since: raw.since },
+        "ack" => Command::Ack { seq: required(raw.seq, "seq", kind)? },
+        "presence" => match (raw.users, raw.room) {
+            (Some(users), None) => {
+                if users.len() > MAX_PRESENCE_USERS {
+                    return Err(ProtocolError::bad_request("presence takes at most 1000 users"));
+                }
+                let users = users.iter().map(|u| UserId::parse(u)).collect::<Result<_, _>>()?;
+                Command::Presence(PresenceQuery::Users(users))
+            }
+            (None, Some(room)) => Command::Presence(PresenceQuery::Room(RoomName::parse(&room)?)),
+            _ => return Err(ProtocolError::bad_request("presence needs `users` or `room`")),
+        },
+        "history" => Command::History {
+            stream: StreamId::parse(&required(raw.stream, "stream", kind)?)?,
+            query: HistoryQuery::from_parts(raw.since, raw.before, raw.limit)?,
+        },
+        "ping" => Command::Ping,
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            return Err(ProtocolError::bad_request(format!("unknown command type `{shown}`")));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(text: &str) -> Command {
+        parse_command(text).command.expect("valid command")
+    }
+
+    fn err(text: &str) -> (Option<String>, String) {
+        let frame = parse_command(text);
+        let e = frame.command.expect_err("invalid command");
+        (frame.id.map(|id| id.get().to_owned()), e.message)
+    }
+
+    #[test]
+    fn parses_every_command() {
+        assert!(matches!(ok(r#"{"type":"send","to":"bob","body":{"a":1}}"#), Command::Send { .. }));
+        assert!(matches!(
+            ok(r#"{"type":"join","room":"lobby","since":4}"#),
+            Command::Join { since: Some(4), .. }
+        ));
+        assert!(matches!(ok(r#"{"type":"leave","room":"lobby"}"#), Command::Leave { .. }));
+        assert!(matches!(
+            ok(r#"{"type":"publish","room":"r","body":"hi","key":"k1"}"#),
+            Command::Publish { key: Some(_), .. }
+        ));
+        assert!(matches!(ok(r#"{"type":"sync"}"#), Command::Sync { since: None }));
+        assert!(matches!(ok(r#"{"type":"ack","seq":9}"#), Command::Ack { seq: 9 }));
+        assert!(matches!(
+            ok(r#"{"type":"presence","users":["a","b"]}"#),
+            Command::Presence(PresenceQuery::Users(u)) if u.len() == 2
+        ));
+        assert!(matches!(
+            ok(r#"{"type":"history","stream":"room:r","before":5,"limit":3}"#),
+            Command::History { query: HistoryQuery::Before { before: 5, limit: 3 }, .. }
+        ));
+        assert!(matches!(ok(r#"{"type":"ping","id":"x"}"#), Command::Ping));
+    }
+
+    #[test]
+    fn keeps_the_id_when_the_rest_is_wrong() {
+        let (id, msg) = err(r#"{"type":"send","id":7,"body":1}"#);
+        assert_eq!(id.as_deref(), Some("7"));
+        assert!(msg.contains("`to`"), "{msg}");
+        let (id, msg) = err(r#"{"type":"fly","id":"a"}"#);
+        assert_eq!(id.as_deref(), Some("\"a\""));
+        assert!(msg.contains("unknown command"), "{msg}");
+    }
+
+    #[test]
+    fn refuses_bad_input() {
+        assert!(err("not json").1.contains("malformed"));
+        assert!(err("[1,2]").1.contains("malformed"));
+        assert!(err(r#"{"type":"ping","id":{"x":1}}"#).1.contains("id must be"));
+        assert!(err(r#"{"type":"join","room":"bad room"}"#).1.contains("invalid room name"));
+        assert!(err(r#"{"type":"history","stream":"room:r","since":1,"before":3}"#).1.contains("not both"));
+        assert!(err(r#"{"type":"history","stream":"room:r","limit":1001}"#).1.contains("at most 1000"));
+        assert!(err(r#"{"type":"ack","seq":-1}"#).1.contains("malformed"));
+        assert!(err(r#"{"id":1}"#).1.contains("needs `type`"));
+        assert!(err(r#"{"type":"presence"}"#).1.contains("`users` or `room`"));
+    }
+
+    #[test]
+    fn history_defaults() {
+        assert_eq!(HistoryQuery::from_parts(None, None, None).unwrap(), HistoryQuery::Last { limit: 100 });
+    }
+}

@@ -1,0 +1,191 @@
+//! Server → client frames (PROTOCOL.md §4), encoded once into shared bytes.
+//!
+//! A message frame is encoded once per stream entry and the same `Bytes` go to every recipient,
+//! so nothing here runs per recipient.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use super::{ProtocolError, RoomName, StreamId, UserId};
+
+/// A message as accepted, before a stream gives it a seq.
+#[derive(Clone, Debug)]
+pub struct MessageDraft {
+    pub mid: Arc<str>,
+    /// The sending user, or the name a backend gave (`system` by default).
+    pub from: Arc<str>,
+    /// The recipient of a direct message.
+    pub to: Option<UserId>,
+    /// The room of a room message.
+    pub room: Option<RoomName>,
+    /// The body as raw JSON text, validated when it was parsed.
+    pub body: Arc<str>,
+    pub ts: u64,
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("writing a string to a Vec cannot fail");
+}
+
+/// Encodes a `message` event. `stream` is `None` for a broadcast, which has no seq.
+pub fn encode_message(stream: Option<(&StreamId, u64)>, draft: &MessageDraft) -> Bytes {
+    let mut out = Vec::with_capacity(128 + draft.body.len());
+    out.extend_from_slice(br#"{"type":"message","stream":"#);
+    match stream {
+        Some((stream, seq)) => {
+            push_json_str(&mut out, &stream.to_string());
+            out.extend_from_slice(br#","seq":"#);
+            out.extend_from_slice(seq.to_string().as_bytes());
+        }
+        None => out.extend_from_slice(br#""broadcast""#),
+    }
+    out.extend_from_slice(br#","mid":"#);
+    push_json_str(&mut out, &draft.mid);
+    out.extend_from_slice(br#","from":"#);
+    push_json_str(&mut out, &draft.from);
+    if let Some(to) = &draft.to {
+        out.extend_from_slice(br#","to":"#);
+        push_json_str(&mut out, to.as_str());
+    }
+    if let Some(room) = &draft.room {
+        out.extend_from_slice(br#","room":"#);
+        push_json_str(&mut out, room.as_str());
+    }
+    out.extend_from_slice(br#","body":"#);
+    out.extend_from_slice(draft.body.as_bytes());
+    out.extend_from_slice(br#","ts":"#);
+    out.extend_from_slice(draft.ts.to_string().as_bytes());
+    out.push(b'}');
+    Bytes::from(out)
+}
+
+#[derive(Serialize)]
+struct Welcome<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    session: &'a str,
+    user: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<&'a str>,
+    node: &'a str,
+    ping_interval: u64,
+}
+
+pub fn encode_welcome(
+    session: &str,
+    user: &UserId,
+    device: Option<&str>,
+    node: &str,
+    ping_interval: u64,
+) -> Bytes {
+    let welcome = Welcome { kind: "welcome", session, user: user.as_str(), device, node, ping_interval };
+    Bytes::from(serde_json::to_vec(&welcome).expect("welcome serializes"))
+}
+
+#[derive(Serialize)]
+struct Presence<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    room: &'a str,
+    event: &'a str,
+    user: &'a str,
+}
+
+/// A `presence` event: `event` is `join` or `leave`.
+pub fn encode_presence(room: &RoomName, event: &str, user: &UserId) -> Bytes {
+    let p = Presence { kind: "presence", room: room.as_str(), event, user: user.as_str() };
+    Bytes::from(serde_json::to_vec(&p).expect("presence serializes"))
+}
+
+#[derive(Serialize)]
+struct Disconnect<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    code: u16,
+    reason: &'a str,
+}
+
+pub fn encode_disconnect(code: u16, reason: &str) -> Bytes {
+    let d = Disconnect { kind: "disconnect", code, reason };
+    Bytes::from(serde_json::to_vec(&d).expect("disconnect serializes"))
+}
+
+#[derive(Serialize)]
+struct Reply<'a, T: Serialize> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: &'a RawValue,
+    #[serde(flatten)]
+    fields: T,
+}
+
+/// A `reply` to the command that carried `id`, with `fields` (a struct or map) inlined.
+pub fn encode_reply<T: Serialize>(id: &RawValue, fields: T) -> Bytes {
+    let reply = Reply { kind: "reply", id, fields };
+    Bytes::from(serde_json::to_vec(&reply).expect("reply serializes"))
+}
+
+#[derive(Serialize)]
+struct ErrorFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a RawValue>,
+    code: &'static str,
+    message: &'a str,
+}
+
+pub fn encode_error(id: Option<&RawValue>, err: &ProtocolError) -> Bytes {
+    let frame = ErrorFrame { kind: "error", id, code: err.code.as_str(), message: &err.message };
+    Bytes::from(serde_json::to_vec(&frame).expect("error serializes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draft() -> MessageDraft {
+        MessageDraft {
+            mid: Arc::from("m1"),
+            from: Arc::from("alice"),
+            to: Some(UserId::parse("bob").unwrap()),
+            room: None,
+            body: Arc::from(r#"{"text":"hi \"there\""}"#),
+            ts: 1763800000123,
+        }
+    }
+
+    #[test]
+    fn message_frame_is_valid_json_with_every_field() {
+        let stream = StreamId::parse("user:bob").unwrap();
+        let bytes = encode_message(Some((&stream, 12)), &draft());
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["stream"], "user:bob");
+        assert_eq!(v["seq"], 12);
+        assert_eq!(v["mid"], "m1");
+        assert_eq!(v["from"], "alice");
+        assert_eq!(v["to"], "bob");
+        assert_eq!(v["body"]["text"], "hi \"there\"");
+        assert_eq!(v["ts"], 1763800000123u64);
+    }
+
+    #[test]
+    fn broadcast_has_no_seq() {
+        let mut d = draft();
+        d.to = None;
+        let v: serde_json::Value = serde_json::from_slice(&encode_message(None, &d)).unwrap();
+        assert_eq!(v["stream"], "broadcast");
+        assert!(v.get("seq").is_none());
+    }
+
+    #[test]
+    fn reply_inlines_fields_and_echoes_id() {
+        let id = RawValue::from_string("\"abc\"".into()).unwrap();
+        let bytes = encode_reply(&id, serde_json::json!({"seq": 3}));
+        assert_eq!(&bytes[..], br#"{"type":"reply","id":"abc","seq":3}"#);
+    }
+}

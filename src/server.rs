@@ -1,0 +1,260 @@
+//! The HTTP side of a node: the listener, the WebSocket upgrade on `/ws`, the demo page, health,
+//! readiness and metrics, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_websockets::{Limits, ServerBuilder};
+
+use crate::api::{self, error_response};
+use crate::config::ServeArgs;
+use crate::metrics::Rejection;
+use crate::node::Node;
+use crate::protocol::{ErrorCode, ProtocolError};
+use crate::session;
+use crate::shutdown::{self, Trigger};
+
+const DEMO_PAGE: &str = include_str!("../demo/index.html");
+/// How long a shutdown waits for sessions to say goodbye.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest frame the Autobahn echo endpoint accepts (its cases go up to 16 MiB).
+const ECHO_MAX_PAYLOAD: usize = 32 << 20;
+
+/// Counts live sessions, for `--max-connections` and for draining at shutdown.
+#[derive(Default)]
+struct Sessions {
+    live: AtomicUsize,
+    drained: Notify,
+}
+
+/// Decrements the live count when a session task ends, however it ends.
+struct SessionSlot(Arc<Sessions>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    node: Arc<Node>,
+    sessions: Arc<Sessions>,
+}
+
+/// A running node.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    trigger: Trigger,
+    sessions: Arc<Sessions>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds `config.listen` (port 0 picks a free port) and starts serving.
+    pub async fn start(config: ServeArgs) -> anyhow::Result<Self> {
+        config.validate()?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("--listen {}: cannot listen there: {e}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let (trigger, shutdown) = shutdown::channel();
+        let autobahn = config.autobahn_echo;
+        let node = Node::single(config, addr.to_string(), shutdown.clone()).await?;
+        let sessions = Arc::new(Sessions::default());
+        let state = AppState { node: node.clone(), sessions: sessions.clone() };
+        let mut app = Router::new()
+            .route("/", get(|| async { Html(DEMO_PAGE) }))
+            .route("/ws", get(upgrade))
+            .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .with_state(state)
+            .nest("/api", api::router(node.clone()));
+        if autobahn {
+            app = app.route("/echo", get(echo));
+        }
+        let mut stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move { stop.wait().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        Ok(Self { addr, node, trigger, sessions, task })
+    }
+
+    /// Stops accepting, closes every session with 1001 and waits (bounded) for them to finish.
+    pub async fn shutdown(self) {
+        self.trigger.fire();
+        self.node.hub.close_all(crate::protocol::close::GOING_AWAY, "node shutting down");
+        let drained = async {
+            loop {
+                let notified = self.sessions.drained.notified();
+                if self.sessions.live.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
+            tracing::warn!(left = self.sessions.live.load(Ordering::Acquire), "sessions still open after the drain timeout");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if !state.node.shutdown.started() && state.node.ready().await {
+        (StatusCode::OK, axum::Json(serde_json::json!({"ready": true}))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"ready": false}))).into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let metrics = &state.node.metrics;
+    let (sessions, users, rooms) = state.node.hub.counts();
+    metrics.sessions.set(sessions as i64);
+    metrics.users.set(users as i64);
+    metrics.rooms.set(rooms as i64);
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    ([(header::CONTENT_TYPE, content_type)], metrics.encode()).into_response()
+}
+
+/// The query parameters of `/ws`, decoded.
+#[derive(serde::Deserialize, Default)]
+struct WsQuery {
+    token: Option<String>,
+    user: Option<String>,
+    device: Option<String>,
+}
+
+/// Checks the handshake headers and answers the `Sec-WebSocket-Accept` value.
+fn handshake_accept(headers: &HeaderMap) -> Result<String, ProtocolError> {
+    let has = |name: header::HeaderName, needle: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(needle)))
+    };
+    if !has(header::UPGRADE, "websocket") || !has(header::CONNECTION, "upgrade") {
+        return Err(ProtocolError::bad_request("this endpoint needs a WebSocket upgrade"));
+    }
+    if !has(header::SEC_WEBSOCKET_VERSION, "13") {
+        return Err(ProtocolError::bad_request("only WebSocket version 13 is supported"));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| ProtocolError::bad_request("missing Sec-WebSocket-Key"))?;
+    let mut sha = sha1_smol::Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    Ok(base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes()))
+}
+
+fn switching_protocols(accept: &str) -> Response {
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    response
+}
+
+/// `GET /ws`: authenticate before upgrading, so a refused client gets an HTTP status and a JSON
+/// body rather than a WebSocket that closes at once.
+async fn upgrade(State(state): State<AppState>, mut request: Request) -> Response {
+    let node = &state.node;
+    let accept = match handshake_accept(request.headers()) {
+        Ok(accept) => accept,
+        Err(e) => {
+            node.metrics.reject(Rejection::BadRequest);
+            return error_response(&e);
+        }
+    };
+    let query: WsQuery = request
+        .uri()
+        .query()
+        .and_then(|q| serde_urlencoded::from_str(q).ok())
+        .unwrap_or_default();
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let token = bearer.or(query.token);
+    let identity = match node.auth.authenticate(token.as_deref(), query.user.as_deref(), query.device.as_deref()) {
+        Ok(identity) => identity,
+        Err(e) => {
+            let reason = if e.code == ErrorCode::BadRequest { Rejection::BadRequest } else { Rejection::Unauthorized };
+            node.metrics.reject(reason);
+            return error_response(&e);
+        }
+    };
+    if node.shutdown.started() {
+        node.metrics.reject(Rejection::Capacity);
+        return error_response(&ProtocolError::new(ErrorCode::Unavailable, "node shutting down: connect to another node"));
+    }
+    let live = state.sessions.live.fetch_add(1, Ordering::AcqRel);
+    let slot = SessionSlot(state.sessions.clone());
+    if live >= node.config.max_connections {
+        node.metrics.reject(Rejection::Capacity);
+        return error_response(&ProtocolError::new(ErrorCode::Unavailable, "node at its connection limit: try another node"));
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let node = state.node.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let limits = Limits::default().max_payload_len(Some(node.config.max_message_size));
+        let ws = ServerBuilder::new().limits(limits).serve(TokioIo::new(upgraded));
+        session::run(node, ws, identity).await;
+    });
+    switching_protocols(&accept)
+}
+
+/// `GET /echo` with `--autobahn-echo`: echoes every message, for the conformance fuzzer.
+async fn echo(mut request: Request) -> Response {
+    let accept = match handshake_accept(request.headers()) {
+        Ok(accept) => accept,
+        Err(e) => return error_response(&e),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let limits = Limits::default().max_payload_len(Some(ECHO_MAX_PAYLOAD));
+        let mut ws = ServerBuilder::new().limits(limits).serve(TokioIo::new(upgraded));
+        while let Some(Ok(message)) = ws.next().await {
+            if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+                break;
+            }
+        }
+        let _ = ws.flush().await;
+    });
+    switching_protocols(&accept)
+}

@@ -1,0 +1,232 @@
+//! The client commands of PROTOCOL.md §3, one method each.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{SeqSet, Session, Stop};
+use crate::node::{DirectMessage, RoomMessage, UserPresence};
+use crate::protocol::{
+    Command, ErrorCode, HistoryQuery, PresenceQuery, ProtocolError, RoomName, StreamId, encode_error,
+    encode_reply,
+};
+use crate::store::StoredMessage;
+
+#[derive(Serialize)]
+struct Empty {}
+
+#[derive(Serialize)]
+struct Accepted {
+    mid: Arc<str>,
+    seq: u64,
+}
+
+#[derive(Serialize)]
+struct Joined<'a> {
+    room: &'a RoomName,
+    seq: u64,
+    truncated: bool,
+}
+
+#[derive(Serialize)]
+struct Synced {
+    seq: u64,
+    truncated: bool,
+}
+
+#[derive(Serialize)]
+struct UsersPresence<'a> {
+    users: BTreeMap<&'a str, UserPresence>,
+}
+
+#[derive(Serialize)]
+struct RoomPresence<'a> {
+    room: &'a RoomName,
+    count: usize,
+    users: Vec<crate::protocol::UserId>,
+}
+
+#[derive(Serialize)]
+struct History {
+    messages: Box<RawValue>,
+    last_seq: u64,
+}
+
+/// Most rooms the `presence` reply lists.
+const ROOM_PRESENCE_LIMIT: usize = 1000;
+
+/// Joins stored frames into one JSON array without decoding them.
+pub fn raw_list(messages: &[StoredMessage]) -> Box<RawValue> {
+    let mut out = Vec::with_capacity(2 + messages.iter().map(|m| m.frame.len() + 1).sum::<usize>());
+    out.push(b'[');
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&m.frame);
+    }
+    out.push(b']');
+    let text = String::from_utf8(out).unwrap_or_else(|_| "[]".to_owned());
+    RawValue::from_string(text).unwrap_or_else(|_| RawValue::from_string("[]".to_owned()).expect("[] is JSON"))
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    pub(super) async fn execute(&mut self, id: Option<&RawValue>, command: Command) -> Result<(), Stop> {
+        match command {
+            Command::Send { to, body, key } => {
+                let result = self.send(to, body, key).await;
+                self.answer(id, result).await
+            }
+            Command::Publish { room, body, key } => {
+                let result = self.publish(room, body, key).await;
+                self.answer(id, result).await
+            }
+            Command::Join { room, since } => match self.join(&room, since).await {
+                Ok((seq, truncated, backlog)) => {
+                    self.answer(id, Ok(Joined { room: &room, seq, truncated })).await?;
+                    self.write(&backlog).await
+                }
+                Err(e) => self.answer::<Empty>(id, Err(e)).await,
+            },
+            Command::Sync { since } => match self.sync(since).await {
+                Ok((seq, truncated, backlog)) => {
+                    self.answer(id, Ok(Synced { seq, truncated })).await?;
+                    self.write(&backlog).await
+                }
+                Err(e) => self.answer::<Empty>(id, Err(e)).await,
+            },
+            Command::Leave { room } => {
+                let result = self.leave(&room).await.map(|()| Empty {});
+                self.answer(id, result).await
+            }
+            Command::Ack { seq } => {
+                let result = self.node.store.ack(&self.info.user, seq).await.map(|()| Empty {}).map_err(Into::into);
+                self.answer(id, result).await
+            }
+            Command::Presence(PresenceQuery::Users(users)) => {
+                let result = self.node.user_presence(&users).await;
+                let result = result.map(|list| UsersPresence { users: users.iter().map(|u| u.as_str()).zip(list).collect() });
+                self.answer(id, result).await
+            }
+            Command::Presence(PresenceQuery::Room(room)) => {
+                let result = self.room_presence(&room).await;
+                self.answer(id, result).await
+            }
+            Command::History { stream, query } => {
+                let result = self.history(&stream, query).await;
+                self.answer(id, result).await
+            }
+            Command::Ping => self.answer(id, Ok(Empty {})).await,
+        }
+    }
+
+    /// Replies when the command carried an id; errors are sent either way.
+    async fn answer<T: Serialize>(&mut self, id: Option<&RawValue>, result: Result<T, ProtocolError>) -> Result<(), Stop> {
+        let frame = match (result, id) {
+            (Ok(fields), Some(id)) => encode_reply(id, fields),
+            (Ok(_), None) => return Ok(()),
+            (Err(e), id) => encode_error(id, &e),
+        };
+        self.write(&[frame]).await
+    }
+
+    fn seen(&mut self, stream: StreamId) -> &mut SeqSet {
+        self.seen.entry(stream).or_default()
+    }
+
+    async fn send(&mut self, to: crate::protocol::UserId, body: Box<RawValue>, key: Option<String>) -> Result<Accepted, ProtocolError> {
+        let user = self.info.user.clone();
+        let msg = DirectMessage {
+            from: Arc::from(user.as_str()),
+            sender: Some((user.clone(), Some(self.info.session))),
+            to,
+            body: Arc::from(body.get()),
+            key,
+        };
+        let appended = self.node.send_direct(msg).await?;
+        self.seen(StreamId::User(user)).insert(appended.seq);
+        Ok(Accepted { mid: appended.mid, seq: appended.seq })
+    }
+
+    async fn publish(&mut self, room: RoomName, body: Box<RawValue>, key: Option<String>) -> Result<Accepted, ProtocolError> {
+        if !self.rooms.contains(&room) {
+            return Err(ProtocolError::new(ErrorCode::NotMember, format!("join room {room} before publishing to it")));
+        }
+        let msg = RoomMessage {
+            from: Arc::from(self.info.user.as_str()),
+            sender: Some((self.info.user.clone(), self.info.session)),
+            room: room.clone(),
+            body: Arc::from(body.get()),
+            key,
+        };
+        let appended = self.node.publish_room(msg).await?;
+        self.seen(StreamId::Room(room)).insert(appended.seq);
+        Ok(Accepted { mid: appended.mid, seq: appended.seq })
+    }
+
+    /// Joins (or re-joins) a room and reads its backlog. Live messages already flow to the
+    /// session when the store is read, which is what closes the race with concurrent publishes.
+    async fn join(&mut self, room: &RoomName, since: Option<u64>) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
+        if !self.node.may_enter(&self.identity, room) {
+            return Err(ProtocolError::new(ErrorCode::Forbidden, format!("room {room} needs a `rooms` claim in your token")));
+        }
+        if !self.rooms.contains(room) {
+            self.node.join(room, &self.handle).await?;
+            self.rooms.insert(room.clone());
+        }
+        self.catch_up(StreamId::Room(room.clone()), since).await
+    }
+
+    async fn sync(&mut self, since: Option<u64>) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
+        let since = match since {
+            Some(since) => since,
+            None => self.node.store.cursor(&self.info.user).await?,
+        };
+        self.catch_up(StreamId::User(self.info.user.clone()), Some(since)).await
+    }
+
+    /// With `since`: the kept messages after it that this session does not have yet. Without:
+    /// nothing, and everything up to the stream's current end counts as had.
+    async fn catch_up(&mut self, stream: StreamId, since: Option<u64>) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
+        let Some(since) = since else {
+            let last = self.node.last_seq(&stream).await?;
+            self.seen(stream).insert_range(1, last);
+            return Ok((last, false, Vec::new()));
+        };
+        let caught = self.node.catch_up(&stream, since).await?;
+        let seen = self.seen(stream);
+        let backlog = caught.slice.messages.into_iter().filter(|m| seen.insert(m.seq)).map(|m| m.frame).collect();
+        Ok((caught.slice.last_seq, caught.truncated, backlog))
+    }
+
+    async fn leave(&mut self, room: &RoomName) -> Result<(), ProtocolError> {
+        if !self.rooms.remove(room) {
+            return Err(ProtocolError::new(ErrorCode::NotMember, format!("not a member of room {room}")));
+        }
+        self.seen.remove(&StreamId::Room(room.clone()));
+        self.node.leave(room, &self.info.user, self.info.session).await
+    }
+
+    async fn room_presence<'r>(&mut self, room: &'r RoomName) -> Result<RoomPresence<'r>, ProtocolError> {
+        if !self.node.may_enter(&self.identity, room) {
+            return Err(ProtocolError::new(ErrorCode::Forbidden, format!("room {room} needs a `rooms` claim in your token")));
+        }
+        let (count, users) = self.node.presence.room(room, ROOM_PRESENCE_LIMIT).await?;
+        Ok(RoomPresence { room, count, users })
+    }
+
+    async fn history(&mut self, stream: &StreamId, query: HistoryQuery) -> Result<History, ProtocolError> {
+        if !self.node.may_read(&self.identity, stream) {
+            return Err(ProtocolError::new(ErrorCode::Forbidden, format!("you may not read {stream}")));
+        }
+        let slice = self.node.history(stream, query).await?;
+        Ok(History { messages: raw_list(&slice.messages), last_seq: slice.last_seq })
+    }
+}

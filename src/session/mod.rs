@@ -1,0 +1,305 @@
+//! One WebSocket session: the connection loop and the per-session delivery rules.
+//!
+//! The loop is one task that `select!`s over the socket, the session's outbound queue, its close
+//! signal, the ping timer, the token's expiry and the node's shutdown. Replies are written
+//! directly; everything routed through the hub arrives on the bounded queue and is written in
+//! batches (many frames, one flush).
+//!
+//! Per stream, the session remembers which seqs it already has ([`SeqSet`]): live messages and
+//! its own sends. A catch-up (`join`/`sync` with `since`) subscribes first and reads the store
+//! second, so a message published in between shows up in both and is written once; messages of a
+//! stream therefore reach the client at most once and, live, in seq order.
+
+mod commands;
+pub use commands::raw_list;
+mod ratelimit;
+mod seqset;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_websockets::{CloseCode, Message, WebSocketStream};
+
+use crate::auth::Identity;
+use crate::broker::SessionId;
+use crate::hub::{Outbound, SessionHandle};
+use crate::metrics::Kind;
+use crate::node::Node;
+use crate::presence::SessionInfo;
+use crate::protocol::{
+    ErrorCode, ProtocolError, RoomName, StreamId, close, encode_disconnect, encode_error, encode_welcome, now_ms,
+    parse_command,
+};
+
+use ratelimit::{RateLimiter, Verdict};
+use seqset::SeqSet;
+
+/// Most queued frames written per flush.
+const WRITE_BATCH: usize = 64;
+/// A write that makes no progress for this long means the client stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the client to answer our close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the loop ends.
+enum Stop {
+    /// Close with this code and reason, telling the client why first.
+    Close(u16, Arc<str>),
+    /// The socket is gone or already closing; nothing more to say.
+    Gone,
+}
+
+struct Session<S> {
+    node: Arc<Node>,
+    ws: WebSocketStream<S>,
+    identity: Identity,
+    handle: Arc<SessionHandle>,
+    info: SessionInfo,
+    rooms: HashSet<RoomName>,
+    seen: HashMap<StreamId, SeqSet>,
+    limiter: RateLimiter,
+    last_heard: Instant,
+}
+
+/// Runs a session until it closes, then unregisters it.
+pub async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>, identity: Identity)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let id = SessionId::random();
+    let (queue, rx) = mpsc::channel(node.config.outbound_queue);
+    let handle = Arc::new(SessionHandle::new(id, identity.user.clone(), queue));
+    let info = SessionInfo {
+        session: id,
+        user: identity.user.clone(),
+        node: node.id.clone(),
+        device: identity.device.clone(),
+        connected_at: now_ms(),
+    };
+    let now = Instant::now();
+    let mut session = Session {
+        limiter: RateLimiter::new(node.config.rate_limit, now),
+        node,
+        ws,
+        identity,
+        handle,
+        info,
+        rooms: HashSet::new(),
+        seen: HashMap::new(),
+        last_heard: now,
+    };
+    let span = tracing::info_span!("session", id = %id, user = %session.info.user);
+    let _enter = span.enter();
+    drop(_enter);
+    let stop = match session.node.open_session(&session.handle, &session.info).await {
+        Ok(()) => {
+            tracing::debug!(parent: &span, "connected");
+            session.serve(rx).await
+        }
+        Err(e) => Stop::Close(close::INTERNAL, Arc::from(e.message.as_str())),
+    };
+    session.finish(stop).await;
+    let rooms = std::mem::take(&mut session.rooms);
+    session.node.close_session(&session.info, rooms).await;
+    tracing::debug!(parent: &span, "disconnected");
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn serve(&mut self, mut rx: mpsc::Receiver<Outbound>) -> Stop {
+        let config = self.node.config.clone();
+        let welcome = encode_welcome(
+            &self.info.session.to_string(),
+            &self.info.user,
+            self.info.device.as_deref(),
+            &self.node.id,
+            config.ping_interval,
+        );
+        if let Err(stop) = self.write(&[welcome]).await {
+            return stop;
+        }
+        let ping_every = Duration::from_secs(config.ping_interval);
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let expiry = token_deadline(self.identity.expires_at);
+        let mut shutdown = self.node.shutdown.clone();
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        loop {
+            let step = tokio::select! {
+                biased;
+                (code, reason) = self.handle.close.requested() => Err(Stop::Close(code, reason)),
+                _ = shutdown.wait() => Err(Stop::Close(close::GOING_AWAY, Arc::from("node shutting down"))),
+                _ = tokio::time::sleep_until(expiry) => Err(Stop::Close(close::TOKEN_EXPIRED, Arc::from("token expired"))),
+                frame = self.ws.next() => self.on_frame(frame).await,
+                n = rx.recv_many(&mut batch, WRITE_BATCH) => {
+                    if n == 0 {
+                        Err(Stop::Gone)
+                    } else {
+                        self.deliver(&mut batch).await
+                    }
+                }
+                _ = ping.tick() => self.ping(ping_every).await,
+            };
+            if let Err(stop) = step {
+                return stop;
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Option<Result<Message, tokio_websockets::Error>>) -> Result<(), Stop> {
+        let message = match frame {
+            None => return Err(Stop::Gone),
+            Some(Err(e)) => {
+                // The crate has queued the right close frame (1002, 1007 or 1009): send it.
+                tracing::debug!(error = %e, "protocol error from client");
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.flush()).await;
+                return Err(Stop::Gone);
+            }
+            Some(Ok(message)) => message,
+        };
+        self.last_heard = Instant::now();
+        if message.is_text() || message.is_binary() {
+            match self.limiter.check(self.last_heard) {
+                Verdict::Allow => {}
+                Verdict::Refuse => {
+                    let id = message.as_text().and_then(|t| parse_command(t).id);
+                    let err = ProtocolError::new(ErrorCode::RateLimited, "too many commands: slow down");
+                    return self.write(&[encode_error(id.as_deref(), &err)]).await;
+                }
+                Verdict::Close => {
+                    return Err(Stop::Close(close::POLICY, Arc::from("rate limit exceeded repeatedly")));
+                }
+            }
+        }
+        if let Some(text) = message.as_text() {
+            let frame = parse_command(text);
+            return match frame.command {
+                Ok(command) => self.execute(frame.id.as_deref(), command).await,
+                Err(e) => self.write(&[encode_error(frame.id.as_deref(), &e)]).await,
+            };
+        }
+        if message.is_binary() {
+            let err = ProtocolError::bad_request("binary frames are not supported: send JSON text frames");
+            return self.write(&[encode_error(None, &err)]).await;
+        }
+        Ok(())
+    }
+
+    /// Writes queued frames, skipping what this session must not get twice.
+    async fn deliver(&mut self, batch: &mut Vec<Outbound>) -> Result<(), Stop> {
+        let mut frames = Vec::with_capacity(batch.len());
+        let mut counts = [0u64; 3];
+        let mut oldest = u64::MAX;
+        for item in batch.drain(..) {
+            match item {
+                Outbound::Frame(frame) => frames.push(frame),
+                Outbound::Message(delivery) => {
+                    if delivery.exclude == Some(self.info.session) {
+                        continue;
+                    }
+                    let kind = match &delivery.position {
+                        None => Kind::Broadcast,
+                        Some((stream, seq)) => {
+                            let fresh = match self.seen.get_mut(stream) {
+                                Some(seen) => seen.insert(*seq),
+                                None => {
+                                    let mut seen = SeqSet::default();
+                                    seen.insert(*seq);
+                                    self.seen.insert(stream.clone(), seen);
+                                    true
+                                }
+                            };
+                            if !fresh {
+                                continue;
+                            }
+                            match stream {
+                                StreamId::User(_) => Kind::Direct,
+                                StreamId::Room(_) => Kind::Room,
+                            }
+                        }
+                    };
+                    counts[kind as usize] += 1;
+                    oldest = oldest.min(delivery.ts);
+                    frames.push(delivery.frame.clone());
+                }
+            }
+        }
+        self.write(&frames).await?;
+        for (kind, n) in [Kind::Direct, Kind::Room, Kind::Broadcast].into_iter().zip(counts) {
+            if n > 0 {
+                self.node.count(kind, n);
+            }
+        }
+        if oldest != u64::MAX {
+            let latency = now_ms().saturating_sub(oldest) as f64 / 1000.0;
+            self.node.metrics.delivery_latency.observe(latency);
+        }
+        Ok(())
+    }
+
+    async fn ping(&mut self, every: Duration) -> Result<(), Stop> {
+        if self.last_heard.elapsed() > every * 2 {
+            return Err(Stop::Close(close::GOING_AWAY, Arc::from("ping timeout")));
+        }
+        let ws = &mut self.ws;
+        match tokio::time::timeout(WRITE_TIMEOUT, ws.send(Message::ping(Bytes::new()))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Stop::Gone),
+            Err(_) => Err(Stop::Close(close::TOO_SLOW, Arc::from("too slow: writes stalled"))),
+        }
+    }
+
+    /// Writes frames with one flush. Gives up when the session is asked to close meanwhile or the
+    /// client has not read anything for [`WRITE_TIMEOUT`].
+    async fn write(&mut self, frames: &[Bytes]) -> Result<(), Stop> {
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let ws = &mut self.ws;
+        let work = async {
+            for frame in frames {
+                ws.feed(Message::text(frame.clone())).await?;
+            }
+            ws.flush().await
+        };
+        tokio::select! {
+            result = tokio::time::timeout(WRITE_TIMEOUT, work) => match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(Stop::Gone),
+                Err(_) => Err(Stop::Close(close::TOO_SLOW, Arc::from("too slow: writes stalled"))),
+            },
+            (code, reason) = self.handle.close.requested() => Err(Stop::Close(code, reason)),
+        }
+    }
+
+    /// Ends the connection: says why (a `disconnect` frame, then the close frame) and waits
+    /// briefly for the client's close.
+    async fn finish(&mut self, stop: Stop) {
+        let Stop::Close(code, reason) = stop else { return };
+        let reason: String = reason.chars().take(100).collect();
+        let Ok(close_code) = CloseCode::try_from(code) else { return };
+        let ws = &mut self.ws;
+        let goodbye = async {
+            ws.feed(Message::text(encode_disconnect(code, &reason))).await?;
+            ws.send(Message::close(Some(close_code), &reason)).await?;
+            while let Some(Ok(_)) = ws.next().await {}
+            Ok::<(), tokio_websockets::Error>(())
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT + WRITE_TIMEOUT / 2, goodbye).await;
+    }
+}
+
+/// When a session must close because its token expired (far in the future without a token).
+fn token_deadline(expires_at: Option<u64>) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    match expires_at {
+        Some(exp) => now + Duration::from_secs(exp.saturating_sub(now_ms() / 1000)),
+        None => now + Duration::from_secs(100 * 365 * 24 * 3600),
+    }
+}

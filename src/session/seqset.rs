@@ -1,0 +1,85 @@
+//! The seqs of one stream a session already has, as a short list of ranges.
+//!
+//! Live delivery and the session's own sends fill contiguous runs, so a handful of ranges covers a
+//! session's whole life; the list is capped so a pathological pattern cannot grow it without
+//! bound (the oldest ranges go first, which can at worst re-deliver a very old message during a
+//! catch-up far into the past).
+
+const MAX_RANGES: usize = 64;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeqSet {
+    /// Sorted, disjoint, non-adjacent inclusive ranges.
+    ranges: Vec<(u64, u64)>,
+}
+
+impl SeqSet {
+    pub fn contains(&self, seq: u64) -> bool {
+        let i = self.ranges.partition_point(|&(_, hi)| hi < seq);
+        self.ranges.get(i).is_some_and(|&(lo, _)| lo <= seq)
+    }
+
+    /// Adds `seq`; false if it was already there.
+    pub fn insert(&mut self, seq: u64) -> bool {
+        if self.contains(seq) {
+            return false;
+        }
+        self.insert_range(seq, seq);
+        true
+    }
+
+    /// Adds every seq in `lo..=hi`.
+    pub fn insert_range(&mut self, lo: u64, hi: u64) {
+        if lo > hi {
+            return;
+        }
+        let start = self.ranges.partition_point(|&(_, h)| h.saturating_add(1) < lo);
+        let end = self.ranges.partition_point(|&(l, _)| l <= hi.saturating_add(1));
+        let (mut new_lo, mut new_hi) = (lo, hi);
+        if start < end {
+            new_lo = new_lo.min(self.ranges[start].0);
+            new_hi = new_hi.max(self.ranges[end - 1].1);
+        }
+        self.ranges.splice(start..end, [(new_lo, new_hi)]);
+        if self.ranges.len() > MAX_RANGES {
+            self.ranges.remove(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_neighbours() {
+        let mut s = SeqSet::default();
+        assert!(s.insert(5));
+        assert!(s.insert(7));
+        assert!(s.insert(6));
+        assert_eq!(s.ranges, vec![(5, 7)]);
+        assert!(!s.insert(6));
+        s.insert_range(1, 3);
+        assert_eq!(s.ranges, vec![(1, 3), (5, 7)]);
+        s.insert_range(2, 10);
+        assert_eq!(s.ranges, vec![(1, 10)]);
+        assert!(s.contains(1) && s.contains(10) && !s.contains(11) && !s.contains(0));
+    }
+
+    #[test]
+    fn stays_bounded() {
+        let mut s = SeqSet::default();
+        for i in 0..1000 {
+            s.insert(i * 2);
+        }
+        assert_eq!(s.ranges.len(), MAX_RANGES);
+        assert!(s.contains(1998));
+    }
+
+    #[test]
+    fn empty_range_is_ignored() {
+        let mut s = SeqSet::default();
+        s.insert_range(1, 0);
+        assert!(s.ranges.is_empty());
+    }
+}

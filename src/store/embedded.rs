@@ -1,0 +1,360 @@
+//! The single-node store: redb, an embedded, crash-safe B-tree in one file under `--data-dir`.
+//!
+//! All writes go through one thread that commits them in batches (group commit): each batch is
+//! one fsync'd transaction however many appends it holds, and only after the commit are its
+//! messages handed to the broker, in the order their seqs were assigned. That order is what makes
+//! live delivery of a stream gapless: nothing is published that a reader could not already read,
+//! and nothing is published out of seq order. Reads run on the blocking pool against consistent
+//! read transactions and never wait for the writer.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Slice, Store, StoreError, StoredMessage};
+use crate::broker::{Delivery, Event, MemoryBroker, Topic};
+use crate::protocol::{HistoryQuery, StreamId, UserId, encode_message, now_ms};
+
+/// (stream, seq) → (accepted at ms, encoded `message` frame).
+const MESSAGES: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("messages");
+/// stream → (last seq ever assigned, first seq still kept).
+const STREAMS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("streams");
+/// user → read cursor.
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// (scope, key) → (expires at ms, seq, mid).
+const IDEMPOTENCY: TableDefinition<(&str, &str), (u64, u64, &str)> = TableDefinition::new("idempotency");
+
+/// Most operations folded into one transaction.
+const MAX_BATCH: usize = 512;
+/// How often expired messages and idempotency keys are removed.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Retention of every stream.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    pub max_messages: u64,
+    pub ttl_ms: u64,
+}
+
+enum WriteOp {
+    Append(AppendRequest, oneshot::Sender<Result<Appended, StoreError>>),
+    Ack(UserId, u64, oneshot::Sender<Result<(), StoreError>>),
+    Sweep,
+}
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    writer: mpsc::Sender<WriteOp>,
+    retention: Retention,
+}
+
+fn internal(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir` and starts its writer thread. Committed messages are
+    /// delivered through `broker`.
+    pub fn open(dir: &Path, retention: Retention, broker: Arc<MemoryBroker>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("--data-dir {}: cannot create it: {e}", dir.display()))?;
+        let path = dir.join("switchyard.redb");
+        let db = Database::create(&path).map_err(|e| {
+            anyhow::anyhow!("--data-dir {}: cannot open {}: {e}", dir.display(), path.display())
+        })?;
+        {
+            let txn = db.begin_write()?;
+            txn.open_table(MESSAGES)?;
+            txn.open_table(STREAMS)?;
+            txn.open_table(CURSORS)?;
+            txn.open_table(IDEMPOTENCY)?;
+            txn.commit()?;
+        }
+        let db = Arc::new(db);
+        let (writer, rx) = mpsc::channel(4096);
+        let thread_db = db.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || Writer { db: thread_db, retention, broker }.run(rx))?;
+        let sweeper = writer.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if sweeper.send(WriteOp::Sweep).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self { db, writer, retention })
+    }
+
+    async fn submit<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(op(tx))
+            .await
+            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?;
+        rx.await.map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?
+    }
+
+    fn read_blocking(db: &Database, stream: &str, query: HistoryQuery, ttl_ms: u64) -> Result<Slice, StoreError> {
+        let txn = db.begin_read().map_err(internal)?;
+        let streams = txn.open_table(STREAMS).map_err(internal)?;
+        let last_seq = streams.get(stream).map_err(internal)?.map_or(0, |v| v.value().0);
+        let messages = txn.open_table(MESSAGES).map_err(internal)?;
+        let cutoff = now_ms().saturating_sub(ttl_ms);
+        let all = (stream, 0)..=(stream, u64::MAX);
+        let out = match query {
+            HistoryQuery::After { since, limit } => {
+                let from = (stream, since.saturating_add(1))..=(stream, u64::MAX);
+                take_kept(messages.range(from).map_err(internal)?, limit, cutoff)?
+            }
+            HistoryQuery::Before { before, limit } => {
+                let mut out = take_kept(messages.range((stream, 0)..(stream, before)).map_err(internal)?.rev(), limit, cutoff)?;
+                out.reverse();
+                out
+            }
+            HistoryQuery::Last { limit } => {
+                let mut out = take_kept(messages.range(all).map_err(internal)?.rev(), limit, cutoff)?;
+                out.reverse();
+                out
+            }
+        };
+        Ok(Slice { messages: out, last_seq })
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn append(&self, request: AppendRequest) -> Result<Appended, StoreError> {
+        self.submit(|tx| WriteOp::Append(request, tx)).await
+    }
+
+    async fn read(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError> {
+        let db = self.db.clone();
+        let key = stream.key();
+        let ttl = self.retention.ttl_ms;
+        tokio::task::spawn_blocking(move || Self::read_blocking(&db, &key, query, ttl))
+            .await
+            .map_err(internal)?
+    }
+
+    async fn cursor(&self, user: &UserId) -> Result<u64, StoreError> {
+        let db = self.db.clone();
+        let user = user.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(internal)?;
+            let table = txn.open_table(CURSORS).map_err(internal)?;
+            Ok(table.get(user.as_str()).map_err(internal)?.map_or(0, |v| v.value()))
+        })
+        .await
+        .map_err(internal)?
+    }
+
+    async fn ack(&self, user: &UserId, seq: u64) -> Result<(), StoreError> {
+        self.submit(|tx| WriteOp::Ack(user.clone(), seq, tx)).await
+    }
+
+    async fn ready(&self) -> bool {
+        !self.writer.is_closed() && self.db.begin_read().is_ok()
+    }
+}
+
+type Row = Result<
+    (redb::AccessGuard<'static, (&'static str, u64)>, redb::AccessGuard<'static, (u64, &'static [u8])>),
+    redb::StorageError,
+>;
+
+/// The first `limit` unexpired messages of `rows`, in the order given.
+fn take_kept(rows: impl Iterator<Item = Row>, limit: usize, cutoff: u64) -> Result<Vec<StoredMessage>, StoreError> {
+    let mut out = Vec::new();
+    for row in rows {
+        if out.len() >= limit {
+            break;
+        }
+        let (key, value) = row.map_err(internal)?;
+        let (ts, frame) = value.value();
+        if ts >= cutoff {
+            out.push(StoredMessage { seq: key.value().1, frame: Bytes::copy_from_slice(frame) });
+        }
+    }
+    Ok(out)
+}
+
+/// The writer thread's state.
+struct Writer {
+    db: Arc<Database>,
+    retention: Retention,
+    broker: Arc<MemoryBroker>,
+}
+
+/// What a committed append still has to do: deliver, then answer.
+struct Pending {
+    deliveries: Vec<(Topic, Event)>,
+    reply: oneshot::Sender<Result<Appended, StoreError>>,
+    result: Appended,
+}
+
+impl Writer {
+    fn run(self, mut rx: mpsc::Receiver<WriteOp>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.write_batch(&mut batch);
+        }
+    }
+
+    fn write_batch(&self, batch: &mut Vec<WriteOp>) {
+        let mut appends: Vec<Pending> = Vec::new();
+        let mut acks = Vec::new();
+        let outcome = (|| -> Result<(), StoreError> {
+            let mut txn = self.db.begin_write().map_err(internal)?;
+            txn.set_durability(Durability::Immediate).map_err(internal)?;
+            for op in batch.drain(..) {
+                match op {
+                    WriteOp::Append(request, reply) => match self.append(&txn, request) {
+                        Ok((result, deliveries)) => appends.push(Pending { deliveries, reply, result }),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    },
+                    WriteOp::Ack(user, seq, reply) => {
+                        let mut table = txn.open_table(CURSORS).map_err(internal)?;
+                        let current = table.get(user.as_str()).map_err(internal)?.map_or(0, |v| v.value());
+                        if seq > current {
+                            table.insert(user.as_str(), seq).map_err(internal)?;
+                        }
+                        acks.push(reply);
+                    }
+                    WriteOp::Sweep => self.sweep(&txn)?,
+                }
+            }
+            txn.commit().map_err(internal)
+        })();
+        match outcome {
+            Ok(()) => {
+                for pending in appends {
+                    for (topic, event) in &pending.deliveries {
+                        self.broker.deliver_now(topic, event);
+                    }
+                    let _ = pending.reply.send(Ok(pending.result));
+                }
+                for ack in acks {
+                    let _ = ack.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed");
+                for pending in appends {
+                    let _ = pending.reply.send(Err(StoreError::Internal(e.to_string())));
+                }
+                for ack in acks {
+                    let _ = ack.send(Err(StoreError::Internal(e.to_string())));
+                }
+            }
+        }
+    }
+
+    /// Appends one request inside `txn`, returning the answer and the deliveries to make after
+    /// the commit.
+    fn append(&self, txn: &WriteTransaction, request: AppendRequest) -> Result<(Appended, Vec<(Topic, Event)>), StoreError> {
+        let now = now_ms();
+        if let Some((scope, key)) = &request.idempotency {
+            let table = txn.open_table(IDEMPOTENCY).map_err(internal)?;
+            if let Some(v) = table.get((scope.as_str(), key.as_str())).map_err(internal)? {
+                let (expires, seq, mid) = v.value();
+                if expires > now {
+                    return Ok((Appended { mid: Arc::from(mid), seq, duplicate: true }, Vec::new()));
+                }
+            }
+        }
+        let mid = match request.entries.first() {
+            Some(entry) => entry.draft.mid.clone(),
+            None => return Err(StoreError::Internal("append without entries".into())),
+        };
+        let mut streams = txn.open_table(STREAMS).map_err(internal)?;
+        let mut messages = txn.open_table(MESSAGES).map_err(internal)?;
+        let mut deliveries = Vec::with_capacity(request.entries.len());
+        let mut reply_seq = 0;
+        for (i, entry) in request.entries.into_iter().enumerate() {
+            let key = entry.stream.key();
+            let (last, first) = streams.get(key.as_str()).map_err(internal)?.map_or((0, 1), |v| v.value());
+            let seq = last + 1;
+            let frame = encode_message(Some((&entry.stream, seq)), &entry.draft);
+            messages.insert((key.as_str(), seq), (entry.draft.ts, &frame[..])).map_err(internal)?;
+            let mut first = first;
+            while seq - first + 1 > self.retention.max_messages {
+                messages.remove((key.as_str(), first)).map_err(internal)?;
+                first += 1;
+            }
+            streams.insert(key.as_str(), (seq, first)).map_err(internal)?;
+            if i == request.reply_entry {
+                reply_seq = seq;
+            }
+            let delivery = Delivery {
+                position: Some((entry.stream, seq)),
+                frame,
+                exclude: entry.exclude,
+                ts: entry.draft.ts,
+            };
+            deliveries.push((entry.topic, Event::Message(Arc::new(delivery))));
+        }
+        if let Some((scope, key)) = &request.idempotency {
+            let mut table = txn.open_table(IDEMPOTENCY).map_err(internal)?;
+            table
+                .insert((scope.as_str(), key.as_str()), (now + IDEMPOTENCY_WINDOW_MS, reply_seq, &*mid))
+                .map_err(internal)?;
+        }
+        Ok((Appended { mid, seq: reply_seq, duplicate: false }, deliveries))
+    }
+
+    /// Removes expired messages and idempotency keys.
+    fn sweep(&self, txn: &WriteTransaction) -> Result<(), StoreError> {
+        let now = now_ms();
+        let cutoff = now.saturating_sub(self.retention.ttl_ms);
+        let mut streams = txn.open_table(STREAMS).map_err(internal)?;
+        let mut messages = txn.open_table(MESSAGES).map_err(internal)?;
+        let mut moved = Vec::new();
+        for item in streams.iter().map_err(internal)? {
+            let (k, v) = item.map_err(internal)?;
+            let (last, first) = v.value();
+            let stream = k.value().to_owned();
+            let mut new_first = first;
+            while new_first <= last {
+                let expired = messages
+                    .get((stream.as_str(), new_first))
+                    .map_err(internal)?
+                    .is_none_or(|m| m.value().0 < cutoff);
+                if !expired {
+                    break;
+                }
+                new_first += 1;
+            }
+            if new_first != first {
+                moved.push((stream, last, first, new_first));
+            }
+        }
+        for (stream, last, first, new_first) in moved {
+            for seq in first..new_first {
+                messages.remove((stream.as_str(), seq)).map_err(internal)?;
+            }
+            streams.insert(stream.as_str(), (last, new_first)).map_err(internal)?;
+        }
+        let mut idem = txn.open_table(IDEMPOTENCY).map_err(internal)?;
+        idem.retain(|_, (expires, _, _)| expires > now).map_err(internal)?;
+        Ok(())
+    }
+}
