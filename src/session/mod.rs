@@ -44,7 +44,7 @@ const WRITE_BATCH: usize = 64;
 /// A write that makes no progress for this long means the client stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the client to answer our close frame.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why the loop ends.
 enum Stop {
@@ -287,11 +287,11 @@ where
         let ws = &mut self.ws;
         let goodbye = async {
             ws.feed(Message::text(encode_disconnect(code, &reason))).await?;
-            ws.send(Message::close(Some(close_code), &reason)).await?;
-            while let Some(Ok(_)) = ws.next().await {}
-            Ok::<(), tokio_websockets::Error>(())
+            ws.send(Message::close(Some(close_code), &reason)).await
         };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT + WRITE_TIMEOUT / 2, goodbye).await;
+        if let Ok(Ok(())) = tokio::time::timeout(WRITE_TIMEOUT / 2, goodbye).await {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+        }
     }
 }
 

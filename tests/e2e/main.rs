@@ -1,0 +1,5 @@
+//! End-to-end tests: real nodes on port 0, real WebSocket clients, as PROTOCOL.md describes.
+
+mod support;
+
+mod messaging;

@@ -1,0 +1,354 @@
+//! Test harness: real nodes on port 0, real WebSocket clients, raw HTTP.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use switchyard::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_websockets::{ClientBuilder, MaybeTlsStream, Message, WebSocketStream};
+
+/// How long a test waits for a frame that must come.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestNode {
+    pub server: Option<Server>,
+    pub addr: std::net::SocketAddr,
+    pub dir: Arc<tempfile::TempDir>,
+    args: Vec<String>,
+}
+
+impl TestNode {
+    /// A dev-mode node with a fresh data dir; `extra` are more `serve` flags.
+    pub async fn start(extra: &[&str]) -> Self {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        Self::start_in(dir, extra.iter().map(|s| s.to_string()).collect()).await
+    }
+
+    async fn start_in(dir: Arc<tempfile::TempDir>, args: Vec<String>) -> Self {
+        let data: PathBuf = dir.path().join("data");
+        let mut argv = vec![
+            "switchyard".to_string(),
+            "serve".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            data.to_string_lossy().into_owned(),
+        ];
+        argv.extend(args.iter().cloned());
+        let cli = switchyard::config::parse(argv).expect("valid test config");
+        let switchyard::config::CliCommand::Serve(config) = cli.command;
+        let server = Server::start(*config).await.expect("node starts");
+        Self { addr: server.addr, server: Some(server), dir, args }
+    }
+
+    /// Shuts the node down gracefully and starts a new one on the same data dir.
+    pub async fn restart(mut self) -> Self {
+        self.server.take().expect("running").shutdown().await;
+        Self::start_in(self.dir.clone(), self.args.clone()).await
+    }
+
+    pub async fn shutdown(mut self) {
+        self.server.take().expect("running").shutdown().await;
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws?{query}", self.addr)
+    }
+
+    /// Connects a dev-mode client as `user` and reads its welcome.
+    pub async fn connect(&self, user: &str) -> Client {
+        self.connect_query(&format!("user={user}")).await
+    }
+
+    pub async fn connect_query(&self, query: &str) -> Client {
+        let builder = ClientBuilder::new().uri(&self.ws_url(query)).expect("uri");
+        let (ws, _) = builder.connect().await.expect("upgrade accepted");
+        Client::new(ws).await
+    }
+
+    pub async fn connect_bearer(&self, token: &str) -> Client {
+        let builder = ClientBuilder::new()
+            .uri(&self.ws_url(""))
+            .expect("uri")
+            .add_header(
+                http::header::AUTHORIZATION,
+                http::HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+            )
+            .expect("header");
+        let (ws, _) = builder.connect().await.expect("upgrade accepted");
+        Client::new(ws).await
+    }
+
+    /// A plain HTTP/1.1 request; answers the status and the body parsed as JSON (or a string).
+    pub async fn http(&self, method: &str, path: &str, body: Option<&str>, key: Option<&str>) -> (u16, Value) {
+        let mut headers = String::new();
+        if let Some(key) = key {
+            headers.push_str(&format!("Authorization: Bearer {key}\r\n"));
+        }
+        let (status, text) = raw_http(self.addr, method, path, &headers, body.unwrap_or("")).await;
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    /// An upgrade request that is expected to be refused: answers the status and JSON body.
+    pub async fn refused_upgrade(&self, path_and_query: &str, extra_headers: &str) -> (u16, Value) {
+        let headers = format!(
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra_headers}"
+        );
+        let (status, text) = raw_http(self.addr, "GET", path_and_query, &headers, "").await;
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (status, body) = self.http("GET", "/metrics", None, None).await;
+        assert_eq!(status, 200);
+        body.as_str().expect("metrics are text").to_owned()
+    }
+}
+
+/// The value of a metric line `name{labels} value` (first match), or 0.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+pub async fn raw_http(addr: std::net::SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response)).await.expect("response in time").expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub welcome: Value,
+    buffered: VecDeque<Value>,
+    next_id: u64,
+}
+
+impl Client {
+    async fn new(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
+        let mut client = Self { ws, welcome: Value::Null, buffered: VecDeque::new(), next_id: 0 };
+        client.welcome = client.next_frame().await;
+        assert_eq!(client.welcome["type"], "welcome", "first frame is the welcome");
+        client
+    }
+
+    pub fn session(&self) -> String {
+        self.welcome["session"].as_str().unwrap_or_default().to_owned()
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text.to_owned())).await.expect("send");
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    /// Sends `command` with a fresh id and waits for its reply or error; other frames that
+    /// arrive meanwhile are kept for `next_frame`.
+    pub async fn request(&mut self, mut command: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        command["id"] = json!(id);
+        self.send_json(command).await;
+        let mut skipped = VecDeque::new();
+        let answer = loop {
+            let frame = self.read_socket().await;
+            if frame["id"] == json!(id) && (frame["type"] == "reply" || frame["type"] == "error") {
+                break frame;
+            }
+            skipped.push_back(frame);
+        };
+        self.buffered.extend(skipped);
+        answer
+    }
+
+    /// Like `request`, and asserts it was a reply (not an error).
+    pub async fn ok(&mut self, command: Value) -> Value {
+        let answer = self.request(command.clone()).await;
+        assert_eq!(answer["type"], "reply", "{command} answered {answer}");
+        answer
+    }
+
+    async fn read_socket(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame within the wait")
+                .expect("socket open")
+                .expect("valid frame");
+            if let Some(text) = message.as_text() {
+                return serde_json::from_str(text).expect("server frames are JSON");
+            }
+            if message.is_close() {
+                panic!("closed unexpectedly: {:?}", message.as_close());
+            }
+        }
+    }
+
+    /// The next frame of any type.
+    pub async fn next_frame(&mut self) -> Value {
+        match self.buffered.pop_front() {
+            Some(frame) => frame,
+            None => self.read_socket().await,
+        }
+    }
+
+    /// The next `message` frame, skipping presence events.
+    pub async fn next_message(&mut self) -> Value {
+        loop {
+            let frame = self.next_frame().await;
+            if frame["type"] == "message" {
+                return frame;
+            }
+            assert_eq!(frame["type"], "presence", "unexpected frame {frame}");
+        }
+    }
+
+    /// Asserts nothing but pings arrives for `ms` milliseconds.
+    pub async fn expect_silence(&mut self, ms: u64) {
+        assert!(self.buffered.is_empty(), "unexpected buffered frames {:?}", self.buffered);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+        while let Ok(next) = tokio::time::timeout_at(deadline, self.ws.next()).await {
+            let message = next.expect("socket open").expect("valid frame");
+            assert!(!message.is_text() && !message.is_close(), "unexpected frame {:?}", message.as_text());
+        }
+    }
+
+    /// Reads until the server closes; answers the close code and the `disconnect` frame's code
+    /// if one came first.
+    pub async fn closed(&mut self) -> (u16, Option<u16>) {
+        let mut announced = self.buffered.iter().find(|f| f["type"] == "disconnect").and_then(|f| f["code"].as_u64());
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(15), self.ws.next()).await.expect("closed in time");
+            match next {
+                Some(Ok(message)) => {
+                    if let Some((code, _)) = message.as_close() {
+                        return (u16::from(code), announced.map(|c| c as u16));
+                    }
+                    if let Some(text) = message.as_text() {
+                        let v: Value = serde_json::from_str(text).unwrap_or_default();
+                        if v["type"] == "disconnect" {
+                            announced = v["code"].as_u64();
+                        }
+                    }
+                }
+                Some(Err(e)) => panic!("socket error before close frame: {e}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    }
+}
+
+/// Connects over raw TCP, performs the upgrade and hands back the stream, for tests that
+/// write frames no client library would.
+pub async fn raw_upgrade(node: &TestNode, query: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(node.addr).await.expect("connect");
+    let request = format!(
+        "GET /ws?{query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        node.addr
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.expect("read head");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "upgrade accepted: {}", String::from_utf8_lossy(&head));
+    stream
+}
+
+/// Encodes one masked client frame.
+pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len < 65536 {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    let mask = [1u8, 2, 3, 4];
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Reads one server frame from a raw stream: its opcode and payload.
+async fn raw_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await.ok()?;
+    let mut len = u64::from(head[1] & 0x7f);
+    if len == 126 {
+        let mut b = [0u8; 2];
+        stream.read_exact(&mut b).await.ok()?;
+        len = u64::from(u16::from_be_bytes(b));
+    } else if len == 127 {
+        let mut b = [0u8; 8];
+        stream.read_exact(&mut b).await.ok()?;
+        len = u64::from_be_bytes(b);
+    }
+    let mut payload = vec![0u8; len as usize];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some((head[0] & 0x0f, payload))
+}
+
+/// Reads server frames from a raw stream until a close frame; answers its code.
+pub async fn raw_close_code(stream: &mut TcpStream) -> u16 {
+    let read = async {
+        loop {
+            let (opcode, payload) = raw_frame(stream).await?;
+            if opcode == 0x8 {
+                return Some(u16::from_be_bytes([payload[0], payload[1]]));
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.expect("close in time").expect("a close frame")
+}
+
+/// Reads server frames from a raw stream until a text frame; answers it parsed.
+pub async fn raw_next_json(stream: &mut TcpStream) -> Value {
+    let read = async {
+        loop {
+            let (opcode, payload) = raw_frame(stream).await?;
+            if opcode == 0x1 {
+                return serde_json::from_slice(&payload).ok();
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.expect("frame in time").expect("a JSON frame")
+}
