@@ -207,7 +207,11 @@ impl Sink for Hub {
                     h.push(Outbound::Message(delivery.clone()), &self.metrics);
                 }
             }),
-            Event::Frame(frame) => self.each(topic, |h| h.push(Outbound::Frame(frame.clone()), &self.metrics)),
+            Event::Frame { frame, exclude } => self.each(topic, |h| {
+                if *exclude != Some(h.id) {
+                    h.push(Outbound::Frame(frame.clone()), &self.metrics);
+                }
+            }),
             Event::Disconnect { code, reason, except } => self.each(topic, |h| {
                 if *except != Some(h.id) {
                     h.close.request(*code, reason.clone());
@@ -253,8 +257,8 @@ mod tests {
         let (a, _ra) = handle("a", 1, 1);
         hub.add_session(a.clone());
         let topic = Topic::User(a.user.clone());
-        hub.deliver(&topic, &Event::Frame(Bytes::from_static(b"1")));
-        hub.deliver(&topic, &Event::Frame(Bytes::from_static(b"2")));
+        hub.deliver(&topic, &Event::Frame { frame: Bytes::from_static(b"1"), exclude: None });
+        hub.deliver(&topic, &Event::Frame { frame: Bytes::from_static(b"2"), exclude: None });
         let (code, _) = a.close.requested().await;
         assert_eq!(code, close::TOO_SLOW);
         assert_eq!(metrics.outbound_dropped.get(), 1);

@@ -277,7 +277,8 @@ impl Node {
         let entered = self.presence.join(room, &handle.user, handle.id).await?;
         if entered && !self.quiet(room) {
             let frame = encode_presence(room, "join", &handle.user);
-            self.broker.publish(Topic::Room(room.clone()), Event::Frame(frame)).await.map_err(unavailable)?;
+            let event = Event::Frame { frame, exclude: Some(handle.id) };
+            self.broker.publish(Topic::Room(room.clone()), event).await.map_err(unavailable)?;
         }
         Ok(())
     }
@@ -290,7 +291,8 @@ impl Node {
         let left = self.presence.leave(room, user, session).await?;
         if left && !self.quiet(room) {
             let frame = encode_presence(room, "leave", user);
-            self.broker.publish(Topic::Room(room.clone()), Event::Frame(frame)).await.map_err(unavailable)?;
+            let event = Event::Frame { frame, exclude: None };
+            self.broker.publish(Topic::Room(room.clone()), event).await.map_err(unavailable)?;
         }
         Ok(())
     }

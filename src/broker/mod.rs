@@ -63,8 +63,8 @@ pub struct Delivery {
 pub enum Event {
     /// A message of a stream, or a broadcast.
     Message(Arc<Delivery>),
-    /// A pre-encoded frame with no seq (presence events).
-    Frame(Bytes),
+    /// A pre-encoded frame with no seq (presence events), not sent to `exclude`.
+    Frame { frame: Bytes, exclude: Option<SessionId> },
     /// Close the user's sessions (the disconnect API, the single-session policy).
     Disconnect { code: u16, reason: Arc<str>, except: Option<SessionId> },
 }
