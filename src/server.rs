@@ -116,6 +116,7 @@ impl Server {
             tracing::warn!(left = self.sessions.live.load(Ordering::Acquire), "sessions still open after the drain timeout");
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        self.node.store.close().await;
     }
 }
 

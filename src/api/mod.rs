@@ -69,6 +69,7 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .nest("/v1", v1)
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .fallback(not_found)
 }
 
 async fn not_found() -> ApiError {

@@ -33,6 +33,8 @@ const IDEMPOTENCY: TableDefinition<(&str, &str), (u64, u64, &str)> = TableDefini
 const MAX_BATCH: usize = 512;
 /// How often expired messages and idempotency keys are removed.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How long a readiness probe waits for the writer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Retention of every stream.
 #[derive(Clone, Copy, Debug)]
@@ -45,10 +47,15 @@ enum WriteOp {
     Append(AppendRequest, oneshot::Sender<Result<Appended, StoreError>>),
     Ack(UserId, u64, oneshot::Sender<Result<(), StoreError>>),
     Sweep,
+    /// Answers once the writer reaches it: proves the writer is alive and not stuck.
+    Probe(oneshot::Sender<()>),
+    /// Stops the writer; answers once it has released the database.
+    Close(oneshot::Sender<()>),
 }
 
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    /// `None` once closed; readers clone the `Arc` for the length of one read.
+    db: std::sync::RwLock<Option<Arc<Database>>>,
     writer: mpsc::Sender<WriteOp>,
     retention: Retention,
 }
@@ -81,18 +88,27 @@ impl EmbeddedStore {
         std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || Writer { db: thread_db, retention, broker }.run(rx))?;
-        let sweeper = writer.clone();
+        let sweeper = writer.downgrade();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if sweeper.send(WriteOp::Sweep).await.is_err() {
+                let Some(writer) = sweeper.upgrade() else { break };
+                if writer.send(WriteOp::Sweep).await.is_err() {
                     break;
                 }
             }
         });
-        Ok(Self { db, writer, retention })
+        Ok(Self { db: std::sync::RwLock::new(Some(db)), writer, retention })
+    }
+
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))
     }
 
     async fn submit<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp) -> Result<T, StoreError> {
@@ -138,7 +154,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn read(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError> {
-        let db = self.db.clone();
+        let db = self.db()?;
         let key = stream.key();
         let ttl = self.retention.ttl_ms;
         tokio::task::spawn_blocking(move || Self::read_blocking(&db, &key, query, ttl))
@@ -147,7 +163,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn cursor(&self, user: &UserId) -> Result<u64, StoreError> {
-        let db = self.db.clone();
+        let db = self.db()?;
         let user = user.clone();
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(internal)?;
@@ -163,7 +179,21 @@ impl Store for EmbeddedStore {
     }
 
     async fn ready(&self) -> bool {
-        !self.writer.is_closed() && self.db.begin_read().is_ok()
+        let (tx, rx) = oneshot::channel();
+        let probe = async {
+            self.writer.send(WriteOp::Probe(tx)).await.is_ok() && rx.await.is_ok()
+        };
+        let writer_alive = tokio::time::timeout(PROBE_TIMEOUT, probe).await.unwrap_or(false);
+        writer_alive && self.db().is_ok_and(|db| db.begin_read().is_ok())
+    }
+
+    async fn close(&self) {
+        let released = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(released);
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(WriteOp::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 }
 
@@ -205,15 +235,27 @@ struct Pending {
 impl Writer {
     fn run(self, mut rx: mpsc::Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut closing = None;
         while let Some(first) = rx.blocking_recv() {
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
+            match first {
+                WriteOp::Close(reply) => closing = Some(reply),
+                op => batch.push(op),
+            }
+            while closing.is_none() && batch.len() < MAX_BATCH {
                 match rx.try_recv() {
+                    Ok(WriteOp::Close(reply)) => closing = Some(reply),
                     Ok(op) => batch.push(op),
                     Err(_) => break,
                 }
             }
-            self.write_batch(&mut batch);
+            if !batch.is_empty() {
+                self.write_batch(&mut batch);
+            }
+            if let Some(reply) = closing {
+                drop(self);
+                let _ = reply.send(());
+                return;
+            }
         }
     }
 
@@ -240,6 +282,13 @@ impl Writer {
                         acks.push(reply);
                     }
                     WriteOp::Sweep => self.sweep(&txn)?,
+                    WriteOp::Probe(reply) => {
+                        let _ = reply.send(());
+                    }
+                    // `run` never puts a close into a batch.
+                    WriteOp::Close(reply) => {
+                        let _ = reply.send(());
+                    }
                 }
             }
             txn.commit().map_err(internal)

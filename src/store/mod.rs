@@ -102,4 +102,7 @@ pub trait Store: Send + Sync {
 
     /// Whether the store answers right now (for `/readyz`).
     async fn ready(&self) -> bool;
+
+    /// Flushes and releases the store at shutdown; later calls fail with `Unavailable`.
+    async fn close(&self);
 }

@@ -3,3 +3,7 @@
 mod support;
 
 mod messaging;
+mod rooms;
+mod api;
+mod operations;
+mod openapi;
