@@ -177,9 +177,12 @@ where
         if !self.node.may_enter(&self.identity, room) {
             return Err(ProtocolError::new(ErrorCode::Forbidden, format!("room {room} needs a `rooms` claim in your token")));
         }
-        if !self.rooms.contains(room) {
-            self.node.join(room, &self.handle).await?;
-            self.rooms.insert(room.clone());
+        if self.rooms.insert(room.clone())
+            && let Err(e) = self.node.join(room, &self.handle).await
+        {
+            self.rooms.remove(room);
+            let _ = self.node.leave(room, &self.info.user, self.info.session).await;
+            return Err(e);
         }
         self.catch_up(StreamId::Room(room.clone()), since).await
     }
