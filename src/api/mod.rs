@@ -145,17 +145,31 @@ fn body_of(bytes: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Re
     })
 }
 
+/// A validated `{body, from?, key?}` request.
+struct Push {
+    from: Arc<str>,
+    body: Arc<str>,
+    key: Option<String>,
+}
+
+fn push_request(bytes: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Push, ApiError> {
+    let req: MessageBody = parse_body(&body_of(bytes)?)?;
+    let body = req.body.ok_or_else(|| bad("the request needs `body`"))?;
+    Ok(Push { from: sender(req.from)?, body: Arc::from(body.get()), key: key(req.key)? })
+}
+
+fn accepted(appended: crate::store::Appended) -> Response {
+    Json(serde_json::json!({"mid": appended.mid, "seq": appended.seq})).into_response()
+}
+
 async fn user_message(
     State(node): State<Arc<Node>>,
     path: Result<Path<String>, PathRejection>,
     bytes: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult {
     let to = user_path(path)?;
-    let req: MessageBody = parse_body(&body_of(bytes)?)?;
-    let body = req.body.ok_or_else(|| bad("the request needs `body`"))?;
-    let msg = DirectMessage { from: sender(req.from)?, sender: None, to, body: Arc::from(body.get()), key: key(req.key)? };
-    let appended = node.send_direct(msg).await?;
-    Ok(Json(serde_json::json!({"mid": appended.mid, "seq": appended.seq})).into_response())
+    let Push { from, body, key } = push_request(bytes)?;
+    Ok(accepted(node.send_direct(DirectMessage { from, sender: None, to, body, key }).await?))
 }
 
 async fn room_message(
@@ -164,20 +178,16 @@ async fn room_message(
     bytes: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult {
     let room = room_path(path)?;
-    let req: MessageBody = parse_body(&body_of(bytes)?)?;
-    let body = req.body.ok_or_else(|| bad("the request needs `body`"))?;
-    let msg = RoomMessage { from: sender(req.from)?, sender: None, room, body: Arc::from(body.get()), key: key(req.key)? };
-    let appended = node.publish_room(msg).await?;
-    Ok(Json(serde_json::json!({"mid": appended.mid, "seq": appended.seq})).into_response())
+    let Push { from, body, key } = push_request(bytes)?;
+    Ok(accepted(node.publish_room(RoomMessage { from, sender: None, room, body, key }).await?))
 }
 
 async fn broadcast(
     State(node): State<Arc<Node>>,
     bytes: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult {
-    let req: MessageBody = parse_body(&body_of(bytes)?)?;
-    let body = req.body.ok_or_else(|| bad("the request needs `body`"))?;
-    let mid = node.broadcast(sender(req.from)?, Arc::from(body.get())).await?;
+    let Push { from, body, .. } = push_request(bytes)?;
+    let mid = node.broadcast(from, body).await?;
     Ok(Json(serde_json::json!({"mid": mid})).into_response())
 }
 
