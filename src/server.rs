@@ -148,11 +148,13 @@ struct WsQuery {
 
 /// Checks the handshake headers and answers the `Sec-WebSocket-Accept` value.
 fn handshake_accept(headers: &HeaderMap) -> Result<String, ProtocolError> {
+    // A list header may come as several field lines (`Connection: close` and `Connection: Upgrade`).
     let has = |name: header::HeaderName, needle: &str| {
         headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(needle)))
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(needle)))
     };
     if !has(header::UPGRADE, "websocket") || !has(header::CONNECTION, "upgrade") {
         return Err(ProtocolError::bad_request("this endpoint needs a WebSocket upgrade"));

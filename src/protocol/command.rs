@@ -108,23 +108,29 @@ fn checked_key(key: Option<String>) -> Result<Option<String>, ProtocolError> {
     }
 }
 
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<Box<RawValue>>,
+}
+
+/// An id is a JSON number or string.
+fn valid_id(id: &RawValue) -> bool {
+    let first = id.get().as_bytes().first().copied().unwrap_or(b' ');
+    first == b'"' || first == b'-' || first.is_ascii_digit()
+}
+
 /// Parses one text frame. Never fails as a whole: a frame that is not even a JSON object yields
 /// `id: None` and a `bad_request`.
 pub fn parse_command(text: &str) -> CommandFrame {
     let raw: RawFrame<'_> = match serde_json::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
-            return CommandFrame {
-                id: None,
-                command: Err(ProtocolError::bad_request(format!("malformed command: {e}"))),
-            };
+            // An object whose other fields have the wrong type still names its id.
+            let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|f| f.id).filter(|id| valid_id(id));
+            return CommandFrame { id, command: Err(ProtocolError::bad_request(format!("malformed command: {e}"))) };
         }
     };
-    let id_ok = raw.id.as_ref().is_none_or(|id| {
-        let first = id.get().as_bytes().first().copied().unwrap_or(b' ');
-        first == b'"' || first == b'-' || first.is_ascii_digit()
-    });
-    if !id_ok {
+    if !raw.id.as_deref().is_none_or(valid_id) {
         return CommandFrame {
             id: None,
             command: Err(ProtocolError::bad_request("id must be a number or a string")),
@@ -223,6 +229,9 @@ mod tests {
         let (id, msg) = err(r#"{"type":"send","id":7,"body":1}"#);
         assert_eq!(id.as_deref(), Some("7"));
         assert!(msg.contains("`to`"), "{msg}");
+        let (id, msg) = err(r#"{"type":"join","id":8,"room":5}"#);
+        assert_eq!(id.as_deref(), Some("8"), "a field of the wrong type keeps the id");
+        assert!(msg.contains("malformed"), "{msg}");
         let (id, msg) = err(r#"{"type":"fly","id":"a"}"#);
         assert_eq!(id.as_deref(), Some("\"a\""));
         assert!(msg.contains("unknown command"), "{msg}");

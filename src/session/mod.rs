@@ -156,8 +156,14 @@ where
         let message = match frame {
             None => return Err(Stop::Gone),
             Some(Err(e)) => {
-                // The crate has queued the right close frame (1002, 1007 or 1009): send it.
+                // The crate has queued the right close frame (1002, 1007 or 1009): send it. A
+                // fragmented message that grows past the limit is the exception: the crate reports
+                // it without closing, so close with 1009 here (refused if a close is queued).
                 tracing::debug!(error = %e, "protocol error from client");
+                if matches!(e, tokio_websockets::Error::PayloadTooLong { .. }) {
+                    let close = Message::close(Some(CloseCode::MESSAGE_TOO_BIG), "message too large");
+                    let _ = self.ws.start_send_unpin(close);
+                }
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.flush()).await;
                 return Err(Stop::Gone);
             }

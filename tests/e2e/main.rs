@@ -7,3 +7,6 @@ mod rooms;
 mod api;
 mod operations;
 mod openapi;
+mod cli;
+mod limits;
+mod auth;

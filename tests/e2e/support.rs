@@ -352,3 +352,35 @@ pub async fn raw_next_json(stream: &mut TcpStream) -> Value {
     };
     tokio::time::timeout(WAIT, read).await.expect("frame in time").expect("a JSON frame")
 }
+
+/// Reruns the calling test alone in a child process and answers false, or answers true when
+/// this already is that child. For tests that measure the whole process (memory), which other
+/// tests running in parallel threads would disturb. `test` is the path the harness knows it by,
+/// e.g. `limits::some_test`.
+pub fn run_alone(test: &str) -> bool {
+    const CHILD: &str = "SWITCHYARD_E2E_ALONE";
+    if std::env::var_os(CHILD).is_some() {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let output = std::process::Command::new(exe)
+        .args([test, "--exact", "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .output()
+        .expect("child test process starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{test} failed when run alone:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("1 passed"), "{test} did not run in the child:\n{stdout}");
+    false
+}
+
+/// This process's resident set size in KiB (Linux).
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
