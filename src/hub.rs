@@ -25,8 +25,8 @@ const SHARDS: usize = 16;
 pub enum Outbound {
     /// A message with its stream position, filtered per session for duplicates.
     Message(Arc<Delivery>),
-    /// Any other pre-encoded frame.
-    Frame(Bytes),
+    /// Any other pre-encoded frame, behind an `Arc` so a queue slot stays pointer-sized.
+    Frame(Arc<Bytes>),
 }
 
 /// A request to close a session, set once.
@@ -207,11 +207,14 @@ impl Sink for Hub {
                     h.push(Outbound::Message(delivery.clone()), &self.metrics);
                 }
             }),
-            Event::Frame { frame, exclude } => self.each(topic, |h| {
-                if *exclude != Some(h.id) {
-                    h.push(Outbound::Frame(frame.clone()), &self.metrics);
-                }
-            }),
+            Event::Frame { frame, exclude } => {
+                let frame = Arc::new(frame.clone());
+                self.each(topic, |h| {
+                    if *exclude != Some(h.id) {
+                        h.push(Outbound::Frame(frame.clone()), &self.metrics);
+                    }
+                })
+            }
             Event::Disconnect { code, reason, except } => self.each(topic, |h| {
                 if *except != Some(h.id) {
                     h.close.request(*code, reason.clone());

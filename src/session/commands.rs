@@ -91,14 +91,14 @@ where
             Command::Join { room, since } => match self.join(&room, since).await {
                 Ok((seq, truncated, backlog)) => {
                     self.answer(id, Ok(Joined { room: &room, seq, truncated })).await?;
-                    self.write(&backlog).await
+                    self.write(backlog).await
                 }
                 Err(e) => self.answer::<Empty>(id, Err(e)).await,
             },
             Command::Sync { since } => match self.sync(since).await {
                 Ok((seq, truncated, backlog)) => {
                     self.answer(id, Ok(Synced { seq, truncated })).await?;
-                    self.write(&backlog).await
+                    self.write(backlog).await
                 }
                 Err(e) => self.answer::<Empty>(id, Err(e)).await,
             },
@@ -134,7 +134,7 @@ where
             (Ok(_), None) => return Ok(()),
             (Err(e), id) => encode_error(id, &e),
         };
-        self.write(&[frame]).await
+        self.write([frame]).await
     }
 
     fn seen(&mut self, stream: StreamId) -> &mut SeqSet {

@@ -24,6 +24,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_websockets::{CloseCode, Message, WebSocketStream};
+use tracing::Instrument;
 
 use crate::auth::Identity;
 use crate::broker::SessionId;
@@ -93,20 +94,22 @@ where
         seen: HashMap::new(),
         last_heard: now,
     };
-    let span = tracing::info_span!("session", id = %id, user = %session.info.user);
-    let _enter = span.enter();
-    drop(_enter);
-    let stop = match session.node.open_session(&session.handle, &session.info).await {
-        Ok(()) => {
-            tracing::debug!(parent: &span, "connected");
-            session.serve(rx).await
-        }
-        Err(e) => Stop::Close(close::INTERNAL, Arc::from(e.message.as_str())),
-    };
-    session.finish(stop).await;
-    let rooms = std::mem::take(&mut session.rooms);
-    session.node.close_session(&session.info, rooms).await;
-    tracing::debug!(parent: &span, "disconnected");
+    let span = tracing::debug_span!("session", id = %id, user = %session.info.user);
+    async move {
+        let stop = match session.node.open_session(&session.handle, &session.info).await {
+            Ok(()) => {
+                tracing::debug!("connected");
+                session.serve(rx).await
+            }
+            Err(e) => Stop::Close(close::INTERNAL, Arc::from(e.message.as_str())),
+        };
+        session.finish(stop).await;
+        let rooms = std::mem::take(&mut session.rooms);
+        session.node.close_session(&session.info, rooms).await;
+        tracing::debug!("disconnected");
+    }
+    .instrument(span)
+    .await;
 }
 
 impl<S> Session<S>
@@ -122,20 +125,22 @@ where
             &self.node.id,
             config.ping_interval,
         );
-        if let Err(stop) = self.write(&[welcome]).await {
+        if let Err(stop) = self.write([welcome]).await {
             return stop;
         }
         let ping_every = Duration::from_secs(config.ping_interval);
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-        let expiry = token_deadline(self.identity.expires_at);
+        let expiry = tokio::time::sleep_until(token_deadline(self.identity.expires_at));
+        tokio::pin!(expiry);
         let mut shutdown = self.node.shutdown.clone();
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        // Grown on first use: an idle session holds no batch buffer.
+        let mut batch = Vec::new();
         loop {
             let step = tokio::select! {
                 biased;
                 (code, reason) = self.handle.close.requested() => Err(Stop::Close(code, reason)),
                 _ = shutdown.wait() => Err(Stop::Close(close::GOING_AWAY, Arc::from("node shutting down"))),
-                _ = tokio::time::sleep_until(expiry) => Err(Stop::Close(close::TOKEN_EXPIRED, Arc::from("token expired"))),
+                _ = &mut expiry => Err(Stop::Close(close::TOKEN_EXPIRED, Arc::from("token expired"))),
                 frame = self.ws.next() => self.on_frame(frame).await,
                 n = rx.recv_many(&mut batch, WRITE_BATCH) => {
                     if n == 0 {
@@ -176,7 +181,7 @@ where
                 Verdict::Refuse => {
                     let id = message.as_text().and_then(|t| parse_command(t).id);
                     let err = ProtocolError::new(ErrorCode::RateLimited, "too many commands: slow down");
-                    return self.write(&[encode_error(id.as_deref(), &err)]).await;
+                    return self.write([encode_error(id.as_deref(), &err)]).await;
                 }
                 Verdict::Close => {
                     return Err(Stop::Close(close::POLICY, Arc::from("rate limit exceeded repeatedly")));
@@ -187,12 +192,12 @@ where
             let frame = parse_command(text);
             return match frame.command {
                 Ok(command) => self.execute(frame.id.as_deref(), command).await,
-                Err(e) => self.write(&[encode_error(frame.id.as_deref(), &e)]).await,
+                Err(e) => self.write([encode_error(frame.id.as_deref(), &e)]).await,
             };
         }
         if message.is_binary() {
             let err = ProtocolError::bad_request("binary frames are not supported: send JSON text frames");
-            return self.write(&[encode_error(None, &err)]).await;
+            return self.write([encode_error(None, &err)]).await;
         }
         Ok(())
     }
@@ -204,7 +209,7 @@ where
         let mut oldest = u64::MAX;
         for item in batch.drain(..) {
             match item {
-                Outbound::Frame(frame) => frames.push(frame),
+                Outbound::Frame(frame) => frames.push(Bytes::clone(&frame)),
                 Outbound::Message(delivery) => {
                     if delivery.exclude == Some(self.info.session) {
                         continue;
@@ -236,7 +241,7 @@ where
                 }
             }
         }
-        self.write(&frames).await?;
+        self.write(frames).await?;
         for (kind, n) in [Kind::Direct, Kind::Room, Kind::Broadcast].into_iter().zip(counts) {
             if n > 0 {
                 self.node.count(kind, n);
@@ -263,14 +268,15 @@ where
 
     /// Writes frames with one flush. Gives up when the session is asked to close meanwhile or the
     /// client has not read anything for [`WRITE_TIMEOUT`].
-    async fn write(&mut self, frames: &[Bytes]) -> Result<(), Stop> {
-        if frames.is_empty() {
+    async fn write(&mut self, frames: impl IntoIterator<Item = Bytes>) -> Result<(), Stop> {
+        let mut frames = frames.into_iter().peekable();
+        if frames.peek().is_none() {
             return Ok(());
         }
         let ws = &mut self.ws;
         let work = async {
             for frame in frames {
-                ws.feed(Message::text(frame.clone())).await?;
+                ws.feed(Message::text(frame)).await?;
             }
             ws.flush().await
         };
