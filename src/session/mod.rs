@@ -17,7 +17,9 @@ mod seqset;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -84,7 +86,7 @@ where
     };
     let now = Instant::now();
     let mut session = Session {
-        limiter: RateLimiter::new(node.config.rate_limit, now),
+        limiter: RateLimiter::new(node.config.rate_limit, now.into_std()),
         node,
         ws,
         identity,
@@ -129,7 +131,7 @@ where
             return stop;
         }
         let ping_every = Duration::from_secs(config.ping_interval);
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let expiry = tokio::time::sleep_until(token_deadline(self.identity.expires_at));
         tokio::pin!(expiry);
         let mut shutdown = self.node.shutdown.clone();
@@ -176,7 +178,7 @@ where
         };
         self.last_heard = Instant::now();
         if message.is_text() || message.is_binary() {
-            match self.limiter.check(self.last_heard) {
+            match self.limiter.check(self.last_heard.into_std()) {
                 Verdict::Allow => {}
                 Verdict::Refuse => {
                     let id = message.as_text().and_then(|t| parse_command(t).id);
@@ -308,8 +310,8 @@ where
 }
 
 /// When a session must close because its token expired (far in the future without a token).
-fn token_deadline(expires_at: Option<u64>) -> tokio::time::Instant {
-    let now = tokio::time::Instant::now();
+fn token_deadline(expires_at: Option<u64>) -> Instant {
+    let now = Instant::now();
     match expires_at {
         Some(exp) => now + Duration::from_secs(exp.saturating_sub(now_ms() / 1000)),
         None => now + Duration::from_secs(100 * 365 * 24 * 3600),

@@ -8,5 +8,6 @@ mod api;
 mod operations;
 mod openapi;
 mod cli;
+mod timers;
 mod limits;
 mod auth;

@@ -248,9 +248,14 @@ impl Client {
     /// Reads until the server closes; answers the close code and the `disconnect` frame's code
     /// if one came first.
     pub async fn closed(&mut self) -> (u16, Option<u16>) {
+        self.closed_within(Duration::from_secs(15)).await
+    }
+
+    /// Like [`Client::closed`], waiting up to `wait` (virtual time in paused-clock tests).
+    pub async fn closed_within(&mut self, wait: Duration) -> (u16, Option<u16>) {
         let mut announced = self.buffered.iter().find(|f| f["type"] == "disconnect").and_then(|f| f["code"].as_u64());
         loop {
-            let next = tokio::time::timeout(Duration::from_secs(15), self.ws.next()).await.expect("closed in time");
+            let next = tokio::time::timeout(wait, self.ws.next()).await.expect("closed in time");
             match next {
                 Some(Ok(message)) => {
                     if let Some((code, _)) = message.as_close() {
@@ -329,6 +334,11 @@ async fn raw_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
 
 /// Reads server frames from a raw stream until a close frame; answers its code.
 pub async fn raw_close_code(stream: &mut TcpStream) -> u16 {
+    raw_close_code_within(stream, WAIT).await
+}
+
+/// Like [`raw_close_code`], waiting up to `wait` (virtual time in paused-clock tests).
+pub async fn raw_close_code_within(stream: &mut TcpStream, wait: Duration) -> u16 {
     let read = async {
         loop {
             let (opcode, payload) = raw_frame(stream).await?;
@@ -337,7 +347,7 @@ pub async fn raw_close_code(stream: &mut TcpStream) -> u16 {
             }
         }
     };
-    tokio::time::timeout(WAIT, read).await.expect("close in time").expect("a close frame")
+    tokio::time::timeout(wait, read).await.expect("close in time").expect("a close frame")
 }
 
 /// Reads server frames from a raw stream until a text frame; answers it parsed.
