@@ -115,3 +115,24 @@ fn help_describes_every_option() {
     let out = binary().arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("serve"));
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = binary()
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    lines.read_line(&mut line).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(log["level"], "INFO");
+    assert_eq!(log["message"], "listening");
+    assert!(log["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{log}");
+}

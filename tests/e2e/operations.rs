@@ -92,3 +92,28 @@ async fn health_readiness_and_metrics() {
     assert_eq!(metric(&text, "switchyard_rejected_connections_total{reason=\"bad_request\"}"), 1.0);
     assert!(metric(&text, "switchyard_delivery_latency_seconds_count") >= 2.0);
 }
+
+/// When the store stops answering, nothing is acknowledged: commands answer `unavailable`, the
+/// API answers 503, `/readyz` turns 503 and no message is delivered.
+#[tokio::test]
+async fn a_failed_store_makes_the_node_unready_and_refuses_writes() {
+    let node = TestNode::start(&[]).await;
+    let mut alice = node.connect("alice").await;
+    let mut bob = node.connect("bob").await;
+    alice.ok(json!({"type":"join","room":"r"})).await;
+    node.server.as_ref().expect("running").node.store.close().await;
+
+    let (status, ready) = node.http("GET", "/readyz", None, None).await;
+    assert_eq!((status, ready["ready"].as_bool()), (503, Some(false)));
+    let send = alice.request(json!({"type":"send","to":"bob","body":1})).await;
+    assert_eq!(send["code"], "unavailable", "{send}");
+    let publish = alice.request(json!({"type":"publish","room":"r","body":1})).await;
+    assert_eq!(publish["code"], "unavailable");
+    let history = alice.request(json!({"type":"history","stream":"room:r"})).await;
+    assert_eq!(history["code"], "unavailable");
+    let (status, body) = node.http("POST", "/api/v1/users/bob/messages", Some(r#"{"body":1}"#), None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("unavailable")));
+    bob.expect_silence(200).await;
+    // The process itself lives on.
+    assert_eq!(node.http("GET", "/healthz", None, None).await.0, 200);
+}
