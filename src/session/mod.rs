@@ -296,12 +296,17 @@ where
     /// briefly for the client's close.
     async fn finish(&mut self, stop: Stop) {
         let Stop::Close(code, reason) = stop else { return };
-        let reason: String = reason.chars().take(100).collect();
+        // A close frame's reason is at most 123 bytes; cut at a character boundary.
+        let mut cut = reason.len().min(123);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let reason = &reason[..cut];
         let Ok(close_code) = CloseCode::try_from(code) else { return };
         let ws = &mut self.ws;
         let goodbye = async {
-            ws.feed(Message::text(encode_disconnect(code, &reason))).await?;
-            ws.send(Message::close(Some(close_code), &reason)).await
+            ws.feed(Message::text(encode_disconnect(code, reason))).await?;
+            ws.send(Message::close(Some(close_code), reason)).await
         };
         if let Ok(Ok(())) = tokio::time::timeout(WRITE_TIMEOUT / 2, goodbye).await {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, async { while let Some(Ok(_)) = ws.next().await {} }).await;
