@@ -59,9 +59,13 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = "./switchyard-data", value_name = "DIR")]
     pub data_dir: PathBuf,
 
-    /// Run as a cluster member over this Redis [default: none, single node]
+    /// Run as a cluster member over this Redis, e.g. redis://127.0.0.1:6379/0 [default: none, single node]
     #[arg(long, env = "SWITCHYARD_REDIS", value_name = "URL")]
     pub redis: Option<String>,
+
+    /// Prefix of every Redis key and channel of this cluster
+    #[arg(long, env = "SWITCHYARD_REDIS_PREFIX", default_value = "switchyard", value_name = "P")]
+    pub redis_prefix: String,
 
     /// Verify client tokens with this HS256 secret [default: none, dev mode]
     #[arg(long, env = "SWITCHYARD_JWT_SECRET", value_name = "S", hide_env_values = true)]
@@ -244,8 +248,13 @@ impl ServeArgs {
                 self.listen
             );
         }
-        if self.redis.is_some() {
-            bail!("--redis: cluster mode is not available in this build yet; leave it out to run a single node");
+        if let Some(url) = &self.redis
+            && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
+        {
+            bail!("--redis must be a URL like redis://127.0.0.1:6379/0, not `{url}`");
+        }
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
+            bail!("--redis-prefix must be a non-empty string without spaces");
         }
         if let Some(id) = &self.node_id
             && !crate::protocol::valid_name(id)

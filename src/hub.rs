@@ -27,6 +27,8 @@ pub enum Outbound {
     Message(Arc<Delivery>),
     /// Any other pre-encoded frame, behind an `Arc` so a queue slot stays pointer-sized.
     Frame(Arc<Bytes>),
+    /// Catch up every stream from the store (see [`Event::Resync`]).
+    Resync,
 }
 
 /// A request to close a session, set once.
@@ -106,25 +108,20 @@ impl<K: Hash + Eq + Clone> Index<K> {
         &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
     }
 
-    /// Adds; true when `key` had no local member before.
-    fn insert(&self, key: &K, handle: Arc<SessionHandle>) -> bool {
+    fn insert(&self, key: &K, handle: Arc<SessionHandle>) {
         let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
-        let members = shard.entry(key.clone()).or_default();
-        let first = members.is_empty();
-        members.insert(handle.id, handle);
-        first
+        shard.entry(key.clone()).or_default().insert(handle.id, handle);
     }
 
-    /// Removes; true when it was the last local member of `key`.
+    /// Removes; true when the session was a member of `key`.
     fn remove(&self, key: &K, id: SessionId) -> bool {
         let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
         let Some(members) = shard.get_mut(key) else { return false };
         let removed = members.remove(&id).is_some();
         if members.is_empty() {
             shard.remove(key);
-            return removed;
         }
-        false
+        removed
     }
 
     fn for_each(&self, key: &K, mut f: impl FnMut(&Arc<SessionHandle>)) {
@@ -157,22 +154,22 @@ impl Hub {
         Self { users: Index::new(), rooms: Index::new(), metrics }
     }
 
-    /// Registers a session under its user; true when it is the user's first local session.
-    pub fn add_session(&self, handle: Arc<SessionHandle>) -> bool {
+    /// Registers a session under its user.
+    pub fn add_session(&self, handle: Arc<SessionHandle>) {
         self.users.insert(&handle.user.clone(), handle)
     }
 
-    /// Unregisters a session; true when it was the user's last local session.
+    /// Unregisters a session; true when it was registered.
     pub fn remove_session(&self, user: &UserId, id: SessionId) -> bool {
         self.users.remove(user, id)
     }
 
-    /// Adds a session to a room; true when it is the room's first local member.
-    pub fn join(&self, room: &RoomName, handle: Arc<SessionHandle>) -> bool {
+    /// Adds a session to a room.
+    pub fn join(&self, room: &RoomName, handle: Arc<SessionHandle>) {
         self.rooms.insert(room, handle)
     }
 
-    /// Removes a session from a room; true when it was the room's last local member.
+    /// Removes a session from a room; true when it was a member.
     pub fn leave(&self, room: &RoomName, id: SessionId) -> bool {
         self.rooms.remove(room, id)
     }
@@ -215,6 +212,7 @@ impl Sink for Hub {
                     }
                 })
             }
+            Event::Resync => self.each(topic, |h| h.push(Outbound::Resync, &self.metrics)),
             Event::Disconnect { code, reason, except } => self.each(topic, |h| {
                 if *except != Some(h.id) {
                     h.close.request(*code, reason.clone());
@@ -239,8 +237,8 @@ mod tests {
         let room = RoomName::parse("r").unwrap();
         let (a, mut ra) = handle("a", 1, 4);
         let (b, mut rb) = handle("b", 2, 4);
-        assert!(hub.join(&room, a.clone()));
-        assert!(!hub.join(&room, b.clone()));
+        hub.join(&room, a.clone());
+        hub.join(&room, b.clone());
         let frame = Bytes::from_static(b"{}");
         let delivery = Arc::new(Delivery { position: None, frame: frame.clone(), exclude: Some(SessionId(1)), ts: 0 });
         hub.deliver(&Topic::Room(room.clone()), &Event::Message(delivery));
@@ -249,7 +247,8 @@ mod tests {
             Outbound::Message(d) => assert_eq!(d.frame.as_ptr(), frame.as_ptr(), "the bytes are shared, not copied"),
             other => panic!("unexpected {other:?}"),
         }
-        assert!(!hub.leave(&room, SessionId(1)));
+        assert!(hub.leave(&room, SessionId(1)));
+        assert!(!hub.leave(&room, SessionId(1)), "not a member any more");
         assert!(hub.leave(&room, SessionId(2)));
     }
 

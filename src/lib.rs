@@ -17,8 +17,10 @@
 pub mod api;
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod hub;
+pub mod keys;
 pub mod metrics;
 pub mod node;
 pub mod presence;

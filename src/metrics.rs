@@ -94,6 +94,8 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// Sessions closed because their outbound queue was full.
     pub outbound_dropped: Counter,
+    /// Messages this node received from the cluster bus (Redis pub/sub).
+    pub bus_received: Counter,
     rejected: Family<ReasonLabel, Counter>,
 }
 
@@ -116,6 +118,7 @@ impl Metrics {
             [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
         );
         let outbound_dropped = Counter::default();
+        let bus_received = Counter::default();
         let rejected = Family::<ReasonLabel, Counter>::default();
         registry.register("sessions", "WebSocket sessions on this node", sessions.clone());
         registry.register("users", "Distinct users with a session on this node", users.clone());
@@ -134,6 +137,11 @@ impl Metrics {
             outbound_dropped.clone(),
         );
         registry.register("rejected_connections", "Upgrades refused", rejected.clone());
+        registry.register(
+            "bus_messages_received",
+            "Messages this node received from the cluster bus",
+            bus_received.clone(),
+        );
         Self {
             registry,
             sessions,
@@ -144,6 +152,7 @@ impl Metrics {
             messages_out: ByKind::register(&messages_out),
             delivery_latency,
             outbound_dropped,
+            bus_received,
             rejected,
         }
     }

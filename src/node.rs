@@ -8,21 +8,22 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::auth::{Authenticator, Identity};
-use crate::broker::{Broker, Delivery, Event, MemoryBroker, SessionId, Sink, Topic};
+use crate::broker::{Broker, Delivery, Event, MemoryBroker, RedisBroker, SessionId, Sink, Topic};
+use crate::cluster;
+use crate::keys::Keys;
 use crate::config::ServeArgs;
 use crate::hub::{Hub, SessionHandle};
 use crate::metrics::{Kind, Metrics};
-use crate::presence::{MemoryPresence, NodeInfo, Presence, SessionInfo};
+use crate::presence::{MemoryPresence, NodeInfo, Presence, PresenceError, RedisPresence, SessionInfo};
 use crate::protocol::{
     ErrorCode, HistoryQuery, MessageDraft, ProtocolError, RoomName, StreamId, UserId, close, encode_message,
     encode_presence, new_mid, now_ms,
 };
 use crate::shutdown::Shutdown;
-use crate::store::{AppendRequest, Appended, EmbeddedStore, Entry, Slice, Store};
-use crate::store::embedded::Retention;
+use crate::store::{AppendRequest, Appended, EmbeddedStore, Entry, RedisStore, Retention, Slice, Store};
 
-/// How often the node refreshes its entry in the node registry.
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// How often the node refreshes its entry in the node registry and reaps dead nodes.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 
 /// A message to append to one user's stream (and the sender's, when a user sent it).
 pub struct DirectMessage {
@@ -74,25 +75,42 @@ pub struct Node {
 }
 
 impl Node {
-    /// Builds a single node: embedded store, in-memory broker and presence.
-    pub async fn single(config: ServeArgs, address: String, shutdown: Shutdown) -> anyhow::Result<Arc<Self>> {
+    /// Builds a node with the backends its configuration names: embedded store and in-memory
+    /// broker and presence for a single node, Redis for all three with `--redis`.
+    pub async fn start(config: ServeArgs, address: String, shutdown: Shutdown) -> anyhow::Result<Arc<Self>> {
         let auth = match (&config.jwt_secret, &config.jwt_public_key) {
             (Some(secret), _) => Authenticator::hs256(secret),
             (None, Some(path)) => Authenticator::public_key_file(path)?,
             (None, None) => Authenticator::dev(),
         };
+        let id: Arc<str> = match &config.node_id {
+            Some(id) => Arc::from(id.as_str()),
+            None => Arc::from(format!("node-{:08x}", fastrand::u32(..))),
+        };
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
-        let broker = Arc::new(MemoryBroker::new());
-        broker.attach(hub.clone() as Arc<dyn Sink>);
+        let sink = hub.clone() as Arc<dyn Sink>;
         let retention = Retention {
             max_messages: config.history_size,
             ttl_ms: config.history_ttl.saturating_mul(1000),
         };
-        let store = Arc::new(EmbeddedStore::open(&config.data_dir, retention, broker.clone())?);
-        let id: Arc<str> = match &config.node_id {
-            Some(id) => Arc::from(id.as_str()),
-            None => Arc::from(format!("node-{:08x}", fastrand::u32(..))),
+        let (store, broker, presence): (Arc<dyn Store>, Arc<dyn Broker>, Arc<dyn Presence>) = match &config.redis {
+            None => {
+                let broker = Arc::new(MemoryBroker::new());
+                broker.attach(sink);
+                let store = Arc::new(EmbeddedStore::open(&config.data_dir, retention, broker.clone())?);
+                (store, broker, Arc::new(MemoryPresence::new()))
+            }
+            Some(url) => {
+                let client = cluster::client(url)?;
+                let commands = cluster::commands(&client, url).await?;
+                let keys = Keys::new(&config.redis_prefix);
+                let broker = RedisBroker::connect(client, commands.clone(), keys.clone(), metrics.clone()).await?;
+                broker.attach(sink);
+                let store = RedisStore::new(commands.clone(), keys, retention);
+                let presence = RedisPresence::new(commands, &config.redis_prefix, id.clone());
+                (Arc::new(store), Arc::new(broker), Arc::new(presence))
+            }
         };
         let node = Arc::new(Self {
             id,
@@ -100,14 +118,14 @@ impl Node {
             auth,
             store,
             broker,
-            presence: Arc::new(MemoryPresence::new()),
+            presence,
             hub,
             metrics,
             started_at: now_ms(),
             address,
             shutdown,
         });
-        node.heartbeat().await?;
+        node.heartbeat().await.map_err(|e| anyhow::anyhow!("registering the node: {e:?}"))?;
         let beat = node.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
@@ -115,8 +133,16 @@ impl Node {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if let Err(e) = beat.heartbeat().await {
-                            tracing::warn!(error = %e, "heartbeat failed");
+                        match beat.heartbeat().await {
+                            Ok(()) => {}
+                            Err(HeartbeatError::Reaped(e)) => {
+                                tracing::warn!(error = %e, "closing every session so that it reconnects and registers again");
+                                beat.hub.close_all(close::GOING_AWAY, "node lost its cluster registration: reconnect");
+                            }
+                            Err(HeartbeatError::Failed(e)) => tracing::warn!(error = %e, "heartbeat failed"),
+                        }
+                        if let Err(e) = beat.reap().await {
+                            tracing::warn!(error = %e, "reaping dead nodes failed");
                         }
                     }
                     _ = shutdown.wait() => break,
@@ -126,7 +152,26 @@ impl Node {
         Ok(node)
     }
 
-    async fn heartbeat(&self) -> anyhow::Result<()> {
+    /// Clears what dead nodes left in presence and tells the rooms their users left.
+    async fn reap(&self) -> anyhow::Result<()> {
+        for (room, user) in self.presence.reap().await? {
+            tracing::info!(%room, %user, "user left with a dead node");
+            if !self.quiet(&room) {
+                let event = Event::Frame { frame: encode_presence(&room, "leave", &user), exclude: None };
+                self.broker.publish(Topic::Room(room), event).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaves the node registry at a clean shutdown, after the sessions are gone.
+    pub async fn deregister(&self) {
+        if let Err(e) = self.presence.deregister(&self.id).await {
+            tracing::warn!(error = %e, "leaving the node registry failed");
+        }
+    }
+
+    async fn heartbeat(&self) -> Result<(), HeartbeatError> {
         let (sessions, users, _) = self.hub.counts();
         let info = NodeInfo {
             id: self.id.clone(),
@@ -136,8 +181,10 @@ impl Node {
             sessions,
             users,
         };
-        self.presence.heartbeat(&info).await?;
-        Ok(())
+        self.presence.heartbeat(&info).await.map_err(|e| match e {
+            PresenceError::Reaped(m) => HeartbeatError::Reaped(m),
+            other => HeartbeatError::Failed(other.to_string()),
+        })
     }
 
     /// Whether the node can serve: its store and broker answer.
@@ -148,9 +195,8 @@ impl Node {
     /// Registers a new local session everywhere; applies the single-session policy.
     pub async fn open_session(&self, handle: &Arc<SessionHandle>, info: &SessionInfo) -> Result<(), ProtocolError> {
         self.presence.connect(info).await?;
-        if self.hub.add_session(handle.clone()) {
-            self.broker.subscribe(&Topic::User(info.user.clone())).await.map_err(unavailable)?;
-        }
+        self.hub.add_session(handle.clone());
+        self.broker.subscribe(&Topic::User(info.user.clone())).await.map_err(unavailable)?;
         self.metrics.connections.inc();
         if self.config.single_session {
             let event = Event::Disconnect {
@@ -271,9 +317,8 @@ impl Node {
     /// Makes a local session a member of `room`: live messages flow to it from now on. Sends a
     /// `join` presence event when the user was not in the room yet.
     pub async fn join(&self, room: &RoomName, handle: &Arc<SessionHandle>) -> Result<(), ProtocolError> {
-        if self.hub.join(room, handle.clone()) {
-            self.broker.subscribe(&Topic::Room(room.clone())).await.map_err(unavailable)?;
-        }
+        self.hub.join(room, handle.clone());
+        self.broker.subscribe(&Topic::Room(room.clone())).await.map_err(unavailable)?;
         let entered = self.presence.join(room, &handle.user, handle.id).await?;
         if entered && !self.quiet(room) {
             let frame = encode_presence(room, "join", &handle.user);
@@ -339,6 +384,13 @@ impl Node {
     pub fn count(&self, kind: Kind, n: u64) {
         self.metrics.messages_out.get(kind).inc_by(n);
     }
+}
+
+#[derive(Debug)]
+enum HeartbeatError {
+    /// The cluster declared this node dead and forgot its sessions.
+    Reaped(String),
+    Failed(String),
 }
 
 fn unavailable(e: crate::broker::BrokerError) -> ProtocolError {

@@ -75,7 +75,7 @@ impl Server {
         let addr = listener.local_addr()?;
         let (trigger, shutdown) = shutdown::channel();
         let autobahn = config.autobahn_echo;
-        let node = Node::single(config, addr.to_string(), shutdown.clone()).await?;
+        let node = Node::start(config, addr.to_string(), shutdown.clone()).await?;
         let sessions = Arc::new(Sessions::default());
         let state = AppState { node: node.clone(), sessions: sessions.clone() };
         let mut app = Router::new()
@@ -116,6 +116,7 @@ impl Server {
             tracing::warn!(left = self.sessions.live.load(Ordering::Acquire), "sessions still open after the drain timeout");
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        self.node.deregister().await;
         self.node.store.close().await;
     }
 }

@@ -8,6 +8,7 @@
 //! one node, every topic local.
 
 mod memory;
+mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use bytes::Bytes;
 use crate::protocol::{RoomName, StreamId, UserId};
 
 pub use memory::MemoryBroker;
+pub use self::redis::RedisBroker;
 
 /// A session id, unique across the cluster (64 random bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,6 +69,9 @@ pub enum Event {
     Frame { frame: Bytes, exclude: Option<SessionId> },
     /// Close the user's sessions (the disconnect API, the single-session policy).
     Disconnect { code: u16, reason: Arc<str>, except: Option<SessionId> },
+    /// Local only, never published: the broker may have missed messages (its connection was
+    /// down), so every session catches up its streams from the store.
+    Resync,
 }
 
 /// Where a node receives the events of the topics it subscribed to.
@@ -85,9 +90,12 @@ pub enum BrokerError {
 /// Routes events between the nodes of a cluster.
 #[async_trait]
 pub trait Broker: Send + Sync {
-    /// Starts receiving the events of `topic` on this node. Idempotent.
+    /// Adds one local interest in `topic` (a session of the user, a member of the room). Returns
+    /// once this node receives the topic's events, so that a store read made afterwards cannot
+    /// miss a message that is not delivered live.
     async fn subscribe(&self, topic: &Topic) -> Result<(), BrokerError>;
-    /// Stops receiving the events of `topic` on this node. Idempotent.
+    /// Removes one local interest in `topic`; the node stops receiving its events when none is
+    /// left. Subscriptions and unsubscriptions of one topic take effect in call order.
     async fn unsubscribe(&self, topic: &Topic) -> Result<(), BrokerError>;
     /// Sends an event that is not part of a stream (broadcast, presence, control) to every node
     /// subscribed to `topic`, this one included. Returns once the broker accepted it.

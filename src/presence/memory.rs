@@ -103,6 +103,15 @@ impl Presence for MemoryPresence {
         node.last_seen = now_ms();
         Ok(vec![node])
     }
+
+    async fn reap(&self) -> Result<Vec<(RoomName, UserId)>, PresenceError> {
+        Ok(Vec::new())
+    }
+
+    async fn deregister(&self, _node: &str) -> Result<(), PresenceError> {
+        self.state().node = None;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

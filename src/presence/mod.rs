@@ -5,6 +5,9 @@
 //! out, which is what decides the room's `presence` events.
 
 mod memory;
+mod redis;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -15,6 +18,7 @@ use crate::broker::SessionId;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName, UserId};
 
 pub use memory::MemoryPresence;
+pub use redis::RedisPresence;
 
 /// One session as presence reports it.
 #[derive(Clone, Debug, Serialize)]
@@ -48,6 +52,10 @@ pub struct NodeInfo {
 pub enum PresenceError {
     #[error("presence unavailable: {0}")]
     Unavailable(String),
+    /// This node missed its heartbeats long enough to be declared dead and reaped: the cluster
+    /// forgot its sessions, which must reconnect to be known again.
+    #[error("{0}")]
+    Reaped(String),
 }
 
 impl From<PresenceError> for ProtocolError {
@@ -76,4 +84,11 @@ pub trait Presence: Send + Sync {
     async fn heartbeat(&self, node: &NodeInfo) -> Result<(), PresenceError>;
     /// The live nodes, with their session and user counts.
     async fn nodes(&self) -> Result<Vec<NodeInfo>, PresenceError>;
+    /// Removes what nodes that stopped heart-beating left behind: their sessions and room
+    /// memberships. Answers the (room, user) pairs whose user left the room by it, so that the
+    /// caller can send `leave` presence events. Any node may call it; each dead node is reaped
+    /// once.
+    async fn reap(&self) -> Result<Vec<(RoomName, UserId)>, PresenceError>;
+    /// Removes this node from the registry at a clean shutdown (its sessions are gone already).
+    async fn deregister(&self, node: &str) -> Result<(), PresenceError>;
 }

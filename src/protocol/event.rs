@@ -32,34 +32,56 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
 
 /// Encodes a `message` event. `stream` is `None` for a broadcast, which has no seq.
 pub fn encode_message(stream: Option<(&StreamId, u64)>, draft: &MessageDraft) -> Bytes {
-    let mut out = Vec::with_capacity(128 + draft.body.len());
-    out.extend_from_slice(br#"{"type":"message","stream":"#);
     match stream {
         Some((stream, seq)) => {
-            push_json_str(&mut out, &stream.to_string());
-            out.extend_from_slice(br#","seq":"#);
-            out.extend_from_slice(seq.to_string().as_bytes());
+            let (before, after) = encode_message_parts(stream, draft);
+            let seq = seq.to_string();
+            let mut out = Vec::with_capacity(before.len() + seq.len() + after.len());
+            out.extend_from_slice(&before);
+            out.extend_from_slice(seq.as_bytes());
+            out.extend_from_slice(&after);
+            Bytes::from(out)
         }
-        None => out.extend_from_slice(br#""broadcast""#),
+        None => {
+            let mut out = Vec::with_capacity(128 + draft.body.len());
+            out.extend_from_slice(br#"{"type":"message","stream":"broadcast""#);
+            push_fields(&mut out, draft);
+            Bytes::from(out)
+        }
     }
+}
+
+/// A stream message's frame in two halves, before and after its seq, for a store that assigns
+/// the seq itself (the Redis script joins `before`, the seq and `after`).
+pub fn encode_message_parts(stream: &StreamId, draft: &MessageDraft) -> (Vec<u8>, Vec<u8>) {
+    let mut before = Vec::with_capacity(48);
+    before.extend_from_slice(br#"{"type":"message","stream":"#);
+    push_json_str(&mut before, &stream.to_string());
+    before.extend_from_slice(br#","seq":"#);
+    let mut after = Vec::with_capacity(96 + draft.body.len());
+    push_fields(&mut after, draft);
+    (before, after)
+}
+
+/// Everything after `stream` (and `seq`): mid, from, to or room, body, ts, and the closing brace.
+fn push_fields(out: &mut Vec<u8>, draft: &MessageDraft) {
     out.extend_from_slice(br#","mid":"#);
-    push_json_str(&mut out, &draft.mid);
+    push_json_str(out, &draft.mid);
     out.extend_from_slice(br#","from":"#);
-    push_json_str(&mut out, &draft.from);
+    push_json_str(out, &draft.from);
     if let Some(to) = &draft.to {
         out.extend_from_slice(br#","to":"#);
-        push_json_str(&mut out, to.as_str());
+        push_json_str(out, to.as_str());
     }
     if let Some(room) = &draft.room {
         out.extend_from_slice(br#","room":"#);
-        push_json_str(&mut out, room.as_str());
+        push_json_str(out, room.as_str());
     }
     out.extend_from_slice(br#","body":"#);
     out.extend_from_slice(draft.body.as_bytes());
     out.extend_from_slice(br#","ts":"#);
     out.extend_from_slice(draft.ts.to_string().as_bytes());
     out.push(b'}');
-    Bytes::from(out)
 }
 
 #[derive(Serialize)]

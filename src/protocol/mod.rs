@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 pub use command::{Command, CommandFrame, HistoryQuery, PresenceQuery, parse_command};
 pub use event::{
-    MessageDraft, encode_disconnect, encode_error, encode_message, encode_presence, encode_reply,
+    MessageDraft, encode_disconnect, encode_error, encode_message, encode_message_parts, encode_presence, encode_reply,
     encode_welcome,
 };
 

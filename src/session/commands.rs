@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{SeqSet, Session, Stop};
+use super::{SeqSet, Session, Stop, StreamState};
 use crate::node::{DirectMessage, RoomMessage, UserPresence};
 use crate::protocol::{
     Command, ErrorCode, HistoryQuery, PresenceQuery, ProtocolError, RoomName, StreamId, encode_error,
@@ -137,8 +137,8 @@ where
         self.write([frame]).await
     }
 
-    fn seen(&mut self, stream: StreamId) -> &mut SeqSet {
-        self.seen.entry(stream).or_default()
+    fn stream(&mut self, stream: StreamId) -> &mut StreamState {
+        self.streams.entry(stream).or_default()
     }
 
     async fn send(&mut self, to: crate::protocol::UserId, body: Box<RawValue>, key: Option<String>) -> Result<Accepted, ProtocolError> {
@@ -151,7 +151,7 @@ where
             key,
         };
         let appended = self.node.send_direct(msg).await?;
-        self.seen(StreamId::User(user)).insert(appended.seq);
+        self.stream(StreamId::User(user)).seen.insert(appended.seq);
         Ok(Accepted { mid: appended.mid, seq: appended.seq })
     }
 
@@ -167,7 +167,7 @@ where
             key,
         };
         let appended = self.node.publish_room(msg).await?;
-        self.seen(StreamId::Room(room)).insert(appended.seq);
+        self.stream(StreamId::Room(room)).seen.insert(appended.seq);
         Ok(Accepted { mid: appended.mid, seq: appended.seq })
     }
 
@@ -200,12 +200,27 @@ where
     async fn catch_up(&mut self, stream: StreamId, since: Option<u64>) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
         let Some(since) = since else {
             let last = self.node.last_seq(&stream).await?;
-            self.seen(stream).insert_range(1, last);
+            let state = self.stream(stream);
+            state.seen.insert_range(1, last);
+            state.live_from = Some(state.live_from.map_or(last, |from| from.min(last)));
             return Ok((last, false, Vec::new()));
         };
+        let (last, truncated, backlog) = self.read_missing(stream.clone(), since).await?;
+        let state = self.stream(stream);
+        state.live_from = Some(state.live_from.map_or(since, |from| from.min(since)).min(last));
+        Ok((last, truncated, backlog))
+    }
+
+    /// The kept messages after `since` that the session does not have, marked as had. When the
+    /// stream is shorter than `since` (its store lost data and restarted its seqs), what the
+    /// session had of it no longer means anything and is forgotten.
+    pub(super) async fn read_missing(&mut self, stream: StreamId, since: u64) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
         let caught = self.node.catch_up(&stream, since).await?;
-        let seen = self.seen(stream);
-        let backlog = caught.slice.messages.into_iter().filter(|m| seen.insert(m.seq)).map(|m| m.frame).collect();
+        let state = self.stream(stream);
+        if since > caught.slice.last_seq {
+            state.seen = SeqSet::default();
+        }
+        let backlog = caught.slice.messages.into_iter().filter(|m| state.seen.insert(m.seq)).map(|m| m.frame).collect();
         Ok((caught.slice.last_seq, caught.truncated, backlog))
     }
 
@@ -213,7 +228,7 @@ where
         if !self.rooms.remove(room) {
             return Err(ProtocolError::new(ErrorCode::NotMember, format!("not a member of room {room}")));
         }
-        self.seen.remove(&StreamId::Room(room.clone()));
+        self.streams.remove(&StreamId::Room(room.clone()));
         self.node.leave(room, &self.info.user, self.info.session).await
     }
 

@@ -49,6 +49,16 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the client to answer our close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// What a session knows of one stream.
+#[derive(Default)]
+struct StreamState {
+    /// The seqs it has: delivered to it, or sent by it.
+    seen: SeqSet,
+    /// From which seq on it is owed every message live; a resync after a broker outage
+    /// re-reads from here. `None` when unknown (nothing to resync).
+    live_from: Option<u64>,
+}
+
 /// Why the loop ends.
 enum Stop {
     /// Close with this code and reason, telling the client why first.
@@ -64,7 +74,7 @@ struct Session<S> {
     handle: Arc<SessionHandle>,
     info: SessionInfo,
     rooms: HashSet<RoomName>,
-    seen: HashMap<StreamId, SeqSet>,
+    streams: HashMap<StreamId, StreamState>,
     limiter: RateLimiter,
     last_heard: Instant,
 }
@@ -93,7 +103,7 @@ where
         handle,
         info,
         rooms: HashSet::new(),
-        seen: HashMap::new(),
+        streams: HashMap::new(),
         last_heard: now,
     };
     let span = tracing::debug_span!("session", id = %id, user = %session.info.user);
@@ -127,6 +137,9 @@ where
             &self.node.id,
             config.ping_interval,
         );
+        let own = StreamId::User(self.info.user.clone());
+        let live_from = self.node.last_seq(&own).await.ok();
+        self.streams.insert(own, StreamState { seen: SeqSet::default(), live_from });
         if let Err(stop) = self.write([welcome]).await {
             return stop;
         }
@@ -207,11 +220,13 @@ where
     /// Writes queued frames, skipping what this session must not get twice.
     async fn deliver(&mut self, batch: &mut Vec<Outbound>) -> Result<(), Stop> {
         let mut frames = Vec::with_capacity(batch.len());
+        let mut resync = false;
         let mut counts = [0u64; 3];
         let mut oldest = u64::MAX;
         for item in batch.drain(..) {
             match item {
                 Outbound::Frame(frame) => frames.push(Bytes::clone(&frame)),
+                Outbound::Resync => resync = true,
                 Outbound::Message(delivery) => {
                     if delivery.exclude == Some(self.info.session) {
                         continue;
@@ -219,13 +234,13 @@ where
                     let kind = match &delivery.position {
                         None => Kind::Broadcast,
                         Some((stream, seq)) => {
-                            let fresh = match self.seen.get_mut(stream) {
-                                Some(seen) => seen.insert(*seq),
+                            let fresh = match self.streams.get_mut(stream) {
+                                Some(state) => state.seen.insert(*seq),
+                                // Still queued after a `leave`: the session is not a member any more.
+                                None if matches!(stream, StreamId::Room(_)) => false,
                                 None => {
-                                    let mut seen = SeqSet::default();
-                                    seen.insert(*seq);
-                                    self.seen.insert(stream.clone(), seen);
-                                    true
+                                    let state = StreamState::default();
+                                    self.streams.entry(stream.clone()).or_insert(state).seen.insert(*seq)
                                 }
                             };
                             if !fresh {
@@ -252,6 +267,29 @@ where
         if oldest != u64::MAX {
             let latency = now_ms().saturating_sub(oldest) as f64 / 1000.0;
             self.node.metrics.delivery_latency.observe(latency);
+        }
+        if resync {
+            self.resync().await?;
+        }
+        Ok(())
+    }
+
+    /// Catches up every stream the session is owed live messages of, from the store: the broker
+    /// may have lost messages while its connection was down. Failures are logged and skipped;
+    /// the next resync or the client's own `sync` covers them.
+    async fn resync(&mut self) -> Result<(), Stop> {
+        let owed: Vec<(StreamId, u64)> =
+            self.streams.iter().filter_map(|(stream, state)| Some((stream.clone(), state.live_from?))).collect();
+        for (stream, from) in owed {
+            match self.read_missing(stream.clone(), from).await {
+                Ok((last, _, backlog)) => {
+                    if let Some(state) = self.streams.get_mut(&stream) {
+                        state.live_from = Some(last);
+                    }
+                    self.write(backlog).await?;
+                }
+                Err(e) => tracing::warn!(error = %e, %stream, "resync failed"),
+            }
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Slice, Store, StoreError, StoredMessage};
+use super::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage};
 use crate::broker::{Delivery, Event, MemoryBroker, Topic};
 use crate::protocol::{HistoryQuery, StreamId, UserId, encode_message, now_ms};
 
@@ -35,13 +35,6 @@ const MAX_BATCH: usize = 512;
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How long a readiness probe waits for the writer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Retention of every stream.
-#[derive(Clone, Copy, Debug)]
-pub struct Retention {
-    pub max_messages: u64,
-    pub ttl_ms: u64,
-}
 
 enum WriteOp {
     Append(AppendRequest, oneshot::Sender<Result<Appended, StoreError>>),

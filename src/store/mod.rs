@@ -9,7 +9,10 @@
 //! - an append with an idempotency key already used by the same scope within
 //!   [`IDEMPOTENCY_WINDOW_MS`] stores and delivers nothing and answers the first result.
 
-pub mod embedded;
+mod embedded;
+#[cfg(test)]
+mod tests;
+mod redis;
 
 use std::sync::Arc;
 
@@ -20,6 +23,14 @@ use crate::broker::{SessionId, Topic};
 use crate::protocol::{ErrorCode, HistoryQuery, MessageDraft, ProtocolError, StreamId, UserId};
 
 pub use embedded::EmbeddedStore;
+pub use self::redis::RedisStore;
+
+/// Retention of every stream (`--history-size`, `--history-ttl`).
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    pub max_messages: u64,
+    pub ttl_ms: u64,
+}
 
 /// How long an idempotency key is remembered.
 pub const IDEMPOTENCY_WINDOW_MS: u64 = 10 * 60 * 1000;

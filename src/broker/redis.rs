@@ -1,0 +1,348 @@
+//! The cluster broker: Redis pub/sub, one channel per topic (layout in `keys.rs`).
+//!
+//! A node subscribes to a user's channel while it holds a session of that user, to a room's
+//! channel while it holds a member of that room, and always to the broadcast channel, so a
+//! message reaches only the nodes that have recipients. Interest is counted per session; one task
+//! turns changes of interest into batched `SUBSCRIBE`/`UNSUBSCRIBE` commands, in order, and
+//! `subscribe` returns only once Redis confirmed, which is what makes a catch-up read after it
+//! gapless.
+//!
+//! Incoming messages are decoded in the connection's push callback and handed straight to the
+//! sink, which never blocks: there is no intermediate queue that could drop a burst. The
+//! connection manager reconnects and re-subscribes by itself; a health task pings Redis every
+//! second and reports readiness, and once Redis answers again after the subscriber connection was
+//! dropped, asks every session to catch up from the store, since messages published while the
+//! subscription was down are only in the streams.
+//!
+//! Envelope of a published message: one header line, `\n`, then the payload.
+//! - `M <exclude session|-> <stream> <seq> <ts>`: a stream message (written by the store's script)
+//! - `B <ts>`: a broadcast
+//! - `F <exclude session|->`: another frame (presence events)
+//! - `D <code> <except session|->`: close the sessions of a user; the payload is the reason
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::{Notify, watch};
+
+use super::{Broker, BrokerError, Delivery, Event, SessionId, Sink, Topic};
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+use crate::protocol::StreamId;
+
+/// How long `subscribe` waits for Redis to confirm.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the health task pings Redis.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+/// Most channels in one SUBSCRIBE or UNSUBSCRIBE.
+const BATCH: usize = 1000;
+
+struct Interest {
+    /// Local sessions interested in the channel.
+    count: usize,
+    /// Whether Redis confirmed the subscription.
+    active: bool,
+    ready: watch::Sender<bool>,
+}
+
+/// State shared with the push callback and the background tasks.
+struct Shared {
+    keys: Keys,
+    interest: Mutex<HashMap<String, Interest>>,
+    changed: Arc<Notify>,
+    sink: OnceLock<Arc<dyn Sink>>,
+    ready: AtomicBool,
+    /// Set when the subscription may have missed messages; cleared by the catch-up it triggers.
+    lost: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+    publisher: ConnectionManager,
+}
+
+fn session_field(s: &str) -> Option<SessionId> {
+    u64::from_str_radix(s, 16).ok().map(SessionId)
+}
+
+fn session_text(s: Option<SessionId>) -> String {
+    s.map_or_else(|| "-".to_owned(), |s| s.to_string())
+}
+
+impl Shared {
+    fn interest(&self) -> std::sync::MutexGuard<'_, HashMap<String, Interest>> {
+        self.interest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decodes one pub/sub message and delivers it locally.
+    fn on_message(&self, channel: &[u8], payload: Vec<u8>) {
+        self.metrics.bus_received.inc();
+        let Some(topic) = std::str::from_utf8(channel).ok().and_then(|c| self.keys.topic(c)) else { return };
+        let Some(newline) = payload.iter().position(|b| *b == b'\n') else { return };
+        let payload = Bytes::from(payload);
+        let body = payload.slice(newline + 1..);
+        let Ok(header) = std::str::from_utf8(&payload[..newline]) else { return };
+        let mut fields = header.split(' ');
+        let event = match (fields.next(), fields.next(), fields.next(), fields.next(), fields.next()) {
+            (Some("M"), Some(exclude), Some(stream), Some(seq), Some(ts)) => {
+                let (Ok(stream), Ok(seq)) = (StreamId::parse(stream), seq.parse()) else { return };
+                Event::Message(Arc::new(Delivery {
+                    position: Some((stream, seq)),
+                    frame: body,
+                    exclude: session_field(exclude),
+                    ts: ts.parse().unwrap_or(0),
+                }))
+            }
+            (Some("B"), Some(ts), ..) => Event::Message(Arc::new(Delivery {
+                position: None,
+                frame: body,
+                exclude: None,
+                ts: ts.parse().unwrap_or(0),
+            })),
+            (Some("F"), Some(exclude), ..) => Event::Frame { frame: body, exclude: session_field(exclude) },
+            (Some("D"), Some(code), Some(except), ..) => {
+                let Ok(code) = code.parse() else { return };
+                let reason = Arc::from(String::from_utf8_lossy(&body).as_ref());
+                Event::Disconnect { code, reason, except: session_field(except) }
+            }
+            _ => {
+                tracing::warn!(header, "unknown bus message");
+                return;
+            }
+        };
+        if let Some(sink) = self.sink.get() {
+            sink.deliver(&topic, &event);
+        }
+    }
+
+    fn on_push(&self, info: PushInfo) {
+        match info.kind {
+            PushKind::Message => {
+                let mut data = info.data.into_iter();
+                if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next()) {
+                    self.on_message(&channel, payload);
+                }
+            }
+            PushKind::Disconnection => {
+                self.lost.store(true, Ordering::Release);
+                if self.ready.swap(false, Ordering::AcqRel) {
+                    tracing::warn!("redis pub/sub connection lost; reconnecting");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The channels to subscribe and to unsubscribe now; forgets channels nobody wants that were
+    /// never subscribed.
+    fn pending(&self) -> (Vec<String>, Vec<String>) {
+        let mut interest = self.interest();
+        interest.retain(|_, i| i.count > 0 || i.active);
+        let subscribe = interest.iter().filter(|(_, i)| i.count > 0 && !i.active).map(|(c, _)| c.clone()).take(BATCH).collect();
+        let unsubscribe = interest.iter().filter(|(_, i)| i.count == 0 && i.active).map(|(c, _)| c.clone()).take(BATCH).collect();
+        (subscribe, unsubscribe)
+    }
+
+    fn confirm(&self, channels: &[String], subscribed: bool) {
+        let mut interest = self.interest();
+        for channel in channels {
+            if let Some(i) = interest.get_mut(channel) {
+                i.active = subscribed;
+                i.ready.send_replace(subscribed);
+            }
+        }
+    }
+}
+
+impl RedisBroker {
+    /// Connects the subscriber (RESP3, re-subscribing by itself after reconnects) and starts the
+    /// subscription and health tasks. `publisher` is shared with the store.
+    pub async fn connect(
+        client: redis::Client,
+        publisher: ConnectionManager,
+        keys: Keys,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let shared = Arc::new(Shared {
+            keys,
+            interest: Mutex::new(HashMap::new()),
+            changed: Arc::new(Notify::new()),
+            sink: OnceLock::new(),
+            ready: AtomicBool::new(true),
+            lost: AtomicBool::new(false),
+            metrics,
+        });
+        let callback = {
+            let shared = Arc::downgrade(&shared);
+            move |info: PushInfo| -> Result<(), std::convert::Infallible> {
+                if let Some(shared) = shared.upgrade() {
+                    shared.on_push(info);
+                }
+                Ok(())
+            }
+        };
+        let config = crate::cluster::manager_config().set_push_sender(callback).set_automatic_resubscription();
+        let subscriber = ConnectionManager::new_with_config(client, config).await?;
+        let broker = Self { shared: shared.clone(), publisher };
+        tokio::spawn(manage_subscriptions(Arc::downgrade(&shared), shared.changed.clone(), subscriber.clone()));
+        tokio::spawn(watch_health(Arc::downgrade(&shared), subscriber, broker.publisher.clone()));
+        broker.subscribe(&Topic::All).await.map_err(|e| anyhow::anyhow!("subscribing to broadcasts: {e}"))?;
+        Ok(broker)
+    }
+
+    /// Connects the broker to the node's sink.
+    pub fn attach(&self, sink: Arc<dyn Sink>) {
+        let _ = self.shared.sink.set(sink);
+    }
+}
+
+/// Applies changes of interest, in order, in batches.
+async fn manage_subscriptions(shared: std::sync::Weak<Shared>, changed: Arc<Notify>, mut subscriber: ConnectionManager) {
+    loop {
+        let notified = changed.notified();
+        let Some(strong) = shared.upgrade() else { return };
+        let (subscribe, unsubscribe) = strong.pending();
+        drop(strong);
+        if subscribe.is_empty() && unsubscribe.is_empty() {
+            notified.await;
+            continue;
+        }
+        let result = async {
+            if !unsubscribe.is_empty() {
+                subscriber.unsubscribe(&unsubscribe).await?;
+            }
+            if !subscribe.is_empty() {
+                subscriber.subscribe(&subscribe).await?;
+            }
+            Ok::<(), redis::RedisError>(())
+        }
+        .await;
+        let Some(strong) = shared.upgrade() else { return };
+        match result {
+            Ok(()) => {
+                strong.confirm(&unsubscribe, false);
+                strong.confirm(&subscribe, true);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "redis subscription change failed; retrying");
+                drop(strong);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Pings Redis every second; flips readiness and, after an outage, asks sessions to catch up.
+async fn watch_health(shared: std::sync::Weak<Shared>, mut subscriber: ConnectionManager, mut publisher: ConnectionManager) {
+    let mut tick = tokio::time::interval(HEALTH_EVERY);
+    loop {
+        tick.tick().await;
+        let ok = ping(&mut subscriber).await && ping(&mut publisher).await;
+        let Some(shared) = shared.upgrade() else { return };
+        if !ok {
+            // No `lost` here: a Redis that is only slow or frozen keeps the subscription, and
+            // delivers what it holds once it answers again. A dropped connection says so itself.
+            if shared.ready.swap(false, Ordering::AcqRel) {
+                tracing::warn!("redis is not answering: not ready");
+            }
+            continue;
+        }
+        if !shared.ready.swap(true, Ordering::AcqRel) {
+            tracing::info!("redis answers again: ready");
+        }
+        if shared.lost.swap(false, Ordering::AcqRel)
+            && let Some(sink) = shared.sink.get()
+        {
+            sink.deliver(&Topic::All, &Event::Resync);
+        }
+    }
+}
+
+async fn ping(conn: &mut ConnectionManager) -> bool {
+    let cmd = redis::cmd("PING");
+    matches!(tokio::time::timeout(HEALTH_EVERY, cmd.query_async::<String>(conn)).await, Ok(Ok(_)))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(format!("redis: {e}"))
+}
+
+impl Drop for RedisBroker {
+    /// Wakes the subscription task so that it sees the broker is gone and ends.
+    fn drop(&mut self) {
+        self.shared.changed.notify_one();
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn subscribe(&self, topic: &Topic) -> Result<(), BrokerError> {
+        let channel = self.shared.keys.channel(topic);
+        let mut ready = {
+            let mut interest = self.shared.interest();
+            let entry = interest.entry(channel).or_insert_with(|| Interest {
+                count: 0,
+                active: false,
+                ready: watch::channel(false).0,
+            });
+            entry.count += 1;
+            if entry.active {
+                return Ok(());
+            }
+            entry.ready.subscribe()
+        };
+        self.shared.changed.notify_one();
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, ready.wait_for(|subscribed| *subscribed)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(BrokerError::Unavailable("redis did not confirm the subscription in time".into())),
+        }
+    }
+
+    async fn unsubscribe(&self, topic: &Topic) -> Result<(), BrokerError> {
+        let channel = self.shared.keys.channel(topic);
+        let idle = {
+            let mut interest = self.shared.interest();
+            interest.get_mut(&channel).is_some_and(|i| {
+                i.count = i.count.saturating_sub(1);
+                i.count == 0
+            })
+        };
+        if idle {
+            self.shared.changed.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, topic: Topic, event: Event) -> Result<(), BrokerError> {
+        let mut payload = match &event {
+            Event::Message(d) => match &d.position {
+                None => format!("B {}\n", d.ts).into_bytes(),
+                Some((stream, seq)) => format!("M {} {stream} {seq} {}\n", session_text(d.exclude), d.ts).into_bytes(),
+            },
+            Event::Frame { exclude, .. } => format!("F {}\n", session_text(*exclude)).into_bytes(),
+            Event::Disconnect { code, except, .. } => format!("D {code} {}\n", session_text(*except)).into_bytes(),
+            Event::Resync => return Ok(()),
+        };
+        match &event {
+            Event::Message(d) => payload.extend_from_slice(&d.frame),
+            Event::Frame { frame, .. } => payload.extend_from_slice(frame),
+            Event::Disconnect { reason, .. } => payload.extend_from_slice(reason.as_bytes()),
+            Event::Resync => {}
+        }
+        let mut conn = self.publisher.clone();
+        let channel = self.shared.keys.channel(&topic);
+        let _: i64 = redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,227 @@
+//! The cluster store: streams in Redis, shared by every node (key layout in `keys.rs`).
+//!
+//! An append is one Lua script, so it is atomic per message: check the idempotency key, then for
+//! each entry bump the stream's seq, build the frame around it, `XADD` it with the retention
+//! (`MAXLEN` for `--history-size`, expired entries trimmed from the head for `--history-ttl`) and
+//! `PUBLISH` it on the audience's channel. Redis runs scripts one at a time, so seqs are assigned
+//! once cluster-wide, every subscriber sees a stream's messages in seq order, and nothing is
+//! published that is not readable. A message published while a node's subscription is down is
+//! not lost: it is in the stream, and sessions catch up by seq.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+
+use super::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage};
+use crate::keys::Keys;
+use crate::protocol::{HistoryQuery, StreamId, UserId, encode_message_parts, now_ms};
+
+/// KEYS: idempotency key, then (seq key, log key) per entry.
+/// ARGV: now, idempotency ttl, max messages, expiry cutoff, ttl, entry count, reply entry
+/// (1-based), mid, keyed (1/0), then (channel, envelope head, frame before seq, frame after seq)
+/// per entry. Answers {duplicate (0/1), "<mid> <seq>"}.
+const APPEND: &str = r#"
+local keyed = ARGV[9] == '1'
+if keyed then
+  local prev = redis.call('GET', KEYS[1])
+  if prev then return {1, prev} end
+end
+local n = tonumber(ARGV[6])
+local cutoff = tonumber(ARGV[4])
+local reply = 0
+for i = 1, n do
+  local seqk, logk = KEYS[2 * i], KEYS[2 * i + 1]
+  local a = 9 + 4 * (i - 1)
+  local seq = redis.call('INCR', seqk)
+  local frame = ARGV[a + 3] .. seq .. ARGV[a + 4]
+  redis.call('XADD', logk, 'MAXLEN', ARGV[3], '0-' .. seq, 'f', frame, 't', ARGV[1])
+  local head = redis.call('XRANGE', logk, '-', '+', 'COUNT', 8)
+  local keep = nil
+  for _, e in ipairs(head) do
+    if tonumber(e[2][4]) >= cutoff then keep = e[1]; break end
+  end
+  if keep == nil then keep = '0-' .. seq end
+  redis.call('XTRIM', logk, 'MINID', keep)
+  redis.call('PEXPIRE', logk, ARGV[5])
+  redis.call('PUBLISH', ARGV[a + 1], ARGV[a + 2] .. seq .. ' ' .. ARGV[1] .. '\n' .. frame)
+  if i == tonumber(ARGV[7]) then reply = seq end
+end
+local answer = ARGV[8] .. ' ' .. reply
+if keyed then redis.call('SET', KEYS[1], answer, 'PX', ARGV[2]) end
+return {0, answer}
+"#;
+
+/// Moves a cursor forward only.
+const ACK: &str = r#"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+return 0
+"#;
+
+/// How long `ready` waits for a PING.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    keys: Keys,
+    retention: Retention,
+    append: Script,
+    ack: Script,
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+fn malformed(what: &str) -> StoreError {
+    StoreError::Internal(format!("unexpected reply from redis: {what}"))
+}
+
+impl RedisStore {
+    pub fn new(conn: ConnectionManager, keys: Keys, retention: Retention) -> Self {
+        Self { conn, keys, retention, append: Script::new(APPEND), ack: Script::new(ACK) }
+    }
+}
+
+/// The envelope head a subscriber decodes (see `broker/redis.rs`): `M <exclude> <stream> `,
+/// followed by the seq, the time and the frame.
+fn envelope_head(exclude: Option<crate::broker::SessionId>, stream: &StreamId) -> String {
+    match exclude {
+        Some(session) => format!("M {session} {stream} "),
+        None => format!("M - {stream} "),
+    }
+}
+
+/// Parses `XRANGE`/`XREVRANGE` entries into (seq, ts, frame).
+fn entries(value: Value) -> Result<Vec<(u64, u64, Bytes)>, StoreError> {
+    let Value::Array(items) = value else { return Err(malformed("stream range")) };
+    items
+        .into_iter()
+        .map(|item| {
+            let Value::Array(mut pair) = item else { return Err(malformed("stream entry")) };
+            if pair.len() != 2 {
+                return Err(malformed("stream entry"));
+            }
+            let fields = pair.pop().expect("two items");
+            let id: String = redis::from_redis_value(pair.pop().expect("two items")).map_err(|_| malformed("entry id"))?;
+            let seq = id.strip_prefix("0-").and_then(|s| s.parse().ok()).ok_or_else(|| malformed("entry id"))?;
+            let fields: Vec<Vec<u8>> = redis::from_redis_value(fields).map_err(|_| malformed("entry fields"))?;
+            let (mut frame, mut ts) = (None, 0);
+            for pair in fields.chunks(2) {
+                match (pair.first().map(Vec::as_slice), pair.get(1)) {
+                    (Some(b"f"), Some(v)) => frame = Some(Bytes::copy_from_slice(v)),
+                    (Some(b"t"), Some(v)) => ts = std::str::from_utf8(v).ok().and_then(|t| t.parse().ok()).unwrap_or(0),
+                    _ => {}
+                }
+            }
+            Ok((seq, ts, frame.ok_or_else(|| malformed("entry without frame"))?))
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn append(&self, request: AppendRequest) -> Result<Appended, StoreError> {
+        let Some(first) = request.entries.first() else {
+            return Err(StoreError::Internal("append without entries".into()));
+        };
+        let mid = first.draft.mid.clone();
+        let now = now_ms();
+        let mut invocation = self.append.prepare_invoke();
+        let idem_key = match &request.idempotency {
+            Some((scope, key)) => self.keys.idempotency(scope, key),
+            None => self.keys.idempotency("-", "-"),
+        };
+        invocation.key(idem_key);
+        for entry in &request.entries {
+            invocation.key(self.keys.seq(&entry.stream)).key(self.keys.log(&entry.stream));
+        }
+        invocation
+            .arg(now)
+            .arg(IDEMPOTENCY_WINDOW_MS)
+            .arg(self.retention.max_messages)
+            .arg(now.saturating_sub(self.retention.ttl_ms))
+            .arg(self.retention.ttl_ms)
+            .arg(request.entries.len())
+            .arg(request.reply_entry + 1)
+            .arg(&*mid)
+            .arg(if request.idempotency.is_some() { "1" } else { "0" });
+        for entry in &request.entries {
+            let (before, after) = encode_message_parts(&entry.stream, &entry.draft);
+            invocation
+                .arg(self.keys.channel(&entry.topic))
+                .arg(envelope_head(entry.exclude, &entry.stream))
+                .arg(before)
+                .arg(after);
+        }
+        let mut conn = self.conn.clone();
+        let (duplicate, answer): (u8, String) = invocation.invoke_async(&mut conn).await.map_err(unavailable)?;
+        let (mid, seq) = answer.split_once(' ').ok_or_else(|| malformed("append answer"))?;
+        let seq = seq.parse().map_err(|_| malformed("append seq"))?;
+        Ok(Appended { mid: Arc::from(mid), seq, duplicate: duplicate == 1 })
+    }
+
+    async fn read(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError> {
+        let log = self.keys.log(stream);
+        let mut pipe = redis::pipe();
+        pipe.atomic().get(self.keys.seq(stream));
+        let (limit, reverse) = match query {
+            HistoryQuery::After { since, limit } => {
+                pipe.cmd("XRANGE").arg(&log).arg(format!("(0-{since}")).arg("+").arg("COUNT").arg(limit.max(1));
+                (limit, false)
+            }
+            HistoryQuery::Before { before, limit } if before > 1 => {
+                pipe.cmd("XREVRANGE").arg(&log).arg(format!("(0-{before}")).arg("-").arg("COUNT").arg(limit.max(1));
+                (limit, true)
+            }
+            HistoryQuery::Before { .. } => (0, false),
+            HistoryQuery::Last { limit } => {
+                pipe.cmd("XREVRANGE").arg(&log).arg("+").arg("-").arg("COUNT").arg(limit.max(1));
+                (limit, true)
+            }
+        };
+        let mut conn = self.conn.clone();
+        let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let range = if replies.len() > 1 { replies.pop() } else { None };
+        let last_seq: Option<u64> = redis::from_redis_value(replies.pop().ok_or_else(|| malformed("seq"))?)
+            .map_err(|_| malformed("seq"))?;
+        let cutoff = now_ms().saturating_sub(self.retention.ttl_ms);
+        let mut messages: Vec<StoredMessage> = match (range, limit) {
+            (Some(range), 1..) => entries(range)?
+                .into_iter()
+                .filter(|(_, ts, _)| *ts >= cutoff)
+                .map(|(seq, _, frame)| StoredMessage { seq, frame })
+                .collect(),
+            _ => Vec::new(),
+        };
+        if reverse {
+            messages.reverse();
+        }
+        Ok(Slice { messages, last_seq: last_seq.unwrap_or(0) })
+    }
+
+    async fn cursor(&self, user: &UserId) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let cursor: Option<u64> =
+            redis::cmd("GET").arg(self.keys.cursor(user)).query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(cursor.unwrap_or(0))
+    }
+
+    async fn ack(&self, user: &UserId, seq: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self.ack.key(self.keys.cursor(user)).arg(seq).invoke_async(&mut conn).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn ready(&self) -> bool {
+        let mut conn = self.conn.clone();
+        let ping = redis::cmd("PING");
+        matches!(tokio::time::timeout(PING_TIMEOUT, ping.query_async::<String>(&mut conn)).await, Ok(Ok(_)))
+    }
+
+    async fn close(&self) {}
+}

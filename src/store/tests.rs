@@ -1,0 +1,117 @@
+//! One behavioural suite for every store backend: the embedded store, and Redis (on
+//! `SWITCHYARD_TEST_REDIS` or 127.0.0.1:6379, with a unique key prefix). Without a Redis the
+//! Redis half is skipped with a printed reason, except under `CI=true`, where it fails.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::broker::{MemoryBroker, SessionId};
+use crate::keys::Keys;
+use crate::protocol::{MessageDraft, RoomName, new_mid, now_ms};
+
+const RETENTION: Retention = Retention { max_messages: 5, ttl_ms: 3_600_000 };
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).unwrap()
+}
+
+fn room_entry(room: &str, body: &str) -> Entry {
+    let room = RoomName::parse(room).unwrap();
+    let ts = now_ms();
+    Entry {
+        stream: StreamId::Room(room.clone()),
+        topic: Topic::Room(room.clone()),
+        draft: MessageDraft { mid: new_mid(ts), from: Arc::from("alice"), to: None, room: Some(room), body: Arc::from(body), ts },
+        exclude: Some(SessionId(7)),
+    }
+}
+
+fn append(entries: Vec<Entry>, reply_entry: usize, key: Option<&str>) -> AppendRequest {
+    AppendRequest { entries, reply_entry, idempotency: key.map(|k| ("u:alice".to_owned(), k.to_owned())) }
+}
+
+async fn conformance(store: &dyn Store) {
+    // Seqs start at 1, per stream, with no gap.
+    for i in 1..=3 {
+        let a = store.append(append(vec![room_entry("a", &i.to_string())], 0, None)).await.unwrap();
+        assert_eq!((a.seq, a.duplicate), (i, false));
+    }
+    assert_eq!(store.append(append(vec![room_entry("b", "1")], 0, None)).await.unwrap().seq, 1);
+
+    // A message to two streams gets each stream's next seq and one mid.
+    let ts = now_ms();
+    let draft = MessageDraft {
+        mid: new_mid(ts),
+        from: Arc::from("alice"),
+        to: Some(user("bob")),
+        room: None,
+        body: Arc::from("\"dm\""),
+        ts,
+    };
+    let to_bob = Entry { stream: StreamId::User(user("bob")), topic: Topic::User(user("bob")), draft: draft.clone(), exclude: None };
+    let copy = Entry { stream: StreamId::User(user("alice")), topic: Topic::User(user("alice")), draft, exclude: None };
+    let sent = store.append(append(vec![to_bob, copy], 1, None)).await.unwrap();
+    assert_eq!(sent.seq, 1, "the reply carries the sender's stream seq");
+    let bob = store.read(&StreamId::User(user("bob")), HistoryQuery::Last { limit: 10 }).await.unwrap();
+    let frame: serde_json::Value = serde_json::from_slice(&bob.messages[0].frame).unwrap();
+    assert_eq!((frame["seq"].as_u64(), frame["mid"].as_str(), frame["stream"].as_str()), (Some(1), Some(&*sent.mid), Some("user:bob")));
+
+    // Idempotency: the same key answers the first append and stores nothing.
+    let first = store.append(append(vec![room_entry("a", "k")], 0, Some("key-1"))).await.unwrap();
+    let again = store.append(append(vec![room_entry("a", "k")], 0, Some("key-1"))).await.unwrap();
+    assert_eq!((again.mid.clone(), again.seq, again.duplicate), (first.mid.clone(), first.seq, true));
+    assert_eq!(store.read(&StreamId::Room(RoomName::parse("a").unwrap()), HistoryQuery::Last { limit: 0 }).await.unwrap().last_seq, 4);
+
+    // Retention keeps the last 5; reads answer ascending slices and the last seq.
+    for i in 5..=8 {
+        store.append(append(vec![room_entry("a", &i.to_string())], 0, None)).await.unwrap();
+    }
+    let a = StreamId::Room(RoomName::parse("a").unwrap());
+    let seqs = |slice: &Slice| slice.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let all = store.read(&a, HistoryQuery::After { since: 0, limit: 100 }).await.unwrap();
+    assert_eq!((seqs(&all), all.last_seq), (vec![4, 5, 6, 7, 8], 8));
+    assert_eq!(seqs(&store.read(&a, HistoryQuery::After { since: 5, limit: 2 }).await.unwrap()), vec![6, 7]);
+    assert_eq!(seqs(&store.read(&a, HistoryQuery::Before { before: 7, limit: 2 }).await.unwrap()), vec![5, 6]);
+    assert_eq!(seqs(&store.read(&a, HistoryQuery::Before { before: 1, limit: 2 }).await.unwrap()), Vec::<u64>::new());
+    assert_eq!(seqs(&store.read(&a, HistoryQuery::Last { limit: 2 }).await.unwrap()), vec![7, 8]);
+    let never = store.read(&StreamId::Room(RoomName::parse("never").unwrap()), HistoryQuery::Last { limit: 5 }).await.unwrap();
+    assert_eq!((never.messages.len(), never.last_seq), (0, 0));
+
+    // Cursors only move forward.
+    let carol = user("carol");
+    assert_eq!(store.cursor(&carol).await.unwrap(), 0);
+    store.ack(&carol, 5).await.unwrap();
+    store.ack(&carol, 3).await.unwrap();
+    assert_eq!(store.cursor(&carol).await.unwrap(), 5);
+    assert!(store.ready().await);
+}
+
+#[tokio::test]
+async fn embedded_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), RETENTION, Arc::new(MemoryBroker::new())).unwrap();
+    conformance(&store).await;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn redis_store_conforms() {
+    let url = std::env::var("SWITCHYARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+    let client = crate::cluster::client(&url).unwrap();
+    let conn = match tokio::time::timeout(std::time::Duration::from_secs(3), crate::cluster::commands(&client, &url)).await {
+        Ok(Ok(conn)) => conn,
+        other => {
+            let why = format!("no Redis at {url}: {:?}", other.map(|r| r.err()));
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{why}");
+            eprintln!("SKIP redis_store_conforms: {why}");
+            return;
+        }
+    };
+    let prefix = format!("sy-test-store-{:016x}", fastrand::u64(..));
+    let keys = Keys::new(&prefix);
+    conformance(&RedisStore::new(conn.clone(), keys.clone(), RETENTION)).await;
+    let streams = ["room:a", "room:b", "room:never", "user:bob", "user:alice"].map(|s| StreamId::parse(s).unwrap());
+    let mut doomed: Vec<String> = streams.iter().flat_map(|s| [keys.seq(s), keys.log(s)]).collect();
+    doomed.extend([keys.cursor(&user("carol")), keys.idempotency("u:alice", "key-1")]);
+    let _: i64 = ::redis::cmd("DEL").arg(doomed).query_async(&mut conn.clone()).await.unwrap();
+}
