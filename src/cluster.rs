@@ -2,6 +2,7 @@
 //! fast (so a stopped Redis turns into `unavailable` answers, not hanging requests) and reconnect
 //! on their own.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,6 +13,38 @@ use redis::{IntoConnectionInfo, ProtocolVersion};
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after a node sent a write Redis may still carry it out: a write script that Redis
+/// reaches later (it was paused, say) does nothing, so a command the node answered `unavailable`
+/// after [`RESPONSE_TIMEOUT`] is not applied when Redis wakes up. Deadlines are in Redis's own
+/// clock (see [`RedisClock`]); the margin below the response timeout covers the error of that
+/// estimate and the way back of the reply.
+pub const WRITE_DEADLINE: Duration = Duration::from_millis(1500);
+
+/// This node's estimate of Redis's clock, so that write deadlines do not depend on the clocks of
+/// the node and the Redis host agreeing. Sampled with `TIME` at start and every health check.
+#[derive(Default)]
+pub struct RedisClock {
+    /// Redis time minus local time, in ms.
+    offset_ms: AtomicI64,
+}
+
+impl RedisClock {
+    /// Takes one sample: the offset seen at the midpoint of a `TIME` round trip.
+    pub async fn sample(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+        let sent = crate::protocol::now_ms() as i64;
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
+        let received = crate::protocol::now_ms() as i64;
+        let redis_ms = secs * 1000 + micros / 1000;
+        self.offset_ms.store(redis_ms - (sent + received) / 2, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The Redis time by which a write sent now must have run, or be dropped.
+    pub fn write_deadline(&self) -> u64 {
+        let redis_now = crate::protocol::now_ms() as i64 + self.offset_ms.load(Ordering::Relaxed);
+        redis_now.max(0) as u64 + WRITE_DEADLINE.as_millis() as u64
+    }
+}
 
 /// A client for `url` that speaks RESP3 (pub/sub pushes share the connection with commands).
 pub fn client(url: &str) -> anyhow::Result<redis::Client> {

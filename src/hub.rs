@@ -16,6 +16,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::broker::{Delivery, Event, SessionId, Sink, Topic};
 use crate::metrics::Metrics;
+use crate::presence::SessionInfo;
 use crate::protocol::{RoomName, UserId, close};
 
 const SHARDS: usize = 16;
@@ -65,13 +66,15 @@ impl CloseSignal {
 pub struct SessionHandle {
     pub id: SessionId,
     pub user: UserId,
+    /// What presence records of the session (to register it again if the cluster forgot it).
+    pub info: SessionInfo,
     queue: mpsc::Sender<Outbound>,
     pub close: CloseSignal,
 }
 
 impl SessionHandle {
-    pub fn new(id: SessionId, user: UserId, queue: mpsc::Sender<Outbound>) -> Self {
-        Self { id, user, queue, close: CloseSignal::default() }
+    pub fn new(info: SessionInfo, queue: mpsc::Sender<Outbound>) -> Self {
+        Self { id: info.session, user: info.user.clone(), info, queue, close: CloseSignal::default() }
     }
 
     /// Queues `item`, or asks the session to close as too slow when its queue is full.
@@ -138,6 +141,17 @@ impl<K: Hash + Eq + Clone> Index<K> {
         }
     }
 
+    fn entries(&self) -> Vec<(K, Arc<SessionHandle>)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.read().unwrap_or_else(|p| p.into_inner());
+            for (key, members) in shard.iter() {
+                out.extend(members.values().map(|h| (key.clone(), h.clone())));
+            }
+        }
+        out
+    }
+
     fn len(&self) -> usize {
         self.shards.iter().map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len()).sum()
     }
@@ -178,6 +192,16 @@ impl Hub {
     pub fn close_all(&self, code: u16, reason: &str) {
         let reason: Arc<str> = Arc::from(reason);
         self.users.for_all(|h| h.close.request(code, reason.clone()));
+    }
+
+    /// Every local session.
+    pub fn sessions(&self) -> Vec<Arc<SessionHandle>> {
+        self.users.entries().into_iter().map(|(_, h)| h).collect()
+    }
+
+    /// Every (room, local member) pair.
+    pub fn memberships(&self) -> Vec<(RoomName, Arc<SessionHandle>)> {
+        self.rooms.entries()
     }
 
     /// (sessions, users, rooms) on this node.
@@ -228,7 +252,14 @@ mod tests {
 
     fn handle(user: &str, id: u64, cap: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(cap);
-        (Arc::new(SessionHandle::new(SessionId(id), UserId::parse(user).unwrap(), tx)), rx)
+        let info = SessionInfo {
+            session: SessionId(id),
+            user: UserId::parse(user).unwrap(),
+            node: Arc::from("n1"),
+            device: None,
+            connected_at: 0,
+        };
+        (Arc::new(SessionHandle::new(info, tx)), rx)
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::auth::{Authenticator, Identity};
 use crate::broker::{Broker, Delivery, Event, MemoryBroker, RedisBroker, SessionId, Sink, Topic};
-use crate::cluster;
+use crate::cluster::{self, RedisClock};
 use crate::keys::Keys;
 use crate::config::ServeArgs;
 use crate::hub::{Hub, SessionHandle};
@@ -103,11 +103,14 @@ impl Node {
             }
             Some(url) => {
                 let client = cluster::client(url)?;
-                let commands = cluster::commands(&client, url).await?;
+                let mut commands = cluster::commands(&client, url).await?;
+                let clock = Arc::new(RedisClock::default());
+                clock.sample(&mut commands).await?;
                 let keys = Keys::new(&config.redis_prefix);
-                let broker = RedisBroker::connect(client, commands.clone(), keys.clone(), metrics.clone()).await?;
+                let broker =
+                    RedisBroker::connect(client, commands.clone(), clock.clone(), keys.clone(), metrics.clone()).await?;
                 broker.attach(sink);
-                let store = RedisStore::new(commands.clone(), keys, retention);
+                let store = RedisStore::new(commands.clone(), clock, keys, retention);
                 let presence = RedisPresence::new(commands, &config.redis_prefix, id.clone());
                 (Arc::new(store), Arc::new(broker), Arc::new(presence))
             }
@@ -130,16 +133,23 @@ impl Node {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
             let mut shutdown = beat.shutdown.clone();
+            let mut forgotten = false;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
                         match beat.heartbeat().await {
                             Ok(()) => {}
                             Err(HeartbeatError::Reaped(e)) => {
-                                tracing::warn!(error = %e, "closing every session so that it reconnects and registers again");
-                                beat.hub.close_all(close::GOING_AWAY, "node lost its cluster registration: reconnect");
+                                tracing::warn!(error = %e, "registering this node's sessions again");
+                                forgotten = true;
                             }
                             Err(HeartbeatError::Failed(e)) => tracing::warn!(error = %e, "heartbeat failed"),
+                        }
+                        if forgotten {
+                            match beat.reregister().await {
+                                Ok(()) => forgotten = false,
+                                Err(e) => tracing::warn!(error = %e, "registering sessions again failed; retrying"),
+                            }
                         }
                         if let Err(e) = beat.reap().await {
                             tracing::warn!(error = %e, "reaping dead nodes failed");
@@ -158,6 +168,22 @@ impl Node {
             tracing::info!(%room, %user, "user left with a dead node");
             if !self.quiet(&room) {
                 let event = Event::Frame { frame: encode_presence(&room, "leave", &user), exclude: None };
+                self.broker.publish(Topic::Room(room), event).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records every local session and room membership in presence again, after the cluster
+    /// forgot them (this node was declared dead, or Redis restarted empty). Users that enter a
+    /// room by it are announced with `join` events, as for any join.
+    async fn reregister(&self) -> anyhow::Result<()> {
+        for handle in self.hub.sessions() {
+            self.presence.connect(&handle.info).await?;
+        }
+        for (room, handle) in self.hub.memberships() {
+            if self.presence.join(&room, &handle.user, handle.id).await? && !self.quiet(&room) {
+                let event = Event::Frame { frame: encode_presence(&room, "join", &handle.user), exclude: Some(handle.id) };
                 self.broker.publish(Topic::Room(room), event).await?;
             }
         }

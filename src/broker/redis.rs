@@ -28,10 +28,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
-use redis::{PushInfo, PushKind, Value};
+use redis::{PushInfo, PushKind, Script, Value};
 use tokio::sync::{Notify, watch};
 
 use super::{Broker, BrokerError, Delivery, Event, SessionId, Sink, Topic};
+use crate::cluster::RedisClock;
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::protocol::StreamId;
@@ -42,6 +43,14 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// Most channels in one SUBSCRIBE or UNSUBSCRIBE.
 const BATCH: usize = 1000;
+
+/// ARGV: channel, payload, deadline (ms, see [`crate::cluster::WRITE_DEADLINE`]). Publishes, or answers -1 and
+/// publishes nothing when Redis runs it after the deadline.
+const PUBLISH: &str = r"
+local t = redis.call('TIME')
+if t[1] * 1000 + math.floor(t[2] / 1000) > tonumber(ARGV[3]) then return -1 end
+return redis.call('PUBLISH', ARGV[1], ARGV[2])
+";
 
 struct Interest {
     /// Local sessions interested in the channel.
@@ -66,6 +75,8 @@ struct Shared {
 pub struct RedisBroker {
     shared: Arc<Shared>,
     publisher: ConnectionManager,
+    clock: Arc<RedisClock>,
+    publish: Script,
 }
 
 fn session_field(s: &str) -> Option<SessionId> {
@@ -167,6 +178,7 @@ impl RedisBroker {
     pub async fn connect(
         client: redis::Client,
         publisher: ConnectionManager,
+        clock: Arc<RedisClock>,
         keys: Keys,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -190,9 +202,9 @@ impl RedisBroker {
         };
         let config = crate::cluster::manager_config().set_push_sender(callback).set_automatic_resubscription();
         let subscriber = ConnectionManager::new_with_config(client, config).await?;
-        let broker = Self { shared: shared.clone(), publisher };
+        let broker = Self { shared: shared.clone(), publisher, clock, publish: Script::new(PUBLISH) };
         tokio::spawn(manage_subscriptions(Arc::downgrade(&shared), shared.changed.clone(), subscriber.clone()));
-        tokio::spawn(watch_health(Arc::downgrade(&shared), subscriber, broker.publisher.clone()));
+        tokio::spawn(watch_health(Arc::downgrade(&shared), subscriber, broker.publisher.clone(), broker.clock.clone()));
         broker.subscribe(&Topic::All).await.map_err(|e| anyhow::anyhow!("subscribing to broadcasts: {e}"))?;
         Ok(broker)
     }
@@ -240,11 +252,17 @@ async fn manage_subscriptions(shared: std::sync::Weak<Shared>, changed: Arc<Noti
 }
 
 /// Pings Redis every second; flips readiness and, after an outage, asks sessions to catch up.
-async fn watch_health(shared: std::sync::Weak<Shared>, mut subscriber: ConnectionManager, mut publisher: ConnectionManager) {
+async fn watch_health(
+    shared: std::sync::Weak<Shared>,
+    mut subscriber: ConnectionManager,
+    mut publisher: ConnectionManager,
+    clock: Arc<RedisClock>,
+) {
     let mut tick = tokio::time::interval(HEALTH_EVERY);
     loop {
         tick.tick().await;
-        let ok = ping(&mut subscriber).await && ping(&mut publisher).await;
+        let sampled = matches!(tokio::time::timeout(HEALTH_EVERY, clock.sample(&mut publisher)).await, Ok(Ok(())));
+        let ok = sampled && ping(&mut subscriber).await;
         let Some(shared) = shared.upgrade() else { return };
         if !ok {
             // No `lost` here: a Redis that is only slow or frozen keeps the subscription, and
@@ -338,7 +356,12 @@ impl Broker for RedisBroker {
         }
         let mut conn = self.publisher.clone();
         let channel = self.shared.keys.channel(&topic);
-        let _: i64 = redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut conn).await.map_err(unavailable)?;
+        let deadline = self.clock.write_deadline();
+        let receivers: i64 =
+            self.publish.arg(channel).arg(payload).arg(deadline).invoke_async(&mut conn).await.map_err(unavailable)?;
+        if receivers < 0 {
+            return Err(unavailable("redis reached the publish after its deadline: nothing was published"));
+        }
         Ok(())
     }
 

@@ -212,12 +212,19 @@ where
     }
 
     /// The kept messages after `since` that the session does not have, marked as had. When the
-    /// stream is shorter than `since` (its store lost data and restarted its seqs), what the
-    /// session had of it no longer means anything and is forgotten.
+    /// stream is shorter than `since` or than a seq the session has (its store lost data and
+    /// restarted its seqs), what the session had of it no longer means anything and is
+    /// forgotten: every kept message is delivered, as `truncated`.
     pub(super) async fn read_missing(&mut self, stream: StreamId, since: u64) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
-        let caught = self.node.catch_up(&stream, since).await?;
+        let mut caught = self.node.catch_up(&stream, since).await?;
+        let had = self.streams.get(&stream).and_then(|s| s.seen.last());
+        let lost = since > caught.slice.last_seq || had.is_some_and(|had| had > caught.slice.last_seq);
+        if lost && since > 0 && since <= caught.slice.last_seq {
+            caught = self.node.catch_up(&stream, 0).await?;
+            caught.truncated = true;
+        }
         let state = self.stream(stream);
-        if since > caught.slice.last_seq {
+        if lost {
             state.seen = SeqSet::default();
         }
         let backlog = caught.slice.messages.into_iter().filter(|m| state.seen.insert(m.seq)).map(|m| m.frame).collect();

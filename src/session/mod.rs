@@ -86,7 +86,6 @@ where
 {
     let id = SessionId::random();
     let (queue, rx) = mpsc::channel(node.config.outbound_queue);
-    let handle = Arc::new(SessionHandle::new(id, identity.user.clone(), queue));
     let info = SessionInfo {
         session: id,
         user: identity.user.clone(),
@@ -94,6 +93,7 @@ where
         device: identity.device.clone(),
         connected_at: now_ms(),
     };
+    let handle = Arc::new(SessionHandle::new(info.clone(), queue));
     let now = Instant::now();
     let mut session = Session {
         limiter: RateLimiter::new(node.config.rate_limit, now.into_std()),

@@ -19,6 +19,11 @@ impl SeqSet {
         self.ranges.get(i).is_some_and(|&(lo, _)| lo <= seq)
     }
 
+    /// The highest seq in the set.
+    pub fn last(&self) -> Option<u64> {
+        self.ranges.last().map(|&(_, hi)| hi)
+    }
+
     /// Adds `seq`; false if it was already there.
     pub fn insert(&mut self, seq: u64) -> bool {
         if self.contains(seq) {
@@ -64,6 +69,8 @@ mod tests {
         s.insert_range(2, 10);
         assert_eq!(s.ranges, vec![(1, 10)]);
         assert!(s.contains(1) && s.contains(10) && !s.contains(11) && !s.contains(0));
+        assert_eq!(s.last(), Some(10));
+        assert_eq!(SeqSet::default().last(), None);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! `PUBLISH` it on the audience's channel. Redis runs scripts one at a time, so seqs are assigned
 //! once cluster-wide, every subscriber sees a stream's messages in seq order, and nothing is
 //! published that is not readable. A message published while a node's subscription is down is
-//! not lost: it is in the stream, and sessions catch up by seq.
+//! not lost: it is in the stream, and sessions catch up by seq. A script that Redis reaches after
+//! its deadline (Redis was paused past the node's response timeout) writes nothing, so an append
+//! the node answered `unavailable` is never stored later.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,14 +19,18 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
 use super::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage};
+use crate::cluster::RedisClock;
 use crate::keys::Keys;
 use crate::protocol::{HistoryQuery, StreamId, UserId, encode_message_parts, now_ms};
 
 /// KEYS: idempotency key, then (seq key, log key) per entry.
 /// ARGV: now, idempotency ttl, max messages, expiry cutoff, ttl, entry count, reply entry
-/// (1-based), mid, keyed (1/0), then (channel, envelope head, frame before seq, frame after seq)
-/// per entry. Answers {duplicate (0/1), "<mid> <seq>"}.
+/// (1-based), mid, keyed (1/0), deadline (ms, see [`crate::cluster::WRITE_DEADLINE`]), then (channel, envelope
+/// head, frame before seq, frame after seq) per entry. Answers {duplicate (0/1), "<mid> <seq>"},
+/// or {2, ""} without writing anything when Redis runs it after the deadline.
 const APPEND: &str = r#"
+local t = redis.call('TIME')
+if t[1] * 1000 + math.floor(t[2] / 1000) > tonumber(ARGV[10]) then return {2, ''} end
 local keyed = ARGV[9] == '1'
 if keyed then
   local prev = redis.call('GET', KEYS[1])
@@ -35,7 +41,7 @@ local cutoff = tonumber(ARGV[4])
 local reply = 0
 for i = 1, n do
   local seqk, logk = KEYS[2 * i], KEYS[2 * i + 1]
-  local a = 9 + 4 * (i - 1)
+  local a = 10 + 4 * (i - 1)
   local seq = redis.call('INCR', seqk)
   local frame = ARGV[a + 3] .. seq .. ARGV[a + 4]
   redis.call('XADD', logk, 'MAXLEN', ARGV[3], '0-' .. seq, 'f', frame, 't', ARGV[1])
@@ -67,6 +73,7 @@ const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct RedisStore {
     conn: ConnectionManager,
+    clock: Arc<RedisClock>,
     keys: Keys,
     retention: Retention,
     append: Script,
@@ -82,8 +89,8 @@ fn malformed(what: &str) -> StoreError {
 }
 
 impl RedisStore {
-    pub fn new(conn: ConnectionManager, keys: Keys, retention: Retention) -> Self {
-        Self { conn, keys, retention, append: Script::new(APPEND), ack: Script::new(ACK) }
+    pub fn new(conn: ConnectionManager, clock: Arc<RedisClock>, keys: Keys, retention: Retention) -> Self {
+        Self { conn, clock, keys, retention, append: Script::new(APPEND), ack: Script::new(ACK) }
     }
 }
 
@@ -149,7 +156,8 @@ impl Store for RedisStore {
             .arg(request.entries.len())
             .arg(request.reply_entry + 1)
             .arg(&*mid)
-            .arg(if request.idempotency.is_some() { "1" } else { "0" });
+            .arg(if request.idempotency.is_some() { "1" } else { "0" })
+            .arg(self.clock.write_deadline());
         for entry in &request.entries {
             let (before, after) = encode_message_parts(&entry.stream, &entry.draft);
             invocation
@@ -160,6 +168,9 @@ impl Store for RedisStore {
         }
         let mut conn = self.conn.clone();
         let (duplicate, answer): (u8, String) = invocation.invoke_async(&mut conn).await.map_err(unavailable)?;
+        if duplicate == 2 {
+            return Err(StoreError::Unavailable("redis reached the append after its deadline: nothing was stored".into()));
+        }
         let (mid, seq) = answer.split_once(' ').ok_or_else(|| malformed("append answer"))?;
         let seq = seq.parse().map_err(|_| malformed("append seq"))?;
         Ok(Appended { mid: Arc::from(mid), seq, duplicate: duplicate == 1 })

@@ -109,7 +109,9 @@ async fn redis_store_conforms() {
     };
     let prefix = format!("sy-test-store-{:016x}", fastrand::u64(..));
     let keys = Keys::new(&prefix);
-    conformance(&RedisStore::new(conn.clone(), keys.clone(), RETENTION)).await;
+    let clock = Arc::new(crate::cluster::RedisClock::default());
+    clock.sample(&mut conn.clone()).await.unwrap();
+    conformance(&RedisStore::new(conn.clone(), clock, keys.clone(), RETENTION)).await;
     let streams = ["room:a", "room:b", "room:never", "user:bob", "user:alice"].map(|s| StreamId::parse(s).unwrap());
     let mut doomed: Vec<String> = streams.iter().flat_map(|s| [keys.seq(s), keys.log(s)]).collect();
     doomed.extend([keys.cursor(&user("carol")), keys.idempotency("u:alice", "key-1")]);
