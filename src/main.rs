@@ -32,6 +32,10 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
+    // Installed before anything is announced, so a SIGTERM right after the banner is graceful.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let dev = args.dev_mode();
     let data_dir = args.data_dir.clone();
     let server = switchyard::Server::start(args).await?;
@@ -44,18 +48,12 @@ async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
         );
         tracing::warn!("dev mode: clients are trusted to name their user; configure --jwt-secret or --jwt-public-key for production");
     }
-    wait_for_signal().await.context("installing signal handlers")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = interrupt.recv() => {}
+    }
     tracing::info!("shutting down: closing sessions with 1001");
     server.shutdown().await;
     tracing::info!("stopped");
-    Ok(())
-}
-
-async fn wait_for_signal() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        r = tokio::signal::ctrl_c() => r?,
-    }
     Ok(())
 }

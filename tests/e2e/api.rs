@@ -2,108 +2,147 @@
 
 use serde_json::json;
 
-use crate::support::TestNode;
+use crate::support::{Mode, TestNode, WAIT, both_modes};
 
 const KEY: &str = "test-api-key-1";
 
-#[tokio::test]
-async fn backends_push_direct_and_room_messages() {
-    let node = TestNode::start(&["--api-key", KEY]).await;
-    let mut bob = node.connect("bob").await;
-    let (status, body) =
-        node.http("POST", "/api/v1/users/bob/messages", Some(r#"{"body":{"n":1},"from":"billing"}"#), Some(KEY)).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["seq"], 1);
-    let m = bob.next_message().await;
-    assert_eq!((m["from"].as_str(), m["to"].as_str(), m["stream"].as_str()), (Some("billing"), Some("bob"), Some("user:bob")));
-    assert_eq!(m["mid"], body["mid"]);
+both_modes! {
+    async fn backends_push_direct_and_room_messages(mode) {
+        let node = TestNode::start_mode(mode, &["--api-key", KEY]).await;
+        let mut bob = node.connect("bob").await;
+        let (status, body) =
+            node.http("POST", "/api/v1/users/bob/messages", Some(r#"{"body":{"n":1},"from":"billing"}"#), Some(KEY)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["seq"], 1);
+        let m = bob.next_message().await;
+        assert_eq!((m["from"].as_str(), m["to"].as_str(), m["stream"].as_str()), (Some("billing"), Some("bob"), Some("user:bob")));
+        assert_eq!(m["mid"], body["mid"]);
 
-    bob.ok(json!({"type":"join","room":"news"})).await;
-    let (status, body) = node.http("POST", "/api/v1/rooms/news/messages", Some(r#"{"body":"extra"}"#), Some(KEY)).await;
-    assert_eq!((status, body["seq"].as_u64()), (200, Some(1)));
-    let m = bob.next_message().await;
-    assert_eq!((m["from"].as_str(), m["room"].as_str()), (Some("system"), Some("news")));
+        bob.ok(json!({"type":"join","room":"news"})).await;
+        let (status, body) = node.http("POST", "/api/v1/rooms/news/messages", Some(r#"{"body":"extra"}"#), Some(KEY)).await;
+        assert_eq!((status, body["seq"].as_u64()), (200, Some(1)));
+        let m = bob.next_message().await;
+        assert_eq!((m["from"].as_str(), m["room"].as_str()), (Some("system"), Some("news")));
 
-    // Idempotent retries through the API.
-    let req = r#"{"body":"once","key":"job-7"}"#;
-    let (_, first) = node.http("POST", "/api/v1/rooms/news/messages", Some(req), Some(KEY)).await;
-    let (_, again) = node.http("POST", "/api/v1/rooms/news/messages", Some(req), Some(KEY)).await;
-    assert_eq!(first, again);
-    assert_eq!(bob.next_message().await["body"], "once");
-    bob.expect_silence(200).await;
-}
-
-#[tokio::test]
-async fn api_errors_are_json_with_the_protocol_codes() {
-    let node = TestNode::start(&["--api-key", KEY, "--max-message-size", "1024"]).await;
-    let cases: [(&str, &str, Option<String>, u16, &str); 7] = [
-        ("POST", "/api/v1/users/bad%20id/messages", Some(r#"{"body":1}"#.into()), 400, "bad_request"),
-        ("POST", "/api/v1/users/bob/messages", Some("{not json".into()), 400, "bad_request"),
-        ("POST", "/api/v1/users/bob/messages", Some(r#"{"from":"x"}"#.into()), 400, "bad_request"),
-        ("POST", "/api/v1/users/bob/messages", Some(format!(r#"{{"body":"{}"}}"#, "x".repeat(8000))), 413, "too_large"),
-        ("GET", "/api/v1/rooms/r/history?since=1&before=2", None, 400, "bad_request"),
-        ("GET", "/api/v1/rooms/r/history?limit=5000", None, 400, "bad_request"),
-        ("GET", "/api/v1/nothing-here", None, 404, "not_found"),
-    ];
-    for (method, path, body, status, code) in cases {
-        let (got, answer) = node.http(method, path, body.as_deref(), Some(KEY)).await;
-        assert_eq!(got, status, "{method} {path}: {answer}");
-        assert_eq!(answer["error"]["code"], code, "{method} {path}");
-        assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
-    }
-    let (status, answer) = node.http("GET", "/api/v1/nodes", None, Some("wrong-key-123")).await;
-    assert_eq!((status, answer["error"]["code"].as_str()), (401, Some("unauthorized")));
-    let (status, _) = node.http("GET", "/api/v1/nodes", None, None).await;
-    assert_eq!(status, 401);
-}
-
-#[tokio::test]
-async fn presence_history_nodes_and_disconnect() {
-    let node = TestNode::start(&["--api-key", KEY, "--node-id", "n1"]).await;
-    let mut phone = node.connect("bob&device=phone").await;
-    let mut laptop = node.connect("bob&device=laptop").await;
-    phone.ok(json!({"type":"join","room":"r"})).await;
-    phone.ok(json!({"type":"publish","room":"r","body":1})).await;
-    phone.ok(json!({"type":"send","to":"amy","body":2})).await;
-
-    let (status, p) = node.http("GET", "/api/v1/users/bob/presence", None, Some(KEY)).await;
-    assert_eq!(status, 200);
-    assert_eq!(p["online"], true);
-    let sessions = p["sessions"].as_array().unwrap();
-    assert_eq!(sessions.len(), 2);
-    for s in sessions {
-        assert_eq!(s["node"], "n1");
-        assert!(s["session"].is_string() && s["connected_at"].as_u64().unwrap() > 0);
-    }
-    let mut devices: Vec<_> = sessions.iter().map(|s| s["device"].as_str().unwrap()).collect();
-    devices.sort();
-    assert_eq!(devices, ["laptop", "phone"]);
-
-    let (_, p) = node.http("GET", "/api/v1/users/nobody/presence", None, Some(KEY)).await;
-    assert_eq!(p, json!({"online": false, "sessions": []}));
-    let (_, r) = node.http("GET", "/api/v1/rooms/r/presence", None, Some(KEY)).await;
-    assert_eq!(r, json!({"count": 1, "users": ["bob"]}));
-
-    let (_, h) = node.http("GET", "/api/v1/rooms/r/history", None, Some(KEY)).await;
-    assert_eq!((h["last_seq"].as_u64(), h["messages"][0]["body"].as_u64()), (Some(1), Some(1)));
-    let (_, h) = node.http("GET", "/api/v1/users/amy/history?since=0&limit=10", None, Some(KEY)).await;
-    assert_eq!(h["messages"][0]["from"], "bob");
-
-    let (_, nodes) = node.http("GET", "/api/v1/nodes", None, Some(KEY)).await;
-    let n = &nodes["nodes"][0];
-    assert_eq!((n["id"].as_str(), n["sessions"].as_u64(), n["users"].as_u64()), (Some("n1"), Some(2), Some(1)));
-    assert_eq!(n["address"], node.addr.to_string());
-
-    let (status, d) = node.http("POST", "/api/v1/users/bob/disconnect", Some(r#"{"reason":"banned"}"#), Some(KEY)).await;
-    assert_eq!((status, d["sessions"].as_u64()), (200, Some(2)));
-    for c in [&mut phone, &mut laptop] {
-        assert_eq!(c.closed().await, (4004, Some(4004)));
+        // Idempotent retries through the API.
+        let req = r#"{"body":"once","key":"job-7"}"#;
+        let (_, first) = node.http("POST", "/api/v1/rooms/news/messages", Some(req), Some(KEY)).await;
+        let (_, again) = node.http("POST", "/api/v1/rooms/news/messages", Some(req), Some(KEY)).await;
+        assert_eq!(first, again);
+        assert_eq!(bob.next_message().await["body"], "once");
+        bob.expect_silence(200).await;
     }
 }
 
-#[tokio::test]
-async fn a_dev_node_without_keys_leaves_the_api_open() {
-    let node = TestNode::start(&[]).await;
-    let (status, _) = node.http("GET", "/api/v1/nodes", None, None).await;
-    assert_eq!(status, 200);
+both_modes! {
+    async fn api_errors_are_json_with_the_protocol_codes(mode) {
+        let node = TestNode::start_mode(mode, &["--api-key", KEY, "--max-message-size", "1024"]).await;
+        let cases: [(&str, &str, Option<String>, u16, &str); 7] = [
+            ("POST", "/api/v1/users/bad%20id/messages", Some(r#"{"body":1}"#.into()), 400, "bad_request"),
+            ("POST", "/api/v1/users/bob/messages", Some("{not json".into()), 400, "bad_request"),
+            ("POST", "/api/v1/users/bob/messages", Some(r#"{"from":"x"}"#.into()), 400, "bad_request"),
+            ("POST", "/api/v1/users/bob/messages", Some(format!(r#"{{"body":"{}"}}"#, "x".repeat(8000))), 413, "too_large"),
+            ("GET", "/api/v1/rooms/r/history?since=1&before=2", None, 400, "bad_request"),
+            ("GET", "/api/v1/rooms/r/history?limit=5000", None, 400, "bad_request"),
+            ("GET", "/api/v1/nothing-here", None, 404, "not_found"),
+        ];
+        for (method, path, body, status, code) in cases {
+            let (got, answer) = node.http(method, path, body.as_deref(), Some(KEY)).await;
+            assert_eq!(got, status, "{method} {path}: {answer}");
+            assert_eq!(answer["error"]["code"], code, "{method} {path}");
+            assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+        let (status, answer) = node.http("GET", "/api/v1/nodes", None, Some("wrong-key-123")).await;
+        assert_eq!((status, answer["error"]["code"].as_str()), (401, Some("unauthorized")));
+        let (status, _) = node.http("GET", "/api/v1/nodes", None, None).await;
+        assert_eq!(status, 401);
+    }
+}
+
+both_modes! {
+    async fn presence_history_nodes_and_disconnect(mode) {
+        let node = TestNode::start_mode(mode, &["--api-key", KEY, "--node-id", "n1"]).await;
+        let mut phone = node.connect("bob&device=phone").await;
+        let mut laptop = node.connect("bob&device=laptop").await;
+        phone.ok(json!({"type":"join","room":"r"})).await;
+        phone.ok(json!({"type":"publish","room":"r","body":1})).await;
+        phone.ok(json!({"type":"send","to":"amy","body":2})).await;
+
+        let (status, p) = node.http("GET", "/api/v1/users/bob/presence", None, Some(KEY)).await;
+        assert_eq!(status, 200);
+        assert_eq!(p["online"], true);
+        let sessions = p["sessions"].as_array().unwrap();
+        assert_eq!(sessions.len(), 2);
+        // In a cluster, phone and laptop are on different nodes (n1-0 and n1-1).
+        let node_of = |session: &serde_json::Value| {
+            let client = [&phone, &laptop].into_iter().find(|c| session == &json!(c.session())).expect("a known session");
+            node.node_id(client.node)
+        };
+        for s in sessions {
+            assert_eq!(s["node"], node_of(&s["session"]), "{s}");
+            assert!(s["session"].is_string() && s["connected_at"].as_u64().unwrap() > 0);
+        }
+        let mut devices: Vec<_> = sessions.iter().map(|s| s["device"].as_str().unwrap()).collect();
+        devices.sort();
+        assert_eq!(devices, ["laptop", "phone"]);
+
+        let (_, p) = node.http("GET", "/api/v1/users/nobody/presence", None, Some(KEY)).await;
+        assert_eq!(p, json!({"online": false, "sessions": []}));
+        let (_, r) = node.http("GET", "/api/v1/rooms/r/presence", None, Some(KEY)).await;
+        assert_eq!(r, json!({"count": 1, "users": ["bob"]}));
+
+        let (_, h) = node.http("GET", "/api/v1/rooms/r/history", None, Some(KEY)).await;
+        assert_eq!((h["last_seq"].as_u64(), h["messages"][0]["body"].as_u64()), (Some(1), Some(1)));
+        let (_, h) = node.http("GET", "/api/v1/users/amy/history?since=0&limit=10", None, Some(KEY)).await;
+        assert_eq!(h["messages"][0]["from"], "bob");
+
+        // Every node, with the sessions and users it holds. Other nodes' counts come from their
+        // heartbeats (every 2 s), so they may take a moment to show.
+        let mut expected: Vec<(String, String, u64, u64)> = node
+            .members()
+            .iter()
+            .map(|m| {
+                let here = [&phone, &laptop].iter().filter(|c| c.node == m.index).count() as u64;
+                (node.node_id(m.index), m.addr.to_string(), here, here.min(1))
+            })
+            .collect();
+        expected.sort();
+        if mode == Mode::Single {
+            assert_eq!(expected, [("n1".to_owned(), node.addr.to_string(), 2, 1)]);
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, nodes) = node.http("GET", "/api/v1/nodes", None, Some(KEY)).await;
+            let mut listed: Vec<(String, String, u64, u64)> = nodes["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| {
+                    let text = |k: &str| n[k].as_str().unwrap_or_default().to_owned();
+                    let count = |k: &str| n[k].as_u64().unwrap_or(u64::MAX);
+                    (text("id"), text("address"), count("sessions"), count("users"))
+                })
+                .collect();
+            listed.sort();
+            if listed == expected {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "nodes {nodes}, expected {expected:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+
+        let (status, d) = node.http("POST", "/api/v1/users/bob/disconnect", Some(r#"{"reason":"banned"}"#), Some(KEY)).await;
+        assert_eq!((status, d["sessions"].as_u64()), (200, Some(2)));
+        for c in [&mut phone, &mut laptop] {
+            assert_eq!(c.closed().await, (4004, Some(4004)));
+        }
+    }
+}
+
+both_modes! {
+    async fn a_dev_node_without_keys_leaves_the_api_open(mode) {
+        let node = TestNode::start_mode(mode, &[]).await;
+        let (status, _) = node.http("GET", "/api/v1/nodes", None, None).await;
+        assert_eq!(status, 200);
+    }
 }

@@ -9,7 +9,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_websockets::{ClientBuilder, Message};
 
 use crate::support::{
-    TestNode, client_frame, metric, raw_close_code, raw_next_json, raw_upgrade, rss_kib, run_alone,
+    Mode, TestNode, both_modes, client_frame, metric, raw_close_code, raw_next_json, raw_upgrade, rss_kib,
+    run_alone,
 };
 
 const TEXT: u8 = 0x1;
@@ -36,205 +37,216 @@ fn assert_bad_request(frame: &Value, id: Option<Value>, what: &str) {
     }
 }
 
-#[tokio::test]
-async fn frames_and_fragmented_messages_above_the_size_limit_close_with_1009() {
-    let node = TestNode::start(&["--max-message-size", "1024"]).await;
+both_modes! {
+    async fn frames_and_fragmented_messages_above_the_size_limit_close_with_1009(mode) {
+        let node = TestNode::start_mode(mode, &["--max-message-size", "1024"]).await;
 
-    // At the limit, whole or in fragments, a command is served.
-    let mut ws = raw_upgrade(&node, "user=alice").await;
-    assert_eq!(raw_next_json(&mut ws).await["type"], "welcome");
-    ws.write_all(&client_frame(TEXT, true, &padded_ping(1024))).await.unwrap();
-    assert_eq!(raw_next_json(&mut ws).await["type"], "reply");
-    let ping = padded_ping(1000);
-    ws.write_all(&client_frame(TEXT, false, &ping[..500])).await.unwrap();
-    ws.write_all(&client_frame(CONTINUATION, true, &ping[500..])).await.unwrap();
-    assert_eq!(raw_next_json(&mut ws).await["type"], "reply", "fragments are reassembled");
+        // At the limit, whole or in fragments, a command is served.
+        let mut ws = raw_upgrade(&node, "user=alice").await;
+        assert_eq!(raw_next_json(&mut ws).await["type"], "welcome");
+        ws.write_all(&client_frame(TEXT, true, &padded_ping(1024))).await.unwrap();
+        assert_eq!(raw_next_json(&mut ws).await["type"], "reply");
+        let ping = padded_ping(1000);
+        ws.write_all(&client_frame(TEXT, false, &ping[..500])).await.unwrap();
+        ws.write_all(&client_frame(CONTINUATION, true, &ping[500..])).await.unwrap();
+        assert_eq!(raw_next_json(&mut ws).await["type"], "reply", "fragments are reassembled");
 
-    // One frame above the limit.
-    ws.write_all(&client_frame(TEXT, true, &padded_ping(1025))).await.unwrap();
-    assert_eq!(raw_close_code(&mut ws).await, 1009);
+        // One frame above the limit.
+        ws.write_all(&client_frame(TEXT, true, &padded_ping(1025))).await.unwrap();
+        assert_eq!(raw_close_code(&mut ws).await, 1009);
 
-    // Fragments each under the limit whose sum is above it.
-    let mut ws = raw_upgrade(&node, "user=bob").await;
-    assert_eq!(raw_next_json(&mut ws).await["type"], "welcome");
-    let big = padded_ping(1500);
-    ws.write_all(&client_frame(TEXT, false, &big[..700])).await.unwrap();
-    ws.write_all(&client_frame(CONTINUATION, false, &big[700..1400])).await.unwrap();
-    ws.write_all(&client_frame(CONTINUATION, true, &big[1400..])).await.unwrap();
-    assert_eq!(raw_close_code(&mut ws).await, 1009, "the limit holds for the whole message, not per fragment");
-    node.shutdown().await;
-}
-
-#[tokio::test]
-async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
-    let node = TestNode::start(&[]).await;
-    let mut ws = raw_upgrade(&node, "user=alice").await;
-    assert_eq!(raw_next_json(&mut ws).await["type"], "welcome");
-    ws.write_all(&client_frame(TEXT, true, b"{\"type\":\"ping\",\"id\":\"\xff\xfe\"}")).await.unwrap();
-    assert_eq!(raw_close_code(&mut ws).await, 1007);
-
-    // Split across fragments too.
-    let mut ws = raw_upgrade(&node, "user=bob").await;
-    assert_eq!(raw_next_json(&mut ws).await["type"], "welcome");
-    ws.write_all(&client_frame(TEXT, false, b"{\"type\":\"ping\",")).await.unwrap();
-    ws.write_all(&client_frame(CONTINUATION, true, b"\"id\":\"\xc3\x28\"}")).await.unwrap();
-    assert_eq!(raw_close_code(&mut ws).await, 1007);
-    node.shutdown().await;
-}
-
-#[tokio::test]
-async fn a_binary_frame_is_a_bad_request_and_the_session_goes_on() {
-    let node = TestNode::start(&[]).await;
-    let mut alice = node.connect("alice").await;
-    alice.ws.send(Message::binary(&br#"{"type":"ping","id":1}"#[..])).await.unwrap();
-    let error = alice.next_frame().await;
-    assert_bad_request(&error, None, "binary frame");
-    alice.ok(json!({"type":"ping"})).await;
-
-    // The same from a raw client, for good measure: the frame's opcode is what counts.
-    let mut ws = raw_upgrade(&node, "user=bob").await;
-    assert_eq!(raw_next_json(&mut ws).await["type"], "welcome");
-    ws.write_all(&client_frame(BINARY, true, b"\x00\x01\x02")).await.unwrap();
-    assert_bad_request(&raw_next_json(&mut ws).await, None, "raw binary frame");
-    ws.write_all(&client_frame(TEXT, true, br#"{"type":"ping","id":"after"}"#)).await.unwrap();
-    let reply = raw_next_json(&mut ws).await;
-    assert_eq!((&reply["type"], &reply["id"]), (&json!("reply"), &json!("after")));
-    node.shutdown().await;
-}
-
-#[tokio::test]
-async fn malformed_commands_get_bad_request_and_the_session_goes_on() {
-    let node = TestNode::start(&[]).await;
-    let mut alice = node.connect("alice").await;
-    let long_name = "r".repeat(129);
-    let cases: Vec<(String, Option<Value>)> = vec![
-        ("not json".into(), None),
-        ("[1,2,3]".into(), None),
-        (r#"{"type":"ping","id":1"#.into(), None),
-        (r#"{"type":"fly","id":1}"#.into(), Some(json!(1))),
-        (r#"{"id":"no-type"}"#.into(), Some(json!("no-type"))),
-        (r#"{"type":"send","id":2,"body":{"a":1}}"#.into(), Some(json!(2))),
-        (r#"{"type":"send","id":3,"to":"bob"}"#.into(), Some(json!(3))),
-        (r#"{"type":"join","id":4}"#.into(), Some(json!(4))),
-        (r#"{"type":"ack","id":5}"#.into(), Some(json!(5))),
-        (r#"{"type":"send","id":6,"to":"bad user","body":1}"#.into(), Some(json!(6))),
-        (r#"{"type":"send","id":7,"to":"","body":1}"#.into(), Some(json!(7))),
-        (r#"{"type":"send","id":8,"to":"bob/../x","body":1}"#.into(), Some(json!(8))),
-        (r#"{"type":"join","id":"r1","room":"lobby!"}"#.into(), Some(json!("r1"))),
-        (json!({"type":"join","id":"r2","room":long_name}).to_string(), Some(json!("r2"))),
-        (r#"{"type":"publish","id":9,"room":"a b","body":1}"#.into(), Some(json!(9))),
-        (r#"{"type":"presence","id":10,"users":["ok","not ok"]}"#.into(), Some(json!(10))),
-        (r#"{"type":"history","id":11,"stream":"lobby"}"#.into(), Some(json!(11))),
-        (r#"{"type":"history","id":12,"stream":"room:lobby","limit":1001}"#.into(), Some(json!(12))),
-        (r#"{"type":"history","id":13,"stream":"room:lobby","since":1,"before":5}"#.into(), Some(json!(13))),
-        // Well-formed JSON whose fields have the wrong type: the id is still readable.
-        (r#"{"type":"join","id":14,"room":5}"#.into(), Some(json!(14))),
-        (r#"{"type":"ack","id":15,"seq":-1}"#.into(), Some(json!(15))),
-    ];
-    for (text, id) in cases {
-        alice.send_text(&text).await;
-        let frame = alice.next_frame().await;
-        assert_bad_request(&frame, id, &text);
+        // Fragments each under the limit whose sum is above it.
+        let mut ws = raw_upgrade(&node, "user=bob").await;
+        assert_eq!(raw_next_json(&mut ws).await["type"], "welcome");
+        let big = padded_ping(1500);
+        ws.write_all(&client_frame(TEXT, false, &big[..700])).await.unwrap();
+        ws.write_all(&client_frame(CONTINUATION, false, &big[700..1400])).await.unwrap();
+        ws.write_all(&client_frame(CONTINUATION, true, &big[1400..])).await.unwrap();
+        assert_eq!(raw_close_code(&mut ws).await, 1009, "the limit holds for the whole message, not per fragment");
+        node.shutdown().await;
     }
-    // Still usable: a good command is served and nothing else is pending.
-    let reply = alice.ok(json!({"type":"join","room":"lobby"})).await;
-    assert_eq!(reply["room"], "lobby");
-    alice.expect_silence(100).await;
-    node.shutdown().await;
 }
 
-#[tokio::test]
-async fn rate_limit_refuses_a_burst_then_closes_a_flood_with_1008() {
-    let node = TestNode::start(&["--rate-limit", "5"]).await;
-    let mut flooder = node.connect("alice&device=flood").await;
-    // Same user, other session: the limit is per session.
-    let mut steady = node.connect("alice&device=steady").await;
+both_modes! {
+    async fn invalid_utf8_in_a_text_frame_closes_with_1007(mode) {
+        let node = TestNode::start_mode(mode, &[]).await;
+        let mut ws = raw_upgrade(&node, "user=alice").await;
+        assert_eq!(raw_next_json(&mut ws).await["type"], "welcome");
+        ws.write_all(&client_frame(TEXT, true, b"{\"type\":\"ping\",\"id\":\"\xff\xfe\"}")).await.unwrap();
+        assert_eq!(raw_close_code(&mut ws).await, 1007);
 
-    let flood = async {
-        // A burst of 15: the first 2N = 10 are served, then refusals that carry the id.
-        for id in 1..=15 {
-            flooder.send_json(json!({"type":"ping","id":id})).await;
-        }
-        let mut refused = Vec::new();
-        for id in 1..=15 {
-            let answer = flooder.next_frame().await;
-            assert_eq!(answer["id"], id, "one answer per command, in order: {answer}");
-            if answer["type"] == "error" {
-                assert_eq!(answer["code"], "rate_limited", "{answer}");
-                refused.push(id);
-            } else {
-                assert!(id <= 12, "command {id} of a burst of 15 was served: {answer}");
-            }
-        }
-        assert!(!refused.is_empty() && refused[0] > 10, "the burst allowance is 2N = 10: refused {refused:?}");
-        // Keep flooding: the session is closed for abuse.
-        for id in 16..200 {
-            if flooder.ws.send(Message::text(json!({"type":"ping","id":id}).to_string())).await.is_err() {
-                break;
-            }
-        }
-        assert_eq!(flooder.closed().await, (1008, Some(1008)));
-    };
-    let under_the_limit = async {
-        // 4 per second for 3.5 s: more than the burst in total, never refused.
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        for _ in 0..15 {
-            tick.tick().await;
-            steady.ok(json!({"type":"ping"})).await;
-        }
-    };
-    tokio::join!(flood, under_the_limit);
-    steady.ok(json!({"type":"ping"})).await;
-    node.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_reader_is_closed_with_4003_and_others_keep_receiving() {
-    let node = TestNode::start(&["--outbound-queue", "16", "--rate-limit", "0", "--history-size", "100"]).await;
-    let mut alice = node.connect("alice").await;
-    let mut slow = node.connect("bob").await;
-    let mut carol = node.connect("carol").await;
-    for client in [&mut carol, &mut slow, &mut alice] {
-        client.ok(json!({"type":"join","room":"firehose"})).await;
+        // Split across fragments too.
+        let mut ws = raw_upgrade(&node, "user=bob").await;
+        assert_eq!(raw_next_json(&mut ws).await["type"], "welcome");
+        ws.write_all(&client_frame(TEXT, false, b"{\"type\":\"ping\",")).await.unwrap();
+        ws.write_all(&client_frame(CONTINUATION, true, b"\"id\":\"\xc3\x28\"}")).await.unwrap();
+        assert_eq!(raw_close_code(&mut ws).await, 1007);
+        node.shutdown().await;
     }
-    assert_eq!(metric(&node.metrics().await, DROPS), 0.0);
+}
 
-    // Alice floods the room with 32 KiB messages; bob stops reading, carol keeps reading.
-    let pad = "x".repeat(32 * 1024);
-    let flood = async {
-        let mut n = 0u64;
-        loop {
-            n += 1;
-            alice.send_json(json!({"type":"publish","room":"firehose","body":{"n":n,"pad":pad}})).await;
-            if n.is_multiple_of(25) && metric(&node.metrics().await, DROPS) >= 1.0 {
-                break;
-            }
-            assert!(n < 5000, "a reader that stopped reading was never closed");
-        }
-        let last = alice.ok(json!({"type":"publish","room":"firehose","body":{"n":n + 1,"last":true}})).await;
-        last["seq"].as_u64().unwrap()
-    };
-    let read = async {
-        let mut seq = 0;
-        loop {
-            let m = carol.next_message().await;
-            seq += 1;
-            assert_eq!(m["seq"], seq, "carol gets every message, in order");
-            if m["body"]["last"] == true {
-                return seq;
-            }
-        }
-    };
-    let (last, carol_last) = tokio::join!(flood, read);
-    assert_eq!(carol_last, last);
+both_modes! {
+    async fn a_binary_frame_is_a_bad_request_and_the_session_goes_on(mode) {
+        let node = TestNode::start_mode(mode, &[]).await;
+        let mut alice = node.connect("alice").await;
+        alice.ws.send(Message::binary(&br#"{"type":"ping","id":1}"#[..])).await.unwrap();
+        let error = alice.next_frame().await;
+        assert_bad_request(&error, None, "binary frame");
+        alice.ok(json!({"type":"ping"})).await;
 
-    // Bob reads again: what was on the wire, then the `disconnect` and the close, 4003.
-    assert_eq!(slow.closed().await, (4003, Some(4003)));
-    assert_eq!(metric(&node.metrics().await, DROPS), 1.0, "one session dropped: bob");
-    carol.ok(json!({"type":"ping"})).await;
-    let reply = alice.ok(json!({"type":"publish","room":"firehose","body":"after"})).await;
-    assert_eq!(carol.next_message().await["seq"], reply["seq"]);
-    node.shutdown().await;
+        // The same from a raw client, for good measure: the frame's opcode is what counts.
+        let mut ws = raw_upgrade(&node, "user=bob").await;
+        assert_eq!(raw_next_json(&mut ws).await["type"], "welcome");
+        ws.write_all(&client_frame(BINARY, true, b"\x00\x01\x02")).await.unwrap();
+        assert_bad_request(&raw_next_json(&mut ws).await, None, "raw binary frame");
+        ws.write_all(&client_frame(TEXT, true, br#"{"type":"ping","id":"after"}"#)).await.unwrap();
+        let reply = raw_next_json(&mut ws).await;
+        assert_eq!((&reply["type"], &reply["id"]), (&json!("reply"), &json!("after")));
+        drop((alice, ws));
+        node.shutdown().await;
+    }
+}
+
+both_modes! {
+    async fn malformed_commands_get_bad_request_and_the_session_goes_on(mode) {
+        let node = TestNode::start_mode(mode, &[]).await;
+        let mut alice = node.connect("alice").await;
+        let long_name = "r".repeat(129);
+        let cases: Vec<(String, Option<Value>)> = vec![
+            ("not json".into(), None),
+            ("[1,2,3]".into(), None),
+            (r#"{"type":"ping","id":1"#.into(), None),
+            (r#"{"type":"fly","id":1}"#.into(), Some(json!(1))),
+            (r#"{"id":"no-type"}"#.into(), Some(json!("no-type"))),
+            (r#"{"type":"send","id":2,"body":{"a":1}}"#.into(), Some(json!(2))),
+            (r#"{"type":"send","id":3,"to":"bob"}"#.into(), Some(json!(3))),
+            (r#"{"type":"join","id":4}"#.into(), Some(json!(4))),
+            (r#"{"type":"ack","id":5}"#.into(), Some(json!(5))),
+            (r#"{"type":"send","id":6,"to":"bad user","body":1}"#.into(), Some(json!(6))),
+            (r#"{"type":"send","id":7,"to":"","body":1}"#.into(), Some(json!(7))),
+            (r#"{"type":"send","id":8,"to":"bob/../x","body":1}"#.into(), Some(json!(8))),
+            (r#"{"type":"join","id":"r1","room":"lobby!"}"#.into(), Some(json!("r1"))),
+            (json!({"type":"join","id":"r2","room":long_name}).to_string(), Some(json!("r2"))),
+            (r#"{"type":"publish","id":9,"room":"a b","body":1}"#.into(), Some(json!(9))),
+            (r#"{"type":"presence","id":10,"users":["ok","not ok"]}"#.into(), Some(json!(10))),
+            (r#"{"type":"history","id":11,"stream":"lobby"}"#.into(), Some(json!(11))),
+            (r#"{"type":"history","id":12,"stream":"room:lobby","limit":1001}"#.into(), Some(json!(12))),
+            (r#"{"type":"history","id":13,"stream":"room:lobby","since":1,"before":5}"#.into(), Some(json!(13))),
+            // Well-formed JSON whose fields have the wrong type: the id is still readable.
+            (r#"{"type":"join","id":14,"room":5}"#.into(), Some(json!(14))),
+            (r#"{"type":"ack","id":15,"seq":-1}"#.into(), Some(json!(15))),
+        ];
+        for (text, id) in cases {
+            alice.send_text(&text).await;
+            let frame = alice.next_frame().await;
+            assert_bad_request(&frame, id, &text);
+        }
+        // Still usable: a good command is served and nothing else is pending.
+        let reply = alice.ok(json!({"type":"join","room":"lobby"})).await;
+        assert_eq!(reply["room"], "lobby");
+        alice.expect_silence(100).await;
+        drop(alice);
+        node.shutdown().await;
+    }
+}
+
+both_modes! {
+    async fn rate_limit_refuses_a_burst_then_closes_a_flood_with_1008(mode) {
+        let node = TestNode::start_mode(mode, &["--rate-limit", "5"]).await;
+        let mut flooder = node.connect("alice&device=flood").await;
+        // Same user, other session: the limit is per session.
+        let mut steady = node.connect("alice&device=steady").await;
+
+        let flood = async {
+            // A burst of 15: the first 2N = 10 are served, then refusals that carry the id.
+            for id in 1..=15 {
+                flooder.send_json(json!({"type":"ping","id":id})).await;
+            }
+            let mut refused = Vec::new();
+            for id in 1..=15 {
+                let answer = flooder.next_frame().await;
+                assert_eq!(answer["id"], id, "one answer per command, in order: {answer}");
+                if answer["type"] == "error" {
+                    assert_eq!(answer["code"], "rate_limited", "{answer}");
+                    refused.push(id);
+                } else {
+                    assert!(id <= 12, "command {id} of a burst of 15 was served: {answer}");
+                }
+            }
+            assert!(!refused.is_empty() && refused[0] > 10, "the burst allowance is 2N = 10: refused {refused:?}");
+            // Keep flooding: the session is closed for abuse.
+            for id in 16..200 {
+                if flooder.ws.send(Message::text(json!({"type":"ping","id":id}).to_string())).await.is_err() {
+                    break;
+                }
+            }
+            assert_eq!(flooder.closed().await, (1008, Some(1008)));
+        };
+        let under_the_limit = async {
+            // 4 per second for 3.5 s: more than the burst in total, never refused.
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            for _ in 0..15 {
+                tick.tick().await;
+                steady.ok(json!({"type":"ping"})).await;
+            }
+        };
+        tokio::join!(flood, under_the_limit);
+        steady.ok(json!({"type":"ping"})).await;
+        drop((flooder, steady));
+        node.shutdown().await;
+    }
+}
+
+both_modes! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_reader_is_closed_with_4003_and_others_keep_receiving(mode) {
+        let node = TestNode::start_mode(mode, &["--outbound-queue", "16", "--rate-limit", "0", "--history-size", "100"]).await;
+        let mut alice = node.connect("alice").await;
+        let mut slow = node.connect("bob").await;
+        let mut carol = node.connect("carol").await;
+        for client in [&mut carol, &mut slow, &mut alice] {
+            client.ok(json!({"type":"join","room":"firehose"})).await;
+        }
+        assert_eq!(node.metric_total(DROPS).await, 0.0);
+
+        // Alice floods the room with 32 KiB messages; bob stops reading, carol keeps reading.
+        let pad = "x".repeat(32 * 1024);
+        let flood = async {
+            let mut n = 0u64;
+            loop {
+                n += 1;
+                alice.send_json(json!({"type":"publish","room":"firehose","body":{"n":n,"pad":pad}})).await;
+                if n.is_multiple_of(25) && node.metric_total(DROPS).await >= 1.0 {
+                    break;
+                }
+                assert!(n < 5000, "a reader that stopped reading was never closed");
+            }
+            let last = alice.ok(json!({"type":"publish","room":"firehose","body":{"n":n + 1,"last":true}})).await;
+            last["seq"].as_u64().unwrap()
+        };
+        let read = async {
+            let mut seq = 0;
+            loop {
+                let m = carol.next_message().await;
+                seq += 1;
+                assert_eq!(m["seq"], seq, "carol gets every message, in order");
+                if m["body"]["last"] == true {
+                    return seq;
+                }
+            }
+        };
+        let (last, carol_last) = tokio::join!(flood, read);
+        assert_eq!(carol_last, last);
+
+        // Bob reads again: what was on the wire, then the `disconnect` and the close, 4003.
+        assert_eq!(slow.closed().await, (4003, Some(4003)));
+        assert_eq!(node.metric_total(DROPS).await, 1.0, "one session dropped: bob");
+        carol.ok(json!({"type":"ping"})).await;
+        let reply = alice.ok(json!({"type":"publish","room":"firehose","body":"after"})).await;
+        assert_eq!(carol.next_message().await["seq"], reply["seq"]);
+        drop((alice, slow, carol));
+        node.shutdown().await;
+    }
 }
 
 /// Posts `count` broadcasts of `body` over one keep-alive HTTP connection.
@@ -318,86 +330,102 @@ async fn memory_stays_bounded_while_a_client_that_does_not_read_is_flooded() {
     node.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_client_that_never_answers_pings_is_closed_and_a_reading_one_stays() {
-    let node = TestNode::start(&["--ping-interval", "1"]).await;
-    let mut live = node.connect("alice").await;
-    let connected = Instant::now();
-    // Raw TCP answers no pings; this client never writes after the upgrade.
-    let mut mute = raw_upgrade(&node, "user=bob").await;
+both_modes! {
+    async fn a_client_that_never_answers_pings_is_closed_and_a_reading_one_stays(mode) {
+        let node = TestNode::start_mode(mode, &["--ping-interval", "1"]).await;
+        let mut live = node.connect("alice").await;
+        let connected = Instant::now();
+        // Raw TCP answers no pings; this client never writes after the upgrade.
+        let mut mute = raw_upgrade(&node, "user=bob").await;
 
-    let idle = async {
-        assert_eq!(raw_next_json(&mut mute).await["type"], "welcome");
-        let disconnect = raw_next_json(&mut mute).await;
-        assert_eq!(disconnect, json!({"type":"disconnect","code":1001,"reason":"ping timeout"}));
-        assert_eq!(raw_close_code(&mut mute).await, 1001);
-        let after = connected.elapsed();
-        assert!(after >= Duration::from_millis(1900) && after < Duration::from_secs(5), "closed after {after:?}");
-    };
-    // The library client answers pings while it reads.
-    let reading = live.expect_silence(4500);
-    tokio::join!(idle, reading);
-    live.ok(json!({"type":"ping"})).await;
-    node.shutdown().await;
+        let idle = async {
+            assert_eq!(raw_next_json(&mut mute).await["type"], "welcome");
+            let disconnect = raw_next_json(&mut mute).await;
+            assert_eq!(disconnect, json!({"type":"disconnect","code":1001,"reason":"ping timeout"}));
+            assert_eq!(raw_close_code(&mut mute).await, 1001);
+            let after = connected.elapsed();
+            assert!(after >= Duration::from_millis(1900) && after < Duration::from_secs(5), "closed after {after:?}");
+        };
+        // The library client answers pings while it reads.
+        let reading = live.expect_silence(4500);
+        tokio::join!(idle, reading);
+        live.ok(json!({"type":"ping"})).await;
+        drop((live, mute));
+        node.shutdown().await;
+    }
 }
 
-#[tokio::test]
-async fn max_connections_refuses_with_503_until_a_session_closes() {
-    let node = TestNode::start(&["--max-connections", "2"]).await;
-    let mut alice = node.connect("alice").await;
-    let mut bob = node.connect("bob").await;
+both_modes! {
+    async fn max_connections_refuses_with_503_until_a_session_closes(mode) {
+        let node = TestNode::start_mode(mode, &["--max-connections", "2"]).await;
+        // The cap is per node: everything happens on one.
+        let first = node.on(0);
+        let mut alice = first.connect("alice").await;
+        let mut bob = first.connect("bob").await;
 
-    let (status, body) = node.refused_upgrade("/ws?user=carol", "").await;
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["error"]["code"], "unavailable", "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    assert_eq!(metric(&node.metrics().await, "switchyard_rejected_connections_total{reason=\"capacity\"}"), 1.0);
-    // A refused upgrade did not use up a slot.
-    let (status, _) = node.refused_upgrade("/ws?user=carol", "").await;
-    assert_eq!(status, 503);
-
-    alice.ws.close().await.unwrap();
-    // The slot frees once the session has finished closing: retry briefly.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut carol = loop {
-        let builder = ClientBuilder::new().uri(&node.ws_url("user=carol")).unwrap();
-        if let Ok((ws, _)) = builder.connect().await {
-            break ws;
+        let (status, body) = first.refused_upgrade("/ws?user=carol", "").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "unavailable", "{body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+        assert_eq!(metric(&first.metrics().await, "switchyard_rejected_connections_total{reason=\"capacity\"}"), 1.0);
+        if mode == Mode::Cluster {
+            // A full node does not make the others refuse.
+            let mut elsewhere = node.on(1).connect("carol").await;
+            elsewhere.ok(json!({"type":"ping"})).await;
         }
-        assert!(Instant::now() < deadline, "a slot never freed after a session closed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    use futures_util::StreamExt;
-    let welcome = carol.next().await.unwrap().unwrap();
-    assert!(welcome.as_text().unwrap().contains("\"welcome\""));
-    let (status, _) = node.refused_upgrade("/ws?user=dave", "").await;
-    assert_eq!(status, 503, "two sessions again: bob and carol");
-    bob.ok(json!({"type":"ping"})).await;
-    node.shutdown().await;
+        // A refused upgrade did not use up a slot.
+        let (status, _) = first.refused_upgrade("/ws?user=carol", "").await;
+        assert_eq!(status, 503);
+
+        alice.ws.close().await.unwrap();
+        // The slot frees once the session has finished closing: retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut carol = loop {
+            let builder = ClientBuilder::new().uri(&first.ws_url("user=carol")).unwrap();
+            if let Ok((ws, _)) = builder.connect().await {
+                break ws;
+            }
+            assert!(Instant::now() < deadline, "a slot never freed after a session closed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        use futures_util::StreamExt;
+        let welcome = carol.next().await.unwrap().unwrap();
+        assert!(welcome.as_text().unwrap().contains("\"welcome\""));
+        let (status, _) = first.refused_upgrade("/ws?user=dave", "").await;
+        assert_eq!(status, 503, "two sessions again: bob and carol");
+        bob.ok(json!({"type":"ping"})).await;
+        drop((alice, bob, carol));
+        node.shutdown().await;
+    }
 }
 
-#[tokio::test]
-async fn welcome_names_session_user_device_node_and_ping_interval() {
-    let node = TestNode::start(&["--node-id", "edge-7", "--ping-interval", "9"]).await;
-    let laptop = node.connect("alice&device=laptop").await;
-    let phone = node.connect("alice&device=phone").await;
-    let w = &laptop.welcome;
-    assert_eq!(w["type"], "welcome");
-    assert_eq!(w["user"], "alice");
-    assert_eq!(w["device"], "laptop");
-    assert_eq!(w["node"], "edge-7");
-    assert_eq!(w["ping_interval"], 9);
-    assert!(w["session"].as_str().is_some_and(|s| !s.is_empty()), "{w}");
-    assert_ne!(laptop.session(), phone.session(), "each session has its own id");
-    assert_eq!(phone.welcome["device"], "phone");
+both_modes! {
+    async fn welcome_names_session_user_device_node_and_ping_interval(mode) {
+        let node = TestNode::start_mode(mode, &["--node-id", "edge-7", "--ping-interval", "9"]).await;
+        let laptop = node.connect("alice&device=laptop").await;
+        let phone = node.connect("alice&device=phone").await;
+        let w = &laptop.welcome;
+        assert_eq!(w["type"], "welcome");
+        assert_eq!(w["user"], "alice");
+        assert_eq!(w["device"], "laptop");
+        assert_eq!(w["node"], node.node_id(laptop.node), "the node the client is connected to");
+        let expected_id = if mode == Mode::Single { "edge-7".to_owned() } else { format!("edge-7-{}", laptop.node) };
+        assert_eq!(w["node"], expected_id.as_str());
+        assert_eq!(phone.welcome["node"], node.node_id(phone.node));
+        assert_eq!(w["ping_interval"], 9);
+        assert!(w["session"].as_str().is_some_and(|s| !s.is_empty()), "{w}");
+        assert_ne!(laptop.session(), phone.session(), "each session has its own id");
+        assert_eq!(phone.welcome["device"], "phone");
 
-    let (status, presence) = node.http("GET", "/api/v1/users/alice/presence", None, None).await;
-    assert_eq!(status, 200, "{presence}");
-    let mut sessions: Vec<String> =
-        presence["sessions"].as_array().unwrap().iter().map(|s| s["session"].as_str().unwrap().to_owned()).collect();
-    sessions.sort();
-    let mut expected = vec![laptop.session(), phone.session()];
-    expected.sort();
-    assert_eq!(sessions, expected, "the welcome's session id is the one the server knows");
-    node.shutdown().await;
+        let (status, presence) = node.http("GET", "/api/v1/users/alice/presence", None, None).await;
+        assert_eq!(status, 200, "{presence}");
+        let mut sessions: Vec<String> =
+            presence["sessions"].as_array().unwrap().iter().map(|s| s["session"].as_str().unwrap().to_owned()).collect();
+        sessions.sort();
+        let mut expected = vec![laptop.session(), phone.session()];
+        expected.sort();
+        assert_eq!(sessions, expected, "the welcome's session id is the one the server knows");
+        drop((laptop, phone));
+        node.shutdown().await;
+    }
 }

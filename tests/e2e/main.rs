@@ -1,5 +1,6 @@
 //! End-to-end tests: real nodes on port 0, real WebSocket clients, as PROTOCOL.md describes.
 
+mod redis_server;
 mod support;
 
 mod messaging;
@@ -11,3 +12,4 @@ mod cli;
 mod timers;
 mod limits;
 mod auth;
+mod cluster;

@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -12,50 +13,261 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_websockets::{ClientBuilder, MaybeTlsStream, Message, WebSocketStream};
 
+use crate::redis_server::RedisServer;
+
 /// How long a test waits for a frame that must come.
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// How many nodes a cluster deployment runs.
+pub const CLUSTER_SIZE: usize = 3;
+
+/// The deployment a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One node with its embedded store.
+    Single,
+    /// [`CLUSTER_SIZE`] in-process nodes over a private `redis-server`.
+    Cluster,
+}
+
+/// Writes one end-to-end test once and runs it in both deployments: the body becomes
+/// `name::single` and `name::cluster`, each called with its [`Mode`]. Optional, in this order:
+/// doc comments, `#[tokio::test(...)]` arguments for both variants, and
+/// `#[cluster_ignore = "cluster: why"]`, which ignores the cluster variant only (a known server
+/// bug, named in the reason). Without Redis (outside CI) the cluster variant prints SKIP and
+/// passes.
+macro_rules! both_modes {
+    (
+        $(#[doc = $doc:literal])*
+        $(#[tokio::test($($flavor:tt)*)])?
+        $(#[cluster_ignore = $reason:literal])?
+        async fn $name:ident($mode:ident) $body:block
+    ) => {
+        $(#[doc = $doc])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn body($mode: $crate::support::Mode) $body
+
+            #[tokio::test($($($flavor)*)?)]
+            async fn single() {
+                body($crate::support::Mode::Single).await;
+            }
+
+            #[tokio::test($($($flavor)*)?)]
+            $(#[ignore = $reason])?
+            async fn cluster() {
+                if $crate::redis_server::available() {
+                    body($crate::support::Mode::Cluster).await;
+                }
+            }
+        }
+    };
+}
+pub(crate) use both_modes;
+
+/// One deployment under test: a single node, or a cluster of [`CLUSTER_SIZE`] nodes sharing a
+/// private Redis (kept alive as long as this value). Clients and HTTP requests made through it
+/// spread over the nodes round-robin, so consecutive clients of a test land on different nodes;
+/// [`TestNode::on`] picks one node.
 pub struct TestNode {
-    pub server: Option<Server>,
+    pub mode: Mode,
+    /// The first node's address (the only one in single mode).
     pub addr: std::net::SocketAddr,
     pub dir: Arc<tempfile::TempDir>,
+    servers: Vec<Option<Server>>,
     args: Vec<String>,
+    next_client: AtomicUsize,
+    next_request: AtomicUsize,
+    /// The private Redis of a cluster, kept alive for the test; declared last, so dropped (and
+    /// killed) after the nodes that use it.
+    _redis: Option<RedisServer>,
 }
 
 impl TestNode {
-    /// A dev-mode node with a fresh data dir; `extra` are more `serve` flags.
+    /// A dev-mode single node with a fresh data dir; `extra` are more `serve` flags.
     pub async fn start(extra: &[&str]) -> Self {
+        Self::start_mode(Mode::Single, extra).await
+    }
+
+    /// A dev-mode deployment in `mode`; `extra` are more `serve` flags, given to every node. In
+    /// cluster mode a `--node-id X` becomes `X-0`, `X-1`, ... (ids are unique in a cluster), and
+    /// Redis must be installed (the `both_modes!` cluster variant checks before it calls this).
+    pub async fn start_mode(mode: Mode, extra: &[&str]) -> Self {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
-        Self::start_in(dir, extra.iter().map(|s| s.to_string()).collect()).await
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let redis = match mode {
+            Mode::Single => None,
+            Mode::Cluster => {
+                let redis = RedisServer::start_checked().expect("redis-server for a cluster test");
+                let prefix = format!("e2e-{:016x}", fastrand::u64(..));
+                args.extend(["--redis".into(), redis.url(), "--redis-prefix".into(), prefix]);
+                Some(redis)
+            }
+        };
+        let servers = Self::start_servers(mode, &dir, &args).await;
+        Self {
+            mode,
+            addr: servers[0].addr,
+            dir,
+            servers: servers.into_iter().map(Some).collect(),
+            args,
+            next_client: AtomicUsize::new(0),
+            next_request: AtomicUsize::new(0),
+            _redis: redis,
+        }
     }
 
-    async fn start_in(dir: Arc<tempfile::TempDir>, args: Vec<String>) -> Self {
-        let data: PathBuf = dir.path().join("data");
-        let mut argv = vec![
-            "switchyard".to_string(),
-            "serve".into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            data.to_string_lossy().into_owned(),
-        ];
-        argv.extend(args.iter().cloned());
-        let cli = switchyard::config::parse(argv).expect("valid test config");
-        let switchyard::config::CliCommand::Serve(config) = cli.command;
-        let server = Server::start(*config).await.expect("node starts");
-        Self { addr: server.addr, server: Some(server), dir, args }
+    async fn start_servers(mode: Mode, dir: &tempfile::TempDir, args: &[String]) -> Vec<Server> {
+        let count = match mode {
+            Mode::Single => 1,
+            Mode::Cluster => CLUSTER_SIZE,
+        };
+        let starts = (0..count).map(|i| {
+            let data: PathBuf = match mode {
+                Mode::Single => dir.path().join("data"),
+                Mode::Cluster => dir.path().join(format!("data-{i}")),
+            };
+            let mut argv = vec![
+                "switchyard".to_string(),
+                "serve".into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--data-dir".into(),
+                data.to_string_lossy().into_owned(),
+            ];
+            let mut rest = args.iter();
+            while let Some(arg) = rest.next() {
+                argv.push(arg.clone());
+                if arg == "--node-id" && mode == Mode::Cluster {
+                    let id = rest.next().expect("--node-id has a value");
+                    argv.push(format!("{id}-{i}"));
+                }
+            }
+            async move {
+                let cli = switchyard::config::parse(argv).expect("valid test config");
+                let switchyard::config::CliCommand::Serve(config) = cli.command;
+                Server::start(*config).await.expect("node starts")
+            }
+        });
+        futures_util::future::join_all(starts).await
     }
 
-    /// Shuts the node down gracefully and starts a new one on the same data dir.
+    /// Shuts every node down gracefully and starts new ones on the same data dirs (single) or
+    /// the same Redis (cluster), which keeps its data.
     pub async fn restart(mut self) -> Self {
-        self.server.take().expect("running").shutdown().await;
-        Self::start_in(self.dir.clone(), self.args.clone()).await
+        self.stop_all().await;
+        let servers = Self::start_servers(self.mode, &self.dir, &self.args).await;
+        self.addr = servers[0].addr;
+        self.servers = servers.into_iter().map(Some).collect();
+        self
     }
 
+    /// Shuts every node down gracefully. Drop the test's clients first: a node waits up to a
+    /// second for each session's close reply, which a client nobody reads never sends.
     pub async fn shutdown(mut self) {
-        self.server.take().expect("running").shutdown().await;
+        self.stop_all().await;
     }
 
+    async fn stop_all(&mut self) {
+        let running = self.servers.iter_mut().filter_map(Option::take).map(Server::shutdown);
+        futures_util::future::join_all(running).await;
+    }
+
+    /// How many nodes this deployment runs.
+    pub fn size(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// Node `index`, to talk to it alone.
+    pub fn on(&self, index: usize) -> Member {
+        let server = self.server(index);
+        Member { index, addr: server.addr }
+    }
+
+    /// Every node, in order.
+    pub fn members(&self) -> Vec<Member> {
+        (0..self.size()).map(|i| self.on(i)).collect()
+    }
+
+    /// The running server of node `index`, for tests that reach inside it.
+    pub fn server(&self, index: usize) -> &Server {
+        self.servers[index].as_ref().expect("node is running")
+    }
+
+    /// Takes node `index` out of the deployment, e.g. to shut it down by hand; later calls that
+    /// pick that node panic.
+    pub fn take_server(&mut self, index: usize) -> Server {
+        self.servers[index].take().expect("node is running")
+    }
+
+    /// The id node `index` gave itself.
+    pub fn node_id(&self, index: usize) -> String {
+        self.server(index).node.id.to_string()
+    }
+
+    fn round_robin(&self, counter: &AtomicUsize) -> Member {
+        self.on(counter.fetch_add(1, Ordering::Relaxed) % self.size())
+    }
+
+    /// The node the next client connects to.
+    pub fn next_member(&self) -> Member {
+        self.round_robin(&self.next_client)
+    }
+
+    /// The WebSocket URL of the next node, for a test that builds its own client.
+    #[allow(dead_code)]
+    pub fn ws_url(&self, query: &str) -> String {
+        self.next_member().ws_url(query)
+    }
+
+    /// Connects a dev-mode client as `user` and reads its welcome.
+    pub async fn connect(&self, user: &str) -> Client {
+        self.next_member().connect(user).await
+    }
+
+    pub async fn connect_query(&self, query: &str) -> Client {
+        self.next_member().connect_query(query).await
+    }
+
+    pub async fn connect_bearer(&self, token: &str) -> Client {
+        self.next_member().connect_bearer(token).await
+    }
+
+    /// A plain HTTP/1.1 request; answers the status and the body parsed as JSON (or a string).
+    pub async fn http(&self, method: &str, path: &str, body: Option<&str>, key: Option<&str>) -> (u16, Value) {
+        self.round_robin(&self.next_request).http(method, path, body, key).await
+    }
+
+    /// An upgrade request that is expected to be refused: answers the status and JSON body.
+    pub async fn refused_upgrade(&self, path_and_query: &str, extra_headers: &str) -> (u16, Value) {
+        self.round_robin(&self.next_request).refused_upgrade(path_and_query, extra_headers).await
+    }
+
+    /// The first node's metrics; see [`Member::metrics`] and [`TestNode::metric_total`].
+    pub async fn metrics(&self) -> String {
+        self.on(0).metrics().await
+    }
+
+    /// A metric summed over every node.
+    pub async fn metric_total(&self, name_and_labels: &str) -> f64 {
+        let mut total = 0.0;
+        for member in self.members() {
+            total += metric(&member.metrics().await, name_and_labels);
+        }
+        total
+    }
+}
+
+/// One node of a [`TestNode`], by index and address.
+#[derive(Clone, Copy, Debug)]
+pub struct Member {
+    pub index: usize,
+    pub addr: std::net::SocketAddr,
+}
+
+impl Member {
     pub fn ws_url(&self, query: &str) -> String {
         format!("ws://{}/ws?{query}", self.addr)
     }
@@ -68,7 +280,7 @@ impl TestNode {
     pub async fn connect_query(&self, query: &str) -> Client {
         let builder = ClientBuilder::new().uri(&self.ws_url(query)).expect("uri");
         let (ws, _) = builder.connect().await.expect("upgrade accepted");
-        Client::new(ws).await
+        Client::new(ws, self.index).await
     }
 
     pub async fn connect_bearer(&self, token: &str) -> Client {
@@ -81,7 +293,7 @@ impl TestNode {
             )
             .expect("header");
         let (ws, _) = builder.connect().await.expect("upgrade accepted");
-        Client::new(ws).await
+        Client::new(ws, self.index).await
     }
 
     /// A plain HTTP/1.1 request; answers the status and the body parsed as JSON (or a string).
@@ -104,10 +316,28 @@ impl TestNode {
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
+    /// This node's metrics text.
     pub async fn metrics(&self) -> String {
         let (status, body) = self.http("GET", "/metrics", None, None).await;
         assert_eq!(status, 200);
         body.as_str().expect("metrics are text").to_owned()
+    }
+}
+
+/// Where a raw connection goes: a deployment (its next node, round-robin) or one node.
+pub trait Target {
+    fn member(&self) -> Member;
+}
+
+impl Target for TestNode {
+    fn member(&self) -> Member {
+        self.next_member()
+    }
+}
+
+impl Target for Member {
+    fn member(&self) -> Member {
+        *self
     }
 }
 
@@ -150,13 +380,16 @@ fn dechunk(mut body: &str) -> String {
 pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub welcome: Value,
+    /// The index of the node of its [`TestNode`] this client is connected to (`usize::MAX` when
+    /// it connected by URL).
+    pub node: usize,
     buffered: VecDeque<Value>,
     next_id: u64,
 }
 
 impl Client {
-    async fn new(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
-        let mut client = Self { ws, welcome: Value::Null, buffered: VecDeque::new(), next_id: 0 };
+    async fn new(ws: WebSocketStream<MaybeTlsStream<TcpStream>>, node: usize) -> Self {
+        let mut client = Self { ws, welcome: Value::Null, node, buffered: VecDeque::new(), next_id: 0 };
         client.welcome = client.next_frame().await;
         assert_eq!(client.welcome["type"], "welcome", "first frame is the welcome");
         client
@@ -277,11 +510,11 @@ impl Client {
 
 /// Connects over raw TCP, performs the upgrade and hands back the stream, for tests that
 /// write frames no client library would.
-pub async fn raw_upgrade(node: &TestNode, query: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(node.addr).await.expect("connect");
+pub async fn raw_upgrade(target: &impl Target, query: &str) -> TcpStream {
+    let addr = target.member().addr;
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
     let request = format!(
-        "GET /ws?{query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        node.addr
+        "GET /ws?{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut head = Vec::new();
@@ -393,4 +626,12 @@ pub fn rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/self/status")
+}
+
+/// Connects to a WebSocket URL (e.g. `ws://ADDR/ws?user=alice` of a node process) and reads the
+/// welcome.
+pub async fn connect_url(url: &str) -> Client {
+    let builder = ClientBuilder::new().uri(url).expect("uri");
+    let (ws, _) = builder.connect().await.expect("upgrade accepted");
+    Client::new(ws, usize::MAX).await
 }
