@@ -200,6 +200,22 @@ pub struct RedisPresence {
 }
 
 impl RedisPresence {
+
+    /// Runs the join or leave script for one session; true when the user entered or left the
+    /// room cluster-wide.
+    async fn membership(&self, script: &Script, room: &RoomName, user: &UserId, session: SessionId) -> Result<bool, PresenceError> {
+        let changed: i64 = script
+            .key(self.key("nr", &self.instance))
+            .key(self.key("nm", &self.instance))
+            .key(self.key("rm", room.as_str()))
+            .arg(format!("{room}\n{user}\n{session}"))
+            .arg(format!("{room}\n{user}"))
+            .arg(user.as_str())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(changed == 1)
+    }
     /// A node whose last heartbeat (by the Redis clock) is older than this is dead: its sessions
     /// stop counting at once and the next [`Presence::reap`] removes them. Heartbeat well within it.
     pub const DEAD_AFTER: Duration = Duration::from_secs(10);
@@ -391,35 +407,11 @@ impl Presence for RedisPresence {
     }
 
     async fn join(&self, room: &RoomName, user: &UserId, session: SessionId) -> Result<bool, PresenceError> {
-        let entered: i64 = self
-            .scripts
-            .join
-            .key(self.key("nr", &self.instance))
-            .key(self.key("nm", &self.instance))
-            .key(self.key("rm", room.as_str()))
-            .arg(format!("{room}\n{user}\n{session}"))
-            .arg(format!("{room}\n{user}"))
-            .arg(user.as_str())
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        Ok(entered == 1)
+        self.membership(&self.scripts.join, room, user, session).await
     }
 
     async fn leave(&self, room: &RoomName, user: &UserId, session: SessionId) -> Result<bool, PresenceError> {
-        let left: i64 = self
-            .scripts
-            .leave
-            .key(self.key("nr", &self.instance))
-            .key(self.key("nm", &self.instance))
-            .key(self.key("rm", room.as_str()))
-            .arg(format!("{room}\n{user}\n{session}"))
-            .arg(format!("{room}\n{user}"))
-            .arg(user.as_str())
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        Ok(left == 1)
+        self.membership(&self.scripts.leave, room, user, session).await
     }
 
     /// Exact (the first `limit` ids in sort order) for rooms of up to 10,000 users; for larger
