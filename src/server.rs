@@ -32,6 +32,48 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest frame the Autobahn echo endpoint accepts (its cases go up to 16 MiB).
 const ECHO_MAX_PAYLOAD: usize = 32 << 20;
 
+/// Pending connections the kernel may queue before accepting: tokio's default of 128 overflows
+/// under a reconnect storm, and each overflow costs a client a one-second SYN retry.
+const LISTEN_BACKLOG: u32 = 4096;
+/// File descriptors kept free for everything but sessions (Redis, the store, API requests).
+const RESERVED_FDS: usize = 256;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Raises the open-file limit to its hard maximum and lowers `--max-connections` to what it
+/// allows, so that a node at capacity answers HTTP 503 instead of failing to accept.
+fn fit_to_fd_limit(max_connections: usize) -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    let allowed = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return max_connections;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+        (limit.rlim_cur as usize).saturating_sub(RESERVED_FDS)
+    };
+    if max_connections > allowed {
+        tracing::warn!(
+            requested = max_connections,
+            allowed,
+            fd_limit = limit.rlim_cur,
+            "--max-connections lowered to what the open-file limit allows"
+        );
+        return allowed.max(1);
+    }
+    max_connections
+}
+
 /// Counts live sessions, for `--max-connections` and for draining at shutdown.
 #[derive(Default)]
 struct Sessions {
@@ -69,9 +111,10 @@ impl Server {
     /// Binds `config.listen` (port 0 picks a free port) and starts serving.
     pub async fn start(config: ServeArgs) -> anyhow::Result<Self> {
         config.validate()?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("--listen {}: cannot listen there: {e}", config.listen))?;
+        let mut config = config;
+        config.max_connections = fit_to_fd_limit(config.max_connections);
+        let listener =
+            listen(config.listen).map_err(|e| anyhow::anyhow!("--listen {}: cannot listen there: {e}", config.listen))?;
         let addr = listener.local_addr()?;
         let (trigger, shutdown) = shutdown::channel();
         let autobahn = config.autobahn_echo;
