@@ -107,9 +107,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_RATE_LIMIT", default_value_t = 100, value_name = "N")]
     pub rate_limit: u32,
 
-    /// Most WebSocket sessions this node holds; more upgrades get HTTP 503
-    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 50_000, value_name = "N")]
-    pub max_connections: usize,
+    /// Most WebSocket sessions this node holds; more upgrades get HTTP 503 [default: as many as the open-file limit allows]
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
 
     /// Seconds between WebSocket pings; a session silent for two intervals is closed
     #[arg(long, env = "SWITCHYARD_PING_INTERVAL", default_value_t = 25, value_name = "SECS")]
@@ -282,7 +282,7 @@ impl ServeArgs {
         if self.outbound_queue < 16 {
             bail!("--outbound-queue must be at least 16");
         }
-        if self.max_connections == 0 {
+        if self.max_connections == Some(0) {
             bail!("--max-connections must be at least 1");
         }
         Ok(())

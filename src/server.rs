@@ -45,14 +45,15 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Raises the open-file limit to its hard maximum and lowers `--max-connections` to what it
-/// allows, so that a node at capacity answers HTTP 503 instead of failing to accept.
-fn fit_to_fd_limit(max_connections: usize) -> usize {
+/// Raises the open-file limit to its hard maximum and answers how many sessions the node may
+/// hold: `--max-connections` when given and possible, else what the limit allows, so that a node
+/// at capacity answers HTTP 503 instead of failing to accept.
+fn fit_to_fd_limit(requested: Option<usize>) -> usize {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
     let allowed = unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return max_connections;
+            return requested.unwrap_or(usize::MAX);
         }
         if limit.rlim_cur < limit.rlim_max {
             let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
@@ -62,16 +63,14 @@ fn fit_to_fd_limit(max_connections: usize) -> usize {
         }
         (limit.rlim_cur as usize).saturating_sub(RESERVED_FDS)
     };
-    if max_connections > allowed {
-        tracing::warn!(
-            requested = max_connections,
-            allowed,
-            fd_limit = limit.rlim_cur,
-            "--max-connections lowered to what the open-file limit allows"
-        );
-        return allowed.max(1);
+    match requested {
+        Some(requested) if requested > allowed => {
+            tracing::warn!(requested, allowed, fd_limit = limit.rlim_cur, "--max-connections lowered to what the open-file limit allows");
+            allowed.max(1)
+        }
+        Some(requested) => requested,
+        None => allowed.max(1),
     }
-    max_connections
 }
 
 /// Counts live sessions, for `--max-connections` and for draining at shutdown.
@@ -112,7 +111,7 @@ impl Server {
     pub async fn start(config: ServeArgs) -> anyhow::Result<Self> {
         config.validate()?;
         let mut config = config;
-        config.max_connections = fit_to_fd_limit(config.max_connections);
+        config.max_connections = Some(fit_to_fd_limit(config.max_connections));
         let listener =
             listen(config.listen).map_err(|e| anyhow::anyhow!("--listen {}: cannot listen there: {e}", config.listen))?;
         let addr = listener.local_addr()?;
@@ -263,7 +262,7 @@ async fn upgrade(State(state): State<AppState>, mut request: Request) -> Respons
     }
     let live = state.sessions.live.fetch_add(1, Ordering::AcqRel);
     let slot = SessionSlot(state.sessions.clone());
-    if live >= node.config.max_connections {
+    if live >= node.config.max_connections.unwrap_or(usize::MAX) {
         node.metrics.reject(Rejection::Capacity);
         return error_response(&ProtocolError::new(ErrorCode::Unavailable, "node at its connection limit: try another node"));
     }
