@@ -60,18 +60,14 @@ impl Authenticator {
 
     /// Reads an RS256 (RSA) or ES256 (P-256) public key in PEM.
     pub fn public_key_file(path: &Path) -> anyhow::Result<Self> {
-        let pem = std::fs::read(path)
-            .with_context(|| format!("--jwt-public-key: cannot read {}", path.display()))?;
+        let pem = std::fs::read(path).with_context(|| format!("--jwt-public-key: cannot read {}", path.display()))?;
         if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
             return Ok(Self::with_key(key, Algorithm::RS256));
         }
         if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
             return Ok(Self::with_key(key, Algorithm::ES256));
         }
-        anyhow::bail!(
-            "--jwt-public-key: {} is not an RSA or EC (P-256) public key in PEM",
-            path.display()
-        )
+        anyhow::bail!("--jwt-public-key: {} is not an RSA or EC (P-256) public key in PEM", path.display())
     }
 
     fn with_key(key: DecodingKey, alg: Algorithm) -> Self {
@@ -98,21 +94,18 @@ impl Authenticator {
     ) -> Result<Identity, ProtocolError> {
         let device = device.filter(|d| !d.is_empty()).map(|d| d.chars().take(64).collect());
         let Some((key, validation)) = &self.key else {
-            let user = user.ok_or_else(|| {
-                ProtocolError::new(ErrorCode::Unauthorized, "dev mode: connect with ?user=<id>")
-            })?;
+            let user =
+                user.ok_or_else(|| ProtocolError::new(ErrorCode::Unauthorized, "dev mode: connect with ?user=<id>"))?;
             return Ok(Identity { user: UserId::parse(user)?, device, rooms: Vec::new(), expires_at: None });
         };
         let token = token.ok_or_else(|| {
             ProtocolError::new(ErrorCode::Unauthorized, "a token is required: Authorization: Bearer <jwt> or ?token=")
         })?;
-        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
-            ProtocolError::new(ErrorCode::Unauthorized, format!("invalid token: {e}"))
-        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, validation)
+            .map_err(|e| ProtocolError::new(ErrorCode::Unauthorized, format!("invalid token: {e}")))?;
         let claims = data.claims;
-        let user = UserId::parse(&claims.sub).map_err(|_| {
-            ProtocolError::new(ErrorCode::Unauthorized, "invalid token: `sub` is not a valid user id")
-        })?;
+        let user = UserId::parse(&claims.sub)
+            .map_err(|_| ProtocolError::new(ErrorCode::Unauthorized, "invalid token: `sub` is not a valid user id"))?;
         Ok(Identity {
             user,
             device: claims.device.map(|d| d.chars().take(64).collect()).or(device),
@@ -138,7 +131,8 @@ mod tests {
     #[test]
     fn hs256_tokens_are_checked() {
         let auth = Authenticator::hs256("s3cret");
-        let good = token("s3cret", serde_json::json!({"sub":"alice","exp":now()+60,"device":"phone","rooms":["team-*"]}));
+        let good =
+            token("s3cret", serde_json::json!({"sub":"alice","exp":now()+60,"device":"phone","rooms":["team-*"]}));
         let id = auth.authenticate(Some(&good), Some("mallory"), None).unwrap();
         assert_eq!(id.user.as_str(), "alice", "?user= is ignored when a token is given");
         assert_eq!(id.device.as_deref(), Some("phone"));

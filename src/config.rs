@@ -84,7 +84,13 @@ pub struct ServeArgs {
     pub single_session: bool,
 
     /// Rooms that need the token's `rooms` claim; may repeat
-    #[arg(long, env = "SWITCHYARD_PRIVATE_PREFIX", value_name = "P", value_delimiter = ',', default_value = "private:")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_PRIVATE_PREFIX",
+        value_name = "P",
+        value_delimiter = ',',
+        default_value = "private:"
+    )]
     pub private_prefix: Vec<String>,
 
     /// Rooms without presence events; may repeat [default: none]
@@ -148,9 +154,9 @@ where
     let extra = file_args(file, serve)?;
     let mut argv = argv;
     argv.extend(extra);
-    let matches = Cli::command().try_get_matches_from(&argv).map_err(|e| {
-        anyhow::anyhow!("{}: {}", file.display(), e.render().to_string().trim())
-    })?;
+    let matches = Cli::command()
+        .try_get_matches_from(&argv)
+        .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.render().to_string().trim()))?;
     let cli = Cli::from_arg_matches(&matches)?;
     validate(&cli)?;
     Ok(cli)
@@ -168,11 +174,9 @@ fn clap_exit(e: clap::Error) -> anyhow::Error {
 /// Turns the keys of a TOML file into `--key=value` arguments for the options that neither a
 /// flag nor the environment set.
 fn file_args(file: &PathBuf, serve: &ArgMatches) -> anyhow::Result<Vec<OsString>> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read config file {}", file.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e| anyhow::anyhow!("config file {} is not valid TOML: {e}", file.display()))?;
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read config file {}", file.display()))?;
+    let table: toml::Table =
+        text.parse().map_err(|e| anyhow::anyhow!("config file {} is not valid TOML: {e}", file.display()))?;
     let command = Cli::command();
     let serve_cmd = command.find_subcommand("serve").expect("serve exists");
     let mut out = Vec::new();

@@ -101,10 +101,7 @@ struct Index<K> {
 
 impl<K: Hash + Eq + Clone> Index<K> {
     fn new() -> Self {
-        Self {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            hasher: Default::default(),
-        }
+        Self { shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(), hasher: Default::default() }
     }
 
     fn shard(&self, key: &K) -> &RwLock<HashMap<K, Members>> {

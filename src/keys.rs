@@ -72,11 +72,9 @@ mod tests {
     #[test]
     fn channels_round_trip() {
         let keys = Keys::new("sy:test");
-        for topic in [
-            Topic::User(UserId::parse("alice").unwrap()),
-            Topic::Room(RoomName::parse("a:b.c").unwrap()),
-            Topic::All,
-        ] {
+        for topic in
+            [Topic::User(UserId::parse("alice").unwrap()), Topic::Room(RoomName::parse("a:b.c").unwrap()), Topic::All]
+        {
             assert_eq!(keys.topic(&keys.channel(&topic)), Some(topic));
         }
         assert_eq!(keys.topic("other:u:alice"), None);

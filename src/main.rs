@@ -41,12 +41,18 @@ async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
     let server = switchyard::Server::start(args).await?;
     let addr = server.addr;
     tracing::info!(node = %server.node.id, %addr, data_dir = %data_dir.display(), "listening");
-    println!("switchyard {} listening on http://{addr} (WebSocket ws://{addr}/ws, node {})", env!("CARGO_PKG_VERSION"), server.node.id);
+    println!(
+        "switchyard {} listening on http://{addr} (WebSocket ws://{addr}/ws, node {})",
+        env!("CARGO_PKG_VERSION"),
+        server.node.id
+    );
     if dev {
         println!(
             "dev mode: no JWT key configured, clients connect with ws://{addr}/ws?user=<id>; demo page at http://{addr}/"
         );
-        tracing::warn!("dev mode: clients are trusted to name their user; configure --jwt-secret or --jwt-public-key for production");
+        tracing::warn!(
+            "dev mode: clients are trusted to name their user; configure --jwt-secret or --jwt-public-key for production"
+        );
     }
     tokio::select! {
         _ = term.recv() => {}

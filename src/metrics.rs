@@ -114,9 +114,8 @@ impl Metrics {
         let connections = Counter::default();
         let messages_in = Family::<KindLabel, Counter>::default();
         let messages_out = Family::<KindLabel, Counter>::default();
-        let delivery_latency = Histogram::new(
-            [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
-        );
+        let delivery_latency =
+            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
         let outbound_dropped = Counter::default();
         let bus_received = Counter::default();
         let rejected = Family::<ReasonLabel, Counter>::default();

@@ -10,9 +10,9 @@ use serde::Serialize;
 use crate::auth::{Authenticator, Identity};
 use crate::broker::{Broker, Delivery, Event, MemoryBroker, RedisBroker, SessionId, Sink, Topic};
 use crate::cluster::{self, RedisClock};
-use crate::keys::Keys;
 use crate::config::ServeArgs;
 use crate::hub::{Hub, SessionHandle};
+use crate::keys::Keys;
 use crate::metrics::{Kind, Metrics};
 use crate::presence::{MemoryPresence, NodeInfo, Presence, PresenceError, RedisPresence, SessionInfo};
 use crate::protocol::{
@@ -90,10 +90,8 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
         let sink = hub.clone() as Arc<dyn Sink>;
-        let retention = Retention {
-            max_messages: config.history_size,
-            ttl_ms: config.history_ttl.saturating_mul(1000),
-        };
+        let retention =
+            Retention { max_messages: config.history_size, ttl_ms: config.history_ttl.saturating_mul(1000) };
         let (store, broker, presence): (Arc<dyn Store>, Arc<dyn Broker>, Arc<dyn Presence>) = match &config.redis {
             None => {
                 let broker = Arc::new(MemoryBroker::new());
@@ -108,7 +106,8 @@ impl Node {
                 clock.sample(&mut commands).await?;
                 let keys = Keys::new(&config.redis_prefix);
                 let broker =
-                    RedisBroker::connect(client, commands.clone(), clock.clone(), keys.clone(), metrics.clone()).await?;
+                    RedisBroker::connect(client, commands.clone(), clock.clone(), keys.clone(), metrics.clone())
+                        .await?;
                 broker.attach(sink);
                 let store = RedisStore::new(commands.clone(), clock, keys, retention);
                 let presence = RedisPresence::new(commands, &config.redis_prefix, id.clone());
@@ -183,7 +182,8 @@ impl Node {
         }
         for (room, handle) in self.hub.memberships() {
             if self.presence.join(&room, &handle.user, handle.id).await? && !self.quiet(&room) {
-                let event = Event::Frame { frame: encode_presence(&room, "join", &handle.user), exclude: Some(handle.id) };
+                let event =
+                    Event::Frame { frame: encode_presence(&room, "join", &handle.user), exclude: Some(handle.id) };
                 self.broker.publish(Topic::Room(room), event).await?;
             }
         }

@@ -65,7 +65,12 @@ fn fit_to_fd_limit(requested: Option<usize>) -> usize {
     };
     match requested {
         Some(requested) if requested > allowed => {
-            tracing::warn!(requested, allowed, fd_limit = limit.rlim_cur, "--max-connections lowered to what the open-file limit allows");
+            tracing::warn!(
+                requested,
+                allowed,
+                fd_limit = limit.rlim_cur,
+                "--max-connections lowered to what the open-file limit allows"
+            );
             allowed.max(1)
         }
         Some(requested) => requested,
@@ -112,8 +117,8 @@ impl Server {
         config.validate()?;
         let mut config = config;
         config.max_connections = Some(fit_to_fd_limit(config.max_connections));
-        let listener =
-            listen(config.listen).map_err(|e| anyhow::anyhow!("--listen {}: cannot listen there: {e}", config.listen))?;
+        let listener = listen(config.listen)
+            .map_err(|e| anyhow::anyhow!("--listen {}: cannot listen there: {e}", config.listen))?;
         let addr = listener.local_addr()?;
         let (trigger, shutdown) = shutdown::channel();
         let autobahn = config.autobahn_echo;
@@ -155,7 +160,10 @@ impl Server {
             }
         };
         if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
-            tracing::warn!(left = self.sessions.live.load(Ordering::Acquire), "sessions still open after the drain timeout");
+            tracing::warn!(
+                left = self.sessions.live.load(Ordering::Acquire),
+                "sessions still open after the drain timeout"
+            );
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
         self.node.deregister().await;
@@ -236,11 +244,7 @@ async fn upgrade(State(state): State<AppState>, mut request: Request) -> Respons
             return error_response(&e);
         }
     };
-    let query: WsQuery = request
-        .uri()
-        .query()
-        .and_then(|q| serde_urlencoded::from_str(q).ok())
-        .unwrap_or_default();
+    let query: WsQuery = request.uri().query().and_then(|q| serde_urlencoded::from_str(q).ok()).unwrap_or_default();
     let bearer = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -258,13 +262,19 @@ async fn upgrade(State(state): State<AppState>, mut request: Request) -> Respons
     };
     if node.shutdown.started() {
         node.metrics.reject(Rejection::Capacity);
-        return error_response(&ProtocolError::new(ErrorCode::Unavailable, "node shutting down: connect to another node"));
+        return error_response(&ProtocolError::new(
+            ErrorCode::Unavailable,
+            "node shutting down: connect to another node",
+        ));
     }
     let live = state.sessions.live.fetch_add(1, Ordering::AcqRel);
     let slot = SessionSlot(state.sessions.clone());
     if live >= node.config.max_connections.unwrap_or(usize::MAX) {
         node.metrics.reject(Rejection::Capacity);
-        return error_response(&ProtocolError::new(ErrorCode::Unavailable, "node at its connection limit: try another node"));
+        return error_response(&ProtocolError::new(
+            ErrorCode::Unavailable,
+            "node at its connection limit: try another node",
+        ));
     }
     let on_upgrade = hyper::upgrade::on(&mut request);
     let node = state.node.clone();

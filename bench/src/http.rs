@@ -24,17 +24,10 @@ impl HttpBase {
     pub fn parse(url: &str) -> anyhow::Result<Self> {
         let addr = crate::net::resolve(url)?;
         let uri: http::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
-        anyhow::ensure!(
-            uri.scheme_str() == Some("http"),
-            "{url}: the API base must be http://"
-        );
+        anyhow::ensure!(uri.scheme_str() == Some("http"), "{url}: the API base must be http://");
         let authority = uri.authority().context("no host")?.as_str().to_string();
         let prefix = uri.path().trim_end_matches('/').to_string();
-        Ok(Self {
-            addr,
-            authority,
-            prefix,
-        })
+        Ok(Self { addr, authority, prefix })
     }
 
     /// A complete `POST {prefix}{path}` request with a JSON body.
@@ -71,10 +64,7 @@ pub struct ResponseReader<R> {
 
 impl<R: AsyncRead + Unpin> ResponseReader<R> {
     pub fn new(reader: R) -> Self {
-        Self {
-            reader,
-            buf: BytesMut::with_capacity(16 * 1024),
-        }
+        Self { reader, buf: BytesMut::with_capacity(16 * 1024) }
     }
 
     pub async fn next(&mut self) -> std::io::Result<Response> {
@@ -107,9 +97,7 @@ fn parse_head(buf: &[u8]) -> std::io::Result<Option<(usize, u16, usize)>> {
     let mut body_len = None;
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok());
+            let v = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
             body_len = Some(v.ok_or_else(|| invalid("bad content-length"))?);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(invalid("chunked responses are not supported"));
@@ -131,12 +119,7 @@ mod tests {
     fn builds_a_post() {
         let base = HttpBase::parse("http://127.0.0.1:9100").unwrap();
         let mut out = Vec::new();
-        base.post(
-            "/api/v1/rooms/r1/messages",
-            Some("secret-key"),
-            r#"{"body":1}"#,
-            &mut out,
-        );
+        base.post("/api/v1/rooms/r1/messages", Some("secret-key"), r#"{"body":1}"#, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text,
@@ -164,28 +147,15 @@ HTTP/1.1 204 No Content\r\n\r\n";
         let a = r.next().await.unwrap();
         assert_eq!((a.status, &a.body[..]), (200, &b"{\"seq\":1}\r\n"[..]));
         assert_eq!(r.next().await.unwrap().status, 429);
-        assert_eq!(
-            r.next().await.unwrap(),
-            Response {
-                status: 204,
-                body: bytes::Bytes::new()
-            }
-        );
+        assert_eq!(r.next().await.unwrap(), Response { status: 204, body: bytes::Bytes::new() });
         writer.await.unwrap();
-        assert_eq!(
-            r.next().await.unwrap_err().kind(),
-            std::io::ErrorKind::UnexpectedEof
-        );
+        assert_eq!(r.next().await.unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
     #[tokio::test]
     async fn refuses_chunked() {
-        let data: &[u8] =
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let data: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
         let mut r = ResponseReader::new(data);
-        assert_eq!(
-            r.next().await.unwrap_err().kind(),
-            std::io::ErrorKind::InvalidData
-        );
+        assert_eq!(r.next().await.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
     }
 }

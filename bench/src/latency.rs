@@ -25,10 +25,7 @@ impl Default for Latency {
 
 impl Latency {
     pub fn new() -> Self {
-        Self {
-            hist: Histogram::new_with_bounds(1, HIGHEST_US, 3).expect("valid histogram bounds"),
-            negative: 0,
-        }
+        Self { hist: Histogram::new_with_bounds(1, HIGHEST_US, 3).expect("valid histogram bounds"), negative: 0 }
     }
 
     /// Records `to - from` (both µs since the epoch).
@@ -47,9 +44,7 @@ impl Latency {
     }
 
     pub fn merge(&mut self, other: &Latency) {
-        self.hist
-            .add(&other.hist)
-            .expect("histograms of the same bounds merge");
+        self.hist.add(&other.hist).expect("histograms of the same bounds merge");
         self.negative += other.negative;
     }
 
@@ -60,11 +55,7 @@ impl Latency {
     /// The histogram as buckets, for sending to another process.
     pub fn to_buckets(&self) -> Buckets {
         Buckets {
-            counts: self
-                .hist
-                .iter_recorded()
-                .map(|v| (v.value_iterated_to(), v.count_at_value()))
-                .collect(),
+            counts: self.hist.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect(),
             negative: self.negative,
         }
     }
@@ -81,10 +72,7 @@ impl Latency {
     pub fn summary(&self) -> Summary {
         let h = &self.hist;
         if h.is_empty() {
-            return Summary {
-                negative: self.negative,
-                ..Summary::default()
-            };
+            return Summary { negative: self.negative, ..Summary::default() };
         }
         Summary {
             count: h.len(),
@@ -142,10 +130,7 @@ impl Summary {
             ms(self.max)
         );
         if self.negative > 0 {
-            s.push_str(&format!(
-                "; {} negative samples counted as 0",
-                self.negative
-            ));
+            s.push_str(&format!("; {} negative samples counted as 0", self.negative));
         }
         s
     }
@@ -191,10 +176,7 @@ mod tests {
         l.record(50_000);
         let s = l.summary();
         assert!(within(s.p99, 100));
-        assert!(
-            within(s.p999, 100),
-            "p99.9 of 1000 samples is the 999th: {s:?}"
-        );
+        assert!(within(s.p999, 100), "p99.9 of 1000 samples is the 999th: {s:?}");
         assert!(within(s.max, 50_000));
     }
 

@@ -166,11 +166,7 @@ impl Check {
     pub fn expected_flow(tally: Option<&FlowTally>, accepted: &Ranges) -> Self {
         let expected = accepted.len();
         let Some(tally) = tally else {
-            return Self {
-                expected,
-                lost: expected,
-                ..Self::default()
-            };
+            return Self { expected, lost: expected, ..Self::default() };
         };
         let received = tally.got.intersection_len(accepted);
         Self {
@@ -185,12 +181,7 @@ impl Check {
 
     /// The account of a flow that was not addressed to the receiver: all of it is unexpected.
     pub fn stray_flow(tally: &FlowTally) -> Self {
-        Self {
-            duplicates: tally.duplicates,
-            reordered: tally.reordered,
-            unexpected: tally.unique(),
-            ..Self::default()
-        }
+        Self { duplicates: tally.duplicates, reordered: tally.reordered, unexpected: tally.unique(), ..Self::default() }
     }
 
     pub fn add(&mut self, other: &Check) {
@@ -305,17 +296,7 @@ mod tests {
             t.record(n);
         }
         let c = Check::expected_flow(Some(&t), &accepted);
-        assert_eq!(
-            c,
-            Check {
-                expected: 9,
-                received: 6,
-                lost: 3,
-                duplicates: 1,
-                reordered: 1,
-                unexpected: 2
-            }
-        );
+        assert_eq!(c, Check { expected: 9, received: 6, lost: 3, duplicates: 1, reordered: 1, unexpected: 2 });
         let none = Check::expected_flow(None, &accepted);
         assert_eq!(none.lost, 9);
         assert_eq!(none.received, 0);

@@ -30,9 +30,7 @@ use cli::{Cli, Command};
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     procfs::raise_fd_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if let Command::Worker = cli.command {
         let result = runtime.block_on(worker::child_main());
         if let Err(e) = &result {
@@ -69,9 +67,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
     } else {
         print!("{}", report::human(&report));
     }
-    anyhow::ensure!(
-        outcome.established > 0,
-        "no connection was established: nothing was measured"
-    );
+    anyhow::ensure!(outcome.established > 0, "no connection was established: nothing was measured");
     Ok(())
 }

@@ -27,8 +27,7 @@ pub fn resolve(url: &str) -> anyhow::Result<SocketAddr> {
     let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     } else {
-        host.parse()
-            .with_context(|| format!("{url}: give the host as an IP address"))?
+        host.parse().with_context(|| format!("{url}: give the host as an IP address"))?
     };
     if !ip.is_loopback() {
         bail!("{url}: only loopback targets are allowed (latency uses one clock for both ends)");
@@ -47,11 +46,7 @@ pub fn source_ip(n: usize) -> Ipv4Addr {
 /// (`IP_BIND_ADDRESS_NO_PORT`), so each source address offers the whole ephemeral range per
 /// destination.
 pub async fn tcp_connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> std::io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let (Some(ip), true) = (source, addr.is_ipv4()) {
         set_bind_no_port(&socket);
         socket.bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
@@ -99,9 +94,9 @@ pub fn io_kind(e: &std::io::Error) -> String {
 pub fn ws_error_kind(e: &tokio_websockets::Error) -> String {
     match e {
         tokio_websockets::Error::Io(io) => io_kind(io),
-        tokio_websockets::Error::Upgrade(
-            tokio_websockets::upgrade::Error::DidNotSwitchProtocols(status),
-        ) => format!("http {status}"),
+        tokio_websockets::Error::Upgrade(tokio_websockets::upgrade::Error::DidNotSwitchProtocols(status)) => {
+            format!("http {status}")
+        }
         other => other.to_string(),
     }
 }
@@ -129,13 +124,8 @@ impl Conn {
         let url = proto.ws_url(base, user);
         let attempt = async {
             let tcp = tcp_connect(addr, source).await.map_err(|e| io_kind(&e))?;
-            let builder = ClientBuilder::new()
-                .uri(&url)
-                .map_err(|e| format!("bad url: {e}"))?;
-            let (ws, _) = builder
-                .connect_on(tcp)
-                .await
-                .map_err(|e| ws_error_kind(&e))?;
+            let builder = ClientBuilder::new().uri(&url).map_err(|e| format!("bad url: {e}"))?;
+            let (ws, _) = builder.connect_on(tcp).await.map_err(|e| ws_error_kind(&e))?;
             let mut conn = Conn { ws, proto };
             conn.handshake().await?;
             Ok(conn)
@@ -231,10 +221,7 @@ impl Conn {
     }
 
     pub async fn send(&mut self, text: String) -> Result<(), Failure> {
-        self.ws
-            .send(Message::text(text))
-            .await
-            .map_err(|e| ws_error_kind(&e))
+        self.ws.send(Message::text(text)).await.map_err(|e| ws_error_kind(&e))
     }
 
     /// The next text frame; a close or the end of the stream is an error labelled with the
@@ -280,22 +267,10 @@ mod tests {
 
     #[test]
     fn resolves_loopback_only() {
-        assert_eq!(
-            resolve("ws://127.0.0.1:9100/ws").unwrap(),
-            "127.0.0.1:9100".parse().unwrap()
-        );
-        assert_eq!(
-            resolve("http://localhost:8080").unwrap(),
-            "127.0.0.1:8080".parse().unwrap()
-        );
-        assert_eq!(
-            resolve("ws://127.0.0.3").unwrap(),
-            "127.0.0.3:80".parse().unwrap()
-        );
-        assert_eq!(
-            resolve("ws://[::1]:9/").unwrap(),
-            "[::1]:9".parse().unwrap()
-        );
+        assert_eq!(resolve("ws://127.0.0.1:9100/ws").unwrap(), "127.0.0.1:9100".parse().unwrap());
+        assert_eq!(resolve("http://localhost:8080").unwrap(), "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(resolve("ws://127.0.0.3").unwrap(), "127.0.0.3:80".parse().unwrap());
+        assert_eq!(resolve("ws://[::1]:9/").unwrap(), "[::1]:9".parse().unwrap());
         assert!(resolve("ws://10.0.0.1:9100").is_err());
         assert!(resolve("ws://example.com:9100").is_err());
     }

@@ -28,11 +28,7 @@ pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
 /// `VmRSS` (KiB) from the text of `/proc/PID/status`.
 pub fn parse_status_rss_kib(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line["VmRSS:".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    line["VmRSS:".len()..].split_whitespace().next()?.parse().ok()
 }
 
 /// One reading of a process; `None` fields when it could not be read (the process is gone).
@@ -44,21 +40,14 @@ pub struct Sample {
 
 pub fn sample(pid: u32) -> Sample {
     Sample {
-        rss_kib: std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| parse_status_rss_kib(&s)),
-        cpu_ticks: std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| parse_stat_ticks(&s)),
+        rss_kib: std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|s| parse_status_rss_kib(&s)),
+        cpu_ticks: std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| parse_stat_ticks(&s)),
     }
 }
 
 /// CPU ticks this process has used so far.
 pub fn self_ticks() -> u64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| parse_stat_ticks(&s))
-        .unwrap_or(0)
+    std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| parse_stat_ticks(&s)).unwrap_or(0)
 }
 
 /// Ticks as seconds.
@@ -68,20 +57,14 @@ pub fn ticks_to_secs(ticks: u64) -> f64 {
 
 /// Raises the soft limit of open files to the hard limit (one fd per connection).
 pub fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain syscalls on a local struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return 0;
         }
         if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                 lim.rlim_cur = lim.rlim_max;
             }

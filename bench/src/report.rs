@@ -159,21 +159,11 @@ pub fn build(plan: &Plan, o: &Outcome, nodes: usize) -> Report {
     let servers: Vec<Server> = node_samples
         .iter()
         .enumerate()
-        .map(|(i, s)| {
-            server(
-                s,
-                per_target.then_some(i),
-                per_target.then(|| o.established_per_target[i]),
-            )
-        })
+        .map(|(i, s)| server(s, per_target.then_some(i), per_target.then(|| o.established_per_target[i])))
         .collect();
-    let others: Vec<Server> = other_samples
-        .iter()
-        .map(|s| server(s, None, None))
-        .collect();
-    let sum = |f: &dyn Fn(&ServerSamples) -> Option<f64>| -> Option<f64> {
-        node_samples.iter().map(f).sum::<Option<f64>>()
-    };
+    let others: Vec<Server> = other_samples.iter().map(|s| server(s, None, None)).collect();
+    let sum =
+        |f: &dyn Fn(&ServerSamples) -> Option<f64>| -> Option<f64> { node_samples.iter().map(f).sum::<Option<f64>>() };
     let rss_delta: Option<i64> = node_samples
         .iter()
         .map(|s| Some(s.at_go.rss_kib? as i64 - s.before.rss_kib? as i64))
@@ -201,11 +191,7 @@ pub fn build(plan: &Plan, o: &Outcome, nodes: usize) -> Report {
             established_per_target: o.established_per_target.clone(),
             failed: o.failures.clone(),
             setup_s: o.setup_s,
-            connects_per_s: if o.setup_s > 0.0 {
-                o.established as f64 / o.setup_s
-            } else {
-                0.0
-            },
+            connects_per_s: if o.setup_s > 0.0 { o.established as f64 / o.setup_s } else { 0.0 },
             handshake_us: o.handshake.summary(),
             worker_processes: o.workers,
             source_ips: plan.source_ips,
@@ -225,11 +211,7 @@ pub fn build(plan: &Plan, o: &Outcome, nodes: usize) -> Report {
             expected: o.check.expected,
             received: o.check.received,
             lost: o.check.lost,
-            lost_pct: if o.check.expected > 0 {
-                100.0 * o.check.lost as f64 / o.check.expected as f64
-            } else {
-                0.0
-            },
+            lost_pct: if o.check.expected > 0 { 100.0 * o.check.lost as f64 / o.check.expected as f64 } else { 0.0 },
             duplicates: o.check.duplicates,
             reordered: o.check.reordered,
             unexpected: o.check.unexpected,
@@ -245,20 +227,12 @@ pub fn build(plan: &Plan, o: &Outcome, nodes: usize) -> Report {
         servers,
         servers_total,
         others,
-        loadgen: Loadgen {
-            cpu_setup_s: o.loadgen_setup_s,
-            cpu_run_s: o.loadgen_run_s,
-            run_wall_s: o.run_wall_s,
-        },
+        loadgen: Loadgen { cpu_setup_s: o.loadgen_setup_s, cpu_run_s: o.loadgen_run_s, run_wall_s: o.run_wall_s },
     }
 }
 
 fn server(s: &ServerSamples, target: Option<usize>, established: Option<u64>) -> Server {
-    let delta = s
-        .at_go
-        .rss_kib
-        .zip(s.before.rss_kib)
-        .map(|(a, b)| a as f64 - b as f64);
+    let delta = s.at_go.rss_kib.zip(s.before.rss_kib).map(|(a, b)| a as f64 - b as f64);
     Server {
         pid: s.pid,
         target,
@@ -267,9 +241,7 @@ fn server(s: &ServerSamples, target: Option<usize>, established: Option<u64>) ->
         rss_held_kib: s.at_go.rss_kib,
         rss_after_run_kib: s.after_run.rss_kib,
         rss_after_close_kib: s.after_close.and_then(|c| c.rss_kib),
-        rss_per_connection_bytes: delta
-            .zip(established.filter(|&n| n > 0))
-            .map(|(d, n)| d * 1024.0 / n as f64),
+        rss_per_connection_bytes: delta.zip(established.filter(|&n| n > 0)).map(|(d, n)| d * 1024.0 / n as f64),
         cpu_setup_s: cpu(&s.before, &s.after_setup),
         cpu_run_s: cpu(&s.at_go, &s.after_run),
     }
@@ -287,10 +259,7 @@ pub(crate) fn counts(m: &BTreeMap<String, u64>) -> String {
     if m.is_empty() {
         return "none".into();
     }
-    m.iter()
-        .map(|(k, v)| format!("{k}: {v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    m.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
 }
 
 pub fn human(r: &Report) -> String {
@@ -322,11 +291,7 @@ pub fn human(r: &Report) -> String {
         c.handshake_us.human()
     );
     if let Some(p) = &r.publish {
-        let asked = if p.requested_rate > 0.0 {
-            format!("{:.0}/s asked", p.requested_rate)
-        } else {
-            "flat out".into()
-        };
+        let asked = if p.requested_rate > 0.0 { format!("{:.0}/s asked", p.requested_rate) } else { "flat out".into() };
         let _ = writeln!(
             s,
             "publishes: {:.1}/s in window ({asked}); {} sent, {} in window, {} rejected, {} unanswered; errors: {}; window stalls {}; max schedule lag {:.1} ms",
@@ -341,23 +306,11 @@ pub fn human(r: &Report) -> String {
         );
     }
     if let Some(d) = &r.delivery {
-        let _ = writeln!(
-            s,
-            "deliveries: {:.1}/s in window ({} in window)",
-            d.per_s, d.in_window
-        );
+        let _ = writeln!(s, "deliveries: {:.1}/s in window ({} in window)", d.per_s, d.in_window);
         let _ = writeln!(
             s,
             "accounting: expected {}, received {}, lost {} ({:.4} %), duplicates {}, reordered {}, unexpected {}, foreign {}, self-echo {}",
-            d.expected,
-            d.received,
-            d.lost,
-            d.lost_pct,
-            d.duplicates,
-            d.reordered,
-            d.unexpected,
-            d.foreign,
-            d.self_echo
+            d.expected, d.received, d.lost, d.lost_pct, d.duplicates, d.reordered, d.unexpected, d.foreign, d.self_echo
         );
     }
     if let Some(l) = &r.latency_us {
@@ -366,18 +319,9 @@ pub fn human(r: &Report) -> String {
     if let Some(l) = &r.api_latency_us {
         let _ = writeln!(s, "API request→response: {}", l.human());
     }
-    let _ = writeln!(
-        s,
-        "unexpected closes: {}; server errors: {}",
-        counts(&r.unexpected_closes),
-        counts(&r.server_errors)
-    );
-    for (kind, v) in r
-        .servers
-        .iter()
-        .map(|v| ("server", v))
-        .chain(r.others.iter().map(|v| ("other", v)))
-    {
+    let _ =
+        writeln!(s, "unexpected closes: {}; server errors: {}", counts(&r.unexpected_closes), counts(&r.server_errors));
+    for (kind, v) in r.servers.iter().map(|v| ("server", v)).chain(r.others.iter().map(|v| ("other", v))) {
         let _ = writeln!(
             s,
             "{kind} pid {}{}: RSS KiB before {} set-up {} held {} after run {}{}; per connection {} B; CPU s set-up {} run {}",
@@ -387,10 +331,8 @@ pub fn human(r: &Report) -> String {
             opt(v.rss_after_setup_kib),
             opt(v.rss_held_kib),
             opt(v.rss_after_run_kib),
-            v.rss_after_close_kib
-                .map_or(String::new(), |k| format!(" after close {k}")),
-            v.rss_per_connection_bytes
-                .map_or("n/a".into(), |b| format!("{b:.0}")),
+            v.rss_after_close_kib.map_or(String::new(), |k| format!(" after close {k}")),
+            v.rss_per_connection_bytes.map_or("n/a".into(), |b| format!("{b:.0}")),
             secs(v.cpu_setup_s),
             secs(v.cpu_run_s),
         );
@@ -401,8 +343,7 @@ pub fn human(r: &Report) -> String {
             s,
             "servers total: RSS delta {} KiB, {} B per connection; CPU s set-up {} run {}",
             opt(t.rss_delta_kib),
-            t.rss_per_connection_bytes
-                .map_or("n/a".into(), |b| format!("{b:.0}")),
+            t.rss_per_connection_bytes.map_or("n/a".into(), |b| format!("{b:.0}")),
             secs(t.cpu_setup_s),
             secs(t.cpu_run_s)
         );

@@ -66,27 +66,14 @@ pub async fn execute(plan: &Plan, pids: &[u32]) -> anyhow::Result<Outcome> {
 
     let mut handles = Vec::with_capacity(plan.specs.len());
     for spec in &plan.specs {
-        handles.push(if plan.in_process {
-            Handle::in_process(spec.clone())
-        } else {
-            Handle::child(spec).await?
-        });
+        handles.push(if plan.in_process { Handle::in_process(spec.clone()) } else { Handle::child(spec).await? });
     }
-    let mut out = Outcome {
-        workers: handles.len(),
-        ..Outcome::default()
-    };
+    let mut out = Outcome { workers: handles.len(), ..Outcome::default() };
 
     // Setup.
-    let per_worker = plan
-        .specs
-        .iter()
-        .map(|s| s.clients.len())
-        .max()
-        .unwrap_or(0);
+    let per_worker = plan.specs.iter().map(|s| s.clients.len()).max().unwrap_or(0);
     let c = &plan.specs[0].connect;
-    let mut setup_limit =
-        30.0 + (c.timeout_ms as f64 / 1000.0) * 2.0 * (per_worker.div_ceil(c.concurrency) as f64);
+    let mut setup_limit = 30.0 + (c.timeout_ms as f64 / 1000.0) * 2.0 * (per_worker.div_ceil(c.concurrency) as f64);
     if c.rate > 0.0 {
         setup_limit += per_worker as f64 / c.rate;
     }
@@ -94,9 +81,7 @@ pub async fn execute(plan: &Plan, pids: &[u32]) -> anyhow::Result<Outcome> {
     let mut ready_ticks = vec![0u64; handles.len()];
     out.established_per_target = vec![0; plan.specs[0].targets.len()];
     for (i, h) in handles.iter_mut().enumerate() {
-        let FromWorker::Ready(r) = recv_by(h, deadline, "set-up").await? else {
-            bail!("expected Ready")
-        };
+        let FromWorker::Ready(r) = recv_by(h, deadline, "set-up").await? else { bail!("expected Ready") };
         out.attempted += r.attempted;
         out.established += r.established;
         for (t, n) in r.established_per_target.iter().enumerate() {
@@ -124,20 +109,12 @@ pub async fn execute(plan: &Plan, pids: &[u32]) -> anyhow::Result<Outcome> {
         + Duration::from_micros(500_000 + t.warmup_us + t.duration_us + t.drain_max_us)
         + Duration::from_secs(60);
     let mut published_ticks = vec![0u64; handles.len()];
-    let mut flows: Vec<FlowSent> = (0..plan.specs[0].flows.len())
-        .map(|f| FlowSent {
-            flow: f as u32,
-            ..FlowSent::default()
-        })
-        .collect();
+    let mut flows: Vec<FlowSent> =
+        (0..plan.specs[0].flows.len()).map(|f| FlowSent { flow: f as u32, ..FlowSent::default() }).collect();
     for (i, h) in handles.iter_mut().enumerate() {
-        let FromWorker::Published(p) = recv_by(h, deadline, "run").await? else {
-            bail!("expected Published")
-        };
+        let FromWorker::Published(p) = recv_by(h, deadline, "run").await? else { bail!("expected Published") };
         for f in p.flows {
-            let slot = flows
-                .get_mut(f.flow as usize)
-                .context("a worker reported an unknown flow")?;
+            let slot = flows.get_mut(f.flow as usize).context("a worker reported an unknown flow")?;
             *slot = f;
         }
         out.sent_in_window += p.sent_in_window;
@@ -145,8 +122,7 @@ pub async fn execute(plan: &Plan, pids: &[u32]) -> anyhow::Result<Outcome> {
         merge_counts(&mut out.publish_errors, &p.errors);
         out.window_stalls += p.window_stalls;
         out.max_lag_us = out.max_lag_us.max(p.max_lag_us);
-        out.api_latency
-            .merge(&Latency::from_buckets(&p.api_latency));
+        out.api_latency.merge(&Latency::from_buckets(&p.api_latency));
         published_ticks[i] = p.cpu_ticks;
     }
     out.run_wall_s = go_at.elapsed().as_secs_f64();
@@ -156,15 +132,10 @@ pub async fn execute(plan: &Plan, pids: &[u32]) -> anyhow::Result<Outcome> {
     // Tally.
     let deadline = Instant::now() + Duration::from_secs(60);
     for h in &mut handles {
-        h.send(&ToWorker::Tally {
-            flows: flows.clone(),
-        })
-        .await?;
+        h.send(&ToWorker::Tally { flows: flows.clone() }).await?;
     }
     for h in &mut handles {
-        let FromWorker::Result(r) = recv_by(h, deadline, "tally").await? else {
-            bail!("expected Result")
-        };
+        let FromWorker::Result(r) = recv_by(h, deadline, "tally").await? else { bail!("expected Result") };
         out.check.add(&r.check);
         out.delivered_in_window += r.delivered_in_window;
         out.latency.merge(&Latency::from_buckets(&r.latency));
@@ -180,11 +151,7 @@ pub async fn execute(plan: &Plan, pids: &[u32]) -> anyhow::Result<Outcome> {
     let mut run_ticks = self3 - self2;
     if children {
         setup_ticks += ready_ticks.iter().sum::<u64>();
-        run_ticks += published_ticks
-            .iter()
-            .zip(&ready_ticks)
-            .map(|(p, r)| p.saturating_sub(*r))
-            .sum::<u64>();
+        run_ticks += published_ticks.iter().zip(&ready_ticks).map(|(p, r)| p.saturating_sub(*r)).sum::<u64>();
     }
     out.loadgen_setup_s = procfs::ticks_to_secs(setup_ticks);
     out.loadgen_run_s = procfs::ticks_to_secs(run_ticks);

@@ -50,45 +50,17 @@ struct Layout {
 
 impl Layout {
     fn new(common: &Common, total: usize) -> Self {
-        let workers = if common.procs == 0 {
-            total.div_ceil(CONNS_PER_PROC).max(1)
-        } else {
-            common.procs
-        };
-        let sources = common.source_ips.unwrap_or(if total > 20_000 {
-            total.div_ceil(CONNS_PER_SOURCE)
-        } else {
-            0
-        });
-        Self {
-            workers,
-            sources,
-            targets: common.target.len(),
-            next_conn: 0,
-            clients: vec![Vec::new(); workers],
-        }
+        let workers = if common.procs == 0 { total.div_ceil(CONNS_PER_PROC).max(1) } else { common.procs };
+        let sources = common.source_ips.unwrap_or(if total > 20_000 { total.div_ceil(CONNS_PER_SOURCE) } else { 0 });
+        Self { workers, sources, targets: common.target.len(), next_conn: 0, clients: vec![Vec::new(); workers] }
     }
 
     /// Adds a client to `worker`; returns its index there.
-    fn add(
-        &mut self,
-        worker: usize,
-        user: String,
-        target: usize,
-        room: Option<u32>,
-        publishes: Option<u32>,
-    ) -> usize {
+    fn add(&mut self, worker: usize, user: String, target: usize, room: Option<u32>, publishes: Option<u32>) -> usize {
         let source = (self.sources > 0).then(|| source_ip(self.next_conn % self.sources));
         self.next_conn += 1;
         let list = &mut self.clients[worker];
-        list.push(ClientSpec {
-            user,
-            target,
-            source,
-            room,
-            publishes,
-            sentinel_for: Vec::new(),
-        });
+        list.push(ClientSpec { user, target, source, room, publishes, sentinel_for: Vec::new() });
         list.len() - 1
     }
 
@@ -98,10 +70,7 @@ impl Layout {
 }
 
 pub(crate) fn id_prefix(common: &Common) -> String {
-    common
-        .id_prefix
-        .clone()
-        .unwrap_or_else(|| format!("b{:06x}", fastrand::u32(..0x100_0000)))
+    common.id_prefix.clone().unwrap_or_else(|| format!("b{:06x}", fastrand::u32(..0x100_0000)))
 }
 
 fn timing(load: &Load) -> Timing {
@@ -127,10 +96,7 @@ pub(crate) fn validate(common: &Common, load: Option<&Load>) -> anyhow::Result<(
     );
     if let Some(l) = load {
         ensure!(l.duration > 0.0, "--duration must be positive");
-        ensure!(
-            l.warmup >= 0.0 && l.drain >= 0.0 && l.settle >= 0.0,
-            "times must not be negative"
-        );
+        ensure!(l.warmup >= 0.0 && l.drain >= 0.0 && l.settle >= 0.0, "times must not be negative");
     }
     Ok(())
 }
@@ -173,26 +139,13 @@ pub fn idle(a: &IdleArgs) -> anyhow::Result<Plan> {
     let c = &a.common;
     validate(c, None)?;
     let id = id_prefix(c);
-    let rooms: Vec<String> = (0..a.rooms)
-        .map(|r| format!("{}{id}-r{r}", c.room_prefix))
-        .collect();
+    let rooms: Vec<String> = (0..a.rooms).map(|r| format!("{}{id}-r{r}", c.room_prefix)).collect();
     let mut layout = Layout::new(c, a.connections);
     for i in 0..a.connections {
         let room = (a.rooms > 0).then(|| (i % a.rooms) as u32);
-        layout.add(
-            i % layout.workers,
-            format!("{id}-i{i}"),
-            i % layout.targets,
-            room,
-            None,
-        );
+        layout.add(i % layout.workers, format!("{id}-i{i}"), i % layout.targets, room, None);
     }
-    let timing = Timing {
-        warmup_us: 0,
-        duration_us: 0,
-        drain_max_us: 0,
-        quiet_us: 0,
-    };
+    let timing = Timing { warmup_us: 0, duration_us: 0, drain_max_us: 0, quiet_us: 0 };
     let (specs, source_ips, in_process) = finish(c, layout, rooms, Vec::new(), timing, 0);
     Ok(Plan {
         scenario: "idle",
@@ -216,22 +169,14 @@ fn rooms_and_members(
     members: usize,
     extra: usize,
 ) -> (Layout, Vec<String>, Vec<(usize, usize)>) {
-    let names: Vec<String> = (0..rooms)
-        .map(|r| format!("{}{id}-r{r}", c.room_prefix))
-        .collect();
+    let names: Vec<String> = (0..rooms).map(|r| format!("{}{id}-r{r}", c.room_prefix)).collect();
     let mut layout = Layout::new(c, rooms * members + extra);
     let mut first = Vec::with_capacity(rooms);
     for r in 0..rooms {
         for m in 0..members {
             let i = r * members + m;
             let worker = i % layout.workers;
-            let local = layout.add(
-                worker,
-                format!("{id}-m{r}.{m}"),
-                i % layout.targets,
-                Some(r as u32),
-                None,
-            );
+            let local = layout.add(worker, format!("{id}-m{r}.{m}"), i % layout.targets, Some(r as u32), None);
             if m == 0 {
                 first.push((worker, local));
             }
@@ -243,10 +188,7 @@ fn rooms_and_members(
 pub fn fanout(a: &FanoutArgs) -> anyhow::Result<Plan> {
     let c = &a.common;
     validate(c, Some(&a.load))?;
-    ensure!(
-        a.rooms > 0 && a.members > 0,
-        "--rooms and --members must be at least 1"
-    );
+    ensure!(a.rooms > 0 && a.members > 0, "--rooms and --members must be at least 1");
     ensure!(a.rate >= 0.0, "--rate must not be negative");
     let publishers = a.publishers.unwrap_or(a.rooms);
     ensure!(publishers > 0, "--publishers must be at least 1");
@@ -256,13 +198,7 @@ pub fn fanout(a: &FanoutArgs) -> anyhow::Result<Plan> {
     for k in 0..publishers {
         let r = k % a.rooms;
         let (worker, sentinel) = first[r];
-        layout.add(
-            worker,
-            format!("{id}-p{k}"),
-            k % layout.targets,
-            Some(r as u32),
-            Some(k as u32),
-        );
+        layout.add(worker, format!("{id}-p{k}"), k % layout.targets, Some(r as u32), Some(k as u32));
         if a.rate == 0.0 {
             layout.sentinel(worker, sentinel, k as u32);
         }
@@ -348,24 +284,15 @@ pub fn api(a: &ApiArgs) -> anyhow::Result<Plan> {
     if c.protocol != Protocol::Switchyard {
         bail!("the api scenario is for Switchyard only (the peers have no server API)");
     }
-    ensure!(
-        !c.api.is_empty(),
-        "give the API bases with --api http://127.0.0.1:PORT[,…]"
-    );
-    ensure!(
-        a.rooms > 0 && a.members > 0 && a.connections > 0,
-        "rooms, members, connections ≥ 1"
-    );
+    ensure!(!c.api.is_empty(), "give the API bases with --api http://127.0.0.1:PORT[,…]");
+    ensure!(a.rooms > 0 && a.members > 0 && a.connections > 0, "rooms, members, connections ≥ 1");
     ensure!(a.rate >= 0.0, "--rate must not be negative");
     let id = id_prefix(c);
     let (layout, rooms, _) = rooms_and_members(c, &id, a.rooms, a.members, 0);
     let flows = (0..a.connections)
         .map(|k| FlowSpec {
             audience: Audience::Room((k % a.rooms) as u32),
-            via: Via::Http {
-                api: k % c.api.len(),
-                pipeline: a.pipeline.max(1),
-            },
+            via: Via::Http { api: k % c.api.len(), pipeline: a.pipeline.max(1) },
             rate: a.rate / a.connections as f64,
             offset_us: Schedule::offset_for(k, a.connections, a.rate / a.connections as f64),
             window: a.pipeline.max(1),
@@ -416,27 +343,18 @@ mod tests {
         let all: Vec<&ClientSpec> = plan.specs.iter().flat_map(|s| &s.clients).collect();
         assert_eq!(all.len(), 18);
         for (k, flow) in plan.specs[0].flows.iter().enumerate() {
-            let Audience::Room(r) = flow.audience else {
-                panic!()
-            };
+            let Audience::Room(r) = flow.audience else { panic!() };
             assert_eq!(r as usize, k % 3);
             let spec = &plan.specs[flow.runner];
             assert!(spec.clients.iter().any(|c| c.publishes == Some(k as u32)));
-            let sentinel = spec
-                .clients
-                .iter()
-                .find(|c| c.sentinel_for.contains(&(k as u32)))
-                .unwrap();
+            let sentinel = spec.clients.iter().find(|c| c.sentinel_for.contains(&(k as u32))).unwrap();
             assert_eq!(sentinel.room, Some(r));
             assert!(sentinel.publishes.is_none());
         }
         // Members of each room on every target.
         for r in 0..3u32 {
-            let mut targets: Vec<usize> = all
-                .iter()
-                .filter(|c| c.room == Some(r) && c.publishes.is_none())
-                .map(|c| c.target)
-                .collect();
+            let mut targets: Vec<usize> =
+                all.iter().filter(|c| c.room == Some(r) && c.publishes.is_none()).map(|c| c.target).collect();
             targets.sort();
             targets.dedup();
             assert_eq!(targets.len(), 3, "room {r}");
@@ -445,9 +363,9 @@ mod tests {
 
     #[test]
     fn direct_pairs_cross_nodes() {
-        let Command::Direct(a) = parse(
-            "direct --target ws://127.0.0.1:1,ws://127.0.0.1:2 --pairs 5 --rate 100 --id-prefix t",
-        ) else {
+        let Command::Direct(a) =
+            parse("direct --target ws://127.0.0.1:1,ws://127.0.0.1:2 --pairs 5 --rate 100 --id-prefix t")
+        else {
             panic!()
         };
         let plan = direct(&a).unwrap();
@@ -455,44 +373,28 @@ mod tests {
         let spec = &plan.specs[0];
         for (i, flow) in spec.flows.iter().enumerate() {
             assert_eq!(flow.rate, 20.0);
-            let Audience::User(u) = &flow.audience else {
-                panic!()
-            };
+            let Audience::User(u) = &flow.audience else { panic!() };
             let receiver = spec.clients.iter().find(|c| &c.user == u).unwrap();
-            let sender = spec
-                .clients
-                .iter()
-                .find(|c| c.publishes == Some(i as u32))
-                .unwrap();
+            let sender = spec.clients.iter().find(|c| c.publishes == Some(i as u32)).unwrap();
             assert_ne!(receiver.target, sender.target);
         }
     }
 
     #[test]
     fn large_idle_runs_spread_over_processes_and_sources() {
-        let Command::Idle(a) = parse("idle --target ws://127.0.0.1:1 -n 40000 --id-prefix t")
-        else {
-            panic!()
-        };
+        let Command::Idle(a) = parse("idle --target ws://127.0.0.1:1 -n 40000 --id-prefix t") else { panic!() };
         let plan = idle(&a).unwrap();
         assert_eq!(plan.specs.len(), 3);
         assert!(!plan.in_process);
         assert_eq!(plan.source_ips, 2);
         assert!(plan.specs.iter().all(|s| s.clients.len() <= CONNS_PER_PROC));
-        let on_second = plan
-            .specs
-            .iter()
-            .flat_map(|s| &s.clients)
-            .filter(|c| c.source == Some(source_ip(1)))
-            .count();
+        let on_second = plan.specs.iter().flat_map(|s| &s.clients).filter(|c| c.source == Some(source_ip(1))).count();
         assert_eq!(on_second, 20_000);
     }
 
     #[test]
     fn refuses_remote_targets() {
-        let Command::Idle(a) = parse("idle --target ws://192.0.2.1:80") else {
-            panic!()
-        };
+        let Command::Idle(a) = parse("idle --target ws://192.0.2.1:80") else { panic!() };
         assert!(idle(&a).is_err());
     }
 }

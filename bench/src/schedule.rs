@@ -68,12 +68,7 @@ mod tests {
 
     #[test]
     fn counts_messages_due_in_the_run() {
-        let s = Schedule {
-            start_us: 1_000_000,
-            offset_us: 0,
-            rate: 1000.0,
-            end_us: 2_000_000,
-        };
+        let s = Schedule { start_us: 1_000_000, offset_us: 0, rate: 1000.0, end_us: 2_000_000 };
         assert_eq!(s.total(), 1000);
         assert_eq!(s.due_by(999_999), 0);
         assert_eq!(s.due_by(1_000_000), 1);
@@ -95,12 +90,7 @@ mod tests {
         let mut all: Vec<u64> = offsets
             .iter()
             .flat_map(|&o| {
-                let s = Schedule {
-                    start_us: 0,
-                    offset_us: o,
-                    rate: 10.0,
-                    end_us: 1_000_000,
-                };
+                let s = Schedule { start_us: 0, offset_us: o, rate: 10.0, end_us: 1_000_000 };
                 (0..s.total()).map(move |k| s.due_at(k))
             })
             .collect();
@@ -111,24 +101,12 @@ mod tests {
 
     #[test]
     fn due_by_agrees_with_due_at() {
-        let s = Schedule {
-            start_us: 17,
-            offset_us: 333,
-            rate: 7.3,
-            end_us: 3_000_017,
-        };
+        let s = Schedule { start_us: 17, offset_us: 333, rate: 7.3, end_us: 3_000_017 };
         for k in 0..s.total() {
             assert_eq!(s.due_by(s.due_at(k)), k + 1);
             assert_eq!(s.due_by(s.due_at(k) - 1), k);
         }
         assert!(s.due_at(s.total()) >= s.end_us);
-        assert_eq!(
-            Schedule {
-                offset_us: 5_000_000,
-                ..s
-            }
-            .total(),
-            0
-        );
+        assert_eq!(Schedule { offset_us: 5_000_000, ..s }.total(), 0);
     }
 }

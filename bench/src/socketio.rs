@@ -91,9 +91,7 @@ pub fn parse_socket(text: &str) -> Result<SocketPacket<'_>, PacketError> {
     let mut rest = chars.as_str();
     if matches!(kind, SocketKind::BinaryEvent | SocketKind::BinaryAck) {
         // `<attachments>-` precedes the rest; attachments travel in binary frames we never get.
-        let dash = rest
-            .find('-')
-            .ok_or(PacketError("binary packet without attachment count"))?;
+        let dash = rest.find('-').ok_or(PacketError("binary packet without attachment count"))?;
         rest = &rest[dash + 1..];
     }
     let mut namespace = "/";
@@ -103,21 +101,9 @@ pub fn parse_socket(text: &str) -> Result<SocketPacket<'_>, PacketError> {
         rest = rest.get(end + 1..).unwrap_or("");
     }
     let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-    let ack_id = if digits > 0 {
-        Some(
-            rest[..digits]
-                .parse()
-                .map_err(|_| PacketError("ack id out of range"))?,
-        )
-    } else {
-        None
-    };
-    Ok(SocketPacket {
-        kind,
-        namespace,
-        ack_id,
-        data: &rest[digits..],
-    })
+    let ack_id =
+        if digits > 0 { Some(rest[..digits].parse().map_err(|_| PacketError("ack id out of range"))?) } else { None };
+    Ok(SocketPacket { kind, namespace, ack_id, data: &rest[digits..] })
 }
 
 /// The name and first argument of an event's data `["name", arg, …]` (further arguments are
@@ -137,10 +123,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Event<'a> {
                 f.write_str("an event array [name, args…]")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Event<'a>, A::Error> {
-                let name: std::borrow::Cow<'a, str> = seq
-                    .next_element::<CowStr<'a>>()?
-                    .ok_or_else(|| de::Error::invalid_length(0, &self))?
-                    .0;
+                let name: std::borrow::Cow<'a, str> =
+                    seq.next_element::<CowStr<'a>>()?.ok_or_else(|| de::Error::invalid_length(0, &self))?.0;
                 let arg = seq.next_element::<&'a RawValue>()?;
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
                 Ok(Event { name, arg })
@@ -200,35 +184,18 @@ mod tests {
         };
         assert_eq!(
             p,
-            SocketPacket {
-                kind: SocketKind::Connect,
-                namespace: "/",
-                ack_id: None,
-                data: r#"{"sid":"x1"}"#
-            }
+            SocketPacket { kind: SocketKind::Connect, namespace: "/", ack_id: None, data: r#"{"sid":"x1"}"# }
         );
         let p = parse_socket(r#"2/chat,17["msg",1]"#).unwrap();
-        assert_eq!(
-            (p.kind, p.namespace, p.ack_id, p.data),
-            (SocketKind::Event, "/chat", Some(17), r#"["msg",1]"#)
-        );
+        assert_eq!((p.kind, p.namespace, p.ack_id, p.data), (SocketKind::Event, "/chat", Some(17), r#"["msg",1]"#));
         let p = parse_socket(r#"312[true]"#).unwrap();
-        assert_eq!(
-            (p.kind, p.ack_id, p.data),
-            (SocketKind::Ack, Some(12), "[true]")
-        );
+        assert_eq!((p.kind, p.ack_id, p.data), (SocketKind::Ack, Some(12), "[true]"));
         let p = parse_socket(r#"4{"message":"Not authorized"}"#).unwrap();
         assert_eq!(p.kind, SocketKind::ConnectError);
         let p = parse_socket("1").unwrap();
         assert_eq!((p.kind, p.data), (SocketKind::Disconnect, ""));
         let p = parse_socket(r#"51-["up",{"_placeholder":true,"num":0}]"#).unwrap();
-        assert_eq!(
-            (p.kind, p.data),
-            (
-                SocketKind::BinaryEvent,
-                r#"["up",{"_placeholder":true,"num":0}]"#
-            )
-        );
+        assert_eq!((p.kind, p.data), (SocketKind::BinaryEvent, r#"["up",{"_placeholder":true,"num":0}]"#));
         let p = parse_socket("1/admin,").unwrap();
         assert_eq!((p.namespace, p.data), ("/admin", ""));
         assert!(parse_socket("x").is_err());
@@ -236,20 +203,11 @@ mod tests {
 
     #[test]
     fn events() {
-        let e = parse_event(
-            r#"["message",{"room":"r1","from":"u","body":{"t":1,"n":2,"p":3}},"extra"]"#,
-        )
-        .unwrap();
+        let e = parse_event(r#"["message",{"room":"r1","from":"u","body":{"t":1,"n":2,"p":3}},"extra"]"#).unwrap();
         assert_eq!(e.name, "message");
-        assert_eq!(
-            e.arg.unwrap().get(),
-            r#"{"room":"r1","from":"u","body":{"t":1,"n":2,"p":3}}"#
-        );
+        assert_eq!(e.arg.unwrap().get(), r#"{"room":"r1","from":"u","body":{"t":1,"n":2,"p":3}}"#);
         let e = parse_event(r#"["joined","room-7"]"#).unwrap();
-        assert_eq!(
-            (e.name.as_ref(), e.arg.unwrap().get()),
-            ("joined", r#""room-7""#)
-        );
+        assert_eq!((e.name.as_ref(), e.arg.unwrap().get()), ("joined", r#""room-7""#));
         let e = parse_event(r#"["ping"]"#).unwrap();
         assert!(e.arg.is_none());
         let e = parse_event(r#"["we\"ird",1]"#).unwrap();
@@ -262,9 +220,7 @@ mod tests {
     fn encodes_events() {
         assert_eq!(event("join", r#""r1""#), r#"42["join","r1"]"#);
         let text = event("publish", r#"{"room":"r","body":{"t":1}}"#);
-        let EnginePacket::Message(p) = parse_engine(&text).unwrap() else {
-            panic!()
-        };
+        let EnginePacket::Message(p) = parse_engine(&text).unwrap() else { panic!() };
         assert_eq!(parse_event(p.data).unwrap().name, "publish");
     }
 }

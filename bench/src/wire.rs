@@ -75,9 +75,7 @@ impl Protocol {
             Protocol::Switchyard => {
                 format!(r#"{{"type":"publish","id":{id},"room":"{room}","body":{body}}}"#)
             }
-            Protocol::Socketio => {
-                socketio::event("publish", &format!(r#"{{"room":"{room}","body":{body}}}"#))
-            }
+            Protocol::Socketio => socketio::event("publish", &format!(r#"{{"room":"{room}","body":{body}}}"#)),
             Protocol::Relay => format!(r#"{{"type":"publish","room":"{room}","body":{body}}}"#),
         }
     }
@@ -88,9 +86,7 @@ impl Protocol {
             Protocol::Switchyard => {
                 format!(r#"{{"type":"send","id":{id},"to":"{to}","body":{body}}}"#)
             }
-            Protocol::Socketio => {
-                socketio::event("send", &format!(r#"{{"to":"{to}","body":{body}}}"#))
-            }
+            Protocol::Socketio => socketio::event("send", &format!(r#"{{"to":"{to}","body":{body}}}"#)),
             Protocol::Relay => format!(r#"{{"type":"send","to":"{to}","body":{body}}}"#),
         }
     }
@@ -144,10 +140,7 @@ impl Probe {
         if pad.is_empty() {
             format!(r#"{{"t":{},"n":{},"p":{}}}"#, self.t, self.n, self.p)
         } else {
-            format!(
-                r#"{{"t":{},"n":{},"p":{},"x":"{pad}"}}"#,
-                self.t, self.n, self.p
-            )
+            format!(r#"{{"t":{},"n":{},"p":{},"x":"{pad}"}}"#, self.t, self.n, self.p)
         }
     }
 
@@ -160,11 +153,7 @@ impl Probe {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
     /// A message event; `probe` is `None` when its body is not one of the tool's.
-    Message {
-        probe: Option<Probe>,
-        stream: Option<Cow<'a, str>>,
-        seq: Option<u64>,
-    },
+    Message { probe: Option<Probe>, stream: Option<Cow<'a, str>>, seq: Option<u64> },
     /// Switchyard's answer to a command with an id.
     Reply { id: Option<u64>, seq: Option<u64> },
     /// Switchyard's error (with the id of the command, if it had one).
@@ -213,31 +202,15 @@ fn parse_json_frame(text: &str) -> Frame<'_> {
         return Frame::Malformed;
     };
     match f.kind.as_ref() {
-        "message" => Frame::Message {
-            probe: Probe::from_raw(f.body),
-            stream: f.stream,
-            seq: f.seq,
-        },
-        "reply" => Frame::Reply {
-            id: f.id,
-            seq: f.seq,
-        },
+        "message" => Frame::Message { probe: Probe::from_raw(f.body), stream: f.stream, seq: f.seq },
+        "reply" => Frame::Reply { id: f.id, seq: f.seq },
         "error" => Frame::Error {
             id: f.id,
-            code: f
-                .code
-                .and_then(|c| serde_json::from_str::<String>(c.get()).ok())
-                .unwrap_or_default(),
+            code: f.code.and_then(|c| serde_json::from_str::<String>(c.get()).ok()).unwrap_or_default(),
         },
-        "joined" => Frame::Joined {
-            room: f.room.map(Cow::into_owned).unwrap_or_default(),
-        },
+        "joined" => Frame::Joined { room: f.room.map(Cow::into_owned).unwrap_or_default() },
         "welcome" => Frame::Welcome,
-        "disconnect" => Frame::Disconnect {
-            code: f
-                .code
-                .and_then(|c| serde_json::from_str::<u16>(c.get()).ok()),
-        },
+        "disconnect" => Frame::Disconnect { code: f.code.and_then(|c| serde_json::from_str::<u16>(c.get()).ok()) },
         _ => Frame::Other,
     }
 }
@@ -274,17 +247,10 @@ fn parse_socketio_frame(text: &str) -> Frame<'_> {
                         .arg
                         .and_then(|a| serde_json::from_str::<SocketioMessage>(a.get()).ok())
                         .and_then(|m| Probe::from_raw(m.body));
-                    Frame::Message {
-                        probe,
-                        stream: None,
-                        seq: None,
-                    }
+                    Frame::Message { probe, stream: None, seq: None }
                 }
                 "joined" => Frame::Joined {
-                    room: event
-                        .arg
-                        .and_then(|a| serde_json::from_str::<String>(a.get()).ok())
-                        .unwrap_or_default(),
+                    room: event.arg.and_then(|a| serde_json::from_str::<String>(a.get()).ok()).unwrap_or_default(),
                 },
                 _ => Frame::Other,
             }
@@ -300,30 +266,15 @@ mod tests {
     #[test]
     fn urls() {
         let s = Protocol::Switchyard;
-        assert_eq!(
-            s.ws_url("ws://127.0.0.1:9100", "u1"),
-            "ws://127.0.0.1:9100/ws?user=u1"
-        );
-        assert_eq!(
-            s.ws_url("ws://127.0.0.1:9100/", "u1"),
-            "ws://127.0.0.1:9100/ws?user=u1"
-        );
-        assert_eq!(
-            s.ws_url("ws://127.0.0.1:9100/ws", "u1"),
-            "ws://127.0.0.1:9100/ws?user=u1"
-        );
-        assert_eq!(
-            s.ws_url("ws://127.0.0.1:9100/ws?device=b", "u1"),
-            "ws://127.0.0.1:9100/ws?device=b&user=u1"
-        );
+        assert_eq!(s.ws_url("ws://127.0.0.1:9100", "u1"), "ws://127.0.0.1:9100/ws?user=u1");
+        assert_eq!(s.ws_url("ws://127.0.0.1:9100/", "u1"), "ws://127.0.0.1:9100/ws?user=u1");
+        assert_eq!(s.ws_url("ws://127.0.0.1:9100/ws", "u1"), "ws://127.0.0.1:9100/ws?user=u1");
+        assert_eq!(s.ws_url("ws://127.0.0.1:9100/ws?device=b", "u1"), "ws://127.0.0.1:9100/ws?device=b&user=u1");
         assert_eq!(
             Protocol::Socketio.ws_url("ws://127.0.0.1:3101", "u2"),
             "ws://127.0.0.1:3101/socket.io/?EIO=4&transport=websocket&user=u2"
         );
-        assert_eq!(
-            Protocol::Relay.ws_url("ws://127.0.0.1:3201", "u3"),
-            "ws://127.0.0.1:3201/?user=u3"
-        );
+        assert_eq!(Protocol::Relay.ws_url("ws://127.0.0.1:3201", "u3"), "ws://127.0.0.1:3201/?user=u3");
     }
 
     #[test]
@@ -331,12 +282,9 @@ mod tests {
         let body = Probe { t: 1, n: 2, p: 3 }.encode("");
         assert_eq!(body, r#"{"t":1,"n":2,"p":3}"#);
         for p in [Protocol::Switchyard, Protocol::Relay] {
-            for frame in [
-                p.join(7, "r1", None),
-                p.join(7, "r1", Some(4)),
-                p.publish(8, "r1", &body),
-                p.send(9, "u1", &body),
-            ] {
+            for frame in
+                [p.join(7, "r1", None), p.join(7, "r1", Some(4)), p.publish(8, "r1", &body), p.send(9, "u1", &body)]
+            {
                 let v: serde_json::Value = serde_json::from_str(&frame).expect(&frame);
                 assert!(v["type"].is_string());
             }
@@ -345,15 +293,9 @@ mod tests {
             Protocol::Switchyard.publish(8, "r1", &body),
             r#"{"type":"publish","id":8,"room":"r1","body":{"t":1,"n":2,"p":3}}"#
         );
-        assert_eq!(
-            Protocol::Switchyard.join(1, "r", Some(5)),
-            r#"{"type":"join","id":1,"room":"r","since":5}"#
-        );
+        assert_eq!(Protocol::Switchyard.join(1, "r", Some(5)), r#"{"type":"join","id":1,"room":"r","since":5}"#);
         assert_eq!(Protocol::Socketio.join(1, "r", None), r#"42["join","r"]"#);
-        assert_eq!(
-            Protocol::Socketio.send(1, "u", &body),
-            r#"42["send",{"to":"u","body":{"t":1,"n":2,"p":3}}]"#
-        );
+        assert_eq!(Protocol::Socketio.send(1, "u", &body), r#"42["send",{"to":"u","body":{"t":1,"n":2,"p":3}}]"#);
         assert_eq!(sync(3, Some(9)), r#"{"type":"sync","id":3,"since":9}"#);
         let padded = Probe { t: 1, n: 2, p: 3 }.encode("xxxx");
         let v: serde_json::Value = serde_json::from_str(&padded).unwrap();
@@ -366,41 +308,18 @@ mod tests {
         let msg = r#"{"type":"message","stream":"room:r1","seq":12,"mid":"m","from":"a","room":"r1","body":{"t":100,"n":5,"p":2,"x":"pad"},"ts":1}"#;
         assert_eq!(
             s.parse(msg),
-            Frame::Message {
-                probe: Some(Probe { t: 100, n: 5, p: 2 }),
-                stream: Some("room:r1".into()),
-                seq: Some(12)
-            }
+            Frame::Message { probe: Some(Probe { t: 100, n: 5, p: 2 }), stream: Some("room:r1".into()), seq: Some(12) }
         );
         let foreign = r#"{"type":"message","stream":"user:b","seq":1,"body":"hello"}"#;
-        assert!(matches!(
-            s.parse(foreign),
-            Frame::Message {
-                probe: None,
-                seq: Some(1),
-                ..
-            }
-        ));
-        assert_eq!(
-            s.parse(r#"{"type":"reply","id":4,"mid":"m","seq":3}"#),
-            Frame::Reply {
-                id: Some(4),
-                seq: Some(3)
-            }
-        );
+        assert!(matches!(s.parse(foreign), Frame::Message { probe: None, seq: Some(1), .. }));
+        assert_eq!(s.parse(r#"{"type":"reply","id":4,"mid":"m","seq":3}"#), Frame::Reply { id: Some(4), seq: Some(3) });
         assert_eq!(
             s.parse(r#"{"type":"error","id":4,"code":"rate_limited","message":"slow down"}"#),
-            Frame::Error {
-                id: Some(4),
-                code: "rate_limited".into()
-            }
+            Frame::Error { id: Some(4), code: "rate_limited".into() }
         );
         assert_eq!(
             s.parse(r#"{"type":"error","code":"bad_request","message":"x"}"#),
-            Frame::Error {
-                id: None,
-                code: "bad_request".into()
-            }
+            Frame::Error { id: None, code: "bad_request".into() }
         );
         assert_eq!(
             s.parse(r#"{"type":"welcome","session":"s","user":"u","node":"n","ping_interval":25}"#),
@@ -410,27 +329,17 @@ mod tests {
             s.parse(r#"{"type":"disconnect","code":4003,"reason":"too slow"}"#),
             Frame::Disconnect { code: Some(4003) }
         );
-        assert_eq!(
-            s.parse(r#"{"type":"presence","room":"r","event":"join","user":"b"}"#),
-            Frame::Other
-        );
+        assert_eq!(s.parse(r#"{"type":"presence","room":"r","event":"join","user":"b"}"#), Frame::Other);
         assert_eq!(s.parse("not json"), Frame::Malformed);
     }
 
     #[test]
     fn relay_frames() {
         let r = Protocol::Relay;
-        assert_eq!(
-            r.parse(r#"{"type":"joined","room":"r9"}"#),
-            Frame::Joined { room: "r9".into() }
-        );
+        assert_eq!(r.parse(r#"{"type":"joined","room":"r9"}"#), Frame::Joined { room: "r9".into() });
         assert_eq!(
             r.parse(r#"{"type":"message","to":"u","from":"s","body":{"t":1,"n":0,"p":0}}"#),
-            Frame::Message {
-                probe: Some(Probe { t: 1, n: 0, p: 0 }),
-                stream: None,
-                seq: None
-            }
+            Frame::Message { probe: Some(Probe { t: 1, n: 0, p: 0 }), stream: None, seq: None }
         );
     }
 
@@ -440,33 +349,19 @@ mod tests {
         assert_eq!(s.parse(r#"0{"sid":"a","pingInterval":25000}"#), Frame::Open);
         assert_eq!(s.parse(r#"40{"sid":"b"}"#), Frame::Connected);
         assert_eq!(s.parse("2"), Frame::Ping);
-        assert_eq!(
-            s.parse(r#"42["joined","r1"]"#),
-            Frame::Joined { room: "r1".into() }
-        );
+        assert_eq!(s.parse(r#"42["joined","r1"]"#), Frame::Joined { room: "r1".into() });
         assert_eq!(
             s.parse(r#"42["message",{"room":"r1","from":"p","body":{"t":9,"n":8,"p":7}}]"#),
-            Frame::Message {
-                probe: Some(Probe { t: 9, n: 8, p: 7 }),
-                stream: None,
-                seq: None
-            }
+            Frame::Message { probe: Some(Probe { t: 9, n: 8, p: 7 }), stream: None, seq: None }
         );
         assert_eq!(
             s.parse(r#"42["message",{"to":"u","from":"p","body":1}]"#),
-            Frame::Message {
-                probe: None,
-                stream: None,
-                seq: None
-            }
+            Frame::Message { probe: None, stream: None, seq: None }
         );
         assert_eq!(s.parse(r#"42/other,["message",{}]"#), Frame::Other);
         assert_eq!(s.parse("41"), Frame::Disconnect { code: None });
         assert_eq!(s.parse("1"), Frame::Disconnect { code: None });
-        assert!(matches!(
-            s.parse(r#"44{"message":"no"}"#),
-            Frame::ConnectError(_)
-        ));
+        assert!(matches!(s.parse(r#"44{"message":"no"}"#), Frame::ConnectError(_)));
         assert_eq!(s.parse("42nope"), Frame::Malformed);
     }
 }

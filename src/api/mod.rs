@@ -94,7 +94,10 @@ async fn require_key(State(node): State<Arc<Node>>, request: Request, next: Next
     if matched == 1 {
         next.run(request).await
     } else {
-        error_response(&ProtocolError::new(ErrorCode::Unauthorized, "a valid API key is required: Authorization: Bearer <key>"))
+        error_response(&ProtocolError::new(
+            ErrorCode::Unauthorized,
+            "a valid API key is required: Authorization: Bearer <key>",
+        ))
     }
 }
 

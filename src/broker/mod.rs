@@ -18,8 +18,8 @@ use bytes::Bytes;
 
 use crate::protocol::{RoomName, StreamId, UserId};
 
-pub use memory::MemoryBroker;
 pub use self::redis::RedisBroker;
+pub use memory::MemoryBroker;
 
 /// A session id, unique across the cluster (64 random bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -137,7 +137,8 @@ impl Shared {
         match info.kind {
             PushKind::Message => {
                 let mut data = info.data.into_iter();
-                if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next()) {
+                if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next())
+                {
                     self.on_message(&channel, payload);
                 }
             }
@@ -156,8 +157,10 @@ impl Shared {
     fn pending(&self) -> (Vec<String>, Vec<String>) {
         let mut interest = self.interest();
         interest.retain(|_, i| i.count > 0 || i.active);
-        let subscribe = interest.iter().filter(|(_, i)| i.count > 0 && !i.active).map(|(c, _)| c.clone()).take(BATCH).collect();
-        let unsubscribe = interest.iter().filter(|(_, i)| i.count == 0 && i.active).map(|(c, _)| c.clone()).take(BATCH).collect();
+        let subscribe =
+            interest.iter().filter(|(_, i)| i.count > 0 && !i.active).map(|(c, _)| c.clone()).take(BATCH).collect();
+        let unsubscribe =
+            interest.iter().filter(|(_, i)| i.count == 0 && i.active).map(|(c, _)| c.clone()).take(BATCH).collect();
         (subscribe, unsubscribe)
     }
 
@@ -216,7 +219,11 @@ impl RedisBroker {
 }
 
 /// Applies changes of interest, in order, in batches.
-async fn manage_subscriptions(shared: std::sync::Weak<Shared>, changed: Arc<Notify>, mut subscriber: ConnectionManager) {
+async fn manage_subscriptions(
+    shared: std::sync::Weak<Shared>,
+    changed: Arc<Notify>,
+    mut subscriber: ConnectionManager,
+) {
     loop {
         let notified = changed.notified();
         let Some(strong) = shared.upgrade() else { return };

@@ -84,9 +84,10 @@ impl Presence for MemoryPresence {
 
     async fn room(&self, room: &RoomName, limit: usize) -> Result<(usize, Vec<UserId>), PresenceError> {
         let state = self.state();
-        Ok(state.rooms.get(room).map_or((0, Vec::new()), |members| {
-            (members.len(), members.keys().take(limit).cloned().collect())
-        }))
+        Ok(state
+            .rooms
+            .get(room)
+            .map_or((0, Vec::new()), |members| (members.len(), members.keys().take(limit).cloned().collect())))
     }
 
     async fn heartbeat(&self, node: &NodeInfo) -> Result<(), PresenceError> {

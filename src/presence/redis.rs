@@ -200,10 +200,15 @@ pub struct RedisPresence {
 }
 
 impl RedisPresence {
-
     /// Runs the join or leave script for one session; true when the user entered or left the
     /// room cluster-wide.
-    async fn membership(&self, script: &Script, room: &RoomName, user: &UserId, session: SessionId) -> Result<bool, PresenceError> {
+    async fn membership(
+        &self,
+        script: &Script,
+        room: &RoomName,
+        user: &UserId,
+        session: SessionId,
+    ) -> Result<bool, PresenceError> {
         let changed: i64 = script
             .key(self.key("nr", &self.instance))
             .key(self.key("nm", &self.instance))
@@ -282,8 +287,15 @@ impl RedisPresence {
         let (ns, nm) = (self.key("ns", instance), self.key("nm", instance));
         let mut sessions = 0;
         loop {
-            let n: usize = self.scripts.purge_sessions.key(&ns).arg(self.key("us", "")).arg(REAP_BATCH)
-                .invoke_async(&mut conn).await.map_err(unavailable)?;
+            let n: usize = self
+                .scripts
+                .purge_sessions
+                .key(&ns)
+                .arg(self.key("us", ""))
+                .arg(REAP_BATCH)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
             sessions += n;
             if n < REAP_BATCH {
                 break;
@@ -292,8 +304,16 @@ impl RedisPresence {
         let mut left = Vec::new();
         let mut cursor = String::from("0");
         loop {
-            let page: Vec<String> = self.scripts.purge_rooms.key(&nm).arg(self.key("rm", "")).arg(&cursor)
-                .arg(REAP_BATCH).invoke_async(&mut conn).await.map_err(unavailable)?;
+            let page: Vec<String> = self
+                .scripts
+                .purge_rooms
+                .key(&nm)
+                .arg(self.key("rm", ""))
+                .arg(&cursor)
+                .arg(REAP_BATCH)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
             let mut page = page.into_iter();
             cursor = page.next().unwrap_or_default();
             left.extend(page.filter_map(|pair| parse_pair(&pair)));
@@ -303,8 +323,16 @@ impl RedisPresence {
         }
         redis::pipe()
             .atomic()
-            .cmd("UNLINK").arg(&ns).arg(&nm).arg(self.key("nr", instance)).arg(self.key("node", instance)).ignore()
-            .cmd("ZREM").arg(self.nodes_key()).arg(instance).ignore()
+            .cmd("UNLINK")
+            .arg(&ns)
+            .arg(&nm)
+            .arg(self.key("nr", instance))
+            .arg(self.key("node", instance))
+            .ignore()
+            .cmd("ZREM")
+            .arg(self.nodes_key())
+            .arg(instance)
+            .ignore()
             .exec_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -353,8 +381,15 @@ impl Presence for RedisPresence {
         let field = self.session_field(session.session);
         redis::pipe()
             .atomic()
-            .cmd("HSET").arg(self.key("us", session.user.as_str())).arg(&field).arg(json).ignore()
-            .cmd("SADD").arg(self.key("ns", &self.instance)).arg(format!("{}\n{field}", session.user)).ignore()
+            .cmd("HSET")
+            .arg(self.key("us", session.user.as_str()))
+            .arg(&field)
+            .arg(json)
+            .ignore()
+            .cmd("SADD")
+            .arg(self.key("ns", &self.instance))
+            .arg(format!("{}\n{field}", session.user))
+            .ignore()
             .exec_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)
@@ -364,8 +399,14 @@ impl Presence for RedisPresence {
         let field = self.session_field(session.session);
         redis::pipe()
             .atomic()
-            .cmd("HDEL").arg(self.key("us", session.user.as_str())).arg(&field).ignore()
-            .cmd("SREM").arg(self.key("ns", &self.instance)).arg(format!("{}\n{field}", session.user)).ignore()
+            .cmd("HDEL")
+            .arg(self.key("us", session.user.as_str()))
+            .arg(&field)
+            .ignore()
+            .cmd("SREM")
+            .arg(self.key("ns", &self.instance))
+            .arg(format!("{}\n{field}", session.user))
+            .ignore()
             .exec_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)

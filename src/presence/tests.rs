@@ -91,8 +91,7 @@ impl TestRedis {
         let dead: Vec<&String> = members.iter().filter(|m| m.starts_with(&format!("{node}@"))).collect();
         assert!(!dead.is_empty(), "{node} never heart-beat");
         for member in dead {
-            let _: () = redis::cmd("ZADD").arg(&registry).arg(1).arg(member)
-                .query_async(&mut conn).await.unwrap();
+            let _: () = redis::cmd("ZADD").arg(&registry).arg(1).arg(member).query_async(&mut conn).await.unwrap();
         }
     }
 
@@ -102,8 +101,15 @@ impl TestRedis {
         let mut keys: Vec<String> = Vec::new();
         let mut cursor = 0u64;
         loop {
-            let (next, page): (u64, Vec<String>) = redis::cmd("SCAN").arg(cursor).arg("MATCH")
-                .arg(format!("{}:*", self.prefix)).arg("COUNT").arg(1000).query_async(&mut conn).await.unwrap();
+            let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
             keys.extend(page);
             if next == 0 {
                 return keys;

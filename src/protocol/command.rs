@@ -57,11 +57,7 @@ pub enum HistoryQuery {
 
 impl HistoryQuery {
     /// Builds a query from the optional fields shared by the WebSocket and the HTTP API.
-    pub fn from_parts(
-        since: Option<u64>,
-        before: Option<u64>,
-        limit: Option<u64>,
-    ) -> Result<Self, ProtocolError> {
+    pub fn from_parts(since: Option<u64>, before: Option<u64>, limit: Option<u64>) -> Result<Self, ProtocolError> {
         let limit = match limit {
             None => DEFAULT_HISTORY_LIMIT,
             Some(n) if n as usize > MAX_HISTORY_LIMIT => {
@@ -101,9 +97,7 @@ fn required<T>(field: Option<T>, name: &str, kind: &str) -> Result<T, ProtocolEr
 
 fn checked_key(key: Option<String>) -> Result<Option<String>, ProtocolError> {
     match key {
-        Some(k) if k.is_empty() || k.len() > MAX_KEY_LEN => {
-            Err(ProtocolError::bad_request("key must be 1-256 bytes"))
-        }
+        Some(k) if k.is_empty() || k.len() > MAX_KEY_LEN => Err(ProtocolError::bad_request("key must be 1-256 bytes")),
         other => Ok(other),
     }
 }
@@ -131,10 +125,7 @@ pub fn parse_command(text: &str) -> CommandFrame {
         }
     };
     if !raw.id.as_deref().is_none_or(valid_id) {
-        return CommandFrame {
-            id: None,
-            command: Err(ProtocolError::bad_request("id must be a number or a string")),
-        };
+        return CommandFrame { id: None, command: Err(ProtocolError::bad_request("id must be a number or a string")) };
     }
     let RawFrame { kind, id, .. } = &raw;
     let kind = kind.as_deref().map(str::to_owned);
@@ -150,10 +141,7 @@ fn build(kind: Option<&str>, raw: RawFrame<'_>) -> Result<Command, ProtocolError
             body: required(raw.body, "body", kind)?,
             key: checked_key(raw.key)?,
         },
-        "join" => Command::Join {
-            room: RoomName::parse(&required(raw.room, "room", kind)?)?,
-            since: raw.since,
-        },
+        "join" => Command::Join { room: RoomName::parse(&required(raw.room, "room", kind)?)?, since: raw.since },
         "leave" => Command::Leave { room: RoomName::parse(&required(raw.room, "room", kind)?)? },
         "publish" => Command::Publish {
             room: RoomName::parse(&required(raw.room, "room", kind)?)?,
@@ -202,10 +190,7 @@ mod tests {
     #[test]
     fn parses_every_command() {
         assert!(matches!(ok(r#"{"type":"send","to":"bob","body":{"a":1}}"#), Command::Send { .. }));
-        assert!(matches!(
-            ok(r#"{"type":"join","room":"lobby","since":4}"#),
-            Command::Join { since: Some(4), .. }
-        ));
+        assert!(matches!(ok(r#"{"type":"join","room":"lobby","since":4}"#), Command::Join { since: Some(4), .. }));
         assert!(matches!(ok(r#"{"type":"leave","room":"lobby"}"#), Command::Leave { .. }));
         assert!(matches!(
             ok(r#"{"type":"publish","room":"r","body":"hi","key":"k1"}"#),

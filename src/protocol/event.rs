@@ -96,13 +96,7 @@ struct Welcome<'a> {
     ping_interval: u64,
 }
 
-pub fn encode_welcome(
-    session: &str,
-    user: &UserId,
-    device: Option<&str>,
-    node: &str,
-    ping_interval: u64,
-) -> Bytes {
+pub fn encode_welcome(session: &str, user: &UserId, device: Option<&str>, node: &str, ping_interval: u64) -> Bytes {
     let welcome = Welcome { kind: "welcome", session, user: user.as_str(), device, node, ping_interval };
     Bytes::from(serde_json::to_vec(&welcome).expect("welcome serializes"))
 }

@@ -11,8 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{SeqSet, Session, Stop, StreamState};
 use crate::node::{DirectMessage, RoomMessage, UserPresence};
 use crate::protocol::{
-    Command, ErrorCode, HistoryQuery, PresenceQuery, ProtocolError, RoomName, StreamId, encode_error,
-    encode_reply,
+    Command, ErrorCode, HistoryQuery, PresenceQuery, ProtocolError, RoomName, StreamId, encode_error, encode_reply,
 };
 use crate::store::StoredMessage;
 
@@ -112,7 +111,8 @@ where
             }
             Command::Presence(PresenceQuery::Users(users)) => {
                 let result = self.node.user_presence(&users).await;
-                let result = result.map(|list| UsersPresence { users: users.iter().map(|u| u.as_str()).zip(list).collect() });
+                let result =
+                    result.map(|list| UsersPresence { users: users.iter().map(|u| u.as_str()).zip(list).collect() });
                 self.answer(id, result).await
             }
             Command::Presence(PresenceQuery::Room(room)) => {
@@ -128,7 +128,11 @@ where
     }
 
     /// Replies when the command carried an id; errors are sent either way.
-    async fn answer<T: Serialize>(&mut self, id: Option<&RawValue>, result: Result<T, ProtocolError>) -> Result<(), Stop> {
+    async fn answer<T: Serialize>(
+        &mut self,
+        id: Option<&RawValue>,
+        result: Result<T, ProtocolError>,
+    ) -> Result<(), Stop> {
         let frame = match (result, id) {
             (Ok(fields), Some(id)) => encode_reply(id, fields),
             (Ok(_), None) => return Ok(()),
@@ -141,7 +145,12 @@ where
         self.streams.entry(stream).or_default()
     }
 
-    async fn send(&mut self, to: crate::protocol::UserId, body: Box<RawValue>, key: Option<String>) -> Result<Accepted, ProtocolError> {
+    async fn send(
+        &mut self,
+        to: crate::protocol::UserId,
+        body: Box<RawValue>,
+        key: Option<String>,
+    ) -> Result<Accepted, ProtocolError> {
         let user = self.info.user.clone();
         let msg = DirectMessage {
             from: Arc::from(user.as_str()),
@@ -155,7 +164,12 @@ where
         Ok(Accepted { mid: appended.mid, seq: appended.seq })
     }
 
-    async fn publish(&mut self, room: RoomName, body: Box<RawValue>, key: Option<String>) -> Result<Accepted, ProtocolError> {
+    async fn publish(
+        &mut self,
+        room: RoomName,
+        body: Box<RawValue>,
+        key: Option<String>,
+    ) -> Result<Accepted, ProtocolError> {
         if !self.rooms.contains(&room) {
             return Err(ProtocolError::new(ErrorCode::NotMember, format!("join room {room} before publishing to it")));
         }
@@ -175,7 +189,10 @@ where
     /// session when the store is read, which is what closes the race with concurrent publishes.
     async fn join(&mut self, room: &RoomName, since: Option<u64>) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
         if !self.node.may_enter(&self.identity, room) {
-            return Err(ProtocolError::new(ErrorCode::Forbidden, format!("room {room} needs a `rooms` claim in your token")));
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                format!("room {room} needs a `rooms` claim in your token"),
+            ));
         }
         if self.rooms.insert(room.clone())
             && let Err(e) = self.node.join(room, &self.handle).await
@@ -197,7 +214,11 @@ where
 
     /// With `since`: the kept messages after it that this session does not have yet. Without:
     /// nothing, and everything up to the stream's current end counts as had.
-    async fn catch_up(&mut self, stream: StreamId, since: Option<u64>) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
+    async fn catch_up(
+        &mut self,
+        stream: StreamId,
+        since: Option<u64>,
+    ) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
         let Some(since) = since else {
             let last = self.node.last_seq(&stream).await?;
             let state = self.stream(stream);
@@ -215,7 +236,11 @@ where
     /// stream is shorter than `since` or than a seq the session has (its store lost data and
     /// restarted its seqs), what the session had of it no longer means anything and is
     /// forgotten: every kept message is delivered, as `truncated`.
-    pub(super) async fn read_missing(&mut self, stream: StreamId, since: u64) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
+    pub(super) async fn read_missing(
+        &mut self,
+        stream: StreamId,
+        since: u64,
+    ) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
         let mut caught = self.node.catch_up(&stream, since).await?;
         let had = self.streams.get(&stream).and_then(|s| s.seen.last());
         let lost = since > caught.slice.last_seq || had.is_some_and(|had| had > caught.slice.last_seq);
@@ -241,7 +266,10 @@ where
 
     async fn room_presence<'r>(&mut self, room: &'r RoomName) -> Result<RoomPresence<'r>, ProtocolError> {
         if !self.node.may_enter(&self.identity, room) {
-            return Err(ProtocolError::new(ErrorCode::Forbidden, format!("room {room} needs a `rooms` claim in your token")));
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                format!("room {room} needs a `rooms` claim in your token"),
+            ));
         }
         let (count, users) = self.node.presence.room(room, ROOM_PRESENCE_LIMIT).await?;
         Ok(RoomPresence { room, count, users })

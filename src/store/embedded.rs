@@ -64,9 +64,8 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("--data-dir {}: cannot create it: {e}", dir.display()))?;
         let path = dir.join("switchyard.redb");
-        let db = Database::create(&path).map_err(|e| {
-            anyhow::anyhow!("--data-dir {}: cannot open {}: {e}", dir.display(), path.display())
-        })?;
+        let db = Database::create(&path)
+            .map_err(|e| anyhow::anyhow!("--data-dir {}: cannot open {}: {e}", dir.display(), path.display()))?;
         {
             let txn = db.begin_write()?;
             txn.open_table(MESSAGES)?;
@@ -104,12 +103,12 @@ impl EmbeddedStore {
             .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))
     }
 
-    async fn submit<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp) -> Result<T, StoreError> {
+    async fn submit<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.writer
-            .send(op(tx))
-            .await
-            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?;
+        self.writer.send(op(tx)).await.map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?;
         rx.await.map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?
     }
 
@@ -126,7 +125,8 @@ impl EmbeddedStore {
                 take_kept(messages.range(from).map_err(internal)?, limit, cutoff)?
             }
             HistoryQuery::Before { before, limit } => {
-                let mut out = take_kept(messages.range((stream, 0)..(stream, before)).map_err(internal)?.rev(), limit, cutoff)?;
+                let mut out =
+                    take_kept(messages.range((stream, 0)..(stream, before)).map_err(internal)?.rev(), limit, cutoff)?;
                 out.reverse();
                 out
             }
@@ -150,9 +150,7 @@ impl Store for EmbeddedStore {
         let db = self.db()?;
         let key = stream.key();
         let ttl = self.retention.ttl_ms;
-        tokio::task::spawn_blocking(move || Self::read_blocking(&db, &key, query, ttl))
-            .await
-            .map_err(internal)?
+        tokio::task::spawn_blocking(move || Self::read_blocking(&db, &key, query, ttl)).await.map_err(internal)?
     }
 
     async fn cursor(&self, user: &UserId) -> Result<u64, StoreError> {
@@ -173,9 +171,7 @@ impl Store for EmbeddedStore {
 
     async fn ready(&self) -> bool {
         let (tx, rx) = oneshot::channel();
-        let probe = async {
-            self.writer.send(WriteOp::Probe(tx)).await.is_ok() && rx.await.is_ok()
-        };
+        let probe = async { self.writer.send(WriteOp::Probe(tx)).await.is_ok() && rx.await.is_ok() };
         let writer_alive = tokio::time::timeout(PROBE_TIMEOUT, probe).await.unwrap_or(false);
         writer_alive && self.db().is_ok_and(|db| db.begin_read().is_ok())
     }
@@ -312,7 +308,11 @@ impl Writer {
 
     /// Appends one request inside `txn`, returning the answer and the deliveries to make after
     /// the commit.
-    fn append(&self, txn: &WriteTransaction, request: AppendRequest) -> Result<(Appended, Vec<(Topic, Event)>), StoreError> {
+    fn append(
+        &self,
+        txn: &WriteTransaction,
+        request: AppendRequest,
+    ) -> Result<(Appended, Vec<(Topic, Event)>), StoreError> {
         let now = now_ms();
         if let Some((scope, key)) = &request.idempotency {
             let table = txn.open_table(IDEMPOTENCY).map_err(internal)?;
@@ -346,12 +346,8 @@ impl Writer {
             if i == request.reply_entry {
                 reply_seq = seq;
             }
-            let delivery = Delivery {
-                position: Some((entry.stream, seq)),
-                frame,
-                exclude: entry.exclude,
-                ts: entry.draft.ts,
-            };
+            let delivery =
+                Delivery { position: Some((entry.stream, seq)), frame, exclude: entry.exclude, ts: entry.draft.ts };
             deliveries.push((entry.topic, Event::Message(Arc::new(delivery))));
         }
         if let Some((scope, key)) = &request.idempotency {
@@ -376,10 +372,8 @@ impl Writer {
             let stream = k.value().to_owned();
             let mut new_first = first;
             while new_first <= last {
-                let expired = messages
-                    .get((stream.as_str(), new_first))
-                    .map_err(internal)?
-                    .is_none_or(|m| m.value().0 < cutoff);
+                let expired =
+                    messages.get((stream.as_str(), new_first)).map_err(internal)?.is_none_or(|m| m.value().0 < cutoff);
                 if !expired {
                     break;
                 }

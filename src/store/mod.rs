@@ -10,9 +10,9 @@
 //!   [`IDEMPOTENCY_WINDOW_MS`] stores and delivers nothing and answers the first result.
 
 mod embedded;
+mod redis;
 #[cfg(test)]
 mod tests;
-mod redis;
 
 use std::sync::Arc;
 
@@ -22,8 +22,8 @@ use bytes::Bytes;
 use crate::broker::{SessionId, Topic};
 use crate::protocol::{ErrorCode, HistoryQuery, MessageDraft, ProtocolError, StreamId, UserId};
 
-pub use embedded::EmbeddedStore;
 pub use self::redis::RedisStore;
+pub use embedded::EmbeddedStore;
 
 /// Retention of every stream (`--history-size`, `--history-ttl`).
 #[derive(Clone, Copy, Debug)]

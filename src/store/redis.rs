@@ -118,7 +118,8 @@ fn entries(value: Value) -> Result<Vec<(u64, u64, Bytes)>, StoreError> {
                 return Err(malformed("stream entry"));
             }
             let fields = pair.pop().expect("two items");
-            let id: String = redis::from_redis_value(pair.pop().expect("two items")).map_err(|_| malformed("entry id"))?;
+            let id: String =
+                redis::from_redis_value(pair.pop().expect("two items")).map_err(|_| malformed("entry id"))?;
             let seq = id.strip_prefix("0-").and_then(|s| s.parse().ok()).ok_or_else(|| malformed("entry id"))?;
             let fields: Vec<Vec<u8>> = redis::from_redis_value(fields).map_err(|_| malformed("entry fields"))?;
             let (mut frame, mut ts) = (None, 0);
@@ -173,7 +174,9 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let (duplicate, answer): (u8, String) = invocation.invoke_async(&mut conn).await.map_err(unavailable)?;
         if duplicate == 2 {
-            return Err(StoreError::Unavailable("redis reached the append after its deadline: nothing was stored".into()));
+            return Err(StoreError::Unavailable(
+                "redis reached the append after its deadline: nothing was stored".into(),
+            ));
         }
         let (mid, seq) = answer.split_once(' ').ok_or_else(|| malformed("append answer"))?;
         let seq = seq.parse().map_err(|_| malformed("append seq"))?;
@@ -202,8 +205,8 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
         let range = if replies.len() > 1 { replies.pop() } else { None };
-        let last_seq: Option<u64> = redis::from_redis_value(replies.pop().ok_or_else(|| malformed("seq"))?)
-            .map_err(|_| malformed("seq"))?;
+        let last_seq: Option<u64> =
+            redis::from_redis_value(replies.pop().ok_or_else(|| malformed("seq"))?).map_err(|_| malformed("seq"))?;
         let cutoff = now_ms().saturating_sub(self.retention.ttl_ms);
         let mut messages: Vec<StoredMessage> = match (range, limit) {
             (Some(range), 1..) => entries(range)?
@@ -228,7 +231,8 @@ impl Store for RedisStore {
 
     async fn ack(&self, user: &UserId, seq: u64) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let _: i64 = self.ack.key(self.keys.cursor(user)).arg(seq).invoke_async(&mut conn).await.map_err(unavailable)?;
+        let _: i64 =
+            self.ack.key(self.keys.cursor(user)).arg(seq).invoke_async(&mut conn).await.map_err(unavailable)?;
         Ok(())
     }
 

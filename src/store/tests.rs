@@ -21,7 +21,14 @@ fn room_entry(room: &str, body: &str) -> Entry {
     Entry {
         stream: StreamId::Room(room.clone()),
         topic: Topic::Room(room.clone()),
-        draft: MessageDraft { mid: new_mid(ts), from: Arc::from("alice"), to: None, room: Some(room), body: Arc::from(body), ts },
+        draft: MessageDraft {
+            mid: new_mid(ts),
+            from: Arc::from("alice"),
+            to: None,
+            room: Some(room),
+            body: Arc::from(body),
+            ts,
+        },
         exclude: Some(SessionId(7)),
     }
 }
@@ -48,19 +55,34 @@ async fn conformance(store: &dyn Store) {
         body: Arc::from("\"dm\""),
         ts,
     };
-    let to_bob = Entry { stream: StreamId::User(user("bob")), topic: Topic::User(user("bob")), draft: draft.clone(), exclude: None };
+    let to_bob = Entry {
+        stream: StreamId::User(user("bob")),
+        topic: Topic::User(user("bob")),
+        draft: draft.clone(),
+        exclude: None,
+    };
     let copy = Entry { stream: StreamId::User(user("alice")), topic: Topic::User(user("alice")), draft, exclude: None };
     let sent = store.append(append(vec![to_bob, copy], 1, None)).await.unwrap();
     assert_eq!(sent.seq, 1, "the reply carries the sender's stream seq");
     let bob = store.read(&StreamId::User(user("bob")), HistoryQuery::Last { limit: 10 }).await.unwrap();
     let frame: serde_json::Value = serde_json::from_slice(&bob.messages[0].frame).unwrap();
-    assert_eq!((frame["seq"].as_u64(), frame["mid"].as_str(), frame["stream"].as_str()), (Some(1), Some(&*sent.mid), Some("user:bob")));
+    assert_eq!(
+        (frame["seq"].as_u64(), frame["mid"].as_str(), frame["stream"].as_str()),
+        (Some(1), Some(&*sent.mid), Some("user:bob"))
+    );
 
     // Idempotency: the same key answers the first append and stores nothing.
     let first = store.append(append(vec![room_entry("a", "k")], 0, Some("key-1"))).await.unwrap();
     let again = store.append(append(vec![room_entry("a", "k")], 0, Some("key-1"))).await.unwrap();
     assert_eq!((again.mid.clone(), again.seq, again.duplicate), (first.mid.clone(), first.seq, true));
-    assert_eq!(store.read(&StreamId::Room(RoomName::parse("a").unwrap()), HistoryQuery::Last { limit: 0 }).await.unwrap().last_seq, 4);
+    assert_eq!(
+        store
+            .read(&StreamId::Room(RoomName::parse("a").unwrap()), HistoryQuery::Last { limit: 0 })
+            .await
+            .unwrap()
+            .last_seq,
+        4
+    );
 
     // Retention keeps the last 5; reads answer ascending slices and the last seq.
     for i in 5..=8 {
@@ -74,7 +96,8 @@ async fn conformance(store: &dyn Store) {
     assert_eq!(seqs(&store.read(&a, HistoryQuery::Before { before: 7, limit: 2 }).await.unwrap()), vec![5, 6]);
     assert_eq!(seqs(&store.read(&a, HistoryQuery::Before { before: 1, limit: 2 }).await.unwrap()), Vec::<u64>::new());
     assert_eq!(seqs(&store.read(&a, HistoryQuery::Last { limit: 2 }).await.unwrap()), vec![7, 8]);
-    let never = store.read(&StreamId::Room(RoomName::parse("never").unwrap()), HistoryQuery::Last { limit: 5 }).await.unwrap();
+    let never =
+        store.read(&StreamId::Room(RoomName::parse("never").unwrap()), HistoryQuery::Last { limit: 5 }).await.unwrap();
     assert_eq!((never.messages.len(), never.last_seq), (0, 0));
 
     // Cursors only move forward.
@@ -98,15 +121,16 @@ async fn embedded_store_conforms() {
 async fn redis_store_conforms() {
     let url = std::env::var("SWITCHYARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
     let client = crate::cluster::client(&url).unwrap();
-    let conn = match tokio::time::timeout(std::time::Duration::from_secs(3), crate::cluster::commands(&client, &url)).await {
-        Ok(Ok(conn)) => conn,
-        other => {
-            let why = format!("no Redis at {url}: {:?}", other.map(|r| r.err()));
-            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{why}");
-            eprintln!("SKIP redis_store_conforms: {why}");
-            return;
-        }
-    };
+    let conn =
+        match tokio::time::timeout(std::time::Duration::from_secs(3), crate::cluster::commands(&client, &url)).await {
+            Ok(Ok(conn)) => conn,
+            other => {
+                let why = format!("no Redis at {url}: {:?}", other.map(|r| r.err()));
+                assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{why}");
+                eprintln!("SKIP redis_store_conforms: {why}");
+                return;
+            }
+        };
     let prefix = format!("sy-test-store-{:016x}", fastrand::u64(..));
     let keys = Keys::new(&prefix);
     let clock = Arc::new(crate::cluster::RedisClock::default());

@@ -106,9 +106,23 @@ fn help_describes_every_option() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
-        "--listen", "--node-id", "--data-dir", "--redis", "--jwt-secret", "--jwt-public-key", "--api-key",
-        "--single-session", "--private-prefix", "--quiet-prefix", "--history-size", "--history-ttl",
-        "--max-message-size", "--rate-limit", "--max-connections", "--config", "SWITCHYARD_LISTEN",
+        "--listen",
+        "--node-id",
+        "--data-dir",
+        "--redis",
+        "--jwt-secret",
+        "--jwt-public-key",
+        "--api-key",
+        "--single-session",
+        "--private-prefix",
+        "--quiet-prefix",
+        "--history-size",
+        "--history-ttl",
+        "--max-message-size",
+        "--rate-limit",
+        "--max-connections",
+        "--config",
+        "SWITCHYARD_LISTEN",
     ] {
         assert!(help.contains(flag), "serve --help mentions {flag}");
     }

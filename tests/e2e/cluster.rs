@@ -52,7 +52,12 @@ async fn messages_within(client: &mut Client, wait: Duration) -> Vec<Value> {
 
 /// Sends `commands` with at most `window` unanswered; answers the replies (or errors) in command
 /// order and every other frame that arrived meanwhile, in arrival order.
-async fn pipeline(client: &mut Client, commands: Vec<Value>, window: usize, progress: Option<&AtomicUsize>) -> (Vec<Value>, Vec<Value>) {
+async fn pipeline(
+    client: &mut Client,
+    commands: Vec<Value>,
+    window: usize,
+    progress: Option<&AtomicUsize>,
+) -> (Vec<Value>, Vec<Value>) {
     let total = commands.len();
     let mut answers: Vec<Option<Value>> = vec![None; total];
     let mut others = Vec::new();
@@ -123,7 +128,8 @@ async fn seqs_are_assigned_once_cluster_wide() {
         .enumerate()
         .map(|(p, mut publisher)| {
             tokio::spawn(async move {
-                let commands = (1..=EACH).map(|i| json!({"type":"publish","room":"seqs","body":{"p":p,"i":i}})).collect();
+                let commands =
+                    (1..=EACH).map(|i| json!({"type":"publish","room":"seqs","body":{"p":p,"i":i}})).collect();
                 let (replies, others) = pipeline(&mut publisher, commands, 16, None).await;
                 let mut received: Vec<Value> = others.into_iter().filter(|f| f["type"] == "message").collect();
                 while received.len() < (TOTAL - EACH) as usize {
@@ -158,7 +164,11 @@ async fn seqs_are_assigned_once_cluster_wide() {
         all.sort_unstable();
         assert_eq!(all, (1..=TOTAL).collect::<Vec<_>>(), "publisher{p}: own replies + received = every seq once");
     }
-    assert_eq!(by_seq.keys().copied().collect::<Vec<_>>(), (1..=TOTAL).collect::<Vec<_>>(), "replies cover 1..={TOTAL}");
+    assert_eq!(
+        by_seq.keys().copied().collect::<Vec<_>>(),
+        (1..=TOTAL).collect::<Vec<_>>(),
+        "replies cover 1..={TOTAL}"
+    );
 
     let mut first: Option<Vec<String>> = None;
     for (l, task) in listening.into_iter().enumerate() {
@@ -218,13 +228,21 @@ async fn routing_goes_only_where_needed() {
     c.ok("POST", "/api/v1/users/target/messages", Some(&json!({"body":"direct"}))).await;
     assert_eq!(target.next_message().await["body"], "direct");
     let after_direct = bus(nodes).await;
-    assert_eq!(delta(before, after_direct), [1.0, 0.0, 0.0], "a direct message reaches only the node of its recipient (a, b, c)");
+    assert_eq!(
+        delta(before, after_direct),
+        [1.0, 0.0, 0.0],
+        "a direct message reaches only the node of its recipient (a, b, c)"
+    );
 
     c.ok("POST", "/api/v1/rooms/route/messages", Some(&json!({"body":"room"}))).await;
     assert_eq!(member_a.next_message().await["body"], "room");
     assert_eq!(member_b.next_message().await["body"], "room");
     let after_room = bus(nodes).await;
-    assert_eq!(delta(after_direct, after_room), [1.0, 1.0, 0.0], "a room message reaches only the nodes of its members (a, b, c)");
+    assert_eq!(
+        delta(after_direct, after_room),
+        [1.0, 1.0, 0.0],
+        "a room message reaches only the nodes of its members (a, b, c)"
+    );
 
     c.ok("POST", "/api/v1/broadcast", Some(&json!({"body":"all"}))).await;
     for client in [&mut target, &mut member_a, &mut member_b] {
@@ -277,9 +295,8 @@ async fn registry_heals_after_sigkill() {
     let killed = Instant::now();
     drop(doomed);
     let limit = Duration::from_secs(15);
-    let gone_from_nodes = until("node list drops the killed node", killed, limit, || async {
-        !n1.node_ids().await.contains(&n2.id)
-    });
+    let gone_from_nodes =
+        until("node list drops the killed node", killed, limit, || async { !n1.node_ids().await.contains(&n2.id) });
     let gone_from_presence = until("presence drops the killed node's session", killed, limit, || async {
         let p = n1.ok("GET", "/api/v1/users/doomed/presence", None).await;
         p["online"] == false && p["sessions"].as_array().is_some_and(Vec::is_empty)
@@ -315,7 +332,11 @@ async fn registry_heals_after_sigkill() {
         !n1.node_ids().await.contains(&n3.id)
     })
     .await;
-    println!("TIMING registry_heals_after_sigkill: SIGTERM -> process exited {} ms, gone from /api/v1/nodes {} ms", ms(exited), ms(gone));
+    println!(
+        "TIMING registry_heals_after_sigkill: SIGTERM -> process exited {} ms, gone from /api/v1/nodes {} ms",
+        ms(exited),
+        ms(gone)
+    );
     assert_eq!(n1.node_ids().await, std::slice::from_ref(&n1.id), "only node 1 is left");
     let presence = n1.ok("GET", "/api/v1/users/leaving/presence", None).await;
     assert_eq!(presence["online"], false, "{presence}");
@@ -376,7 +397,8 @@ async fn no_loss_when_a_node_dies(room: bool) {
             killed = Some((Instant::now(), progress.load(Ordering::Relaxed)));
         }
     }
-    let (killed_at, sent_at_kill) = killed.unwrap_or_else(|| panic!("the stream stalled after {} messages on node 2", before.len()));
+    let (killed_at, sent_at_kill) =
+        killed.unwrap_or_else(|| panic!("the stream stalled after {} messages on node 2", before.len()));
     let seqs: Vec<u64> = before.iter().map(seq).collect();
     assert_eq!(seqs, (1..=before.len() as u64).collect::<Vec<_>>(), "node 2 delivered in order, without gaps");
     let last = before.len() as u64;
@@ -470,19 +492,27 @@ async fn redis_pause_is_never_silent() {
     assert_eq!(readyz_n2, Some(503), "every node of the paused Redis is not ready");
 
     let wait = Duration::from_secs(15);
-    let (sent, send_took) = answer_within(&mut alice, json!({"type":"send","to":"bob","body":"during-send"}), wait).await;
+    let (sent, send_took) =
+        answer_within(&mut alice, json!({"type":"send","to":"bob","body":"during-send"}), wait).await;
     assert_eq!((sent["type"].as_str(), sent["code"].as_str()), (Some("error"), Some("unavailable")), "{sent}");
     let (published, publish_took) =
         answer_within(&mut alice, json!({"type":"publish","room":"pause","body":"during-publish"}), wait).await;
-    assert_eq!((published["type"].as_str(), published["code"].as_str()), (Some("error"), Some("unavailable")), "{published}");
+    assert_eq!(
+        (published["type"].as_str(), published["code"].as_str()),
+        (Some("error"), Some("unavailable")),
+        "{published}"
+    );
     let posted = Instant::now();
-    let api = http_within(n2.addr, "POST", "/api/v1/users/bob/messages", &json!({"body":"during-api"}).to_string(), wait).await;
+    let api =
+        http_within(n2.addr, "POST", "/api/v1/users/bob/messages", &json!({"body":"during-api"}).to_string(), wait)
+            .await;
     let api_took = posted.elapsed();
     let (status, body) = api.expect("the API answers while Redis is paused");
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "unavailable", "{body}");
     assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    let broadcast = http_within(n1.addr, "POST", "/api/v1/broadcast", &json!({"body":"during-broadcast"}).to_string(), wait).await;
+    let broadcast =
+        http_within(n1.addr, "POST", "/api/v1/broadcast", &json!({"body":"during-broadcast"}).to_string(), wait).await;
     let (status, body) = broadcast.expect("the API answers while Redis is paused");
     assert_eq!((status, &body["error"]["code"]), (503, &json!("unavailable")), "{body}");
 
@@ -506,7 +536,11 @@ async fn redis_pause_is_never_silent() {
     let published = alice.ok(json!({"type":"publish","room":"pause","body":"after-room"})).await;
     let got = messages_within(&mut bob, Duration::from_millis(1500)).await;
     let bodies: Vec<&Value> = got.iter().map(|m| &m["body"]).collect();
-    assert_eq!(bodies, [&json!("after"), &json!("after-room")], "only what was accepted after the pause is delivered: {got:?}");
+    assert_eq!(
+        bodies,
+        [&json!("after"), &json!("after-room")],
+        "only what was accepted after the pause is delivered: {got:?}"
+    );
     assert_eq!(seq(&sent), 2, "alice's stream: `before`, then `after`");
     assert_eq!(seq(&published), 2, "room: `before-room`, then `after-room`");
 
@@ -609,7 +643,9 @@ async fn redis_restart_reconnects_and_resubscribes() {
     assert!(seen[0].0.is_some(), "node 1 answered /readyz 503 after the restart");
     let mut timings = Vec::new();
     for (i, (down, up)) in seen.iter().enumerate() {
-        let up = up.or(down.is_none().then_some(Duration::ZERO)).unwrap_or_else(|| panic!("node {} did not answer /readyz 200 again", i + 1));
+        let up = up
+            .or(down.is_none().then_some(Duration::ZERO))
+            .unwrap_or_else(|| panic!("node {} did not answer /readyz 200 again", i + 1));
         let down = down.map_or_else(|| "never seen".to_owned(), |d| format!("{} ms", ms(d)));
         timings.push(format!("node {}: 503 at {down}, 200 again at {} ms", i + 1, ms(up)));
     }
@@ -639,7 +675,8 @@ async fn redis_restart_reconnects_and_resubscribes() {
         describe(&user_got)
     );
     for (who, got) in [("room member", &member_got), ("user", &user_got)] {
-        let messages: Vec<(u64, Value)> = got.iter().filter(|f| f["type"] == "message").map(|m| (seq(m), m["body"].clone())).collect();
+        let messages: Vec<(u64, Value)> =
+            got.iter().filter(|f| f["type"] == "message").map(|m| (seq(m), m["body"].clone())).collect();
         assert_eq!(messages, [(1, json!("post-1")), (2, json!("post-2"))], "{who} on node 1: [{}]", describe(got));
     }
 

@@ -9,8 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_websockets::{ClientBuilder, Message};
 
 use crate::support::{
-    Mode, TestNode, both_modes, client_frame, metric, raw_close_code, raw_next_json, raw_upgrade, rss_kib,
-    run_alone,
+    Mode, TestNode, both_modes, client_frame, metric, raw_close_code, raw_next_json, raw_upgrade, rss_kib, run_alone,
 };
 
 const TEXT: u8 = 0x1;

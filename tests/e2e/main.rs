@@ -3,13 +3,13 @@
 mod redis_server;
 mod support;
 
-mod messaging;
-mod rooms;
 mod api;
-mod operations;
-mod openapi;
-mod cli;
-mod timers;
-mod limits;
 mod auth;
+mod cli;
 mod cluster;
+mod limits;
+mod messaging;
+mod openapi;
+mod operations;
+mod rooms;
+mod timers;

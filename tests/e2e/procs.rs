@@ -49,8 +49,21 @@ impl Cluster {
         let log = self.dir.path().join(format!("{id}.log"));
         let url = self.redis.url();
         let mut args: Vec<String> = [
-            "serve", "--listen", "127.0.0.1:0", "--redis", &url, "--redis-prefix", &self.prefix, "--node-id", &id,
-            "--rate-limit", "0", "--history-size", "10000", "--outbound-queue", "8192",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            &url,
+            "--redis-prefix",
+            &self.prefix,
+            "--node-id",
+            &id,
+            "--rate-limit",
+            "0",
+            "--history-size",
+            "10000",
+            "--outbound-queue",
+            "8192",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -106,7 +119,12 @@ impl NodeProc {
                     panic!("node {} exited before listening:\n{}", node.id, node.log_text())
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => {
-                    assert!(Instant::now() < deadline, "node {} printed nothing in time:\n{}", node.id, node.log_text());
+                    assert!(
+                        Instant::now() < deadline,
+                        "node {} printed nothing in time:\n{}",
+                        node.id,
+                        node.log_text()
+                    );
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
@@ -164,7 +182,11 @@ impl NodeProc {
     pub async fn metric(&self, name_and_labels: &str) -> f64 {
         let (status, text) = support::raw_http(self.addr, "GET", "/metrics", "", "").await;
         assert_eq!(status, 200, "/metrics of {}", self.id);
-        assert!(text.lines().any(|l| l.starts_with(name_and_labels)), "{} has no metric {name_and_labels}:\n{text}", self.id);
+        assert!(
+            text.lines().any(|l| l.starts_with(name_and_labels)),
+            "{} has no metric {name_and_labels}:\n{text}",
+            self.id
+        );
         support::metric(&text, name_and_labels)
     }
 
@@ -221,7 +243,13 @@ impl Drop for NodeProc {
 
 /// A plain HTTP/1.1 request that tolerates a node that does not answer: the status and the body
 /// parsed as JSON (or a string), or `None` when nothing came within `wait`.
-pub async fn http_within(addr: SocketAddr, method: &str, path: &str, body: &str, wait: Duration) -> Option<(u16, Value)> {
+pub async fn http_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    wait: Duration,
+) -> Option<(u16, Value)> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.ok()?;
         let request = format!(

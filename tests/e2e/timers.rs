@@ -25,12 +25,9 @@ async fn a_silent_client_is_closed_after_two_default_ping_intervals() {
 async fn a_session_closes_with_4001_when_its_token_expires() {
     let node = TestNode::start(&["--jwt-secret", "paused-secret"]).await;
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
-    let token = encode(
-        &Header::default(),
-        &json!({"sub": "hour", "exp": exp}),
-        &EncodingKey::from_secret(b"paused-secret"),
-    )
-    .unwrap();
+    let token =
+        encode(&Header::default(), &json!({"sub": "hour", "exp": exp}), &EncodingKey::from_secret(b"paused-secret"))
+            .unwrap();
     let started = tokio::time::Instant::now();
     let mut client = node.connect_bearer(&token).await;
     // A pong keeps the session alive through every ping interval of the hour.

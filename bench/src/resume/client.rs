@@ -172,27 +172,11 @@ async fn open_and_resume(
     flow: u32,
     my_stream: &str,
 ) -> Result<Conn, String> {
-    let mut conn = Conn::open(
-        ctx.proto,
-        &ctx.targets[target],
-        ctx.addrs[target],
-        user,
-        None,
-        ctx.timeout,
-    )
-    .await?;
+    let mut conn = Conn::open(ctx.proto, &ctx.targets[target], ctx.addrs[target], user, None, ctx.timeout).await?;
     let record = |f: &Frame<'_>, at: u64| log.on_frame(f, at, flow, my_stream, &ctx.latency);
     let answer = match ctx.stream {
-        StreamKind::Room => {
-            tokio::time::timeout(
-                ctx.timeout,
-                conn.join(&ctx.room, since, CATCH_UP_ID, record),
-            )
-            .await
-        }
-        StreamKind::Direct => {
-            tokio::time::timeout(ctx.timeout, conn.sync(since, CATCH_UP_ID, record)).await
-        }
+        StreamKind::Room => tokio::time::timeout(ctx.timeout, conn.join(&ctx.room, since, CATCH_UP_ID, record)).await,
+        StreamKind::Direct => tokio::time::timeout(ctx.timeout, conn.sync(since, CATCH_UP_ID, record)).await,
     };
     match answer {
         Err(_) => Err("catch-up timeout".into()),

@@ -59,31 +59,15 @@ struct Ctx {
 pub async fn run(a: &ResumeArgs) -> anyhow::Result<ResumeReport> {
     let c = &a.common;
     crate::scenarios::validate(c, None)?;
-    ensure!(
-        c.protocol == Protocol::Switchyard,
-        "resume needs Switchyard's sync / join since"
-    );
-    ensure!(
-        c.target.len() >= 2,
-        "resume needs at least two --target nodes"
-    );
-    ensure!(
-        a.kill_target < c.target.len(),
-        "--kill-target is an index into --target"
-    );
-    ensure!(
-        a.rate > 0.0 && a.clients > 0 && a.duration > 0.0,
-        "--rate, --clients, --duration must be positive"
-    );
+    ensure!(c.protocol == Protocol::Switchyard, "resume needs Switchyard's sync / join since");
+    ensure!(c.target.len() >= 2, "resume needs at least two --target nodes");
+    ensure!(a.kill_target < c.target.len(), "--kill-target is an index into --target");
+    ensure!(a.rate > 0.0 && a.clients > 0 && a.duration > 0.0, "--rate, --clients, --duration must be positive");
     let id = crate::scenarios::id_prefix(c);
     let ctx = Arc::new(Ctx {
         proto: c.protocol,
         targets: c.target.clone(),
-        addrs: c
-            .target
-            .iter()
-            .map(|t| crate::net::resolve(t))
-            .collect::<Result<_, _>>()?,
+        addrs: c.target.iter().map(|t| crate::net::resolve(t)).collect::<Result<_, _>>()?,
         stream: a.stream,
         room: format!("{}{id}-room", c.room_prefix),
         id: id.clone(),
@@ -97,18 +81,12 @@ pub async fn run(a: &ResumeArgs) -> anyhow::Result<ResumeReport> {
     let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
 
     // Receivers: each has one flow (room: flow 0 for everyone; direct: flow i).
-    let received: Vec<Arc<AtomicU64>> = (0..a.clients)
-        .map(|_| Arc::new(AtomicU64::new(0)))
-        .collect();
+    let received: Vec<Arc<AtomicU64>> = (0..a.clients).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::with_capacity(a.clients);
     for (i, count) in received.iter().enumerate() {
         let user = client_user(&id, i);
-        let flow = if a.stream == StreamKind::Room {
-            0
-        } else {
-            i as u32
-        };
+        let flow = if a.stream == StreamKind::Room { 0 } else { i as u32 };
         tasks.push(tokio::spawn(client(
             ctx.clone(),
             user,
@@ -134,27 +112,17 @@ pub async fn run(a: &ResumeArgs) -> anyhow::Result<ResumeReport> {
 
     // Publisher on the node after the one to be killed.
     let pub_target = (a.kill_target + 1) % c.target.len();
-    let mut publisher = Conn::open(
-        ctx.proto,
-        &ctx.targets[pub_target],
-        ctx.addrs[pub_target],
-        &format!("{id}-pub"),
-        None,
-        ctx.timeout,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("publisher: {e}"))?;
+    let mut publisher =
+        Conn::open(ctx.proto, &ctx.targets[pub_target], ctx.addrs[pub_target], &format!("{id}-pub"), None, ctx.timeout)
+            .await
+            .map_err(|e| anyhow::anyhow!("publisher: {e}"))?;
     if a.stream == StreamKind::Room {
         publisher
             .join(&ctx.room, None, CATCH_UP_ID, |_, _| {})
             .await
             .map_err(|e| anyhow::anyhow!("publisher join: {e}"))?;
     }
-    let flows = if a.stream == StreamKind::Room {
-        1
-    } else {
-        a.clients
-    };
+    let flows = if a.stream == StreamKind::Room { 1 } else { a.clients };
 
     let start_us = now_us() + 200_000;
     let end_us = start_us + secs_us(a.duration);
@@ -172,12 +140,8 @@ pub async fn run(a: &ResumeArgs) -> anyhow::Result<ResumeReport> {
     });
 
     let pubs = publish(&mut publisher, &ctx, a, flows, start_us, end_us).await;
-    let accepted: Vec<Ranges> = pubs
-        .rejected
-        .iter()
-        .zip(&pubs.sent_us)
-        .map(|(r, s)| r.complement_below(s.len() as u64))
-        .collect();
+    let accepted: Vec<Ranges> =
+        pubs.rejected.iter().zip(&pubs.sent_us).map(|(r, s)| r.complement_below(s.len() as u64)).collect();
 
     // Drain: until every client holds as many distinct messages as its flow had accepted.
     let drain_deadline = now_us() + secs_us(a.drain);
@@ -255,10 +219,7 @@ pub async fn run(a: &ResumeArgs) -> anyhow::Result<ResumeReport> {
                 pid,
                 rss_before_kib: before[i].rss_kib,
                 rss_end_kib: end.rss_kib,
-                cpu_s: end
-                    .cpu_ticks
-                    .zip(before[i].cpu_ticks)
-                    .map(|(e, b)| ticks_to_secs(e.saturating_sub(b))),
+                cpu_s: end.cpu_ticks.zip(before[i].cpu_ticks).map(|(e, b)| ticks_to_secs(e.saturating_sub(b))),
             }
         })
         .collect();
@@ -292,11 +253,7 @@ pub async fn run(a: &ResumeArgs) -> anyhow::Result<ResumeReport> {
             expected: check.expected,
             received: check.received,
             lost: check.lost,
-            delivered_pct: if check.expected > 0 {
-                100.0 * check.received as f64 / check.expected as f64
-            } else {
-                0.0
-            },
+            delivered_pct: if check.expected > 0 { 100.0 * check.received as f64 / check.expected as f64 } else { 0.0 },
             duplicates: check.duplicates,
             reordered: check.reordered,
             unexpected: check.unexpected,
@@ -343,14 +300,7 @@ struct Published {
 }
 
 /// Publishes at the rate from `start_us` to `end_us`, then waits (≤ 5 s) for the answers.
-async fn publish(
-    conn: &mut Conn,
-    ctx: &Ctx,
-    a: &ResumeArgs,
-    flows: usize,
-    start_us: u64,
-    end_us: u64,
-) -> Published {
+async fn publish(conn: &mut Conn, ctx: &Ctx, a: &ResumeArgs, flows: usize, start_us: u64, end_us: u64) -> Published {
     let pad = "x".repeat(a.pad);
     let mut out = Published {
         sent_us: vec![Vec::new(); flows],
@@ -361,12 +311,7 @@ async fn publish(
     // By command id (= overall message index): its flow and number.
     let mut ids: Vec<(u32, u64)> = Vec::new();
     let mut answered = Ranges::new();
-    let schedule = Schedule {
-        start_us,
-        offset_us: 0,
-        rate: a.rate,
-        end_us,
-    };
+    let schedule = Schedule { start_us, offset_us: 0, rate: a.rate, end_us };
     let total = schedule.total();
     let answer_deadline = end_us + 5_000_000;
     loop {

@@ -88,11 +88,7 @@ pub struct ResumeServer {
 pub fn human(r: &ResumeReport) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "scenario resume · protocol {} · params {}",
-        r.protocol, r.params
-    );
+    let _ = writeln!(s, "scenario resume · protocol {} · params {}", r.protocol, r.params);
     let _ = writeln!(
         s,
         "clients: {} requested, {} established; failures: {}",
@@ -108,9 +104,7 @@ pub fn human(r: &ResumeReport) -> String {
                 k.pid,
                 k.at_s,
                 k.sent,
-                k.error
-                    .as_ref()
-                    .map_or(String::new(), |e| format!(" ({e})"))
+                k.error.as_ref().map_or(String::new(), |e| format!(" ({e})"))
             );
         }
         None => {
@@ -134,11 +128,7 @@ pub fn human(r: &ResumeReport) -> String {
         d.expected, d.received, d.delivered_pct, d.lost, d.duplicates, d.reordered, d.unexpected
     );
     let v = &r.recovery;
-    let _ = writeln!(
-        s,
-        "recovery: {} affected, {} reconnected, {} caught up",
-        v.affected, v.reconnected, v.caught_up
-    );
+    let _ = writeln!(s, "recovery: {} affected, {} reconnected, {} caught up", v.affected, v.reconnected, v.caught_up);
     let _ = writeln!(s, "  kill → resumed: {}", v.reconnect_us.human());
     let _ = writeln!(s, "  kill → caught up: {}", v.catch_up_us.human());
     let within = match (v.affected, v.all_caught_up_s) {
@@ -147,17 +137,9 @@ pub fn human(r: &ResumeReport) -> String {
         (_, None) => "NOT ALL CAUGHT UP".to_string(),
     };
     let _ = writeln!(s, "  every client caught up within: {within}");
-    let _ = writeln!(
-        s,
-        "latency send→first receipt (catch-up included): {}",
-        r.latency_us.human()
-    );
-    let _ = writeln!(
-        s,
-        "disconnects: {}; reconnect failures: {}",
-        counts(&r.disconnects),
-        counts(&r.reconnect_failures)
-    );
+    let _ = writeln!(s, "latency send→first receipt (catch-up included): {}", r.latency_us.human());
+    let _ =
+        writeln!(s, "disconnects: {}; reconnect failures: {}", counts(&r.disconnects), counts(&r.reconnect_failures));
     for sv in &r.servers {
         let _ = writeln!(
             s,

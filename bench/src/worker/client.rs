@@ -72,28 +72,16 @@ pub(crate) struct PubOutcome {
 
 impl PubOutcome {
     pub fn unanswered(&self) -> u64 {
-        if self.answers_expected {
-            self.sent - self.answered.len().min(self.sent)
-        } else {
-            0
-        }
+        if self.answers_expected { self.sent - self.answered.len().min(self.sent) } else { 0 }
     }
 }
 
-pub(crate) async fn run(
-    i: usize,
-    shared: Arc<Shared>,
-    setup_tx: mpsc::UnboundedSender<SetupMsg>,
-) -> ClientOutcome {
+pub(crate) async fn run(i: usize, shared: Arc<Shared>, setup_tx: mpsc::UnboundedSender<SetupMsg>) -> ClientOutcome {
     let spec = &shared.spec.clients[i];
     let proto = shared.spec.protocol;
     let mut out = ClientOutcome::default();
 
-    let permit = shared
-        .gate
-        .acquire()
-        .await
-        .expect("the gate is never closed");
+    let permit = shared.gate.acquire().await.expect("the gate is never closed");
     shared.pace().await;
     let started = Instant::now();
     let setup = async {
@@ -108,12 +96,7 @@ pub(crate) async fn run(
         .await?;
         if let Some(r) = spec.room {
             let room = &shared.spec.rooms[r as usize];
-            match tokio::time::timeout(
-                shared.connect_timeout(),
-                conn.join(room, None, JOIN_ID, |_, _| {}),
-            )
-            .await
-            {
+            match tokio::time::timeout(shared.connect_timeout(), conn.join(room, None, JOIN_ID, |_, _| {})).await {
                 Err(_) => return Err("join timeout".to_string()),
                 Ok(Err(e)) => return Err(format!("join: {e}")),
                 Ok(Ok(_)) => {}
@@ -126,25 +109,16 @@ pub(crate) async fn run(
     let mut conn = match setup {
         Ok(conn) => conn,
         Err(reason) => {
-            let _ = setup_tx.send(SetupMsg {
-                target: spec.target,
-                result: Err(reason),
-            });
+            let _ = setup_tx.send(SetupMsg { target: spec.target, result: Err(reason) });
             return out;
         }
     };
     out.established = true;
-    let _ = setup_tx.send(SetupMsg {
-        target: spec.target,
-        result: Ok(started.elapsed().as_micros() as u64),
-    });
+    let _ = setup_tx.send(SetupMsg { target: spec.target, result: Ok(started.elapsed().as_micros() as u64) });
     drop(setup_tx);
 
-    let sentinel_for: Vec<(u32, Arc<Progress>)> = spec
-        .sentinel_for
-        .iter()
-        .filter_map(|&f| shared.progress.get(f as usize)?.clone().map(|p| (f, p)))
-        .collect();
+    let sentinel_for: Vec<(u32, Arc<Progress>)> =
+        spec.sentinel_for.iter().filter_map(|&f| shared.progress.get(f as usize)?.clone().map(|p| (f, p))).collect();
     let mut publisher = spec.publishes.map(|f| Publisher::new(f, &shared));
     let progress = publisher.as_ref().and_then(|p| p.progress.clone());
     let mut phase_rx = shared.phase.clone();
@@ -155,12 +129,7 @@ pub(crate) async fn run(
         Phase::Run(w) => Some(w),
         _ => None,
     };
-    let mut receiver = Receiver {
-        proto,
-        own_flow: spec.publishes,
-        sentinel_for,
-        shared: &shared,
-    };
+    let mut receiver = Receiver { proto, own_flow: spec.publishes, sentinel_for, shared: &shared };
     let mut close_label: Option<String> = None;
 
     loop {
@@ -329,32 +298,18 @@ impl Publisher {
             forgiven: 0,
             seen_progress: 0,
             progress_at_us: 0,
-            out: PubOutcome {
-                flow,
-                answers_expected: proto.answers_publishes(),
-                ..PubOutcome::default()
-            },
+            out: PubOutcome { flow, answers_expected: proto.answers_publishes(), ..PubOutcome::default() },
         }
     }
 
     /// The rate-mode schedule of this run.
     fn schedule(&self, w: &Window) -> Schedule {
-        Schedule {
-            start_us: w.start_us,
-            offset_us: self.offset_us,
-            rate: self.rate,
-            end_us: w.end_us,
-        }
+        Schedule { start_us: w.start_us, offset_us: self.offset_us, rate: self.rate, end_us: w.end_us }
     }
 
     fn outstanding(&self) -> u64 {
-        let seen = self
-            .progress
-            .as_ref()
-            .map_or(0, |p| p.received.load(Ordering::Relaxed));
-        self.out
-            .sent
-            .saturating_sub(seen + self.out.rejected.len() + self.forgiven)
+        let seen = self.progress.as_ref().map_or(0, |p| p.received.load(Ordering::Relaxed));
+        self.out.sent.saturating_sub(seen + self.out.rejected.len() + self.forgiven)
     }
 
     fn window_full(&self) -> bool {
@@ -392,10 +347,7 @@ impl Publisher {
             if now >= w.end_us {
                 return Ok(());
             }
-            let seen = self
-                .progress
-                .as_ref()
-                .map_or(0, |p| p.received.load(Ordering::Relaxed));
+            let seen = self.progress.as_ref().map_or(0, |p| p.received.load(Ordering::Relaxed));
             if seen != self.seen_progress {
                 self.seen_progress = seen;
                 self.progress_at_us = now;
@@ -415,25 +367,14 @@ impl Publisher {
             let n = self.out.sent;
             let t = now_us();
             if self.rate > 0.0 {
-                self.out.max_lag_us = self
-                    .out
-                    .max_lag_us
-                    .max(t.saturating_sub(self.schedule(w).due_at(n)));
+                self.out.max_lag_us = self.out.max_lag_us.max(t.saturating_sub(self.schedule(w).due_at(n)));
             }
-            let body = Probe {
-                t,
-                n,
-                p: self.out.flow,
-            }
-            .encode(pad);
+            let body = Probe { t, n, p: self.out.flow }.encode(pad);
             let frame = match &self.target {
                 PubTarget::Room(room) => self.proto.publish(n, room, &body),
                 PubTarget::User(user) => self.proto.send(n, user, &body),
             };
-            conn.ws
-                .feed(Message::text(frame))
-                .await
-                .map_err(|e| ws_error_kind(&e))?;
+            conn.ws.feed(Message::text(frame)).await.map_err(|e| ws_error_kind(&e))?;
             self.out.sent += 1;
             if w.measures(t) {
                 self.out.sent_in_window += 1;

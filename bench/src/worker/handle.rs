@@ -15,16 +15,8 @@ use tokio::task::JoinHandle;
 use crate::plan::{FromWorker, ToWorker, WorkerSpec};
 
 pub enum Handle {
-    InProcess {
-        tx: mpsc::UnboundedSender<ToWorker>,
-        rx: mpsc::UnboundedReceiver<FromWorker>,
-        task: JoinHandle<()>,
-    },
-    Child {
-        child: Box<Child>,
-        stdin: ChildStdin,
-        lines: Lines<BufReader<ChildStdout>>,
-    },
+    InProcess { tx: mpsc::UnboundedSender<ToWorker>, rx: mpsc::UnboundedReceiver<FromWorker>, task: JoinHandle<()> },
+    Child { child: Box<Child>, stdin: ChildStdin, lines: Lines<BufReader<ChildStdout>> },
 }
 
 impl Handle {
@@ -32,11 +24,7 @@ impl Handle {
         let (to_tx, to_rx) = mpsc::unbounded_channel();
         let (from_tx, from_rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(super::run(spec, to_rx, from_tx));
-        Handle::InProcess {
-            tx: to_tx,
-            rx: from_rx,
-            task,
-        }
+        Handle::InProcess { tx: to_tx, rx: from_rx, task }
     }
 
     pub async fn child(spec: &WorkerSpec) -> anyhow::Result<Self> {
@@ -55,18 +43,12 @@ impl Handle {
         line.push(b'\n');
         stdin.write_all(&line).await?;
         stdin.flush().await?;
-        Ok(Handle::Child {
-            child: Box::new(child),
-            stdin,
-            lines: BufReader::new(stdout).lines(),
-        })
+        Ok(Handle::Child { child: Box::new(child), stdin, lines: BufReader::new(stdout).lines() })
     }
 
     pub async fn send(&mut self, msg: &ToWorker) -> anyhow::Result<()> {
         match self {
-            Handle::InProcess { tx, .. } => tx
-                .send(msg.clone())
-                .map_err(|_| anyhow::anyhow!("worker gone")),
+            Handle::InProcess { tx, .. } => tx.send(msg.clone()).map_err(|_| anyhow::anyhow!("worker gone")),
             Handle::Child { stdin, .. } => {
                 let mut line = serde_json::to_vec(msg)?;
                 line.push(b'\n');
@@ -81,12 +63,8 @@ impl Handle {
         let msg = match self {
             Handle::InProcess { rx, .. } => rx.recv().await.context("worker ended early")?,
             Handle::Child { lines, .. } => {
-                let line = lines
-                    .next_line()
-                    .await?
-                    .context("worker process ended early")?;
-                serde_json::from_str(&line)
-                    .with_context(|| format!("bad worker line: {line:.200}"))?
+                let line = lines.next_line().await?.context("worker process ended early")?;
+                serde_json::from_str(&line).with_context(|| format!("bad worker line: {line:.200}"))?
             }
         };
         if let FromWorker::Failed(e) = msg {
@@ -101,14 +79,9 @@ impl Handle {
             Handle::InProcess { task, .. } => {
                 let _ = task.await;
             }
-            Handle::Child {
-                mut child, stdin, ..
-            } => {
+            Handle::Child { mut child, stdin, .. } => {
                 drop(stdin);
-                if tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
-                    .await
-                    .is_err()
-                {
+                if tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await.is_err() {
                     let _ = child.kill().await;
                 }
             }
@@ -119,8 +92,7 @@ impl Handle {
 /// The `worker` subcommand: one worker driven over stdin/stdout.
 pub async fn child_main() -> anyhow::Result<()> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let spec: WorkerSpec =
-        serde_json::from_str(&lines.next_line().await?.context("no spec on stdin")?)?;
+    let spec: WorkerSpec = serde_json::from_str(&lines.next_line().await?.context("no spec on stdin")?)?;
     let (to_tx, to_rx) = mpsc::unbounded_channel();
     let (from_tx, mut from_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {

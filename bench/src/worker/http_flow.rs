@@ -18,11 +18,7 @@ use crate::wire::Probe;
 
 pub(crate) async fn run(flow: u32, shared: Arc<Shared>) -> PubOutcome {
     let spec = &shared.spec.flows[flow as usize];
-    let mut out = PubOutcome {
-        flow,
-        answers_expected: true,
-        ..PubOutcome::default()
-    };
+    let mut out = PubOutcome { flow, answers_expected: true, ..PubOutcome::default() };
     let Via::Http { api, pipeline } = spec.via else {
         return out;
     };
@@ -57,21 +53,12 @@ pub(crate) async fn run(flow: u32, shared: Arc<Shared>) -> PubOutcome {
     let mut reader = ResponseReader::new(read);
     // Sent and not yet answered: (number, send time).
     let mut inflight: VecDeque<(u64, u64)> = VecDeque::new();
-    let schedule = Schedule {
-        start_us: window.start_us,
-        offset_us: spec.offset_us,
-        rate,
-        end_us: window.end_us,
-    };
+    let schedule = Schedule { start_us: window.start_us, offset_us: spec.offset_us, rate, end_us: window.end_us };
     let mut buf = Vec::new();
 
     loop {
         let now = now_us();
-        let more = if rate > 0.0 {
-            out.sent < schedule.total()
-        } else {
-            now < window.end_us
-        };
+        let more = if rate > 0.0 { out.sent < schedule.total() } else { now < window.end_us };
         let room = (inflight.len() as u64) < depth;
         let wake = match (more, room) {
             (true, true) if rate > 0.0 => Some(schedule.due_at(out.sent)),

@@ -32,8 +32,8 @@ use crate::http::HttpBase;
 use crate::latency::Latency;
 use crate::ledger::{Check, Ranges};
 use crate::plan::{
-    Audience, FlowSent, FromWorker, PublishReport, SetupReport, ToWorker, Via, WorkerResult,
-    WorkerSpec, bump, merge_counts,
+    Audience, FlowSent, FromWorker, PublishReport, SetupReport, ToWorker, Via, WorkerResult, WorkerSpec, bump,
+    merge_counts,
 };
 use crate::procfs;
 
@@ -120,11 +120,7 @@ pub(crate) struct SetupMsg {
 }
 
 /// Runs a worker to the end; failures are reported as `Failed`.
-pub async fn run(
-    spec: WorkerSpec,
-    rx: mpsc::UnboundedReceiver<ToWorker>,
-    tx: mpsc::UnboundedSender<FromWorker>,
-) {
+pub async fn run(spec: WorkerSpec, rx: mpsc::UnboundedReceiver<ToWorker>, tx: mpsc::UnboundedSender<FromWorker>) {
     if let Err(e) = run_phases(spec, rx, &tx).await {
         let _ = tx.send(FromWorker::Failed(format!("{e:#}")));
     }
@@ -136,23 +132,14 @@ async fn run_phases(
     tx: &mpsc::UnboundedSender<FromWorker>,
 ) -> anyhow::Result<()> {
     let began = Instant::now();
-    let addrs = spec
-        .targets
-        .iter()
-        .map(|t| crate::net::resolve(t))
-        .collect::<Result<Vec<_>, _>>()?;
-    let http = spec
-        .api
-        .iter()
-        .map(|a| HttpBase::parse(a))
-        .collect::<Result<Vec<_>, _>>()?;
+    let addrs = spec.targets.iter().map(|t| crate::net::resolve(t)).collect::<Result<Vec<_>, _>>()?;
+    let http = spec.api.iter().map(|a| HttpBase::parse(a)).collect::<Result<Vec<_>, _>>()?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
     let progress = spec
         .flows
         .iter()
         .map(|f| {
-            (f.runner == spec.index && f.rate <= 0.0 && matches!(f.via, Via::Ws))
-                .then(|| Arc::new(Progress::default()))
+            (f.runner == spec.index && f.rate <= 0.0 && matches!(f.via, Via::Ws)).then(|| Arc::new(Progress::default()))
         })
         .collect();
     let shared = Arc::new(Shared {
@@ -171,9 +158,8 @@ async fn run_phases(
     let spec = &shared.spec;
 
     let (setup_tx, mut setup_rx) = mpsc::unbounded_channel();
-    let clients: Vec<_> = (0..spec.clients.len())
-        .map(|i| tokio::spawn(client::run(i, shared.clone(), setup_tx.clone())))
-        .collect();
+    let clients: Vec<_> =
+        (0..spec.clients.len()).map(|i| tokio::spawn(client::run(i, shared.clone(), setup_tx.clone()))).collect();
     drop(setup_tx);
     let http_flows: Vec<_> = spec
         .flows
@@ -183,10 +169,7 @@ async fn run_phases(
         .map(|(i, _)| tokio::spawn(http_flow::run(i as u32, shared.clone())))
         .collect();
 
-    let mut setup = SetupReport {
-        established_per_target: vec![0; spec.targets.len()],
-        ..SetupReport::default()
-    };
+    let mut setup = SetupReport { established_per_target: vec![0; spec.targets.len()], ..SetupReport::default() };
     let mut handshake = Latency::new();
     for _ in 0..spec.clients.len() {
         let Some(msg) = setup_rx.recv().await else {
@@ -211,11 +194,8 @@ async fn run_phases(
         bail!("expected Go from the coordinator");
     };
     let t = spec.timing;
-    let window = Window {
-        start_us,
-        measure_from_us: start_us + t.warmup_us,
-        end_us: start_us + t.warmup_us + t.duration_us,
-    };
+    let window =
+        Window { start_us, measure_from_us: start_us + t.warmup_us, end_us: start_us + t.warmup_us + t.duration_us };
     phase_tx.send(Phase::Run(window))?;
     tokio::time::sleep(until_us(window.end_us)).await;
     phase_tx.send(Phase::Drain)?;
@@ -243,11 +223,7 @@ async fn run_phases(
     }
     let mut published = PublishReport::default();
     for p in &publishers {
-        published.flows.push(FlowSent {
-            flow: p.flow,
-            sent: p.sent,
-            rejected: p.rejected.clone(),
-        });
+        published.flows.push(FlowSent { flow: p.flow, sent: p.sent, rejected: p.rejected.clone() });
         published.sent_in_window += p.sent_in_window;
         published.unanswered += p.unanswered();
         merge_counts(&mut published.errors, &p.errors);
@@ -269,11 +245,7 @@ async fn run_phases(
 }
 
 /// Counts every client's deliveries against what the flows addressed to it had accepted.
-fn account(
-    spec: &WorkerSpec,
-    outcomes: &[client::ClientOutcome],
-    sent: &[FlowSent],
-) -> WorkerResult {
+fn account(spec: &WorkerSpec, outcomes: &[client::ClientOutcome], sent: &[FlowSent]) -> WorkerResult {
     let mut accepted = vec![Ranges::new(); spec.flows.len()];
     for f in sent {
         if let Some(slot) = accepted.get_mut(f.flow as usize) {
@@ -302,19 +274,13 @@ fn account(
         }
         let mut expected: Vec<u32> = Vec::new();
         if let Some(r) = c.room {
-            expected.extend(
-                room_flows[r as usize]
-                    .iter()
-                    .filter(|&&f| Some(f) != c.publishes),
-            );
+            expected.extend(room_flows[r as usize].iter().filter(|&&f| Some(f) != c.publishes));
         }
         if let Some(fs) = user_flows.get(c.user.as_str()) {
             expected.extend(fs.iter().filter(|&&f| Some(f) != c.publishes));
         }
         for &f in &expected {
-            result
-                .check
-                .add(&Check::expected_flow(o.tally(f), &accepted[f as usize]));
+            result.check.add(&Check::expected_flow(o.tally(f), &accepted[f as usize]));
         }
         for (f, t) in &o.flows {
             if !expected.contains(f) {
