@@ -11,6 +11,7 @@
 //! - [`node`]: the operations shared by sessions and the API; owns the backends.
 //! - [`hub`]: the sessions of this node, by user and by room.
 //! - [`session`]: one connection's loop and per-session delivery rules.
+//! - [`ws`]: the WebSocket framing under a session, holding no buffers while idle.
 //! - [`store`], [`broker`], [`presence`]: the backends, each a trait with its implementations.
 //! - [`metrics`], [`shutdown`]: operations.
 
@@ -29,5 +30,6 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod store;
+pub mod ws;
 
 pub use server::Server;

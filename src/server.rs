@@ -12,11 +12,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
-use futures_util::{SinkExt, StreamExt};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tokio_websockets::{Limits, ServerBuilder};
 
 use crate::api::{self, error_response};
 use crate::config::ServeArgs;
@@ -24,7 +24,8 @@ use crate::metrics::Rejection;
 use crate::node::Node;
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::session;
-use crate::shutdown::{self, Trigger};
+use crate::shutdown::{self, Shutdown, Trigger};
+use crate::ws::{self, WebSocket};
 
 const DEMO_PAGE: &str = include_str!("../demo/index.html");
 /// How long a shutdown waits for sessions to say goodbye.
@@ -35,6 +36,8 @@ const ECHO_MAX_PAYLOAD: usize = 32 << 20;
 /// Pending connections the kernel may queue before accepting: tokio's default of 128 overflows
 /// under a reconnect storm, and each overflow costs a client a one-second SYN retry.
 const LISTEN_BACKLOG: u32 = 4096;
+/// How long a client may take to send its request headers (a slow handshake holds a socket).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// File descriptors kept free for everything but sessions (Redis, the store, API requests).
 const RESERVED_FDS: usize = 256;
 
@@ -136,13 +139,7 @@ impl Server {
         if autobahn {
             app = app.route("/echo", get(echo));
         }
-        let mut stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move { stop.wait().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        let task = tokio::spawn(accept(listener, app, shutdown.clone()));
         Ok(Self { addr, node, trigger, sessions, task })
     }
 
@@ -168,6 +165,63 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
         self.node.deregister().await;
         self.node.store.close().await;
+    }
+}
+
+/// Accepts connections until shutdown and serves HTTP/1.1 on each, upgrades included. This loop
+/// stands in for `axum::serve` so that an upgraded connection hands back the bare `TcpStream`
+/// (which [`ws`] needs to wait for input without a buffer), and so that slow request headers time
+/// out.
+async fn accept(listener: TcpListener, app: Router, mut stop: Shutdown) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, typically: give sessions a moment to end.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+/// The TCP stream under an upgraded connection, and the bytes hyper read past the handshake.
+async fn upgraded(on_upgrade: hyper::upgrade::OnUpgrade, max_payload: usize) -> Option<WebSocket> {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return None;
+        }
+    };
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Some(WebSocket::new(parts.io.into_inner(), &parts.read_buf, max_payload)),
+        Err(_) => {
+            tracing::error!("an upgraded connection is not a TCP stream");
+            None
+        }
     }
 }
 
@@ -280,16 +334,9 @@ async fn upgrade(State(state): State<AppState>, mut request: Request) -> Respons
     let node = state.node.clone();
     tokio::spawn(async move {
         let _slot = slot;
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
-                return;
-            }
-        };
-        let limits = Limits::default().max_payload_len(Some(node.config.max_message_size));
-        let ws = ServerBuilder::new().limits(limits).serve(TokioIo::new(upgraded));
-        session::run(node, ws, identity).await;
+        if let Some(ws) = upgraded(on_upgrade, node.config.max_message_size).await {
+            session::run(node, ws, identity).await;
+        }
     });
     switching_protocols(&accept)
 }
@@ -302,15 +349,25 @@ async fn echo(mut request: Request) -> Response {
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else { return };
-        let limits = Limits::default().max_payload_len(Some(ECHO_MAX_PAYLOAD));
-        let mut ws = ServerBuilder::new().limits(limits).serve(TokioIo::new(upgraded));
-        while let Some(Ok(message)) = ws.next().await {
-            if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
-                break;
+        let Some(mut ws) = upgraded(on_upgrade, ECHO_MAX_PAYLOAD).await else { return };
+        loop {
+            match ws.next().await {
+                Ok(ws::Incoming::Close(_)) => break,
+                Ok(incoming) => {
+                    if ws.echo(&incoming).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    if let Some((code, reason)) = e.close() {
+                        if ws.close(code, reason).await.is_ok() {
+                            let _ = tokio::time::timeout(Duration::from_secs(1), ws.closed()).await;
+                        }
+                    }
+                    break;
+                }
             }
         }
-        let _ = ws.flush().await;
     });
     switching_protocols(&accept)
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{SeqSet, Session, Stop, StreamState};
 use crate::node::{DirectMessage, RoomMessage, UserPresence};
@@ -73,10 +72,7 @@ pub fn raw_list(messages: &[StoredMessage]) -> Box<RawValue> {
     RawValue::from_string(text).unwrap_or_else(|_| RawValue::from_string("[]".to_owned()).expect("[] is JSON"))
 }
 
-impl<S> Session<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+impl Session {
     pub(super) async fn execute(&mut self, id: Option<&RawValue>, command: Command) -> Result<(), Stop> {
         match command {
             Command::Send { to, body, key } => {

@@ -22,10 +22,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio_websockets::{CloseCode, Message, WebSocketStream};
 use tracing::Instrument;
 
 use crate::auth::Identity;
@@ -38,6 +35,7 @@ use crate::protocol::{
     ErrorCode, ProtocolError, RoomName, StreamId, close, encode_disconnect, encode_error, encode_welcome, now_ms,
     parse_command,
 };
+use crate::ws::{self, Incoming, WebSocket};
 
 use ratelimit::{RateLimiter, Verdict};
 use seqset::SeqSet;
@@ -67,9 +65,9 @@ enum Stop {
     Gone,
 }
 
-struct Session<S> {
+struct Session {
     node: Arc<Node>,
-    ws: WebSocketStream<S>,
+    ws: WebSocket,
     identity: Identity,
     handle: Arc<SessionHandle>,
     info: SessionInfo,
@@ -80,10 +78,7 @@ struct Session<S> {
 }
 
 /// Runs a session until it closes, then unregisters it.
-pub async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>, identity: Identity)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+pub async fn run(node: Arc<Node>, ws: WebSocket, identity: Identity) {
     let id = SessionId::random();
     let (queue, rx) = mpsc::channel(node.config.outbound_queue);
     let info = SessionInfo {
@@ -124,10 +119,7 @@ where
     .await;
 }
 
-impl<S> Session<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+impl Session {
     async fn serve(&mut self, mut rx: mpsc::Receiver<Outbound>) -> Stop {
         let config = self.node.config.clone();
         let welcome = encode_welcome(
@@ -175,49 +167,44 @@ where
         }
     }
 
-    async fn on_frame(&mut self, frame: Option<Result<Message, tokio_websockets::Error>>) -> Result<(), Stop> {
-        let message = match frame {
-            None => return Err(Stop::Gone),
-            Some(Err(e)) => {
-                // The crate has queued the right close frame (1002, 1007 or 1009): send it. A
-                // fragmented message that grows past the limit is the exception: the crate reports
-                // it without closing, so close with 1009 here (refused if a close is queued).
-                tracing::debug!(error = %e, "protocol error from client");
-                if matches!(e, tokio_websockets::Error::PayloadTooLong { .. }) {
-                    let close = Message::close(Some(CloseCode::MESSAGE_TOO_BIG), "message too large");
-                    let _ = self.ws.start_send_unpin(close);
-                }
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.flush()).await;
-                return Err(Stop::Gone);
+    async fn on_frame(&mut self, frame: Result<Incoming, ws::Error>) -> Result<(), Stop> {
+        let incoming = match frame {
+            Ok(Incoming::Close(_)) => return Err(Stop::Gone),
+            Ok(incoming) => incoming,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection error");
+                return Err(match e.close() {
+                    Some((code, reason)) => Stop::Close(code, Arc::from(reason)),
+                    None => Stop::Gone,
+                });
             }
-            Some(Ok(message)) => message,
         };
         self.last_heard = Instant::now();
-        if message.is_text() || message.is_binary() {
-            match self.limiter.check(self.last_heard.into_std()) {
-                Verdict::Allow => {}
-                Verdict::Refuse => {
-                    let id = message.as_text().and_then(|t| parse_command(t).id);
-                    let err = ProtocolError::new(ErrorCode::RateLimited, "too many commands: slow down");
-                    return self.write([encode_error(id.as_deref(), &err)]).await;
-                }
-                Verdict::Close => {
-                    return Err(Stop::Close(close::POLICY, Arc::from("rate limit exceeded repeatedly")));
-                }
+        let text = match incoming {
+            Incoming::Text(text) => Some(text),
+            Incoming::Binary(_) => None,
+            Incoming::Ping | Incoming::Pong | Incoming::Close(_) => return Ok(()),
+        };
+        match self.limiter.check(self.last_heard.into_std()) {
+            Verdict::Allow => {}
+            Verdict::Refuse => {
+                let id = text.and_then(|t| parse_command(&t).id);
+                let err = ProtocolError::new(ErrorCode::RateLimited, "too many commands: slow down");
+                return self.write([encode_error(id.as_deref(), &err)]).await;
+            }
+            Verdict::Close => {
+                return Err(Stop::Close(close::POLICY, Arc::from("rate limit exceeded repeatedly")));
             }
         }
-        if let Some(text) = message.as_text() {
-            let frame = parse_command(text);
-            return match frame.command {
-                Ok(command) => self.execute(frame.id.as_deref(), command).await,
-                Err(e) => self.write([encode_error(frame.id.as_deref(), &e)]).await,
-            };
-        }
-        if message.is_binary() {
+        let Some(text) = text else {
             let err = ProtocolError::bad_request("binary frames are not supported: send JSON text frames");
             return self.write([encode_error(None, &err)]).await;
+        };
+        let frame = parse_command(&text);
+        match frame.command {
+            Ok(command) => self.execute(frame.id.as_deref(), command).await,
+            Err(e) => self.write([encode_error(frame.id.as_deref(), &e)]).await,
         }
-        Ok(())
     }
 
     /// Writes queued frames, skipping what this session must not get twice.
@@ -301,8 +288,7 @@ where
         if self.last_heard.elapsed() > every * 2 {
             return Err(Stop::Close(close::GOING_AWAY, Arc::from("ping timeout")));
         }
-        let ws = &mut self.ws;
-        match tokio::time::timeout(WRITE_TIMEOUT, ws.send(Message::ping(Bytes::new()))).await {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.ws.ping()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Stop::Gone),
             Err(_) => Err(Stop::Close(close::TOO_SLOW, Arc::from("too slow: writes stalled"))),
@@ -311,20 +297,13 @@ where
 
     /// Writes frames with one flush. Gives up when the session is asked to close meanwhile or the
     /// client has not read anything for [`WRITE_TIMEOUT`].
-    async fn write(&mut self, frames: impl IntoIterator<Item = Bytes>) -> Result<(), Stop> {
-        let mut frames = frames.into_iter().peekable();
-        if frames.peek().is_none() {
+    async fn write(&mut self, frames: impl AsRef<[Bytes]>) -> Result<(), Stop> {
+        let frames = frames.as_ref();
+        if frames.is_empty() {
             return Ok(());
         }
-        let ws = &mut self.ws;
-        let work = async {
-            for frame in frames {
-                ws.feed(Message::text(frame)).await?;
-            }
-            ws.flush().await
-        };
         tokio::select! {
-            result = tokio::time::timeout(WRITE_TIMEOUT, work) => match result {
+            result = tokio::time::timeout(WRITE_TIMEOUT, self.ws.send_text(frames)) => match result {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(Stop::Gone),
                 Err(_) => Err(Stop::Close(close::TOO_SLOW, Arc::from("too slow: writes stalled"))),
@@ -337,20 +316,13 @@ where
     /// briefly for the client's close.
     async fn finish(&mut self, stop: Stop) {
         let Stop::Close(code, reason) = stop else { return };
-        // A close frame's reason is at most 123 bytes; cut at a character boundary.
-        let mut cut = reason.len().min(123);
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let reason = &reason[..cut];
-        let Ok(close_code) = CloseCode::try_from(code) else { return };
         let ws = &mut self.ws;
         let goodbye = async {
-            ws.feed(Message::text(encode_disconnect(code, reason))).await?;
-            ws.send(Message::close(Some(close_code), reason)).await
+            ws.send_text(&[encode_disconnect(code, &reason)]).await?;
+            ws.close(code, &reason).await
         };
         if let Ok(Ok(())) = tokio::time::timeout(WRITE_TIMEOUT / 2, goodbye).await {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.closed()).await;
         }
     }
 }

@@ -1,0 +1,527 @@
+//! The server side of RFC 6455 over a TCP stream, written for a server holding many idle
+//! connections: between messages a connection owns no read or write buffer at all.
+//!
+//! Reading waits for readiness without a buffer, reads into one sized for the frame at hand and
+//! frees it as soon as every received byte has been parsed. Writing goes straight to the socket
+//! with one vectored write per batch of frames (headers built on the stack next to the shared
+//! payloads); only what the socket does not take at once is copied, and that copy is freed once
+//! written. Both directions are cancel-safe: all progress lives in [`WebSocket`], so a caller may
+//! drop [`WebSocket::next`] or a send at any await and call again.
+
+use std::io::{self, IoSlice};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+/// Close codes of RFC 6455 §7.4.1 that this module sends.
+pub mod code {
+    pub const NORMAL: u16 = 1000;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// The smallest read; a frame known to be larger is read in one go.
+const READ_CHUNK: usize = 4096;
+/// Frames per vectored write (two slices each, within every platform's `IOV_MAX`).
+const FRAMES_PER_WRITE: usize = 32;
+/// Longest frame header a server writes: 2 bytes, then a 64-bit length.
+const MAX_HEADER: usize = 10;
+
+/// A message or control frame from the client. Pings are answered before the next read.
+#[derive(Debug)]
+pub enum Incoming {
+    Text(String),
+    Binary(Vec<u8>),
+    Ping,
+    Pong,
+    /// The client closed the connection (the code it gave, if any); the reply is already sent.
+    Close(Option<u16>),
+}
+
+/// Why the connection cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client broke the protocol; close with this code and reason.
+    #[error("{1}")]
+    Protocol(u16, &'static str),
+    /// The connection failed or the client went away without a close frame.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl Error {
+    /// The close code and reason to send for a protocol error; `None` when the socket is gone.
+    pub fn close(&self) -> Option<(u16, &'static str)> {
+        match self {
+            Error::Protocol(code, reason) => Some((*code, reason)),
+            Error::Io(_) => None,
+        }
+    }
+}
+
+fn protocol(reason: &'static str) -> Error {
+    Error::Protocol(code::PROTOCOL_ERROR, reason)
+}
+
+/// A fragmented data message being put together.
+struct Assembly {
+    text: bool,
+    data: Vec<u8>,
+    /// How much of `data` is known to be valid UTF-8 (text only): a fragment may end inside a
+    /// character, and invalid text is refused as soon as it arrives rather than at the end.
+    checked: usize,
+}
+
+impl Assembly {
+    fn check_utf8(&mut self, fin: bool) -> Result<(), Error> {
+        if !self.text {
+            return Ok(());
+        }
+        match std::str::from_utf8(&self.data[self.checked..]) {
+            Ok(_) => self.checked = self.data.len(),
+            Err(e) if e.error_len().is_none() && !fin => self.checked += e.valid_up_to(),
+            Err(_) => return Err(Error::Protocol(code::INVALID_DATA, "text is not valid UTF-8")),
+        }
+        Ok(())
+    }
+}
+
+/// One server-side WebSocket connection.
+pub struct WebSocket {
+    io: TcpStream,
+    /// Received bytes; parsing resumes at `parsed`. No capacity while nothing is pending.
+    input: Vec<u8>,
+    parsed: usize,
+    /// Bytes from `parsed` on needed to complete the frame there (a read-size hint).
+    wanted: usize,
+    /// Of the incomplete frame at `parsed`: payload bytes unmasked in place, and of those the
+    /// ones known to be valid UTF-8.
+    unmasked: usize,
+    checked: usize,
+    message: Option<Box<Assembly>>,
+    max_payload: usize,
+    /// Frames not yet written, from `written` on. No capacity while caught up.
+    output: Vec<u8>,
+    written: usize,
+    close_sent: bool,
+    close_received: Option<Option<u16>>,
+}
+
+impl WebSocket {
+    /// Wraps a stream whose upgrade handshake is done; `read_ahead` holds bytes already read
+    /// past the handshake. Data messages above `max_payload` bytes are refused with 1009.
+    pub fn new(io: TcpStream, read_ahead: &[u8], max_payload: usize) -> Self {
+        Self {
+            io,
+            input: read_ahead.to_vec(),
+            parsed: 0,
+            wanted: 0,
+            unmasked: 0,
+            checked: 0,
+            message: None,
+            max_payload,
+            output: Vec::new(),
+            written: 0,
+            close_sent: false,
+            close_received: None,
+        }
+    }
+
+    /// The next message or control frame. After the client's close frame, every call answers
+    /// [`Incoming::Close`].
+    pub async fn next(&mut self) -> Result<Incoming, Error> {
+        loop {
+            self.flush().await?;
+            if let Some(code) = self.close_received {
+                return Ok(Incoming::Close(code));
+            }
+            if let Some(incoming) = self.parse()? {
+                return Ok(incoming);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Sends text frames, one per payload, with as few writes as the socket allows.
+    pub async fn send_text(&mut self, payloads: &[Bytes]) -> io::Result<()> {
+        self.push(OP_TEXT, payloads)?;
+        self.flush().await
+    }
+
+    /// Sends a data message back as it came (the conformance echo).
+    pub async fn echo(&mut self, incoming: &Incoming) -> io::Result<()> {
+        match incoming {
+            Incoming::Text(text) => self.push(OP_TEXT, &[text.as_bytes()])?,
+            Incoming::Binary(data) => self.push(OP_BINARY, &[data.as_slice()])?,
+            _ => return Ok(()),
+        }
+        self.flush().await
+    }
+
+    pub async fn ping(&mut self) -> io::Result<()> {
+        self.push(OP_PING, &[b""])?;
+        self.flush().await
+    }
+
+    /// Sends a close frame (once; later calls only flush). `reason` is cut to fit 123 bytes.
+    pub async fn close(&mut self, code: u16, reason: &str) -> io::Result<()> {
+        if !self.close_sent {
+            let mut cut = reason.len().min(123);
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let mut payload = code.to_be_bytes().to_vec();
+            payload.extend_from_slice(&reason.as_bytes()[..cut]);
+            self.push(OP_CLOSE, &[payload])?;
+            self.close_sent = true;
+        }
+        self.flush().await
+    }
+
+    /// After our close frame: waits for the client's, skipping anything else it still sends.
+    pub async fn closed(&mut self) {
+        while let Ok(incoming) = self.next().await {
+            if matches!(incoming, Incoming::Close(_)) {
+                break;
+            }
+        }
+    }
+
+    /// Writes what is pending, waiting while the socket is full.
+    async fn flush(&mut self) -> io::Result<()> {
+        while self.written < self.output.len() {
+            self.io.writable().await?;
+            match self.io.try_write(&self.output[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.output.capacity() > 0 {
+            self.output = Vec::new();
+            self.written = 0;
+        }
+        Ok(())
+    }
+
+    /// Frames each payload and writes them now as far as the socket takes them; the rest goes to
+    /// `output` for [`flush`](Self::flush). Nothing goes out after our close frame.
+    fn push<P: AsRef<[u8]>>(&mut self, opcode: u8, payloads: &[P]) -> io::Result<()> {
+        if self.close_sent {
+            return Ok(());
+        }
+        for chunk in payloads.chunks(FRAMES_PER_WRITE) {
+            let mut headers = [[0u8; MAX_HEADER]; FRAMES_PER_WRITE];
+            let mut lens = [0usize; FRAMES_PER_WRITE];
+            for ((header, len), payload) in headers.iter_mut().zip(&mut lens).zip(chunk) {
+                *len = write_header(header, opcode, payload.as_ref().len());
+            }
+            let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
+            for (i, payload) in chunk.iter().enumerate() {
+                slices[2 * i] = IoSlice::new(&headers[i][..lens[i]]);
+                slices[2 * i + 1] = IoSlice::new(payload.as_ref());
+            }
+            self.write_slices(&slices[..2 * chunk.len()])?;
+        }
+        Ok(())
+    }
+
+    /// One vectored write if nothing is pending before it; what remains is copied to `output`.
+    fn write_slices(&mut self, slices: &[IoSlice<'_>]) -> io::Result<()> {
+        let mut done = 0;
+        if self.written == self.output.len() {
+            done = match self.io.try_write_vectored(slices) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+        }
+        for slice in slices {
+            let skip = done.min(slice.len());
+            done -= skip;
+            self.output.extend_from_slice(&slice[skip..]);
+        }
+        Ok(())
+    }
+
+    /// Reads more input, waiting without a buffer while there is none.
+    async fn fill(&mut self) -> Result<(), Error> {
+        if self.parsed > 0 {
+            self.input.drain(..self.parsed);
+            self.parsed = 0;
+        }
+        loop {
+            let room = self.wanted.saturating_sub(self.input.len() - self.parsed).max(READ_CHUNK);
+            self.input.reserve(room);
+            match self.io.try_read_buf(&mut self.input) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.input.is_empty() {
+                        self.input = Vec::new();
+                    }
+                    self.io.readable().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Parses frames from the input until one gives something to return (continuation frames
+    /// of a message do not), or the input ends inside a frame.
+    fn parse(&mut self) -> Result<Option<Incoming>, Error> {
+        loop {
+            let Some(frame) = self.next_frame()? else { return Ok(None) };
+            let Frame { fin, opcode, start, end } = frame;
+            let payload = &self.input[start..end];
+            match opcode {
+                OP_PING => {
+                    let payload = payload.to_vec();
+                    self.push(OP_PONG, &[payload])?;
+                    return Ok(Some(Incoming::Ping));
+                }
+                OP_PONG => return Ok(Some(Incoming::Pong)),
+                OP_CLOSE => {
+                    let code = close_code(payload)?;
+                    if !self.close_sent {
+                        let reply = code.map_or(Vec::new(), |c| c.to_be_bytes().to_vec());
+                        self.push(OP_CLOSE, &[reply])?;
+                        self.close_sent = true;
+                    }
+                    self.close_received = Some(code);
+                    return Ok(Some(Incoming::Close(code)));
+                }
+                OP_TEXT | OP_BINARY if self.message.is_some() => {
+                    return Err(protocol("a new message started inside a fragmented one"));
+                }
+                OP_TEXT if fin => {
+                    return match std::str::from_utf8(payload) {
+                        Ok(text) => Ok(Some(Incoming::Text(text.to_owned()))),
+                        Err(_) => Err(Error::Protocol(code::INVALID_DATA, "text is not valid UTF-8")),
+                    };
+                }
+                OP_BINARY if fin => return Ok(Some(Incoming::Binary(payload.to_vec()))),
+                OP_TEXT | OP_BINARY => {
+                    let mut message = Box::new(Assembly { text: opcode == OP_TEXT, data: payload.to_vec(), checked: 0 });
+                    message.check_utf8(false)?;
+                    self.message = Some(message);
+                }
+                _ => {
+                    let Some(message) = self.message.as_mut() else {
+                        return Err(protocol("a continuation frame without a message"));
+                    };
+                    message.data.extend_from_slice(payload);
+                    message.check_utf8(fin)?;
+                    if fin {
+                        let Some(message) = self.message.take() else { unreachable!("checked above") };
+                        return Ok(Some(if message.text {
+                            // SAFETY: `check_utf8` with `fin` validated every byte.
+                            Incoming::Text(unsafe { String::from_utf8_unchecked(message.data) })
+                        } else {
+                            Incoming::Binary(message.data)
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next complete frame in the input, unmasked in place, or `None` (setting `wanted`).
+    fn next_frame(&mut self) -> Result<Option<Frame>, Error> {
+        let buf = &mut self.input[self.parsed..];
+        if buf.len() < 2 {
+            self.wanted = 2;
+            return Ok(None);
+        }
+        let (fin, opcode) = (buf[0] & 0x80 != 0, buf[0] & 0x0F);
+        if buf[0] & 0x70 != 0 {
+            return Err(protocol("reserved bits set without an extension"));
+        }
+        if !matches!(opcode, OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG) {
+            return Err(protocol("unknown opcode"));
+        }
+        if buf[1] & 0x80 == 0 {
+            return Err(protocol("client frames must be masked"));
+        }
+        let control = opcode & 0x08 != 0;
+        let (len, offset) = match buf[1] & 0x7F {
+            126 if buf.len() >= 4 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+            127 if buf.len() >= 10 => {
+                let len = u64::from_be_bytes(buf[2..10].try_into().unwrap_or_default());
+                if len >> 63 != 0 {
+                    return Err(protocol("frame length has its top bit set"));
+                }
+                (len, 10)
+            }
+            126 | 127 => {
+                self.wanted = 10;
+                return Ok(None);
+            }
+            len => (u64::from(len), 2),
+        };
+        if control && (!fin || len > 125) {
+            return Err(protocol("control frames must be whole and at most 125 bytes"));
+        }
+        let so_far = self.message.as_ref().map_or(0, |m| m.data.len()) as u64;
+        if !control && so_far + len > self.max_payload as u64 {
+            return Err(Error::Protocol(code::TOO_BIG, "message too large"));
+        }
+        let len = len as usize;
+        let total = offset + 4 + len;
+        if buf.len() < offset + 4 {
+            self.wanted = total;
+            return Ok(None);
+        }
+        let mask: [u8; 4] = buf[offset..offset + 4].try_into().unwrap_or_default();
+        let end = total.min(buf.len());
+        let payload = &mut buf[offset + 4..end];
+        unmask(&mut payload[self.unmasked..], mask, self.unmasked);
+        self.unmasked = payload.len();
+        if payload.len() < len {
+            // Text that is already invalid is refused now, not when the rest has arrived.
+            let whole_chars = match &self.message {
+                None => opcode == OP_TEXT,
+                Some(m) => m.text && opcode == OP_CONTINUATION && m.checked == m.data.len(),
+            };
+            if whole_chars {
+                match std::str::from_utf8(&payload[self.checked..]) {
+                    Ok(_) => self.checked = payload.len(),
+                    Err(e) if e.error_len().is_none() => self.checked += e.valid_up_to(),
+                    Err(_) => return Err(Error::Protocol(code::INVALID_DATA, "text is not valid UTF-8")),
+                }
+            }
+            self.wanted = total;
+            return Ok(None);
+        }
+        let start = self.parsed + offset + 4;
+        self.parsed += total;
+        (self.wanted, self.unmasked, self.checked) = (0, 0, 0);
+        Ok(Some(Frame { fin, opcode, start, end: start + len }))
+    }
+}
+
+/// Where a complete frame's payload lies in the input.
+struct Frame {
+    fin: bool,
+    opcode: u8,
+    start: usize,
+    end: usize,
+}
+
+/// Writes a server frame header (final, unmasked) and answers its length.
+fn write_header(header: &mut [u8; MAX_HEADER], opcode: u8, len: usize) -> usize {
+    header[0] = 0x80 | opcode;
+    if len < 126 {
+        header[1] = len as u8;
+        2
+    } else if let Ok(len) = u16::try_from(len) {
+        header[1] = 126;
+        header[2..4].copy_from_slice(&len.to_be_bytes());
+        4
+    } else {
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// The code of a close frame's payload, checked as RFC 6455 §7.4 asks.
+fn close_code(payload: &[u8]) -> Result<Option<u16>, Error> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(protocol("a close frame with a one-byte payload")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+                return Err(protocol("invalid close code"));
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(Error::Protocol(code::INVALID_DATA, "close reason is not valid UTF-8"));
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
+/// XORs a payload, starting `from` bytes into it, with its masking key, eight bytes at a time.
+fn unmask(payload: &mut [u8], mask: [u8; 4], from: usize) {
+    let mut mask = mask;
+    mask.rotate_left(from % 4);
+    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
+    let mut chunks = payload.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let word = u64::from_ne_bytes((&*chunk).try_into().unwrap_or_default()) ^ wide;
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    for (byte, key) in chunks.into_remainder().iter_mut().zip(mask.iter().cycle()) {
+        *byte ^= key;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unmask_matches_the_bytewise_definition() {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        for len in [0, 1, 7, 8, 9, 16, 31] {
+            let original: Vec<u8> = (0..len as u8).map(|b| b.wrapping_mul(37)).collect();
+            let slow: Vec<u8> = original.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+            let mut fast = original.clone();
+            unmask(&mut fast, mask, 0);
+            assert_eq!(fast, slow, "length {len}");
+            // In two pieces, as when a frame arrives in two reads.
+            let mut pieces = original.clone();
+            let cut = len / 3;
+            unmask(&mut pieces[..cut], mask, 0);
+            unmask(&mut pieces[cut..], mask, cut);
+            assert_eq!(pieces, slow, "length {len} cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn headers_use_the_shortest_length_form() {
+        let mut header = [0u8; MAX_HEADER];
+        assert_eq!(write_header(&mut header, OP_TEXT, 125), 2);
+        assert_eq!(&header[..2], &[0x81, 125]);
+        assert_eq!(write_header(&mut header, OP_TEXT, 126), 4);
+        assert_eq!(&header[..4], &[0x81, 126, 0, 126]);
+        assert_eq!(write_header(&mut header, OP_BINARY, 70_000), 10);
+        assert_eq!(&header[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+    }
+
+    #[test]
+    fn close_codes_are_checked() {
+        assert_eq!(close_code(&[]).unwrap(), None);
+        assert_eq!(close_code(&[0x03, 0xE8]).unwrap(), Some(1000));
+        assert_eq!(close_code(&[0x0F, 0xA0, b'o', b'k']).unwrap(), Some(4000));
+        for bad in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            assert!(close_code(&bad.to_be_bytes()).is_err(), "{bad} accepted");
+        }
+        assert!(close_code(&[0x03]).is_err());
+        assert!(matches!(close_code(&[0x03, 0xE8, 0xFF]), Err(Error::Protocol(code::INVALID_DATA, _))));
+    }
+
+    #[test]
+    fn split_utf8_across_fragments_is_accepted_and_invalid_text_refused_early() {
+        let mut message = Assembly { text: true, data: vec![b'a', 0xE2, 0x82], checked: 0 };
+        message.check_utf8(false).unwrap();
+        assert_eq!(message.checked, 1);
+        message.data.push(0xAC);
+        message.check_utf8(true).unwrap();
+        let mut bad = Assembly { text: true, data: vec![b'a', 0xFF], checked: 0 };
+        assert!(bad.check_utf8(false).is_err());
+        let mut cut = Assembly { text: true, data: vec![0xE2, 0x82], checked: 0 };
+        assert!(cut.check_utf8(true).is_err());
+    }
+}
