@@ -10,7 +10,6 @@
 
 use std::io::{self, IoSlice};
 
-use bytes::Bytes;
 use tokio::net::TcpStream;
 
 /// Close codes of RFC 6455 §7.4.1 that this module sends.
@@ -150,24 +149,28 @@ impl WebSocket {
         }
     }
 
-    /// Sends text frames, one per payload, with as few writes as the socket allows.
-    pub async fn send_text(&mut self, payloads: &[Bytes]) -> io::Result<()> {
-        self.push(OP_TEXT, payloads)?;
-        self.flush().await
+    /// Writes text frames, one per payload, as far as the socket takes them now, in as few
+    /// writes as it allows; the rest waits for [`flush`](Self::flush).
+    pub fn push_text<'a>(&mut self, payloads: impl IntoIterator<Item = &'a [u8]>) -> io::Result<()> {
+        self.push(OP_TEXT, payloads)
+    }
+
+    pub fn push_ping(&mut self) -> io::Result<()> {
+        self.push(OP_PING, [&b""[..]])
+    }
+
+    /// Whether pushed frames are still waiting for the socket.
+    pub fn pending(&self) -> bool {
+        self.written < self.output.len()
     }
 
     /// Sends a data message back as it came (the conformance echo).
     pub async fn echo(&mut self, incoming: &Incoming) -> io::Result<()> {
         match incoming {
-            Incoming::Text(text) => self.push(OP_TEXT, &[text.as_bytes()])?,
-            Incoming::Binary(data) => self.push(OP_BINARY, &[data.as_slice()])?,
+            Incoming::Text(text) => self.push(OP_TEXT, [text.as_bytes()])?,
+            Incoming::Binary(data) => self.push(OP_BINARY, [data.as_slice()])?,
             _ => return Ok(()),
         }
-        self.flush().await
-    }
-
-    pub async fn ping(&mut self) -> io::Result<()> {
-        self.push(OP_PING, &[b""])?;
         self.flush().await
     }
 
@@ -180,7 +183,7 @@ impl WebSocket {
             }
             let mut payload = code.to_be_bytes().to_vec();
             payload.extend_from_slice(&reason.as_bytes()[..cut]);
-            self.push(OP_CLOSE, &[payload])?;
+            self.push(OP_CLOSE, [payload.as_slice()])?;
             self.close_sent = true;
         }
         self.flush().await
@@ -196,7 +199,7 @@ impl WebSocket {
     }
 
     /// Writes what is pending, waiting while the socket is full.
-    async fn flush(&mut self) -> io::Result<()> {
+    pub async fn flush(&mut self) -> io::Result<()> {
         while self.written < self.output.len() {
             self.io.writable().await?;
             match self.io.try_write(&self.output[self.written..]) {
@@ -215,22 +218,27 @@ impl WebSocket {
 
     /// Frames each payload and writes them now as far as the socket takes them; the rest goes to
     /// `output` for [`flush`](Self::flush). Nothing goes out after our close frame.
-    fn push<P: AsRef<[u8]>>(&mut self, opcode: u8, payloads: &[P]) -> io::Result<()> {
+    fn push<'a>(&mut self, opcode: u8, payloads: impl IntoIterator<Item = &'a [u8]>) -> io::Result<()> {
         if self.close_sent {
             return Ok(());
         }
-        for chunk in payloads.chunks(FRAMES_PER_WRITE) {
+        let mut payloads = payloads.into_iter().peekable();
+        while payloads.peek().is_some() {
             let mut headers = [[0u8; MAX_HEADER]; FRAMES_PER_WRITE];
             let mut lens = [0usize; FRAMES_PER_WRITE];
-            for ((header, len), payload) in headers.iter_mut().zip(&mut lens).zip(chunk) {
-                *len = write_header(header, opcode, payload.as_ref().len());
+            let mut bodies: [&[u8]; FRAMES_PER_WRITE] = [&[]; FRAMES_PER_WRITE];
+            let mut n = 0;
+            for payload in payloads.by_ref().take(FRAMES_PER_WRITE) {
+                lens[n] = write_header(&mut headers[n], opcode, payload.len());
+                bodies[n] = payload;
+                n += 1;
             }
             let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
-            for (i, payload) in chunk.iter().enumerate() {
+            for i in 0..n {
                 slices[2 * i] = IoSlice::new(&headers[i][..lens[i]]);
-                slices[2 * i + 1] = IoSlice::new(payload.as_ref());
+                slices[2 * i + 1] = IoSlice::new(bodies[i]);
             }
-            self.write_slices(&slices[..2 * chunk.len()])?;
+            self.write_slices(&slices[..2 * n])?;
         }
         Ok(())
     }
@@ -286,7 +294,7 @@ impl WebSocket {
             match opcode {
                 OP_PING => {
                     let payload = payload.to_vec();
-                    self.push(OP_PONG, &[payload])?;
+                    self.push(OP_PONG, [payload.as_slice()])?;
                     return Ok(Some(Incoming::Ping));
                 }
                 OP_PONG => return Ok(Some(Incoming::Pong)),
@@ -294,7 +302,7 @@ impl WebSocket {
                     let code = close_code(payload)?;
                     if !self.close_sent {
                         let reply = code.map_or(Vec::new(), |c| c.to_be_bytes().to_vec());
-                        self.push(OP_CLOSE, &[reply])?;
+                        self.push(OP_CLOSE, [reply.as_slice()])?;
                         self.close_sent = true;
                     }
                     self.close_received = Some(code);

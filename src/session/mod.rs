@@ -78,7 +78,11 @@ struct Session {
 }
 
 /// Runs a session until it closes, then unregisters it.
-pub async fn run(node: Arc<Node>, ws: WebSocket, identity: Identity) {
+///
+/// Not an `async fn`: one would keep its arguments and the session built from them side by
+/// side in the task for its whole life (about 1 KB, measured); the session is built first and
+/// moved into the future once.
+pub fn run(node: Arc<Node>, ws: WebSocket, identity: Identity) -> impl Future<Output = ()> {
     let id = SessionId::random();
     let (queue, rx) = mpsc::channel(node.config.outbound_queue);
     let info = SessionInfo {
@@ -116,7 +120,6 @@ pub async fn run(node: Arc<Node>, ws: WebSocket, identity: Identity) {
         tracing::debug!("disconnected");
     }
     .instrument(span)
-    .await;
 }
 
 impl Session {
@@ -209,46 +212,46 @@ impl Session {
 
     /// Writes queued frames, skipping what this session must not get twice.
     async fn deliver(&mut self, batch: &mut Vec<Outbound>) -> Result<(), Stop> {
-        let mut frames = Vec::with_capacity(batch.len());
         let mut resync = false;
         let mut counts = [0u64; 3];
         let mut oldest = u64::MAX;
-        for item in batch.drain(..) {
-            match item {
-                Outbound::Frame(frame) => frames.push(Bytes::clone(&frame)),
-                Outbound::Resync => resync = true,
-                Outbound::Message(delivery) => {
-                    if delivery.exclude == Some(self.info.session) {
-                        continue;
-                    }
-                    let kind = match &delivery.position {
-                        None => Kind::Broadcast,
-                        Some((stream, seq)) => {
-                            let fresh = match self.streams.get_mut(stream) {
-                                Some(state) => state.seen.insert(*seq),
-                                // Still queued after a `leave`: the session is not a member any more.
-                                None if matches!(stream, StreamId::Room(_)) => false,
-                                None => {
-                                    let state = StreamState::default();
-                                    self.streams.entry(stream.clone()).or_insert(state).seen.insert(*seq)
-                                }
-                            };
-                            if !fresh {
-                                continue;
-                            }
-                            match stream {
-                                StreamId::User(_) => Kind::Direct,
-                                StreamId::Room(_) => Kind::Room,
-                            }
-                        }
-                    };
-                    counts[kind as usize] += 1;
-                    oldest = oldest.min(delivery.ts);
-                    frames.push(delivery.frame.clone());
-                }
+        let (me, streams) = (self.info.session, &mut self.streams);
+        let frames = batch.iter().filter_map(|item| match item {
+            Outbound::Frame(frame) => Some(&frame[..]),
+            Outbound::Resync => {
+                resync = true;
+                None
             }
-        }
-        self.write(frames).await?;
+            Outbound::Message(delivery) => {
+                if delivery.exclude == Some(me) {
+                    return None;
+                }
+                let kind = match &delivery.position {
+                    None => Kind::Broadcast,
+                    Some((stream, seq)) => {
+                        let fresh = match streams.get_mut(stream) {
+                            Some(state) => state.seen.insert(*seq),
+                            // Still queued after a `leave`: the session is not a member any more.
+                            None if matches!(stream, StreamId::Room(_)) => false,
+                            None => streams.entry(stream.clone()).or_default().seen.insert(*seq),
+                        };
+                        if !fresh {
+                            return None;
+                        }
+                        match stream {
+                            StreamId::User(_) => Kind::Direct,
+                            StreamId::Room(_) => Kind::Room,
+                        }
+                    }
+                };
+                counts[kind as usize] += 1;
+                oldest = oldest.min(delivery.ts);
+                Some(&delivery.frame[..])
+            }
+        });
+        let pushed = self.ws.push_text(frames);
+        batch.clear();
+        self.wrote(pushed).await?;
         for (kind, n) in [Kind::Direct, Kind::Room, Kind::Broadcast].into_iter().zip(counts) {
             if n > 0 {
                 self.node.count(kind, n);
@@ -259,7 +262,8 @@ impl Session {
             self.node.metrics.delivery_latency.observe(latency);
         }
         if resync {
-            self.resync().await?;
+            // Boxed, like the flush: rare, and a large future to carry in every idle session.
+            Box::pin(self.resync()).await?;
         }
         Ok(())
     }
@@ -288,28 +292,39 @@ impl Session {
         if self.last_heard.elapsed() > every * 2 {
             return Err(Stop::Close(close::GOING_AWAY, Arc::from("ping timeout")));
         }
-        match tokio::time::timeout(WRITE_TIMEOUT, self.ws.ping()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Stop::Gone),
-            Err(_) => Err(Stop::Close(close::TOO_SLOW, Arc::from("too slow: writes stalled"))),
-        }
+        let pushed = self.ws.push_ping();
+        self.wrote(pushed).await
     }
 
-    /// Writes frames with one flush. Gives up when the session is asked to close meanwhile or the
-    /// client has not read anything for [`WRITE_TIMEOUT`].
+    /// Writes frames, in as few writes as the socket allows.
     async fn write(&mut self, frames: impl AsRef<[Bytes]>) -> Result<(), Stop> {
-        let frames = frames.as_ref();
-        if frames.is_empty() {
+        let pushed = self.ws.push_text(frames.as_ref().iter().map(|frame| &frame[..]));
+        self.wrote(pushed).await
+    }
+
+    /// Finishes a push: done when the socket took everything at once, the common case; else
+    /// waits for it to drain, giving up when the session is asked to close meanwhile or the client
+    /// has not read anything for [`WRITE_TIMEOUT`]. The wait is boxed so that every idle
+    /// session's task does not carry it.
+    async fn wrote(&mut self, pushed: std::io::Result<()>) -> Result<(), Stop> {
+        if pushed.is_err() {
+            return Err(Stop::Gone);
+        }
+        if !self.ws.pending() {
             return Ok(());
         }
-        tokio::select! {
-            result = tokio::time::timeout(WRITE_TIMEOUT, self.ws.send_text(frames)) => match result {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(Stop::Gone),
-                Err(_) => Err(Stop::Close(close::TOO_SLOW, Arc::from("too slow: writes stalled"))),
-            },
-            (code, reason) = self.handle.close.requested() => Err(Stop::Close(code, reason)),
-        }
+        let (ws, closing) = (&mut self.ws, &self.handle.close);
+        Box::pin(async move {
+            tokio::select! {
+                result = tokio::time::timeout(WRITE_TIMEOUT, ws.flush()) => match result {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(Stop::Gone),
+                    Err(_) => Err(Stop::Close(close::TOO_SLOW, Arc::from("too slow: writes stalled"))),
+                },
+                (code, reason) = closing.requested() => Err(Stop::Close(code, reason)),
+            }
+        })
+        .await
     }
 
     /// Ends the connection: says why (a `disconnect` frame, then the close frame) and waits
@@ -318,7 +333,7 @@ impl Session {
         let Stop::Close(code, reason) = stop else { return };
         let ws = &mut self.ws;
         let goodbye = async {
-            ws.send_text(&[encode_disconnect(code, &reason)]).await?;
+            ws.push_text([&encode_disconnect(code, &reason)[..]])?;
             ws.close(code, &reason).await
         };
         if let Ok(Ok(())) = tokio::time::timeout(WRITE_TIMEOUT / 2, goodbye).await {
