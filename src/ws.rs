@@ -478,6 +478,74 @@ fn unmask(payload: &mut [u8], mask: [u8; 4], from: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    /// A client frame: final, masked with a fixed key.
+    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0xA1, 0xB2, 0xC3, 0xD4];
+        let mut frame = vec![0x80 | opcode];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        frame
+    }
+
+    /// A server connection and the raw client socket talking to it.
+    async fn pair(max_payload: usize) -> (WebSocket, std::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (WebSocket::new(server, &[], max_payload), client)
+    }
+
+    #[tokio::test]
+    async fn frames_chopped_into_bytes_arrive_whole_and_idle_holds_no_buffer() {
+        let (mut ws, mut client) = pair(1 << 20).await;
+        let text = "héllo ".repeat(40);
+        let bytes = client_frame(OP_TEXT, text.as_bytes());
+        let writer = std::thread::spawn(move || {
+            for byte in bytes {
+                client.write_all(&[byte]).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            client.write_all(&client_frame(OP_PING, b"hi")).unwrap();
+            client
+        });
+        match ws.next().await.unwrap() {
+            Incoming::Text(got) => assert_eq!(got, text),
+            other => panic!("expected the text, got {other:?}"),
+        }
+        assert!(matches!(ws.next().await.unwrap(), Incoming::Ping));
+        let mut client = writer.join().unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(50), ws.next()).await.is_err(), "nothing more was sent");
+        assert_eq!((ws.input.capacity(), ws.output.capacity()), (0, 0), "an idle connection holds no buffer");
+        let mut pong = [0u8; 4];
+        client.read_exact(&mut pong).unwrap();
+        assert_eq!(pong, [0x8A, 2, b'h', b'i']);
+    }
+
+    #[tokio::test]
+    async fn bad_input_gets_the_close_code_rfc_6455_asks_for() {
+        let cases: [(Vec<u8>, u16); 4] = [
+            (client_frame(OP_TEXT, &[b'a', 0xFF]), code::INVALID_DATA),
+            (client_frame(OP_TEXT, &[b'x'; 200]), code::TOO_BIG),
+            (client_frame(OP_CONTINUATION, b"orphan"), code::PROTOCOL_ERROR),
+            (vec![0x81, 0x01, b'a'], code::PROTOCOL_ERROR), // unmasked
+        ];
+        for (bytes, expected) in cases {
+            let (mut ws, mut client) = pair(100).await;
+            client.write_all(&bytes).unwrap();
+            let err = ws.next().await.expect_err("refused");
+            assert_eq!(err.close().map(|(code, _)| code), Some(expected), "{err}");
+        }
+    }
 
     #[test]
     fn unmask_matches_the_bytewise_definition() {
