@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, ProtocolVersion};
+use redis::{
+    Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, ProtocolVersion, RedisResult, Script, ServerErrorKind,
+};
 
 /// Longest wait for one Redis reply.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -68,4 +70,26 @@ pub async fn commands(client: &redis::Client, url: &str) -> anyhow::Result<Conne
     ConnectionManager::new_with_config(client.clone(), manager_config())
         .await
         .with_context(|| format!("--redis {url}: cannot reach Redis"))
+}
+
+/// The start of an `EVALSHA` of `script` with `keys` keys: add the keys, then the arguments, and
+/// run it with [`eval`]. The arguments go straight into the command's one buffer, where
+/// `Script::key`/`arg` would allocate each of them and copy them all again (about a fifth of an
+/// append's cost on the node). `args` (keys included) and `bytes` size that buffer up front.
+pub fn evalsha(script: &Script, keys: usize, args: usize, bytes: usize) -> Cmd {
+    let mut cmd = Cmd::with_capacity(3 + args, 64 + bytes);
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+    cmd
+}
+
+/// Runs `cmd`, built by [`evalsha`] for `script`; loads the script and runs it again when Redis
+/// does not know it (it restarted, or its scripts were flushed).
+pub async fn eval<T: FromRedisValue>(conn: &mut ConnectionManager, script: &Script, cmd: &Cmd) -> RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        result => result,
+    }
 }

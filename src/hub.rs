@@ -10,9 +10,11 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::Poll;
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc};
+use futures_util::task::AtomicWaker;
+use tokio::sync::mpsc;
 
 use crate::broker::{Delivery, Event, SessionId, Sink, Topic};
 use crate::metrics::Metrics;
@@ -33,32 +35,48 @@ pub enum Outbound {
 }
 
 /// A request to close a session, set once.
+///
+/// Only the session's own task waits for it (its loop and its writes), so one waker slot is
+/// enough: the session polls this on every wake-up, and a poll is a few atomic operations where a
+/// `Notify` would lock its waiter list to register and again to unregister.
 #[derive(Default)]
 pub struct CloseSignal {
     requested: AtomicBool,
     reason: Mutex<Option<(u16, Arc<str>)>>,
-    notify: Notify,
+    waker: AtomicWaker,
 }
 
 impl CloseSignal {
     /// Asks the session to close; the first request wins.
     pub fn request(&self, code: u16, reason: Arc<str>) {
-        if !self.requested.swap(true, Ordering::AcqRel) {
-            *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some((code, reason));
-            self.notify.notify_one();
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some((code, reason));
+            drop(slot);
+            self.requested.store(true, Ordering::Release);
+            self.waker.wake();
         }
     }
 
-    /// Waits until a close is requested and returns its code and reason.
+    /// Waits until a close is requested and returns its code and reason. Awaited by one task
+    /// only (see the type).
     pub async fn requested(&self) -> (u16, Arc<str>) {
-        loop {
-            if self.requested.load(Ordering::Acquire)
-                && let Some(r) = self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
-            {
-                return r;
+        std::future::poll_fn(|cx| {
+            if let Some(r) = self.reason() {
+                return Poll::Ready(r);
             }
-            self.notify.notified().await;
+            self.waker.register(cx.waker());
+            // A request between the check and the registration woke nobody: look again.
+            self.reason().map_or(Poll::Pending, Poll::Ready)
+        })
+        .await
+    }
+
+    fn reason(&self) -> Option<(u16, Arc<str>)> {
+        if !self.requested.load(Ordering::Acquire) {
+            return None;
         }
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -225,11 +243,14 @@ impl Sink for Hub {
                     h.push(Outbound::Message(delivery.clone()), &self.metrics);
                 }
             }),
-            Event::Frame { frame, exclude } => {
-                let frame = Arc::new(frame.clone());
+            Event::Frames(notices) => {
+                let frames: Vec<_> = notices.iter().map(|n| (Arc::new(n.frame.clone()), n.exclude)).collect();
+                // Member by member, so that a session gets the whole batch in one wake-up.
                 self.each(topic, |h| {
-                    if *exclude != Some(h.id) {
-                        h.push(Outbound::Frame(frame.clone()), &self.metrics);
+                    for (frame, exclude) in &frames {
+                        if *exclude != Some(h.id) {
+                            h.push(Outbound::Frame(frame.clone()), &self.metrics);
+                        }
                     }
                 })
             }
@@ -246,6 +267,15 @@ impl Sink for Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::Notice;
+
+    fn frames(list: &[(&'static [u8], Option<u64>)]) -> Event {
+        Event::Frames(
+            list.iter()
+                .map(|(frame, exclude)| Notice { frame: Bytes::from_static(frame), exclude: exclude.map(SessionId) })
+                .collect(),
+        )
+    }
 
     fn handle(user: &str, id: u64, cap: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(cap);
@@ -281,14 +311,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_close_request_wakes_the_waiting_session_once() {
+        let (a, _ra) = handle("a", 1, 1);
+        let waiter = tokio::spawn({
+            let a = a.clone();
+            async move { a.close.requested().await }
+        });
+        tokio::task::yield_now().await;
+        a.close.request(close::KICKED, Arc::from("first"));
+        a.close.request(close::TOO_SLOW, Arc::from("second"));
+        let (code, reason) = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        assert_eq!((code, &*reason), (close::KICKED, "first"), "the first request wins");
+        assert_eq!(a.close.requested().await.0, close::KICKED, "and stays");
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_frames_reaches_each_member_in_order_but_the_one_it_excludes() {
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        let room = RoomName::parse("r").unwrap();
+        let (a, mut ra) = handle("a", 1, 4);
+        let (b, mut rb) = handle("b", 2, 4);
+        hub.join(&room, a);
+        hub.join(&room, b);
+        hub.deliver(&Topic::Room(room), &frames(&[(b"a joined", Some(1)), (b"b joined", Some(2)), (b"c left", None)]));
+        fn received(rx: &mut mpsc::Receiver<Outbound>) -> Vec<Bytes> {
+            std::iter::from_fn(|| match rx.try_recv().ok()? {
+                Outbound::Frame(frame) => Some(Bytes::clone(&frame)),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+        }
+        assert_eq!(received(&mut ra), [&b"b joined"[..], b"c left"]);
+        assert_eq!(received(&mut rb), [&b"a joined"[..], b"c left"]);
+    }
+
+    #[tokio::test]
     async fn a_full_queue_closes_the_session_as_too_slow() {
         let metrics = Arc::new(Metrics::new());
         let hub = Hub::new(metrics.clone());
         let (a, _ra) = handle("a", 1, 1);
         hub.add_session(a.clone());
         let topic = Topic::User(a.user.clone());
-        hub.deliver(&topic, &Event::Frame { frame: Bytes::from_static(b"1"), exclude: None });
-        hub.deliver(&topic, &Event::Frame { frame: Bytes::from_static(b"2"), exclude: None });
+        hub.deliver(&topic, &frames(&[(b"1", None)]));
+        hub.deliver(&topic, &frames(&[(b"2", None)]));
         let (code, _) = a.close.requested().await;
         assert_eq!(code, close::TOO_SLOW);
         assert_eq!(metrics.outbound_dropped.get(), 1);

@@ -26,26 +26,41 @@ impl Keys {
         Self { prefix: prefix.to_owned() }
     }
 
+    /// `P:<kind>:` followed by `parts`. Keys are built several times per message, so without
+    /// `format!`: one exact allocation, no formatting machinery.
+    fn key(&self, kind: &str, parts: &[&str]) -> String {
+        let len = self.prefix.len() + kind.len() + 2 + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut key = String::with_capacity(len);
+        key.push_str(&self.prefix);
+        key.push(':');
+        key.push_str(kind);
+        key.push(':');
+        parts.iter().for_each(|p| key.push_str(p));
+        key
+    }
+
     pub fn seq(&self, stream: &StreamId) -> String {
-        format!("{}:seq:{stream}", self.prefix)
+        let (kind, name) = stream.parts();
+        self.key("seq", &[kind, name])
     }
 
     pub fn log(&self, stream: &StreamId) -> String {
-        format!("{}:log:{stream}", self.prefix)
+        let (kind, name) = stream.parts();
+        self.key("log", &[kind, name])
     }
 
     pub fn cursor(&self, user: &UserId) -> String {
-        format!("{}:cur:{user}", self.prefix)
+        self.key("cur", &[user.as_str()])
     }
 
     pub fn idempotency(&self, scope: &str, key: &str) -> String {
-        format!("{}:idem:{scope}:{key}", self.prefix)
+        self.key("idem", &[scope, ":", key])
     }
 
     pub fn channel(&self, topic: &Topic) -> String {
         match topic {
-            Topic::User(user) => format!("{}:u:{user}", self.prefix),
-            Topic::Room(room) => format!("{}:r:{room}", self.prefix),
+            Topic::User(user) => self.key("u", &[user.as_str()]),
+            Topic::Room(room) => self.key("r", &[room.as_str()]),
             Topic::All => format!("{}:all", self.prefix),
         }
     }
@@ -78,6 +93,17 @@ mod tests {
             assert_eq!(keys.topic(&keys.channel(&topic)), Some(topic));
         }
         assert_eq!(keys.topic("other:u:alice"), None);
+        assert_eq!(keys.channel(&Topic::All), "sy:test:all");
         assert_eq!(keys.topic("sy:test:x:alice"), None);
+    }
+
+    #[test]
+    fn keys_follow_the_layout() {
+        let keys = Keys::new("sy");
+        let stream = StreamId::parse("room:a:b").unwrap();
+        assert_eq!(keys.seq(&stream), "sy:seq:room:a:b");
+        assert_eq!(keys.log(&stream), "sy:log:room:a:b");
+        assert_eq!(keys.cursor(&UserId::parse("bob").unwrap()), "sy:cur:bob");
+        assert_eq!(keys.idempotency("u:bob", "k1"), "sy:idem:u:bob:k1");
     }
 }

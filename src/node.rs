@@ -5,10 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use serde::Serialize;
 
 use crate::auth::{Authenticator, Identity};
-use crate::broker::{Broker, Delivery, Event, MemoryBroker, RedisBroker, SessionId, Sink, Topic};
+use crate::broker::{
+    Batcher, Broker, BrokerError, Delivery, Event, MemoryBroker, Notice, RedisBroker, SessionId, Sink, Topic,
+};
 use crate::cluster::{self, RedisClock};
 use crate::config::ServeArgs;
 use crate::hub::{Hub, SessionHandle};
@@ -24,6 +27,8 @@ use crate::store::{AppendRequest, Appended, EmbeddedStore, Entry, RedisStore, Re
 
 /// How often the node refreshes its entry in the node registry and reaps dead nodes.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// Most presence events published as one batch: as many as a session writes in one go.
+const PRESENCE_BATCH: usize = 64;
 
 /// A message to append to one user's stream (and the sender's, when a user sent it).
 pub struct DirectMessage {
@@ -66,6 +71,8 @@ pub struct Node {
     pub auth: Authenticator,
     pub store: Arc<dyn Store>,
     pub broker: Arc<dyn Broker>,
+    /// Publishes presence events through `broker`, batched per room.
+    notices: Batcher,
     pub presence: Arc<dyn Presence>,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
@@ -114,12 +121,15 @@ impl Node {
                 (Arc::new(store), Arc::new(broker), Arc::new(presence))
             }
         };
+        // At most a sixteenth of a session's queue, so that a batch never comes close to filling it.
+        let notices = Batcher::new(broker.clone(), (config.outbound_queue / 16).min(PRESENCE_BATCH));
         let node = Arc::new(Self {
             id,
             config: Arc::new(config),
             auth,
             store,
             broker,
+            notices,
             presence,
             hub,
             metrics,
@@ -163,13 +173,11 @@ impl Node {
 
     /// Clears what dead nodes left in presence and tells the rooms their users left.
     async fn reap(&self) -> anyhow::Result<()> {
-        for (room, user) in self.presence.reap().await? {
+        let left = self.presence.reap().await?;
+        for (room, user) in &left {
             tracing::info!(%room, %user, "user left with a dead node");
-            if !self.quiet(&room) {
-                let event = Event::Frame { frame: encode_presence(&room, "leave", &user), exclude: None };
-                self.broker.publish(Topic::Room(room), event).await?;
-            }
         }
+        self.announce_all("leave", left.iter().map(|(room, user)| (room, user, None))).await?;
         Ok(())
     }
 
@@ -180,13 +188,13 @@ impl Node {
         for handle in self.hub.sessions() {
             self.presence.connect(&handle.info).await?;
         }
+        let mut entered = Vec::new();
         for (room, handle) in self.hub.memberships() {
-            if self.presence.join(&room, &handle.user, handle.id).await? && !self.quiet(&room) {
-                let event =
-                    Event::Frame { frame: encode_presence(&room, "join", &handle.user), exclude: Some(handle.id) };
-                self.broker.publish(Topic::Room(room), event).await?;
+            if self.presence.join(&room, &handle.user, handle.id).await? {
+                entered.push((room, handle));
             }
         }
+        self.announce_all("join", entered.iter().map(|(room, h)| (room, &h.user, Some(h.id)))).await?;
         Ok(())
     }
 
@@ -340,16 +348,43 @@ impl Node {
         self.config.quiet_prefix.iter().any(|p| room.as_str().starts_with(p.as_str()))
     }
 
+    /// Sends a `presence` event (`join` or `leave` of `user`) to the sessions in `room` but
+    /// `exclude`, unless the room is quiet. Returns once it was published, in one batch with the
+    /// room's events raised while the previous batch was being published.
+    async fn announce(
+        &self,
+        room: &RoomName,
+        event: &str,
+        user: &UserId,
+        exclude: Option<SessionId>,
+    ) -> Result<(), BrokerError> {
+        if self.quiet(room) {
+            return Ok(());
+        }
+        let notice = Notice { frame: encode_presence(room, event, user), exclude };
+        self.notices.publish(Topic::Room(room.clone()), notice).await
+    }
+
+    /// [`Node::announce`] for many users at once (reaping a node, registering again),
+    /// concurrently, so that each room's events go out in a few batches rather than one by one.
+    async fn announce_all<'a>(
+        &self,
+        event: &str,
+        users: impl Iterator<Item = (&'a RoomName, &'a UserId, Option<SessionId>)>,
+    ) -> Result<(), BrokerError> {
+        join_all(users.map(|(room, user, exclude)| self.announce(room, event, user, exclude)))
+            .await
+            .into_iter()
+            .collect()
+    }
+
     /// Makes a local session a member of `room`: live messages flow to it from now on. Sends a
     /// `join` presence event when the user was not in the room yet.
     pub async fn join(&self, room: &RoomName, handle: &Arc<SessionHandle>) -> Result<(), ProtocolError> {
         self.hub.join(room, handle.clone());
         self.broker.subscribe(&Topic::Room(room.clone())).await.map_err(unavailable)?;
-        let entered = self.presence.join(room, &handle.user, handle.id).await?;
-        if entered && !self.quiet(room) {
-            let frame = encode_presence(room, "join", &handle.user);
-            let event = Event::Frame { frame, exclude: Some(handle.id) };
-            self.broker.publish(Topic::Room(room.clone()), event).await.map_err(unavailable)?;
+        if self.presence.join(room, &handle.user, handle.id).await? {
+            self.announce(room, "join", &handle.user, Some(handle.id)).await.map_err(unavailable)?;
         }
         Ok(())
     }
@@ -359,11 +394,8 @@ impl Node {
         if self.hub.leave(room, session) {
             self.broker.unsubscribe(&Topic::Room(room.clone())).await.map_err(unavailable)?;
         }
-        let left = self.presence.leave(room, user, session).await?;
-        if left && !self.quiet(room) {
-            let frame = encode_presence(room, "leave", user);
-            let event = Event::Frame { frame, exclude: None };
-            self.broker.publish(Topic::Room(room.clone()), event).await.map_err(unavailable)?;
+        if self.presence.leave(room, user, session).await? {
+            self.announce(room, "leave", user, None).await.map_err(unavailable)?;
         }
         Ok(())
     }

@@ -4,9 +4,11 @@
 //! session. A node tells its broker which topics it has local interest in; the broker hands every
 //! event for those topics to the node's [`Sink`], which fans it out to local sessions. Stream
 //! messages enter the broker from the store, right after they were stored, so that a subscriber
-//! can never see seq n+1 before n is readable (see `store`). The in-memory broker is the reference:
-//! one node, every topic local.
+//! can never see seq n+1 before n is readable (see `store`). Presence events go through a
+//! [`Batcher`], which publishes those raised together as one event. The in-memory broker is the
+//! reference: one node, every topic local.
 
+mod batch;
 mod memory;
 mod redis;
 
@@ -19,6 +21,7 @@ use bytes::Bytes;
 use crate::protocol::{RoomName, StreamId, UserId};
 
 pub use self::redis::RedisBroker;
+pub use batch::Batcher;
 pub use memory::MemoryBroker;
 
 /// A session id, unique across the cluster (64 random bits).
@@ -28,6 +31,13 @@ pub struct SessionId(pub u64);
 impl SessionId {
     pub fn random() -> Self {
         Self(fastrand::u64(1..))
+    }
+
+    /// The id as `Display` writes it (16 hex digits), for the envelope of every message.
+    pub fn hex(self) -> [u8; 16] {
+        let mut out = [0; 16];
+        crate::protocol::write_hex(&mut out, self.0);
+        out
     }
 }
 
@@ -60,13 +70,22 @@ pub struct Delivery {
     pub ts: u64,
 }
 
+/// A pre-encoded frame with no seq (a presence event), for every session of a topic but one.
+#[derive(Clone, Debug)]
+pub struct Notice {
+    pub frame: Bytes,
+    /// The session that caused it and is not told.
+    pub exclude: Option<SessionId>,
+}
+
 /// What travels from node to node.
 #[derive(Clone, Debug)]
 pub enum Event {
     /// A message of a stream, or a broadcast.
     Message(Arc<Delivery>),
-    /// A pre-encoded frame with no seq (presence events), not sent to `exclude`.
-    Frame { frame: Bytes, exclude: Option<SessionId> },
+    /// Pre-encoded frames with no seq (presence events), in order. A burst travels as one event
+    /// (see [`Batcher`]), so that every session takes it in one wake-up and one socket write.
+    Frames(Vec<Notice>),
     /// Close the user's sessions (the disconnect API, the single-session policy).
     Disconnect { code: u16, reason: Arc<str>, except: Option<SessionId> },
     /// Local only, never published: the broker may have missed messages (its connection was
@@ -81,7 +100,7 @@ pub trait Sink: Send + Sync {
     fn deliver(&self, topic: &Topic, event: &Event);
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),

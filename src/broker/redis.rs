@@ -17,10 +17,12 @@
 //! Envelope of a published message: one header line, `\n`, then the payload.
 //! - `M <exclude session|-> <stream> <seq> <ts>`: a stream message (written by the store's script)
 //! - `B <ts>`: a broadcast
-//! - `F <exclude session|->`: another frame (presence events)
+//! - `N <exclude session|->:<length> …`: pre-encoded frames (presence events), one field per
+//!   frame in order; the payload is the frames back to back
 //! - `D <code> <except session|->`: close the sessions of a user; the payload is the reason
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -31,7 +33,7 @@ use redis::aio::ConnectionManager;
 use redis::{PushInfo, PushKind, Script, Value};
 use tokio::sync::{Notify, watch};
 
-use super::{Broker, BrokerError, Delivery, Event, SessionId, Sink, Topic};
+use super::{Broker, BrokerError, Delivery, Event, Notice, SessionId, Sink, Topic};
 use crate::cluster::RedisClock;
 use crate::keys::Keys;
 use crate::metrics::Metrics;
@@ -83,6 +85,32 @@ fn session_field(s: &str) -> Option<SessionId> {
     u64::from_str_radix(s, 16).ok().map(SessionId)
 }
 
+/// The stream a message names. The store publishes a stream's messages on the channel of the
+/// same name, so the topic's already validated name is shared rather than checked and copied again.
+fn stream_of(topic: &Topic, text: &str) -> Option<StreamId> {
+    match topic {
+        Topic::User(user) if text.strip_prefix("user:") == Some(user.as_str()) => Some(StreamId::User(user.clone())),
+        Topic::Room(room) if text.strip_prefix("room:") == Some(room.as_str()) => Some(StreamId::Room(room.clone())),
+        _ => StreamId::parse(text).ok(),
+    }
+}
+
+/// The frames of an `N` envelope: `fields` are its `<exclude>:<length>` fields, `body` its payload.
+fn parse_notices(fields: &str, body: &Bytes) -> Option<Vec<Notice>> {
+    let mut at = 0;
+    let notices = fields
+        .split_whitespace()
+        .map(|field| {
+            let (exclude, len) = field.split_once(':')?;
+            let end = at + len.parse::<usize>().ok()?;
+            let frame = (end <= body.len()).then(|| body.slice(at..end))?;
+            at = end;
+            Some(Notice { frame, exclude: session_field(exclude) })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    (at == body.len()).then_some(notices)
+}
+
 fn session_text(s: Option<SessionId>) -> String {
     s.map_or_else(|| "-".to_owned(), |s| s.to_string())
 }
@@ -103,7 +131,7 @@ impl Shared {
         let mut fields = header.split(' ');
         let event = match (fields.next(), fields.next(), fields.next(), fields.next(), fields.next()) {
             (Some("M"), Some(exclude), Some(stream), Some(seq), Some(ts)) => {
-                let (Ok(stream), Ok(seq)) = (StreamId::parse(stream), seq.parse()) else { return };
+                let (Some(stream), Ok(seq)) = (stream_of(&topic, stream), seq.parse()) else { return };
                 Event::Message(Arc::new(Delivery {
                     position: Some((stream, seq)),
                     frame: body,
@@ -117,7 +145,10 @@ impl Shared {
                 exclude: None,
                 ts: ts.parse().unwrap_or(0),
             })),
-            (Some("F"), Some(exclude), ..) => Event::Frame { frame: body, exclude: session_field(exclude) },
+            (Some("N"), ..) => {
+                let Some(notices) = parse_notices(&header[1..], &body) else { return };
+                Event::Frames(notices)
+            }
             (Some("D"), Some(code), Some(except), ..) => {
                 let Ok(code) = code.parse() else { return };
                 let reason = Arc::from(String::from_utf8_lossy(&body).as_ref());
@@ -351,21 +382,29 @@ impl Broker for RedisBroker {
                 None => format!("B {}\n", d.ts).into_bytes(),
                 Some((stream, seq)) => format!("M {} {stream} {seq} {}\n", session_text(d.exclude), d.ts).into_bytes(),
             },
-            Event::Frame { exclude, .. } => format!("F {}\n", session_text(*exclude)).into_bytes(),
+            Event::Frames(notices) => {
+                let mut header = String::from("N");
+                for n in notices {
+                    let _ = write!(header, " {}:{}", session_text(n.exclude), n.frame.len());
+                }
+                header.push('\n');
+                header.into_bytes()
+            }
             Event::Disconnect { code, except, .. } => format!("D {code} {}\n", session_text(*except)).into_bytes(),
             Event::Resync => return Ok(()),
         };
         match &event {
             Event::Message(d) => payload.extend_from_slice(&d.frame),
-            Event::Frame { frame, .. } => payload.extend_from_slice(frame),
+            Event::Frames(notices) => notices.iter().for_each(|n| payload.extend_from_slice(&n.frame)),
             Event::Disconnect { reason, .. } => payload.extend_from_slice(reason.as_bytes()),
             Event::Resync => {}
         }
         let mut conn = self.publisher.clone();
         let channel = self.shared.keys.channel(&topic);
         let deadline = self.clock.write_deadline();
-        let receivers: i64 =
-            self.publish.arg(channel).arg(payload).arg(deadline).invoke_async(&mut conn).await.map_err(unavailable)?;
+        let mut cmd = crate::cluster::evalsha(&self.publish, 0, 3, channel.len() + payload.len() + 16);
+        cmd.arg(channel).arg(payload).arg(deadline);
+        let receivers: i64 = crate::cluster::eval(&mut conn, &self.publish, &cmd).await.map_err(unavailable)?;
         if receivers < 0 {
             return Err(unavailable("redis reached the publish after its deadline: nothing was published"));
         }
@@ -374,5 +413,21 @@ impl Broker for RedisBroker {
 
     async fn ready(&self) -> bool {
         self.shared.ready.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_are_split_by_their_lengths() {
+        let body = Bytes::from_static(b"{\"a\":1}{}x");
+        let notices = parse_notices(" 00000000000000ff:7 -:2 -:1", &body).unwrap();
+        let frames: Vec<&[u8]> = notices.iter().map(|n| &n.frame[..]).collect();
+        assert_eq!(frames, [&b"{\"a\":1}"[..], b"{}", b"x"]);
+        assert_eq!(notices.iter().map(|n| n.exclude).collect::<Vec<_>>(), [Some(SessionId(255)), None, None]);
+        assert!(parse_notices(" -:7 -:5", &body).is_none(), "longer than the payload");
+        assert!(parse_notices(" -:7", &body).is_none(), "shorter than the payload");
     }
 }

@@ -116,7 +116,7 @@ fn valid_id(id: &RawValue) -> bool {
 /// Parses one text frame. Never fails as a whole: a frame that is not even a JSON object yields
 /// `id: None` and a `bad_request`.
 pub fn parse_command(text: &str) -> CommandFrame {
-    let raw: RawFrame<'_> = match serde_json::from_str(text) {
+    let mut raw: RawFrame<'_> = match serde_json::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
             // An object whose other fields have the wrong type still names its id.
@@ -127,9 +127,7 @@ pub fn parse_command(text: &str) -> CommandFrame {
     if !raw.id.as_deref().is_none_or(valid_id) {
         return CommandFrame { id: None, command: Err(ProtocolError::bad_request("id must be a number or a string")) };
     }
-    let RawFrame { kind, id, .. } = &raw;
-    let kind = kind.as_deref().map(str::to_owned);
-    let id = id.clone();
+    let (id, kind) = (raw.id.take(), raw.kind.take());
     CommandFrame { id, command: build(kind.as_deref(), raw) }
 }
 

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, Key, ReadableDatabase, ReadableTable, Table, TableDefinition, Value, WriteTransaction,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage};
@@ -214,6 +216,37 @@ struct Writer {
     broker: Arc<MemoryBroker>,
 }
 
+type MessagesTable<'t> = Table<'t, (&'static str, u64), (u64, &'static [u8])>;
+type IdempotencyTable<'t> = Table<'t, (&'static str, &'static str), (u64, u64, &'static str)>;
+
+/// The tables of one write transaction, each opened on first use and kept open for the rest of
+/// the batch: opening a table costs about as much as inserting a message into it.
+struct Tables<'t> {
+    txn: &'t WriteTransaction,
+    streams: Option<Table<'t, &'static str, (u64, u64)>>,
+    messages: Option<MessagesTable<'t>>,
+    cursors: Option<Table<'t, &'static str, u64>>,
+    idempotency: Option<IdempotencyTable<'t>>,
+}
+
+impl<'t> Tables<'t> {
+    fn new(txn: &'t WriteTransaction) -> Self {
+        Self { txn, streams: None, messages: None, cursors: None, idempotency: None }
+    }
+}
+
+/// The table in `slot`, opened in `txn` if it is not yet.
+fn open<'s, 't, K: Key + 'static, V: Value + 'static>(
+    txn: &'t WriteTransaction,
+    slot: &'s mut Option<Table<'t, K, V>>,
+    definition: TableDefinition<K, V>,
+) -> Result<&'s mut Table<'t, K, V>, StoreError> {
+    if slot.is_none() {
+        *slot = Some(txn.open_table(definition).map_err(internal)?);
+    }
+    Ok(slot.as_mut().expect("opened above"))
+}
+
 /// What a committed append still has to do: deliver, then answer.
 struct Pending {
     deliveries: Vec<(Topic, Event)>,
@@ -254,23 +287,24 @@ impl Writer {
         let outcome = (|| -> Result<(), StoreError> {
             let mut txn = self.db.begin_write().map_err(internal)?;
             txn.set_durability(Durability::Immediate).map_err(internal)?;
+            let mut tables = Tables::new(&txn);
             for op in batch.drain(..) {
                 match op {
-                    WriteOp::Append(request, reply) => match self.append(&txn, request) {
+                    WriteOp::Append(request, reply) => match self.append(&mut tables, request) {
                         Ok((result, deliveries)) => appends.push(Pending { deliveries, reply, result }),
                         Err(e) => {
                             let _ = reply.send(Err(e));
                         }
                     },
                     WriteOp::Ack(user, seq, reply) => {
-                        let mut table = txn.open_table(CURSORS).map_err(internal)?;
+                        let table = open(&txn, &mut tables.cursors, CURSORS)?;
                         let current = table.get(user.as_str()).map_err(internal)?.map_or(0, |v| v.value());
                         if seq > current {
                             table.insert(user.as_str(), seq).map_err(internal)?;
                         }
                         acks.push(reply);
                     }
-                    WriteOp::Sweep => self.sweep(&txn)?,
+                    WriteOp::Sweep => self.sweep(&mut tables)?,
                     WriteOp::Probe(reply) => {
                         let _ = reply.send(());
                     }
@@ -280,6 +314,7 @@ impl Writer {
                     }
                 }
             }
+            drop(tables);
             txn.commit().map_err(internal)
         })();
         match outcome {
@@ -310,12 +345,12 @@ impl Writer {
     /// the commit.
     fn append(
         &self,
-        txn: &WriteTransaction,
+        tables: &mut Tables<'_>,
         request: AppendRequest,
     ) -> Result<(Appended, Vec<(Topic, Event)>), StoreError> {
         let now = now_ms();
         if let Some((scope, key)) = &request.idempotency {
-            let table = txn.open_table(IDEMPOTENCY).map_err(internal)?;
+            let table = open(tables.txn, &mut tables.idempotency, IDEMPOTENCY)?;
             if let Some(v) = table.get((scope.as_str(), key.as_str())).map_err(internal)? {
                 let (expires, seq, mid) = v.value();
                 if expires > now {
@@ -327,8 +362,8 @@ impl Writer {
             Some(entry) => entry.draft.mid.clone(),
             None => return Err(StoreError::Internal("append without entries".into())),
         };
-        let mut streams = txn.open_table(STREAMS).map_err(internal)?;
-        let mut messages = txn.open_table(MESSAGES).map_err(internal)?;
+        let streams = open(tables.txn, &mut tables.streams, STREAMS)?;
+        let messages = open(tables.txn, &mut tables.messages, MESSAGES)?;
         let mut deliveries = Vec::with_capacity(request.entries.len());
         let mut reply_seq = 0;
         for (i, entry) in request.entries.into_iter().enumerate() {
@@ -351,7 +386,7 @@ impl Writer {
             deliveries.push((entry.topic, Event::Message(Arc::new(delivery))));
         }
         if let Some((scope, key)) = &request.idempotency {
-            let mut table = txn.open_table(IDEMPOTENCY).map_err(internal)?;
+            let table = open(tables.txn, &mut tables.idempotency, IDEMPOTENCY)?;
             table
                 .insert((scope.as_str(), key.as_str()), (now + IDEMPOTENCY_WINDOW_MS, reply_seq, &*mid))
                 .map_err(internal)?;
@@ -360,11 +395,11 @@ impl Writer {
     }
 
     /// Removes expired messages and idempotency keys.
-    fn sweep(&self, txn: &WriteTransaction) -> Result<(), StoreError> {
+    fn sweep(&self, tables: &mut Tables<'_>) -> Result<(), StoreError> {
         let now = now_ms();
         let cutoff = now.saturating_sub(self.retention.ttl_ms);
-        let mut streams = txn.open_table(STREAMS).map_err(internal)?;
-        let mut messages = txn.open_table(MESSAGES).map_err(internal)?;
+        let streams = open(tables.txn, &mut tables.streams, STREAMS)?;
+        let messages = open(tables.txn, &mut tables.messages, MESSAGES)?;
         let mut moved = Vec::new();
         for item in streams.iter().map_err(internal)? {
             let (k, v) = item.map_err(internal)?;
@@ -389,7 +424,7 @@ impl Writer {
             }
             streams.insert(stream.as_str(), (last, new_first)).map_err(internal)?;
         }
-        let mut idem = txn.open_table(IDEMPOTENCY).map_err(internal)?;
+        let idem = open(tables.txn, &mut tables.idempotency, IDEMPOTENCY)?;
         idem.retain(|_, (expires, _, _)| expires > now).map_err(internal)?;
         Ok(())
     }

@@ -109,11 +109,40 @@ async fn conformance(store: &dyn Store) {
     assert!(store.ready().await);
 }
 
+/// Retention by age, with [`SHORT_TTL`]: expired messages are never read, yet a page that starts
+/// among them is still full, however far the backend got in removing them. Message 4 keeps the
+/// stream itself alive (a Redis stream expires a TTL after its last append) while 1-3 expire.
+async fn expiry_conformance(store: &dyn Store) {
+    let pause = std::time::Duration::from_millis(SHORT_TTL.ttl_ms * 7 / 10);
+    for i in 1..=10 {
+        if matches!(i, 4 | 5) {
+            tokio::time::sleep(pause).await;
+        }
+        store.append(append(vec![room_entry("old", &i.to_string())], 0, None)).await.unwrap();
+    }
+    let old = StreamId::Room(RoomName::parse("old").unwrap());
+    let seqs = |slice: Slice| slice.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let page = store.read(&old, HistoryQuery::After { since: 0, limit: 5 }).await.unwrap();
+    assert_eq!(page.last_seq, 10);
+    assert_eq!(seqs(page), vec![4, 5, 6, 7, 8]);
+    assert_eq!(seqs(store.read(&old, HistoryQuery::Last { limit: 20 }).await.unwrap()), (4..=10).collect::<Vec<_>>());
+}
+
+const SHORT_TTL: Retention = Retention { max_messages: 100, ttl_ms: 1000 };
+
 #[tokio::test]
 async fn embedded_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path(), RETENTION, Arc::new(MemoryBroker::new())).unwrap();
     conformance(&store).await;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn embedded_store_expires_by_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), SHORT_TTL, Arc::new(MemoryBroker::new())).unwrap();
+    expiry_conformance(&store).await;
     store.close().await;
 }
 
@@ -135,8 +164,10 @@ async fn redis_store_conforms() {
     let keys = Keys::new(&prefix);
     let clock = Arc::new(crate::cluster::RedisClock::default());
     clock.sample(&mut conn.clone()).await.unwrap();
-    conformance(&RedisStore::new(conn.clone(), clock, keys.clone(), RETENTION)).await;
-    let streams = ["room:a", "room:b", "room:never", "user:bob", "user:alice"].map(|s| StreamId::parse(s).unwrap());
+    conformance(&RedisStore::new(conn.clone(), clock.clone(), keys.clone(), RETENTION)).await;
+    expiry_conformance(&RedisStore::new(conn.clone(), clock, keys.clone(), SHORT_TTL)).await;
+    let streams =
+        ["room:a", "room:b", "room:never", "room:old", "user:bob", "user:alice"].map(|s| StreamId::parse(s).unwrap());
     let mut doomed: Vec<String> = streams.iter().flat_map(|s| [keys.seq(s), keys.log(s)]).collect();
     doomed.extend([keys.cursor(&user("carol")), keys.idempotency("u:alice", "key-1")]);
     let _: i64 = ::redis::cmd("DEL").arg(doomed).query_async(&mut conn.clone()).await.unwrap();

@@ -185,3 +185,42 @@ both_modes! {
         assert_eq!(reply["users"], json!({"a":{"online":true,"sessions":1},"b":{"online":true,"sessions":2},"c":{"online":false,"sessions":0}}));
     }
 }
+
+both_modes! {
+    /// Joins and leaves that race each other are announced in batches (one publish for the events
+    /// raised while the room's previous one was in flight): every member still hears of every user
+    /// exactly once, a join before that user's leave.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_joins_and_leaves_is_announced_once_per_user(mode) {
+        const USERS: usize = 16;
+        let node = TestNode::start_mode(mode, &[]).await;
+        let mut watcher = node.connect("watcher").await;
+        watcher.ok(json!({"type":"join","room":"burst"})).await;
+        let mut members = Vec::new();
+        for i in 0..USERS {
+            members.push(node.connect(&format!("m{i}")).await);
+        }
+        let users: BTreeSet<String> = (0..USERS).map(|i| format!("m{i}")).collect();
+
+        let joins = members.iter_mut().map(|m| m.ok(json!({"type":"join","room":"burst"})));
+        futures_util::future::join_all(joins).await;
+        let mut joined = BTreeSet::new();
+        for _ in 0..USERS {
+            let event = watcher.next_frame().await;
+            assert_eq!((event["type"].as_str(), event["event"].as_str()), (Some("presence"), Some("join")), "{event}");
+            assert!(joined.insert(event["user"].as_str().unwrap_or_default().to_owned()), "announced twice: {event}");
+        }
+        assert_eq!(joined, users);
+        watcher.expect_silence(200).await;
+
+        drop(members);
+        let mut left = BTreeSet::new();
+        for _ in 0..USERS {
+            let event = watcher.next_frame().await;
+            assert_eq!((event["type"].as_str(), event["event"].as_str()), (Some("presence"), Some("leave")), "{event}");
+            assert!(left.insert(event["user"].as_str().unwrap_or_default().to_owned()), "announced twice: {event}");
+        }
+        assert_eq!(left, users);
+        watcher.expect_silence(200).await;
+    }
+}
