@@ -268,7 +268,12 @@ impl WebSocket {
             self.parsed = 0;
         }
         loop {
-            let room = self.wanted.saturating_sub(self.input.len() - self.parsed).max(READ_CHUNK);
+            // With nothing buffered, wait before allocating: a wake-up without input (the
+            // session's other branches) then costs no allocation.
+            if self.input.is_empty() {
+                self.io.readable().await?;
+            }
+            let room = self.wanted.saturating_sub(self.input.len()).max(READ_CHUNK);
             self.input.reserve(room);
             match self.io.try_read_buf(&mut self.input) {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
@@ -276,8 +281,9 @@ impl WebSocket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if self.input.is_empty() {
                         self.input = Vec::new();
+                    } else {
+                        self.io.readable().await?;
                     }
-                    self.io.readable().await?;
                 }
                 Err(e) => return Err(e.into()),
             }

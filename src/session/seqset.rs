@@ -26,6 +26,13 @@ impl SeqSet {
 
     /// Adds `seq`; false if it was already there.
     pub fn insert(&mut self, seq: u64) -> bool {
+        // Live delivery: the next seq after the last range, extended in place.
+        if let Some(last) = self.ranges.last_mut() {
+            if last.1.checked_add(1) == Some(seq) {
+                last.1 = seq;
+                return true;
+            }
+        }
         if self.contains(seq) {
             return false;
         }
