@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# bench/compare.sh [RUNS] — Switchyard (3 nodes) against Socket.IO + redis-adapter (3 instances)
+# and the ws + Redis relay (3 instances), same scenarios, same machine, same Redis, one session.
+#
+# Runs each scenario RUNS times (default 3) per system, interleaved (S, SIO, relay, S, ...) so
+# that drift on a shared machine hits all three alike, keeps every run's JSON under $OUT
+# (default /tmp/switchyard-compare) and prints medians and the spread with bench/summarize.py.
+# Needs: release builds (cargo build --release -p switchyard -p switchyard-bench), node + npm
+# (npm ci in each peer directory), redis-server.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+RUNS=${1:-3}
+OUT=${OUT:-/tmp/switchyard-compare}
+PORT=${REDIS_PORT:-6391}
+BENCH=target/release/switchyard-bench
+SERVER=target/release/switchyard
+mkdir -p "$OUT"
+rm -f "$OUT"/*.json
+
+for peer in socketio ws-relay; do
+  [ -d "bench/peers/$peer/node_modules" ] || (cd "bench/peers/$peer" && npm ci --silent)
+done
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
+  --pidfile "/tmp/redis-$PORT.pid" >/dev/null
+sleep 0.5
+REDIS=$(cat "/tmp/redis-$PORT.pid")
+PREFIX=cmp$$
+
+SYP=""
+for n in 1 2 3; do
+  "$SERVER" serve --redis "redis://127.0.0.1:$PORT/0" --redis-prefix "$PREFIX" --rate-limit 0 \
+    --listen "127.0.0.1:910$n" --node-id "node-$n" --data-dir "$(mktemp -d)" --log-format json \
+    >"$OUT/node$n.log" 2>&1 &
+  pids+=("$!")
+  SYP="$SYP${SYP:+,}$!"
+done
+SY=ws://127.0.0.1:9101,ws://127.0.0.1:9102,ws://127.0.0.1:9103
+
+# A peer's launcher prints "node=... pid=P port=..." per instance, then "ready".
+start_peer() {
+  local dir=$1 log=$2
+  REDIS_URL="redis://127.0.0.1:$PORT" "bench/peers/$dir/run.sh" 3 >"$log" 2>&1 &
+  pids+=("$!")
+  for _ in $(seq 100); do grep -q '^ready' "$log" && break; sleep 0.2; done
+  grep -q '^ready' "$log" || { echo "compare.sh: $dir did not start" >&2; cat "$log" >&2; exit 1; }
+  grep -o 'pid=[0-9]*' "$log" | cut -d= -f2 | paste -sd,
+}
+SIOP=$(start_peer socketio "$OUT/socketio.log")
+SIO=ws://127.0.0.1:3101,ws://127.0.0.1:3102,ws://127.0.0.1:3103
+RELP=$(start_peer ws-relay "$OUT/relay.log")
+REL=ws://127.0.0.1:3201,ws://127.0.0.1:3202,ws://127.0.0.1:3203
+for _ in $(seq 100); do curl -fs -o /dev/null http://127.0.0.1:9103/readyz && break; sleep 0.2; done
+
+# run NAME ARGS...: one scenario against all three, RUNS times, interleaved.
+run() {
+  local name=$1
+  shift
+  for i in $(seq "$RUNS"); do
+    "$BENCH" "$@" --json --target "$SY" --pid "$SYP" --also-pid "$REDIS" >"$OUT/$name.switchyard.$i.json"
+    "$BENCH" "$@" --json --protocol socketio --target "$SIO" --pid "$SIOP" --also-pid "$REDIS" \
+      >"$OUT/$name.socketio.$i.json"
+    "$BENCH" "$@" --json --protocol relay --target "$REL" --pid "$RELP" --also-pid "$REDIS" \
+      >"$OUT/$name.relay.$i.json"
+  done
+}
+
+run fanout-rate fanout --rooms 10 --members 100 --rate 1000
+run fanout-flat fanout --rooms 10 --members 100 --rate 0 --window 4
+run direct-rate direct --pairs 100 --rate 5000
+python3 bench/summarize.py "$OUT"
