@@ -2,7 +2,7 @@
 //!
 //! An append is one Lua script, so it is atomic per message: check the idempotency key, then for
 //! each entry bump the stream's seq, build the frame around it, `XADD` it with the retention
-//! (`MAXLEN` for `--history-size`; for `--history-ttl`, up to 8 expired entries trimmed from the
+//! (`MAXLEN` for `--history-size`; for `--history-ttl`, up to 16 expired entries trimmed from the
 //! head, looked at only when the oldest one has expired, and that one only every
 //! [`AGE_CHECK_EVERY`]th seq) and `PUBLISH` it on the audience's channel. Redis runs scripts one
 //! at a time, so seqs are assigned once cluster-wide, every subscriber sees a stream's messages in
@@ -55,10 +55,12 @@ for i = 1, n do
   if number % 16 == 0 then
     local first = redis.call('XRANGE', logk, '-', '+', 'COUNT', 1)[1]
     if tonumber(first[2][4]) < cutoff then
-      local head = redis.call('XRANGE', logk, '-', '+', 'COUNT', 8)
-      local keep = id
-      for _, e in ipairs(head) do
-        if tonumber(e[2][4]) >= cutoff then keep = e[1]; break end
+      -- Trim the expired head, at most 16 entries (as many as were appended since the last
+      -- look): up to the first unexpired entry, else up to the 17th, never past it.
+      local head = redis.call('XRANGE', logk, '-', '+', 'COUNT', 17)
+      local keep = head[17] and head[17][1] or id
+      for j = 1, math.min(16, #head) do
+        if tonumber(head[j][2][4]) >= cutoff then keep = head[j][1]; break end
       end
       redis.call('XTRIM', logk, 'MINID', keep)
     end

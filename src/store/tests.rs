@@ -126,6 +126,24 @@ async fn expiry_conformance(store: &dyn Store) {
     assert_eq!(page.last_seq, 10);
     assert_eq!(seqs(page), vec![4, 5, 6, 7, 8]);
     assert_eq!(seqs(store.read(&old, HistoryQuery::Last { limit: 20 }).await.unwrap()), (4..=10).collect::<Vec<_>>());
+
+    // Trimming an expired head stops at the first live message, however long the head: 1-20
+    // expire, 21-40 are live when appending 41-48 makes the backend look at the head.
+    let mixed = |i: u64| append(vec![room_entry("mixed", &i.to_string())], 0, None);
+    for i in 1..=20 {
+        store.append(mixed(i)).await.unwrap();
+    }
+    tokio::time::sleep(pause).await;
+    for i in 21..=40 {
+        store.append(mixed(i)).await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(SHORT_TTL.ttl_ms * 4 / 10)).await;
+    for i in 41..=48 {
+        store.append(mixed(i)).await.unwrap();
+    }
+    let stream = StreamId::Room(RoomName::parse("mixed").unwrap());
+    let all = store.read(&stream, HistoryQuery::After { since: 0, limit: 100 }).await.unwrap();
+    assert_eq!(seqs(all), (21..=48).collect::<Vec<_>>(), "live messages were trimmed with the expired ones");
 }
 
 const SHORT_TTL: Retention = Retention { max_messages: 100, ttl_ms: 1000 };
