@@ -270,9 +270,6 @@ impl WebSocket {
         loop {
             // With nothing buffered, wait before allocating: a wake-up without input (the
             // session's other branches) then costs no allocation.
-            if self.input.is_empty() {
-                self.io.readable().await?;
-            }
             let room = self.wanted.saturating_sub(self.input.len()).max(READ_CHUNK);
             self.input.reserve(room);
             match self.io.try_read_buf(&mut self.input) {
@@ -281,9 +278,8 @@ impl WebSocket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if self.input.is_empty() {
                         self.input = Vec::new();
-                    } else {
-                        self.io.readable().await?;
                     }
+                    self.io.readable().await?;
                 }
                 Err(e) => return Err(e.into()),
             }
