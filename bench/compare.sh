@@ -54,11 +54,13 @@ start_peer() {
   pids+=("$!")
   for _ in $(seq 100); do grep -q '^ready' "$log" && break; sleep 0.2; done
   grep -q '^ready' "$log" || { echo "compare.sh: $dir did not start" >&2; cat "$log" >&2; exit 1; }
-  grep -o 'pid=[0-9]*' "$log" | cut -d= -f2 | paste -sd,
 }
-SIOP=$(start_peer socketio "$OUT/socketio.log")
+peer_pids() { grep '^node=' "$1" | grep -o 'pid=[0-9]*' | cut -d= -f2 | paste -sd,; }
+start_peer socketio "$OUT/socketio.log"
+SIOP=$(peer_pids "$OUT/socketio.log")
 SIO=ws://127.0.0.1:3101,ws://127.0.0.1:3102,ws://127.0.0.1:3103
-RELP=$(start_peer ws-relay "$OUT/relay.log")
+start_peer ws-relay "$OUT/relay.log"
+RELP=$(peer_pids "$OUT/relay.log")
 REL=ws://127.0.0.1:3201,ws://127.0.0.1:3202,ws://127.0.0.1:3203
 for _ in $(seq 100); do curl -fs -o /dev/null http://127.0.0.1:9103/readyz && break; sleep 0.2; done
 
