@@ -117,6 +117,21 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// Browser origins allowed to open a WebSocket (e.g. https://chat.example.com); others get
+    /// HTTP 403. Requests without an Origin header (not from a browser) are not affected; may
+    /// repeat [default: any origin]
+    #[arg(long, env = "SWITCHYARD_ALLOWED_ORIGIN", value_name = "ORIGIN", value_delimiter = ',')]
+    pub allowed_origin: Vec<String>,
+
+    /// Most WebSocket sessions from one IP address; more upgrades get HTTP 429 (0: no limit;
+    /// behind a proxy every client shares the proxy's address)
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS_PER_IP", default_value_t = 0, value_name = "N")]
+    pub max_connections_per_ip: usize,
+
+    /// Most rooms one session may be in; a `join` beyond it is refused with `forbidden`
+    #[arg(long, env = "SWITCHYARD_MAX_ROOMS_PER_SESSION", default_value_t = 1000, value_name = "N")]
+    pub max_rooms_per_session: usize,
+
     /// Seconds between WebSocket pings; a session silent for two intervals is closed
     #[arg(long, env = "SWITCHYARD_PING_INTERVAL", default_value_t = 25, value_name = "SECS")]
     pub ping_interval: u64,

@@ -40,6 +40,10 @@ pub enum Rejection {
     Unauthorized,
     BadRequest,
     Capacity,
+    /// `--allowed-origin` refused the browser's Origin.
+    Origin,
+    /// `--max-connections-per-ip` reached.
+    PerIp,
 }
 
 impl EncodeLabelValue for Rejection {
@@ -48,6 +52,8 @@ impl EncodeLabelValue for Rejection {
             Self::Unauthorized => "unauthorized",
             Self::BadRequest => "bad_request",
             Self::Capacity => "capacity",
+            Self::Origin => "origin",
+            Self::PerIp => "per_ip",
         })
     }
 }

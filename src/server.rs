@@ -1,20 +1,21 @@
 //! The HTTP side of a node: the listener, the WebSocket upgrade on `/ws`, the demo page, health,
 //! readiness and metrics, and graceful shutdown.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::Extension;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -81,21 +82,49 @@ fn fit_to_fd_limit(requested: Option<usize>) -> usize {
     }
 }
 
-/// Counts live sessions, for `--max-connections` and for draining at shutdown.
+/// Counts live sessions, for `--max-connections`, `--max-connections-per-ip` and for draining at
+/// shutdown.
 #[derive(Default)]
 struct Sessions {
     live: AtomicUsize,
     drained: Notify,
+    /// Sessions per client address, kept only with `--max-connections-per-ip`.
+    per_ip: std::sync::Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// Decrements the live count when a session task ends, however it ends.
-struct SessionSlot(Arc<Sessions>);
+/// Gives back a session's place in the counts when its task ends, however it ends.
+struct SessionSlot {
+    sessions: Arc<Sessions>,
+    ip: Option<IpAddr>,
+}
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
-        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.drained.notify_waiters();
+        if let Some(ip) = self.ip {
+            let mut per_ip = self.sessions.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
         }
+        if self.sessions.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.sessions.drained.notify_waiters();
+        }
+    }
+}
+
+impl Sessions {
+    /// Counts one more session from `ip`, unless it already has `limit` (0: no limit).
+    fn admit_ip(&self, ip: IpAddr, limit: usize) -> bool {
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per_ip.entry(ip).or_default();
+        if *n >= limit {
+            return false;
+        }
+        *n += 1;
+        true
     }
 }
 
@@ -174,9 +203,9 @@ impl Server {
 /// out.
 async fn accept(listener: TcpListener, app: Router, mut stop: Shutdown) {
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors, typically: give sessions a moment to end.
                     tracing::warn!(error = %e, "accept failed");
@@ -187,7 +216,12 @@ async fn accept(listener: TcpListener, app: Router, mut stop: Shutdown) {
             _ = stop.wait() => return,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let app = app.clone();
+        // Every request learns its client's address (for `--max-connections-per-ip`).
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            tower_service::Service::call(&mut app.clone(), request)
+        });
         let mut stop = stop.clone();
         tokio::spawn(async move {
             let conn = http1::Builder::new()
@@ -289,8 +323,19 @@ fn switching_protocols(accept: &str) -> Response {
 
 /// `GET /ws`: authenticate before upgrading, so a refused client gets an HTTP status and a JSON
 /// body rather than a WebSocket that closes at once.
-async fn upgrade(State(state): State<AppState>, mut request: Request) -> Response {
+async fn upgrade(
+    State(state): State<AppState>,
+    Extension(ConnectInfo(peer)): Extension<ConnectInfo<SocketAddr>>,
+    mut request: Request,
+) -> Response {
     let node = &state.node;
+    if let Some(origin) = request.headers().get(header::ORIGIN)
+        && !node.config.allowed_origin.is_empty()
+        && !node.config.allowed_origin.iter().any(|allowed| origin.as_bytes().eq_ignore_ascii_case(allowed.as_bytes()))
+    {
+        node.metrics.reject(Rejection::Origin);
+        return error_response(&ProtocolError::new(ErrorCode::Forbidden, "this origin may not open a WebSocket here"));
+    }
     let accept = match handshake_accept(request.headers()) {
         Ok(accept) => accept,
         Err(e) => {
@@ -321,8 +366,19 @@ async fn upgrade(State(state): State<AppState>, mut request: Request) -> Respons
             "node shutting down: connect to another node",
         ));
     }
+    let per_ip_limit = node.config.max_connections_per_ip;
+    let ip = (per_ip_limit > 0).then(|| peer.ip());
+    if let Some(ip) = ip
+        && !state.sessions.admit_ip(ip, per_ip_limit)
+    {
+        node.metrics.reject(Rejection::PerIp);
+        return error_response(&ProtocolError::new(
+            ErrorCode::RateLimited,
+            format!("at most {per_ip_limit} connections from one address"),
+        ));
+    }
     let live = state.sessions.live.fetch_add(1, Ordering::AcqRel);
-    let slot = SessionSlot(state.sessions.clone());
+    let slot = SessionSlot { sessions: state.sessions.clone(), ip };
     if live >= node.config.max_connections.unwrap_or(usize::MAX) {
         node.metrics.reject(Rejection::Capacity);
         return error_response(&ProtocolError::new(

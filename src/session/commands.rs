@@ -190,6 +190,13 @@ impl Session {
                 format!("room {room} needs a `rooms` claim in your token"),
             ));
         }
+        let limit = self.node.config.max_rooms_per_session;
+        if self.rooms.len() >= limit && !self.rooms.contains(room) {
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                format!("a session may be in at most {limit} rooms (--max-rooms-per-session): leave one first"),
+            ));
+        }
         if self.rooms.insert(room.clone())
             && let Err(e) = self.node.join(room, &self.handle).await
         {

@@ -110,6 +110,11 @@ both_modes! {
             ("alg none", "/ws".into(), bearer(&unsigned(&claims("alice", json!({}))))),
             ("alg none in ?token=", format!("/ws?token={}", unsigned(&claims("alice", json!({})))), String::new()),
             ("no sub", "/ws".into(), bearer(&hs256(SECRET.as_bytes(), json!({"exp":now() + 3600})))),
+            (
+                "not yet valid",
+                "/ws".into(),
+                bearer(&hs256(SECRET.as_bytes(), claims("alice", json!({"nbf": now() + 600})))),
+            ),
             ("sub outside the alphabet", "/ws".into(), bearer(&hs256(SECRET.as_bytes(), claims("a b", json!({}))))),
             ("not a JWT", "/ws".into(), bearer("not.a.jwt")),
             ("tampered payload", "/ws".into(), bearer(&tamper(&good))),

@@ -428,3 +428,74 @@ both_modes! {
         node.shutdown().await;
     }
 }
+
+/// The status line's code of an upgrade request sent with these extra headers.
+async fn upgrade_status(node: &TestNode, extra_headers: &str) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(node.server(0).addr).await.unwrap();
+    let request = format!(
+        "GET /ws?user=origin HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra_headers}\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut head)).await.unwrap().unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_browser_from_an_origin_not_allowed_is_refused_with_403() {
+    let node = TestNode::start(&["--allowed-origin", "https://chat.example.com,https://admin.example.com"]).await;
+    let (status, body) = node.refused_upgrade("/ws?user=eve", "Origin: https://evil.example\r\n").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{body}");
+    assert_eq!(upgrade_status(&node, "Origin: https://admin.example.com\r\n").await, 101);
+    assert_eq!(upgrade_status(&node, "Origin: HTTPS://CHAT.EXAMPLE.COM\r\n").await, 101, "origins compare case-blind");
+    // Not a browser: no Origin header, no check.
+    let mut bob = node.connect("bob").await;
+    bob.ok(json!({"type": "ping"})).await;
+    assert_eq!(metric(&node.metrics().await, "switchyard_rejected_connections_total{reason=\"origin\"}"), 1.0);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_address_holds_at_most_its_connection_limit_and_gets_a_place_back_on_close() {
+    let node = TestNode::start(&["--max-connections-per-ip", "2"]).await;
+    let mut first = node.connect("a").await;
+    let mut second = node.connect("b").await;
+    let (status, body) = node.refused_upgrade("/ws?user=c", "").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limited")), "{body}");
+    assert_eq!(metric(&node.metrics().await, "switchyard_rejected_connections_total{reason=\"per_ip\"}"), 1.0);
+    second.ok(json!({"type": "ping"})).await;
+    first.ws.close().await.unwrap();
+    drop(first);
+    // The place comes back once the server has seen the close.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = upgrade_status(&node, "").await;
+        if status == 101 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused ({status}) after a session closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_joins_at_most_max_rooms_per_session() {
+    let node = TestNode::start(&["--max-rooms-per-session", "3"]).await;
+    let mut alice = node.connect("alice").await;
+    for room in ["r1", "r2", "r3"] {
+        alice.ok(json!({"type": "join", "room": room})).await;
+    }
+    let refused = alice.request(json!({"type": "join", "room": "r4"})).await;
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    // Joining a room it is already in is no new room; leaving makes space.
+    alice.ok(json!({"type": "join", "room": "r2"})).await;
+    alice.ok(json!({"type": "leave", "room": "r1"})).await;
+    alice.ok(json!({"type": "join", "room": "r4"})).await;
+    let mut bob = node.connect("bob").await;
+    let room = bob.request(json!({"type": "presence", "room": "r4"})).await;
+    assert_eq!(room["count"], 1, "{room}");
+    node.shutdown().await;
+}
