@@ -132,6 +132,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_MAX_ROOMS_PER_SESSION", default_value_t = 1000, value_name = "N")]
     pub max_rooms_per_session: usize,
 
+    /// Seconds a client may take to send its HTTP request headers (slow handshakes hold sockets)
+    #[arg(long, env = "SWITCHYARD_HANDSHAKE_TIMEOUT", default_value_t = 10, value_name = "SECS")]
+    pub handshake_timeout: u64,
+
     /// Seconds between WebSocket pings; a session silent for two intervals is closed
     #[arg(long, env = "SWITCHYARD_PING_INTERVAL", default_value_t = 25, value_name = "SECS")]
     pub ping_interval: u64,
@@ -255,6 +259,9 @@ impl ServeArgs {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
             bail!("give either --jwt-secret or --jwt-public-key, not both");
+        }
+        if self.handshake_timeout == 0 {
+            bail!("--handshake-timeout must be at least 1 second");
         }
         if self.jwt_secret.as_deref() == Some("") {
             bail!("--jwt-secret is empty: give a secret, or leave it out for dev mode");

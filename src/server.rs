@@ -37,8 +37,6 @@ const ECHO_MAX_PAYLOAD: usize = 32 << 20;
 /// Pending connections the kernel may queue before accepting: tokio's default of 128 overflows
 /// under a reconnect storm, and each overflow costs a client a one-second SYN retry.
 const LISTEN_BACKLOG: u32 = 4096;
-/// How long a client may take to send its request headers (a slow handshake holds a socket).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// File descriptors kept free for everything but sessions (Redis, the store, API requests).
 const RESERVED_FDS: usize = 256;
 
@@ -168,7 +166,8 @@ impl Server {
         if autobahn {
             app = app.route("/echo", get(echo));
         }
-        let task = tokio::spawn(accept(listener, app, shutdown.clone()));
+        let header_timeout = Duration::from_secs(node.config.handshake_timeout);
+        let task = tokio::spawn(accept(listener, app, header_timeout, shutdown.clone()));
         Ok(Self { addr, node, trigger, sessions, task })
     }
 
@@ -201,7 +200,7 @@ impl Server {
 /// stands in for `axum::serve` so that an upgraded connection hands back the bare `TcpStream`
 /// (which [`ws`] needs to wait for input without a buffer), and so that slow request headers time
 /// out.
-async fn accept(listener: TcpListener, app: Router, mut stop: Shutdown) {
+async fn accept(listener: TcpListener, app: Router, header_timeout: Duration, mut stop: Shutdown) {
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -226,7 +225,7 @@ async fn accept(listener: TcpListener, app: Router, mut stop: Shutdown) {
         tokio::spawn(async move {
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(conn);

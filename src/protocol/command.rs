@@ -115,6 +115,41 @@ fn valid_id(id: &RawValue) -> bool {
 
 /// Parses one text frame. Never fails as a whole: a frame that is not even a JSON object yields
 /// `id: None` and a `bad_request`.
+/// Deepest nesting of arrays and objects a message body may have. Recipients parse the body
+/// inside the message frame, and common JSON parsers stop at 128 levels (serde_json's default),
+/// so a deeper body would be stored and then break every client it reaches.
+pub const MAX_BODY_DEPTH: usize = 64;
+
+/// Refuses a body nested deeper than [`MAX_BODY_DEPTH`]; one pass over its bytes.
+pub fn checked_body<B: AsRef<RawValue>>(body: B) -> Result<B, ProtocolError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in body.as_ref().get().as_bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_BODY_DEPTH {
+                    return Err(ProtocolError::bad_request(format!(
+                        "body is nested more than {MAX_BODY_DEPTH} levels deep"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(body)
+}
+
 pub fn parse_command(text: &str) -> CommandFrame {
     let mut raw: RawFrame<'_> = match serde_json::from_str(text) {
         Ok(raw) => raw,
@@ -136,14 +171,14 @@ fn build(kind: Option<&str>, raw: RawFrame<'_>) -> Result<Command, ProtocolError
     Ok(match kind {
         "send" => Command::Send {
             to: UserId::parse(&required(raw.to, "to", kind)?)?,
-            body: required(raw.body, "body", kind)?,
+            body: checked_body(required(raw.body, "body", kind)?)?,
             key: checked_key(raw.key)?,
         },
         "join" => Command::Join { room: RoomName::parse(&required(raw.room, "room", kind)?)?, since: raw.since },
         "leave" => Command::Leave { room: RoomName::parse(&required(raw.room, "room", kind)?)? },
         "publish" => Command::Publish {
             room: RoomName::parse(&required(raw.room, "room", kind)?)?,
-            body: required(raw.body, "body", kind)?,
+            body: checked_body(required(raw.body, "body", kind)?)?,
             key: checked_key(raw.key)?,
         },
         "sync" => Command::Sync { since: raw.since },
@@ -231,6 +266,9 @@ mod tests {
         assert!(err(r#"{"type":"ack","seq":-1}"#).1.contains("malformed"));
         assert!(err(r#"{"id":1}"#).1.contains("needs `type`"));
         assert!(err(r#"{"type":"presence"}"#).1.contains("`users` or `room`"));
+        let deep = |n: usize| format!(r#"{{"type":"send","to":"b","body":{}"\"[{{"{}}}"#, "[".repeat(n), "]".repeat(n));
+        assert!(matches!(ok(&deep(MAX_BODY_DEPTH)), Command::Send { .. }), "brackets in strings do not count");
+        assert!(err(&deep(MAX_BODY_DEPTH + 1)).1.contains("nested"));
     }
 
     #[test]

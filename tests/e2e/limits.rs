@@ -499,3 +499,37 @@ async fn a_session_joins_at_most_max_rooms_per_session() {
     assert_eq!(room["count"], 1, "{room}");
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_handshake_sent_too_slowly_is_dropped_and_others_connect() {
+    use tokio::io::AsyncReadExt;
+    let node = TestNode::start(&["--handshake-timeout", "1"]).await;
+    let mut slow = tokio::net::TcpStream::connect(node.server(0).addr).await.unwrap();
+    slow.write_all(b"GET /ws?user=slow HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    // The server gives up on the headers and closes (after an HTTP 408, if it sends one).
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "a slow handshake still holds its socket after 5 s");
+    let after = started.elapsed();
+    assert!(after >= Duration::from_millis(900) && after < Duration::from_secs(3), "dropped after {after:?}");
+    let mut bob = node.connect("bob").await;
+    bob.ok(json!({"type": "ping"})).await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn deeply_nested_json_and_huge_presence_lists_are_bad_requests_and_the_session_goes_on() {
+    let node = TestNode::start(&[]).await;
+    let mut alice = node.connect("alice").await;
+    let nested = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
+    alice.send_text(&format!(r#"{{"type":"send","id":1,"to":"bob","body":{nested}}}"#)).await;
+    let answer = alice.next_frame().await;
+    assert_eq!((answer["type"].as_str(), answer["code"].as_str()), (Some("error"), Some("bad_request")), "{answer}");
+    let users: Vec<String> = (0..5000).map(|i| format!("u{i}")).collect();
+    let refused = alice.request(json!({"type": "presence", "users": users})).await;
+    assert_eq!(refused["code"], "bad_request", "{refused}");
+    let sent = alice.ok(json!({"type": "send", "to": "bob", "body": "still here"})).await;
+    assert_eq!(sent["seq"], 1, "{sent}");
+    node.shutdown().await;
+}
