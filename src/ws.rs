@@ -12,13 +12,7 @@ use std::io::{self, IoSlice};
 
 use tokio::net::TcpStream;
 
-/// Close codes of RFC 6455 §7.4.1 that this module sends.
-pub mod code {
-    pub const NORMAL: u16 = 1000;
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    pub const INVALID_DATA: u16 = 1007;
-    pub const TOO_BIG: u16 = 1009;
-}
+use crate::protocol::close;
 
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
@@ -67,7 +61,7 @@ impl Error {
 }
 
 fn protocol(reason: &'static str) -> Error {
-    Error::Protocol(code::PROTOCOL_ERROR, reason)
+    Error::Protocol(close::PROTOCOL_ERROR, reason)
 }
 
 /// A fragmented data message being put together.
@@ -81,16 +75,26 @@ struct Assembly {
 
 impl Assembly {
     fn check_utf8(&mut self, fin: bool) -> Result<(), Error> {
-        if !self.text {
-            return Ok(());
-        }
-        match std::str::from_utf8(&self.data[self.checked..]) {
-            Ok(_) => self.checked = self.data.len(),
-            Err(e) if e.error_len().is_none() && !fin => self.checked += e.valid_up_to(),
-            Err(_) => return Err(Error::Protocol(code::INVALID_DATA, "text is not valid UTF-8")),
+        if self.text {
+            check_utf8(&self.data, &mut self.checked, fin)?;
         }
         Ok(())
     }
+}
+
+/// Checks `text[*checked..]`, moving `checked` past what is valid UTF-8. Unless the text is
+/// `complete`, it may end inside a character (the rest is yet to come).
+fn check_utf8(text: &[u8], checked: &mut usize, complete: bool) -> Result<(), Error> {
+    match std::str::from_utf8(&text[*checked..]) {
+        Ok(_) => *checked = text.len(),
+        Err(e) if e.error_len().is_none() && !complete => *checked += e.valid_up_to(),
+        Err(_) => return Err(invalid_text()),
+    }
+    Ok(())
+}
+
+fn invalid_text() -> Error {
+    Error::Protocol(close::INVALID_UTF8, "text is not valid UTF-8")
 }
 
 /// One server-side WebSocket connection.
@@ -316,12 +320,13 @@ impl WebSocket {
                 OP_TEXT if fin => {
                     return match std::str::from_utf8(payload) {
                         Ok(text) => Ok(Some(Incoming::Text(text.to_owned()))),
-                        Err(_) => Err(Error::Protocol(code::INVALID_DATA, "text is not valid UTF-8")),
+                        Err(_) => Err(invalid_text()),
                     };
                 }
                 OP_BINARY if fin => return Ok(Some(Incoming::Binary(payload.to_vec()))),
                 OP_TEXT | OP_BINARY => {
-                    let mut message = Box::new(Assembly { text: opcode == OP_TEXT, data: payload.to_vec(), checked: 0 });
+                    let mut message =
+                        Box::new(Assembly { text: opcode == OP_TEXT, data: payload.to_vec(), checked: 0 });
                     message.check_utf8(false)?;
                     self.message = Some(message);
                 }
@@ -383,7 +388,7 @@ impl WebSocket {
         }
         let so_far = self.message.as_ref().map_or(0, |m| m.data.len()) as u64;
         if !control && so_far + len > self.max_payload as u64 {
-            return Err(Error::Protocol(code::TOO_BIG, "message too large"));
+            return Err(Error::Protocol(close::TOO_LARGE, "message too large"));
         }
         let len = len as usize;
         let total = offset + 4 + len;
@@ -403,11 +408,7 @@ impl WebSocket {
                 Some(m) => m.text && opcode == OP_CONTINUATION && m.checked == m.data.len(),
             };
             if whole_chars {
-                match std::str::from_utf8(&payload[self.checked..]) {
-                    Ok(_) => self.checked = payload.len(),
-                    Err(e) if e.error_len().is_none() => self.checked += e.valid_up_to(),
-                    Err(_) => return Err(Error::Protocol(code::INVALID_DATA, "text is not valid UTF-8")),
-                }
+                check_utf8(payload, &mut self.checked, false)?;
             }
             self.wanted = total;
             return Ok(None);
@@ -455,7 +456,7 @@ fn close_code(payload: &[u8]) -> Result<Option<u16>, Error> {
                 return Err(protocol("invalid close code"));
             }
             if std::str::from_utf8(reason).is_err() {
-                return Err(Error::Protocol(code::INVALID_DATA, "close reason is not valid UTF-8"));
+                return Err(Error::Protocol(close::INVALID_UTF8, "close reason is not valid UTF-8"));
             }
             Ok(Some(code))
         }
@@ -536,10 +537,10 @@ mod tests {
     #[tokio::test]
     async fn bad_input_gets_the_close_code_rfc_6455_asks_for() {
         let cases: [(Vec<u8>, u16); 4] = [
-            (client_frame(OP_TEXT, &[b'a', 0xFF]), code::INVALID_DATA),
-            (client_frame(OP_TEXT, &[b'x'; 200]), code::TOO_BIG),
-            (client_frame(OP_CONTINUATION, b"orphan"), code::PROTOCOL_ERROR),
-            (vec![0x81, 0x01, b'a'], code::PROTOCOL_ERROR), // unmasked
+            (client_frame(OP_TEXT, &[b'a', 0xFF]), close::INVALID_UTF8),
+            (client_frame(OP_TEXT, &[b'x'; 200]), close::TOO_LARGE),
+            (client_frame(OP_CONTINUATION, b"orphan"), close::PROTOCOL_ERROR),
+            (vec![0x81, 0x01, b'a'], close::PROTOCOL_ERROR), // unmasked
         ];
         for (bytes, expected) in cases {
             let (mut ws, mut client) = pair(100).await;
@@ -587,7 +588,7 @@ mod tests {
             assert!(close_code(&bad.to_be_bytes()).is_err(), "{bad} accepted");
         }
         assert!(close_code(&[0x03]).is_err());
-        assert!(matches!(close_code(&[0x03, 0xE8, 0xFF]), Err(Error::Protocol(code::INVALID_DATA, _))));
+        assert!(matches!(close_code(&[0x03, 0xE8, 0xFF]), Err(Error::Protocol(close::INVALID_UTF8, _))));
     }
 
     #[test]

@@ -158,7 +158,7 @@ struct Push {
 fn push_request(bytes: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Push, ApiError> {
     let req: MessageBody = parse_body(&body_of(bytes)?)?;
     let body = req.body.ok_or_else(|| bad("the request needs `body`"))?;
-    let body = crate::protocol::checked_body(body).map_err(|e| bad(e.message))?;
+    let body = crate::protocol::checked_body(body)?;
     Ok(Push { from: sender(req.from)?, body: Arc::from(body.get()), key: key(req.key)? })
 }
 

@@ -10,7 +10,7 @@ mod event;
 use std::fmt;
 use std::sync::Arc;
 
-pub use command::{Command, CommandFrame, HistoryQuery, MAX_BODY_DEPTH, PresenceQuery, checked_body, parse_command};
+pub use command::{Command, CommandFrame, HistoryQuery, PresenceQuery, checked_body, parse_command};
 pub use event::{
     MessageDraft, encode_disconnect, encode_error, encode_message, encode_message_parts, encode_presence, encode_reply,
     encode_welcome,
@@ -186,6 +186,7 @@ impl ProtocolError {
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
     pub const INVALID_UTF8: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_LARGE: u16 = 1009;

@@ -9,7 +9,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_websockets::{ClientBuilder, Message};
 
 use crate::support::{
-    Mode, TestNode, both_modes, client_frame, metric, raw_close_code, raw_next_json, raw_upgrade, rss_kib, run_alone,
+    Mode, TestNode, both_modes, client_frame, metric, raw_close_code, raw_next_json, raw_upgrade, raw_upgrade_status,
+    rss_kib, run_alone,
 };
 
 const TEXT: u8 = 0x1;
@@ -429,18 +430,9 @@ both_modes! {
     }
 }
 
-/// The status line's code of an upgrade request sent with these extra headers.
+/// The status of an upgrade request sent with these extra headers.
 async fn upgrade_status(node: &TestNode, extra_headers: &str) -> u16 {
-    use tokio::io::AsyncReadExt;
-    let mut stream = tokio::net::TcpStream::connect(node.server(0).addr).await.unwrap();
-    let request = format!(
-        "GET /ws?user=origin HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra_headers}\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = [0u8; 12];
-    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut head)).await.unwrap().unwrap();
-    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+    raw_upgrade_status(node.server(0).addr, "user=origin", extra_headers).await.0
 }
 
 #[tokio::test]

@@ -516,10 +516,17 @@ impl Client {
 /// Connects over raw TCP, performs the upgrade and hands back the stream, for tests that
 /// write frames no client library would.
 pub async fn raw_upgrade(target: &impl Target, query: &str) -> TcpStream {
-    let addr = target.member().addr;
+    let (status, stream) = raw_upgrade_status(target.member().addr, query, "").await;
+    assert_eq!(status, 101, "upgrade accepted");
+    stream
+}
+
+/// Sends an upgrade request with `extra_headers` (each ending in CRLF) over raw TCP and reads the
+/// response head: its status and the stream after it.
+pub async fn raw_upgrade_status(addr: std::net::SocketAddr, query: &str, extra_headers: &str) -> (u16, TcpStream) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let request = format!(
-        "GET /ws?{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        "GET /ws?{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra_headers}\r\n"
     );
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut head = Vec::new();
@@ -528,8 +535,8 @@ pub async fn raw_upgrade(target: &impl Target, query: &str) -> TcpStream {
         stream.read_exact(&mut byte).await.expect("read head");
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "upgrade accepted: {}", String::from_utf8_lossy(&head));
-    stream
+    let status = std::str::from_utf8(&head[9..12]).ok().and_then(|code| code.parse().ok());
+    (status.unwrap_or_else(|| panic!("a status line: {}", String::from_utf8_lossy(&head))), stream)
 }
 
 /// Encodes one masked client frame.
