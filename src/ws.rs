@@ -272,8 +272,7 @@ impl WebSocket {
             self.parsed = 0;
         }
         loop {
-            // With nothing buffered, wait before allocating: a wake-up without input (the
-            // session's other branches) then costs no allocation.
+            // Read first, wait after: the buffer reserved here is freed again if nothing came.
             let room = self.wanted.saturating_sub(self.input.len()).max(READ_CHUNK);
             self.input.reserve(room);
             match self.io.try_read_buf(&mut self.input) {
