@@ -17,6 +17,9 @@ const TEXT: u8 = 0x1;
 const BINARY: u8 = 0x2;
 const CONTINUATION: u8 = 0x0;
 
+/// Messages a paced flood may be ahead of its reader: well inside `--outbound-queue 16`.
+const READER_LEAD: usize = 8;
+
 const DROPS: &str = "switchyard_outbound_queue_drops_total";
 
 /// A `ping` command with id 1, padded with spaces to exactly `len` bytes.
@@ -250,7 +253,15 @@ both_modes! {
 }
 
 /// Posts `count` broadcasts of `body` over one keep-alive HTTP connection.
-async fn broadcast_many(node: &TestNode, count: usize, body: &str, mut each: impl FnMut(usize)) {
+/// Broadcasts `count` messages through the API, one request at a time. With `read`, a message is
+/// sent only while fewer than [`READER_LEAD`] are unread by that reader.
+async fn broadcast_many(
+    node: &TestNode,
+    count: usize,
+    body: &str,
+    read: Option<&std::cell::Cell<usize>>,
+    mut each: impl FnMut(usize),
+) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
     let stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
     let mut stream = BufReader::new(stream);
@@ -262,6 +273,9 @@ async fn broadcast_many(node: &TestNode, count: usize, body: &str, mut each: imp
         payload.len()
     );
     for i in 0..count {
+        while read.is_some_and(|read| i >= read.get() + READER_LEAD) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         stream.get_mut().write_all(request.as_bytes()).await.unwrap();
         let mut length = 0;
         let mut status = String::new();
@@ -298,20 +312,24 @@ async fn memory_stays_bounded_while_a_client_that_does_not_read_is_flooded() {
     const COUNT: usize = 3000;
 
     // Warm up allocator and buffers so the baseline is not the cold start.
-    broadcast_many(&node, 20, &pad, |_| {}).await;
+    broadcast_many(&node, 20, &pad, None, |_| {}).await;
     for _ in 0..20 {
         reader.next_message().await;
     }
     let baseline = rss_kib();
     let mut peak = baseline;
     let started = Instant::now();
+    // The reader has the same small queue as bob: the flood waits for it, so that only bob,
+    // who reads nothing, fills his queue.
+    let read_count = std::cell::Cell::new(0);
     let read = async {
         for _ in 0..COUNT {
             reader.next_message().await;
+            read_count.set(read_count.get() + 1);
         }
     };
     // ~140 MiB in total: an unbounded queue would hold most of it for bob.
-    let flood = broadcast_many(&node, COUNT, &pad, |i| {
+    let flood = broadcast_many(&node, COUNT, &pad, Some(&read_count), |i| {
         if i.is_multiple_of(50) {
             peak = peak.max(rss_kib());
         }
