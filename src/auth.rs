@@ -115,6 +115,14 @@ impl Authenticator {
     }
 }
 
+/// The credentials of an `Authorization: Bearer <credentials>` header. The scheme name is
+/// matched without regard to case (RFC 9110 §11.1); the credentials are taken as they are.
+pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credentials) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case("bearer ").then_some(credentials)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +134,21 @@ mod tests {
 
     fn now() -> u64 {
         crate::protocol::now_ms() / 1000
+    }
+
+    #[test]
+    fn bearer_credentials_need_the_scheme_in_any_case_and_keep_their_own() {
+        let with = |value: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+            bearer(&headers).map(str::to_owned)
+        };
+        assert_eq!(with("Bearer k1").as_deref(), Some("k1"));
+        assert_eq!(with("bEARER K1").as_deref(), Some("K1"));
+        assert_eq!(with("Basic k1"), None);
+        assert_eq!(with("Bearer"), None);
+        assert_eq!(with("Bearerk1"), None);
+        assert_eq!(bearer(&http::HeaderMap::new()), None);
     }
 
     #[test]

@@ -343,12 +343,7 @@ async fn upgrade(
         }
     };
     let query: WsQuery = request.uri().query().and_then(|q| serde_urlencoded::from_str(q).ok()).unwrap_or_default();
-    let bearer = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
+    let bearer = crate::auth::bearer(request.headers()).map(str::to_owned);
     let token = bearer.or(query.token);
     let identity = match node.auth.authenticate(token.as_deref(), query.user.as_deref(), query.device.as_deref()) {
         Ok(identity) => identity,

@@ -64,7 +64,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/nodes", get(nodes))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
-        .route_layer(middleware::from_fn_with_state(node.clone(), require_key))
+        // `layer`, not `route_layer`: an unknown path under /v1 needs the key too (401, not 404).
+        .layer(middleware::from_fn_with_state(node.clone(), require_key))
         .with_state(node);
     Router::new()
         .nest("/v1", v1)
@@ -83,12 +84,7 @@ async fn require_key(State(node): State<Arc<Node>>, request: Request, next: Next
     if keys.is_empty() && node.auth.dev_mode() {
         return next.run(request).await;
     }
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given = crate::auth::bearer(request.headers()).unwrap_or("");
     // Compare against every key so the time taken does not tell which one nearly matched.
     let matched = keys.iter().fold(0u8, |acc, key| acc | u8::from(bool::from(key.as_bytes().ct_eq(given.as_bytes()))));
     if matched == 1 {

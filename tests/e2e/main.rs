@@ -5,6 +5,7 @@ mod support;
 
 mod api;
 mod auth;
+mod authz;
 mod cli;
 mod cluster;
 mod limits;
