@@ -32,6 +32,9 @@ pub enum Command {
     /// Clients receiving a steady stream through one node; SIGKILL that node; they reconnect
     /// elsewhere and resume (Switchyard).
     Resume(ResumeArgs),
+    /// An hour-long mixed load on a cluster (DMs, rooms, joins/leaves, reconnects) while the
+    /// nodes' RSS and fds are sampled; every message must arrive exactly once (Switchyard).
+    Soak(SoakArgs),
     /// Internal: one worker process, driven over stdin/stdout.
     #[command(hide = true)]
     Worker,
@@ -228,4 +231,55 @@ pub struct ResumeArgs {
     pub drain: f64,
     #[arg(long, default_value_t = 0)]
     pub pad: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SoakArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Users; each has --devices connections.
+    #[arg(long, default_value_t = 200)]
+    pub users: usize,
+    #[arg(long, default_value_t = 2)]
+    pub devices: usize,
+    /// Home rooms: user u stays in room u % rooms for the whole run.
+    #[arg(long, default_value_t = 20)]
+    pub rooms: usize,
+    /// Lounges, joined and left at random (0: none).
+    #[arg(long, default_value_t = 10)]
+    pub lounges: usize,
+    /// Direct messages plus publishes per second, over all devices.
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// The share of --rate that are direct messages (the rest are publishes).
+    #[arg(long, default_value_t = 0.5)]
+    pub direct_share: f64,
+    /// Mean seconds between a device's reconnects (half clean closes, half dropped sockets);
+    /// 0: never.
+    #[arg(long, default_value_t = 120.0)]
+    pub reconnect_every: f64,
+    /// Mean seconds between a device's lounge joins or leaves; 0: never.
+    #[arg(long, default_value_t = 30.0)]
+    pub lounge_every: f64,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 3600.0)]
+    pub duration: f64,
+    /// After the load, wait at most this many seconds for every message to arrive.
+    #[arg(long, default_value_t = 30.0)]
+    pub drain: f64,
+    /// Seconds between samples of the servers.
+    #[arg(long, default_value_t = 10.0)]
+    pub sample_every: f64,
+    /// Memory is compared from the first sample after this many seconds (caches filling up).
+    #[arg(long, default_value_t = 300.0)]
+    pub settle: f64,
+    /// Write every sample to this CSV file as it is taken.
+    #[arg(long)]
+    pub samples: Option<std::path::PathBuf>,
+    /// Print a line per sample on stderr.
+    #[arg(long)]
+    pub progress: bool,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }

@@ -136,6 +136,11 @@ impl FlowTally {
         Arrival::New
     }
 
+    /// Whether `n` arrived.
+    pub fn has(&self, n: u64) -> bool {
+        self.got.contains(n)
+    }
+
     /// How many distinct numbers arrived.
     pub fn unique(&self) -> u64 {
         self.got.len()

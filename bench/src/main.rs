@@ -2,7 +2,7 @@
 //!
 //! Layout: `cli` (options), `scenarios` (options → worker specs), `run` (the coordinator),
 //! `worker` (client connections and publishers, in this process or in child processes),
-//! `resume` (the node-kill scenario), `report` (figures). Pure pieces with unit tests:
+//! `resume` (the node-kill scenario), `soak` (the long mixed run), `report` (figures). Pure pieces with unit tests:
 //! `ledger` (loss/duplicate accounting), `latency` (percentiles), `socketio` and `wire`
 //! (protocols), `http` (pipelined HTTP/1.1), `procfs` (RSS and CPU of processes).
 
@@ -19,6 +19,7 @@ mod resume;
 mod run;
 mod scenarios;
 mod schedule;
+mod soak;
 mod socketio;
 mod wire;
 mod worker;
@@ -55,6 +56,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             } else {
                 print!("{}", resume::human(&report));
             }
+            return Ok(());
+        }
+        Command::Soak(a) => {
+            let report = soak::run(a).await?;
+            if a.common.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", soak::human(&report));
+            }
+            let failures = soak::failures(&report);
+            anyhow::ensure!(failures.is_empty(), "soak failed: {}", failures.join("; "));
             return Ok(());
         }
         Command::Worker => unreachable!("handled in main"),

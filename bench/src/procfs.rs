@@ -45,6 +45,11 @@ pub fn sample(pid: u32) -> Sample {
     }
 }
 
+/// How many file descriptors the process has open (entries of `/proc/PID/fd`).
+pub fn open_fds(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
 /// CPU ticks this process has used so far.
 pub fn self_ticks() -> u64 {
     std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| parse_stat_ticks(&s)).unwrap_or(0)
