@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/soak.sh [SECONDS] — the soak scenario against a 3-node cluster on a private Redis.
 #
-# Starts redis-server on $REDIS_PORT (default 6393) and three release nodes (ports 9111-9113)
+# Starts redis-server on $REDIS_PORT (default 6393) and three release nodes (ports BASE_PORT+1 to
+# BASE_PORT+3, default 9111-9113)
 # with their default limits, runs `switchyard-bench soak` for SECONDS (default 3600) with the
 # options in $SOAK_ARGS, and leaves in $OUT (default bench/results):
 #   soak.csv   one sample every 10 s: RSS, fds and CPU of each node and of Redis
@@ -17,6 +18,7 @@ cd "$ROOT"
 SECS=${1:-3600}
 OUT=${OUT:-bench/results}
 PORT=${REDIS_PORT:-6393}
+BASE=${BASE_PORT:-9110}
 PROFILE=${PROFILE:-release}
 BENCH=${CARGO_TARGET_DIR:-target}/$PROFILE/switchyard-bench
 SERVER=${CARGO_TARGET_DIR:-target}/$PROFILE/switchyard
@@ -41,18 +43,18 @@ PREFIX=soak$$
 NODES=""
 for n in 1 2 3; do
   "$SERVER" serve --redis "redis://127.0.0.1:$PORT/0" --redis-prefix "$PREFIX" \
-    --listen "127.0.0.1:911$n" --node-id "soak-$n" --data-dir "$(mktemp -d)" --log-format json \
+    --listen "127.0.0.1:$((BASE + n))" --node-id "soak-$n" --data-dir "$(mktemp -d)" --log-format json \
     >"$LOGS/node$n.log" 2>&1 &
   pids+=("$!")
   NODES="$NODES${NODES:+,}$!"
 done
 for n in 1 2 3; do
-  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:911$n/readyz" && break; sleep 0.2; done
+  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$((BASE + n))/readyz" && break; sleep 0.2; done
 done
 
 status=0
 # shellcheck disable=SC2086
-"$BENCH" soak --target ws://127.0.0.1:9111,ws://127.0.0.1:9112,ws://127.0.0.1:9113 \
+"$BENCH" soak --target "ws://127.0.0.1:$((BASE + 1)),ws://127.0.0.1:$((BASE + 2)),ws://127.0.0.1:$((BASE + 3))" \
   --pid "$NODES" --also-pid "$REDIS" --duration "$SECS" --samples "$OUT/soak.csv" \
   ${SOAK_ARGS:-} | tee "$OUT/soak.txt" || status=$?
 python3 bench/plot_soak.py "$OUT/soak.csv" >"$OUT/soak.svg"
