@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::Extension;
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
@@ -284,8 +284,13 @@ struct WsQuery {
     device: Option<String>,
 }
 
-/// Checks the handshake headers and answers the `Sec-WebSocket-Accept` value.
-fn handshake_accept(headers: &HeaderMap) -> Result<String, ProtocolError> {
+/// Checks the handshake (RFC 6455 §4.2.1) and answers the `Sec-WebSocket-Accept` value.
+fn handshake_accept(request: &Request) -> Result<String, ProtocolError> {
+    // axum routes HEAD to GET handlers, and hyper answers an HTTP/1.0 `101` but never upgrades it.
+    if request.method() != Method::GET || request.version() < Version::HTTP_11 {
+        return Err(ProtocolError::bad_request("a WebSocket upgrade is an HTTP/1.1 GET request"));
+    }
+    let headers = request.headers();
     // A list header may come as several field lines (`Connection: close` and `Connection: Upgrade`).
     let has = |name: header::HeaderName, needle: &str| {
         headers
@@ -300,13 +305,32 @@ fn handshake_accept(headers: &HeaderMap) -> Result<String, ProtocolError> {
     if !has(header::SEC_WEBSOCKET_VERSION, "13") {
         return Err(ProtocolError::bad_request("only WebSocket version 13 is supported"));
     }
-    let key = headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .ok_or_else(|| ProtocolError::bad_request("missing Sec-WebSocket-Key"))?;
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(key), None) => key,
+        (None, _) => return Err(ProtocolError::bad_request("missing Sec-WebSocket-Key")),
+        (Some(_), Some(_)) => return Err(ProtocolError::bad_request("Sec-WebSocket-Key given more than once")),
+    };
+    if !base64::engine::general_purpose::STANDARD.decode(key.as_bytes()).is_ok_and(|nonce| nonce.len() == 16) {
+        return Err(ProtocolError::bad_request("Sec-WebSocket-Key must be 16 bytes in base64"));
+    }
     let mut sha = sha1_smol::Sha1::new();
     sha.update(key.as_bytes());
     sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
     Ok(base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes()))
+}
+
+/// The answer to a refused handshake. One that names a version other than 13 also says which
+/// version this server speaks (RFC 6455 §4.4).
+fn refused_handshake(headers: &HeaderMap, e: &ProtocolError) -> Response {
+    let mut response = error_response(e);
+    let other_version = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes().split(|b| *b == b',').all(|t| t.trim_ascii() != b"13"));
+    if other_version {
+        response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    }
+    response
 }
 
 fn switching_protocols(accept: &str) -> Response {
@@ -335,11 +359,11 @@ async fn upgrade(
         node.metrics.reject(Rejection::Origin);
         return error_response(&ProtocolError::new(ErrorCode::Forbidden, "this origin may not open a WebSocket here"));
     }
-    let accept = match handshake_accept(request.headers()) {
+    let accept = match handshake_accept(&request) {
         Ok(accept) => accept,
         Err(e) => {
             node.metrics.reject(Rejection::BadRequest);
-            return error_response(&e);
+            return refused_handshake(request.headers(), &e);
         }
     };
     let query: WsQuery = request.uri().query().and_then(|q| serde_urlencoded::from_str(q).ok()).unwrap_or_default();
@@ -393,9 +417,9 @@ async fn upgrade(
 
 /// `GET /echo` with `--autobahn-echo`: echoes every message, for the conformance fuzzer.
 async fn echo(mut request: Request) -> Response {
-    let accept = match handshake_accept(request.headers()) {
+    let accept = match handshake_accept(&request) {
         Ok(accept) => accept,
-        Err(e) => return error_response(&e),
+        Err(e) => return refused_handshake(request.headers(), &e),
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {

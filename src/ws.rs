@@ -194,10 +194,42 @@ impl WebSocket {
     }
 
     /// After our close frame: waits for the client's, skipping anything else it still sends.
+    ///
+    /// When the client broke the protocol its input cannot be parsed any more, and closing a
+    /// socket that holds unread input resets the connection, which throws away whatever output
+    /// has not left yet, our close frame included. So our side is shut down first (FIN after
+    /// the close frame) and the client's input discarded until it closes its side, the orderly
+    /// close of RFC 6455 §7.1.1. Callers bound the wait.
     pub async fn closed(&mut self) {
-        while let Ok(incoming) = self.next().await {
-            if matches!(incoming, Incoming::Close(_)) {
-                break;
+        loop {
+            match self.next().await {
+                Ok(Incoming::Close(_)) | Err(Error::Io(_)) => return,
+                Ok(_) => {}
+                Err(Error::Protocol(..)) => break,
+            }
+        }
+        // Boxed: rare, and kept out of the future every idle session's task carries.
+        Box::pin(self.linger()).await;
+    }
+
+    /// Sends FIN after what is written, then discards input until the client's FIN.
+    async fn linger(&mut self) {
+        if self.flush().await.is_err() || tokio::io::AsyncWriteExt::shutdown(&mut self.io).await.is_err() {
+            return;
+        }
+        (self.parsed, self.message) = (0, None);
+        loop {
+            self.input.clear();
+            self.input.reserve(READ_CHUNK);
+            match self.io.try_read_buf(&mut self.input) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.io.readable().await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
             }
         }
     }
@@ -547,6 +579,30 @@ mod tests {
             let err = ws.next().await.expect_err("refused");
             assert_eq!(err.close().map(|(code, _)| code), Some(expected), "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_protocol_error_ends_in_an_orderly_close_though_input_is_left_unread() {
+        let (mut ws, mut client) = pair(1 << 20).await;
+        // An unmasked frame, then more than the server reads before it gives up.
+        let mut bytes = vec![0x81, 0x01, b'a'];
+        bytes.extend(client_frame(OP_TEXT, &[b' '; 60_000]));
+        client.write_all(&bytes).unwrap();
+        let (code, reason) = ws.next().await.expect_err("refused").close().expect("a protocol error");
+        ws.close(code, reason).await.unwrap();
+        let server = tokio::spawn(async move { tokio::time::timeout(Duration::from_secs(5), ws.closed()).await });
+        let client = tokio::task::spawn_blocking(move || {
+            client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut got = Vec::new();
+            let end = client.read_to_end(&mut got).map_err(|e| e.kind());
+            (end, got, client)
+        });
+        let (end, got, client) = client.await.unwrap();
+        // A reset (closing with that input unread) could have taken the close frame with it.
+        assert_eq!(end, Ok(got.len()), "FIN after the close frame, not a reset");
+        assert_eq!(&got[..4], &[0x88, 2 + reason.len() as u8, 0x03, 0xEA]);
+        drop(client);
+        assert!(server.await.unwrap().is_ok(), "closed() returns once the client has closed too");
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub enum Command {
     /// An hour-long mixed load on a cluster (DMs, rooms, joins/leaves, reconnects) while the
     /// nodes' RSS and fds are sampled; every message must arrive exactly once (Switchyard).
     Soak(SoakArgs),
+    /// Fuzz running nodes' WebSocket endpoint with random and mutated frames, commands and
+    /// upgrade requests; check every answer against RFC 6455 and PROTOCOL.md, and the nodes' health.
+    Wsfuzz(WsfuzzArgs),
     /// Internal: one worker process, driven over stdin/stdout.
     #[command(hide = true)]
     Worker,
@@ -282,4 +285,56 @@ pub struct SoakArgs {
     /// Seed of every random choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WsfuzzArgs {
+    /// WebSocket endpoints of the nodes (ws://127.0.0.1:PORT; the path used is /ws); repeat or
+    /// comma-separate. Fuzzing connections are spread over them; the canary pair uses the first
+    /// and the last.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub target: Vec<String>,
+    /// HTTP bases of the nodes for /healthz, in the order of --target (the API canary posts to
+    /// the first); default: taken from --target.
+    #[arg(long, value_delimiter = ',')]
+    pub api: Vec<String>,
+    /// Server API key (Authorization: Bearer) for the API canary.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Server process ids, comma-separated: RSS and open fds are sampled every second, and each
+    /// must stay alive.
+    #[arg(long, value_delimiter = ',')]
+    pub pid: Vec<u32>,
+    /// Seconds of fuzzing.
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Seed of the run (default: from the clock; printed, and named in every anomaly).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Concurrent fuzzing connections (users fz-0, fz-1, ...).
+    #[arg(long, short = 'c', default_value_t = 8)]
+    pub connections: usize,
+    /// Cases per second per connection (0: flat out, which meets the server's rate limit).
+    #[arg(long, default_value_t = 20.0)]
+    pub rate: f64,
+    /// Directory for anomalous cases (the bytes sent, .bin, and a transcript, .txt); default:
+    /// wsfuzz-SEED in the temporary directory.
+    #[arg(long)]
+    pub save: Option<std::path::PathBuf>,
+    /// The nodes' --max-message-size.
+    #[arg(long, default_value_t = 65_536)]
+    pub max_message_size: usize,
+    /// The nodes' --handshake-timeout, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub handshake_timeout: u64,
+    /// Seconds to wait for an answer owed, a close frame or the end of a connection.
+    #[arg(long, default_value_t = 10.0)]
+    pub answer_timeout: f64,
+    /// Run one case again alone (c<connection>.<number>, as an anomaly names it), with the run's
+    /// --seed and --connections, and print what happened.
+    #[arg(long)]
+    pub replay: Option<String>,
+    /// Print one JSON object instead of the human report.
+    #[arg(long)]
+    pub json: bool,
 }

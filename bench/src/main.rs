@@ -23,6 +23,7 @@ mod soak;
 mod socketio;
 mod wire;
 mod worker;
+mod wsfuzz;
 
 use clap::Parser;
 
@@ -69,6 +70,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             anyhow::ensure!(failures.is_empty(), "soak failed: {}", failures.join("; "));
             return Ok(());
         }
+        Command::Wsfuzz(a) => return wsfuzz::run(a).await,
         Command::Worker => unreachable!("handled in main"),
     };
     let pids: Vec<u32> = common.pid.iter().chain(&common.also_pid).copied().collect();

@@ -151,6 +151,14 @@ pub fn checked_body<B: AsRef<RawValue>>(body: B) -> Result<B, ProtocolError> {
 }
 
 pub fn parse_command(text: &str) -> CommandFrame {
+    // serde also reads a struct from a JSON array, field by field in declaration order: without
+    // this check `["ping",7,null,…]` would run as a command and `["ping"]` answer with id "ping".
+    if !text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{') {
+        return CommandFrame {
+            id: None,
+            command: Err(ProtocolError::bad_request("malformed command: a command is a JSON object")),
+        };
+    }
     let mut raw: RawFrame<'_> = match serde_json::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
@@ -258,7 +266,12 @@ mod tests {
     #[test]
     fn refuses_bad_input() {
         assert!(err("not json").1.contains("malformed"));
-        assert!(err("[1,2]").1.contains("malformed"));
+        assert!(err("[1,2]").1.contains("JSON object"));
+        // Arrays are not read field by field as commands, nor their first element as the id.
+        let positional = r#"["ping",7,null,null,null,null,null,null,null,null,null,null]"#;
+        assert_eq!(err(positional), (None, "malformed command: a command is a JSON object".to_owned()));
+        assert_eq!(err(r#"["ping"]"#).0, None);
+        assert!(matches!(ok(" \r\n\t{\"type\":\"ping\"}"), Command::Ping), "JSON whitespace first");
         assert!(err(r#"{"type":"ping","id":{"x":1}}"#).1.contains("id must be"));
         assert!(err(r#"{"type":"join","room":"bad room"}"#).1.contains("invalid room name"));
         assert!(err(r#"{"type":"history","stream":"room:r","since":1,"before":3}"#).1.contains("not both"));

@@ -543,3 +543,49 @@ async fn deeply_nested_json_and_huge_presence_lists_are_bad_requests_and_the_ses
     assert_eq!(sent["seq"], 1, "{sent}");
     node.shutdown().await;
 }
+
+/// The response head to `request`, sent as it is over raw TCP.
+async fn response_head(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            other => panic!("no complete response head to {request:?}: {other:?} after {head:?}"),
+        }
+    }
+    String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn improper_upgrade_requests_get_an_http_error_not_101() {
+    let node = TestNode::start(&[]).await;
+    let addr = node.server(0).addr;
+    let request = |method: &str, version: &str, extra: &str| {
+        format!("{method} /ws?user=k {version}\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\r\n")
+    };
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let v13 = "Sec-WebSocket-Version: 13\r\n";
+    // RFC 6455 §4.2.1: an HTTP/1.1 GET, whose key is 16 bytes in base64, given once.
+    let refused = [
+        ("a HEAD request", request("HEAD", "HTTP/1.1", &format!("{v13}{key}"))),
+        ("an HTTP/1.0 request", request("GET", "HTTP/1.0", &format!("{v13}{key}"))),
+        ("a key of 15 bytes", request("GET", "HTTP/1.1", &format!("{v13}Sec-WebSocket-Key: BwcHBwcHBwcHBwcHBwcH\r\n"))),
+        ("a key that is not base64", request("GET", "HTTP/1.1", &format!("{v13}Sec-WebSocket-Key: not*a*key\r\n"))),
+        ("an empty key", request("GET", "HTTP/1.1", &format!("{v13}Sec-WebSocket-Key: \r\n"))),
+        ("two keys", request("GET", "HTTP/1.1", &format!("{v13}{key}Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n"))),
+    ];
+    for (what, request) in refused {
+        let head = response_head(addr, &request).await;
+        assert_eq!(&head[9..12], "400", "{what}: {head}");
+    }
+    // A version it does not speak: refused, naming the one it does (RFC 6455 §4.4).
+    let head = response_head(addr, &request("GET", "HTTP/1.1", &format!("Sec-WebSocket-Version: 8\r\n{key}"))).await;
+    assert!(&head[9..12] == "400" && head.contains("\r\nsec-websocket-version: 13\r\n"), "{head}");
+    let head = response_head(addr, &request("GET", "HTTP/1.1", &format!("{v13}{key}"))).await;
+    assert!(head.starts_with("http/1.1 101") && head.contains("s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+    node.shutdown().await;
+}
