@@ -59,6 +59,10 @@ fn internal(e: impl std::fmt::Display) -> StoreError {
     StoreError::Internal(e.to_string())
 }
 
+/// redb's page cache. Its default is 1 GiB, which a long-running node would fill with pages of
+/// old messages; the B-tree's inner pages of a store of several GiB fit in far less.
+const CACHE_BYTES: usize = 64 << 20;
+
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir` and starts its writer thread. Committed messages are
     /// delivered through `broker`.
@@ -66,7 +70,9 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("--data-dir {}: cannot create it: {e}", dir.display()))?;
         let path = dir.join("switchyard.redb");
-        let db = Database::create(&path)
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
             .map_err(|e| anyhow::anyhow!("--data-dir {}: cannot open {}: {e}", dir.display(), path.display()))?;
         {
             let txn = db.begin_write()?;
