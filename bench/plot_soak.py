@@ -65,10 +65,18 @@ def panel(y0, title, unit, lines):
 def main():
     rows, names = read(sys.argv[1])
     label = {n: ("redis" if n.startswith("other") else n) for n in names}
-    rss = [(label[n], series(rows, f"{n}_rss_kib", 1 / 1024)) for n in names]
-    fds = [(label[n], series(rows, f"{n}_fds")) for n in names if not n.startswith("other")]
-    body = panel(0, "Resident memory", "MiB", rss) + panel(H, "Open file descriptors (nodes)", "fds", fds)
-    print(f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{2 * H}" font-family="sans-serif" font-size="11">')
+    nodes = [n for n in names if not n.startswith("other")]
+    others = [n for n in names if n.startswith("other")]
+    node_rss = [(label[n], series(rows, f"{n}_rss_kib", 1 / 1024)) for n in nodes]
+    other_rss = [(label[n], series(rows, f"{n}_rss_kib", 1 / 1024)) for n in others]
+    fds = [(label[n], series(rows, f"{n}_fds")) for n in nodes]
+    charts = [("Resident memory of the nodes", "MiB", node_rss), ("Open file descriptors of the nodes", "fds", fds)]
+    if other_rss:
+        charts.append(("Resident memory of Redis", "MiB", other_rss))
+    body = []
+    for i, (title, unit, lines) in enumerate(charts):
+        body += panel(i * H, title, unit, lines)
+    print(f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{len(charts) * H}" font-family="sans-serif" font-size="11">')
     print('<rect width="100%" height="100%" fill="white"/>')
     print("\n".join(body))
     print("</svg>")
