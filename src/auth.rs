@@ -110,7 +110,8 @@ impl Authenticator {
             user,
             device: claims.device.map(|d| d.chars().take(64).collect()).or(device),
             rooms: claims.rooms,
-            expires_at: Some(claims.exp + LEEWAY_SECS),
+            // Saturating: `exp` is any u64 the key signed, and u64::MAX overflowed here.
+            expires_at: Some(claims.exp.saturating_add(LEEWAY_SECS)),
         })
     }
 }
@@ -173,6 +174,17 @@ mod tests {
         let bad_sub = token("s3cret", serde_json::json!({"sub":"a b","exp":now()+60}));
         assert!(auth.authenticate(Some(&bad_sub), None, None).is_err());
         assert_eq!(auth.authenticate(None, Some("alice"), None).unwrap_err().code, ErrorCode::Unauthorized);
+    }
+
+    /// Found by fuzzing (a hand-written seed of the `jwt` target): `exp` near u64::MAX overflowed
+    /// `exp + leeway` (a panic with overflow checks, an expiry in 1970 without).
+    #[test]
+    fn the_largest_exp_does_not_overflow() {
+        let auth = Authenticator::hs256("s3cret");
+        for exp in [u64::MAX, u64::MAX - LEEWAY_SECS + 1] {
+            let far = token("s3cret", serde_json::json!({"sub":"alice","exp":exp}));
+            assert_eq!(auth.authenticate(Some(&far), None, None).unwrap().expires_at, Some(u64::MAX));
+        }
     }
 
     #[test]

@@ -105,7 +105,10 @@ struct MessageBody {
 }
 
 /// Parses a JSON body, mapping every failure onto the API's error format.
-fn parse_body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if !crate::protocol::is_object(bytes) {
+        return Err(bad("malformed JSON body: expected a JSON object"));
+    }
     serde_json::from_slice(bytes).map_err(|e| bad(format!("malformed JSON body: {e}")))
 }
 
@@ -145,17 +148,34 @@ fn body_of(bytes: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Re
 }
 
 /// A validated `{body, from?, key?}` request.
-struct Push {
-    from: Arc<str>,
-    body: Arc<str>,
-    key: Option<String>,
+pub struct Push {
+    pub from: Arc<str>,
+    pub body: Arc<str>,
+    pub key: Option<String>,
 }
 
 fn push_request(bytes: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Push, ApiError> {
-    let req: MessageBody = parse_body(&body_of(bytes)?)?;
+    parse_push(&body_of(bytes)?)
+}
+
+/// Parses and validates the body of a message or broadcast request. Public so that the fuzz
+/// target (`fuzz/fuzz_targets/api_body.rs`) runs exactly this path.
+pub fn parse_push(bytes: &[u8]) -> Result<Push, ApiError> {
+    let req: MessageBody = parse_body(bytes)?;
     let body = req.body.ok_or_else(|| bad("the request needs `body`"))?;
     let body = crate::protocol::checked_body(body)?;
     Ok(Push { from: sender(req.from)?, body: Arc::from(body.get()), key: key(req.key)? })
+}
+
+/// Parses and validates the body of a disconnect request: the reason to close with. An empty
+/// body gives the default reason. Public for the fuzz target, like [`parse_push`].
+pub fn parse_disconnect(bytes: &[u8]) -> Result<String, ApiError> {
+    let req: DisconnectBody = if bytes.is_empty() { DisconnectBody::default() } else { parse_body(bytes)? };
+    let reason = req.reason.unwrap_or_else(|| "disconnected by the server".to_owned());
+    if reason.len() > 100 {
+        return Err(bad("reason must be at most 100 bytes"));
+    }
+    Ok(reason)
 }
 
 fn accepted(appended: crate::store::Appended) -> Response {
@@ -247,12 +267,7 @@ async fn disconnect(
     bytes: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult {
     let user = user_path(path)?;
-    let bytes = body_of(bytes)?;
-    let req: DisconnectBody = if bytes.is_empty() { DisconnectBody::default() } else { parse_body(&bytes)? };
-    let reason = req.reason.unwrap_or_else(|| "disconnected by the server".to_owned());
-    if reason.len() > 100 {
-        return Err(bad("reason must be at most 100 bytes"));
-    }
+    let reason = parse_disconnect(&body_of(bytes)?)?;
     let sessions = node.disconnect_user(&user, &reason).await?;
     Ok(Json(serde_json::json!({"sessions": sessions})).into_response())
 }
@@ -260,4 +275,39 @@ async fn disconnect(
 async fn nodes(State(node): State<Arc<Node>>) -> ApiResult {
     let nodes = node.presence.nodes().await.map_err(ProtocolError::from)?;
     Ok(Json(serde_json::json!({"nodes": nodes})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal<T>(result: Result<T, ApiError>) -> String {
+        match result {
+            Ok(_) => panic!("accepted"),
+            Err(ApiError(e)) => {
+                assert_eq!(e.code, ErrorCode::BadRequest);
+                e.message
+            }
+        }
+    }
+
+    #[test]
+    fn push_bodies_are_checked() {
+        let push = parse_push(br#"{"body":{"a":[1]},"from":"billing","key":"k1"}"#).map_err(|e| e.0).unwrap();
+        assert_eq!((&*push.from, &*push.body, push.key.as_deref()), ("billing", r#"{"a":[1]}"#, Some("k1")));
+        assert_eq!(&*parse_push(br#"{"body":1}"#).map_err(|e| e.0).unwrap().from, "system");
+        assert!(refusal(parse_push(b"{}")).contains("needs `body`"));
+        assert!(refusal(parse_push(br#"{"body":1,"from":"a b"}"#)).contains("from must be"));
+        assert!(refusal(parse_push(br#"{"body":1,"key":""}"#)).contains("key must be"));
+        // Found by fuzzing: serde reads a struct from an array, its elements taken as the fields.
+        assert!(refusal(parse_push(br#"[{"a":1},"billing"]"#)).contains("expected a JSON object"));
+    }
+
+    #[test]
+    fn disconnect_bodies_are_checked() {
+        assert_eq!(parse_disconnect(b"").map_err(|e| e.0).unwrap(), "disconnected by the server");
+        assert_eq!(parse_disconnect(br#" {"reason":"bye"}"#).map_err(|e| e.0).unwrap(), "bye");
+        assert!(refusal(parse_disconnect(format!(r#"{{"reason":"{}"}}"#, "x".repeat(101)).as_bytes())).contains("100"));
+        assert!(refusal(parse_disconnect(br#"["bye"]"#)).contains("expected a JSON object"));
+    }
 }

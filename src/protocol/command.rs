@@ -113,8 +113,13 @@ fn valid_id(id: &RawValue) -> bool {
     first == b'"' || first == b'-' || first.is_ascii_digit()
 }
 
-/// Parses one text frame. Never fails as a whole: a frame that is not even a JSON object yields
-/// `id: None` and a `bad_request`.
+/// Whether `json` starts (after whitespace) like an object. serde reads a struct from a JSON array
+/// too, taking its elements as the fields in declaration order, so without this check
+/// `["send",1,"bob",{}]` would be a `send`: a frame or a request body is an object, checked first.
+pub(crate) fn is_object(json: &[u8]) -> bool {
+    json.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) == Some(&b'{')
+}
+
 /// Deepest nesting of arrays and objects a message body may have. Recipients parse the body
 /// inside the message frame, and common JSON parsers stop at 128 levels (serde_json's default),
 /// so a deeper body would be stored and then break every client it reaches.
@@ -150,14 +155,12 @@ pub fn checked_body<B: AsRef<RawValue>>(body: B) -> Result<B, ProtocolError> {
     Ok(body)
 }
 
+/// Parses one text frame. Never fails as a whole: a frame that is not even a JSON object yields
+/// `id: None` and a `bad_request`.
 pub fn parse_command(text: &str) -> CommandFrame {
-    // serde also reads a struct from a JSON array, field by field in declaration order: without
-    // this check `["ping",7,null,…]` would run as a command and `["ping"]` answer with id "ping".
-    if !text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{') {
-        return CommandFrame {
-            id: None,
-            command: Err(ProtocolError::bad_request("malformed command: a command is a JSON object")),
-        };
+    if !is_object(text.as_bytes()) {
+        let command = Err(ProtocolError::bad_request("malformed command: a command is a JSON object"));
+        return CommandFrame { id: None, command };
     }
     let mut raw: RawFrame<'_> = match serde_json::from_str(text) {
         Ok(raw) => raw,
@@ -279,6 +282,9 @@ mod tests {
         assert!(err(r#"{"type":"ack","seq":-1}"#).1.contains("malformed"));
         assert!(err(r#"{"id":1}"#).1.contains("needs `type`"));
         assert!(err(r#"{"type":"presence"}"#).1.contains("`users` or `room`"));
+        // Found by both fuzzers: serde reads a struct from an array, its elements as the fields.
+        assert_eq!(err("[77 ]"), (None, "malformed command: a command is a JSON object".to_owned()));
+        assert!(err(r#"["send",1,"bob",{"a":1}]"#).1.contains("a JSON object"));
         let deep = |n: usize| format!(r#"{{"type":"send","to":"b","body":{}"\"[{{"{}}}"#, "[".repeat(n), "]".repeat(n));
         assert!(matches!(ok(&deep(MAX_BODY_DEPTH)), Command::Send { .. }), "brackets in strings do not count");
         assert!(err(&deep(MAX_BODY_DEPTH + 1)).1.contains("nested"));

@@ -347,10 +347,33 @@ impl Session {
 }
 
 /// When a session must close because its token expired (far in the future without a token).
+/// Capped at that far future: a signed `exp` may be any u64, and beyond about i64::MAX seconds
+/// adding it to the clock would overflow and panic.
 fn token_deadline(expires_at: Option<u64>) -> Instant {
-    let now = Instant::now();
-    match expires_at {
-        Some(exp) => now + Duration::from_secs(exp.saturating_sub(now_ms() / 1000)),
-        None => now + Duration::from_secs(100 * 365 * 24 * 3600),
+    let far = Duration::from_secs(100 * 365 * 24 * 3600);
+    let left = match expires_at {
+        Some(exp) => Duration::from_secs(exp.saturating_sub(now_ms() / 1000)).min(far),
+        None => far,
+    };
+    Instant::now() + left
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found next to what the `jwt` fuzz target found: a signed `exp` may be any u64, and beyond
+    /// about i64::MAX seconds adding it to the clock panicked the session's task before it could
+    /// unregister.
+    #[test]
+    fn far_expiry_does_not_overflow_the_clock() {
+        let hundred_years = Duration::from_secs(100 * 365 * 24 * 3600);
+        for exp in [u64::MAX, i64::MAX as u64, u64::MAX / 1000] {
+            let left = token_deadline(Some(exp)) - Instant::now();
+            assert!(left > hundred_years - Duration::from_secs(60) && left <= hundred_years, "{exp}: {left:?}");
+        }
+        let soon = token_deadline(Some(now_ms() / 1000 + 30)) - Instant::now();
+        assert!(soon <= Duration::from_secs(30) && soon > Duration::from_secs(25), "{soon:?}");
+        assert!(token_deadline(Some(0)) <= Instant::now(), "an expiry in the past is now");
     }
 }

@@ -1,0 +1,70 @@
+//! Server API request bodies (PROTOCOL.md §5): `api::parse_push`, the exact parse of the
+//! message and broadcast routes (`{body, from?, key?}`), and `api::parse_disconnect`, that of
+//! `POST /users/{user}/disconnect` (`{reason?}`). The routes take raw bytes, so any byte string is
+//! a possible body (axum's body limit only bounds its length).
+//!
+//! Invariants: a refused body is `bad_request` with an API error body of known shape; an accepted
+//! one has a valid sender, a 1-256 byte key and a body that is one JSON value at most 64 deep that
+//! a message frame carries unchanged; a disconnect reason is at most 100 bytes and fits a close
+//! frame's reason and a `disconnect` frame.
+
+#![no_main]
+
+mod common;
+
+use std::sync::Arc;
+
+use libfuzzer_sys::fuzz_target;
+use switchyard::api::{ApiError, parse_disconnect, parse_push};
+use switchyard::protocol::{
+    ErrorCode, MessageDraft, RoomName, StreamId, encode_disconnect, encode_message, valid_name,
+};
+
+use common::{json_depth, object_members, read_back, serde_accepts};
+
+fn check_refusal(e: &ApiError, data: &[u8]) {
+    assert_eq!(e.0.code, ErrorCode::BadRequest, "{}: {:?}", e.0, String::from_utf8_lossy(data));
+    let response = switchyard::api::error_response(&e.0);
+    assert_eq!(response.status().as_u16(), 400);
+}
+
+fuzz_target!(|data: &[u8]| {
+    match parse_push(data) {
+        Err(e) => check_refusal(&e, data),
+        Ok(push) => {
+            // serde_json does not check UTF-8 inside fields it skips, hence the lossy reading.
+            assert!(serde_accepts(data), "a body that is not JSON was accepted: {:?}", String::from_utf8_lossy(data));
+            assert!(
+                object_members(&String::from_utf8_lossy(data)).is_some(),
+                "a body that is not an object was accepted"
+            );
+            assert!(&*push.from == "system" || valid_name(&push.from), "sender {:?} accepted", push.from);
+            if let Some(key) = &push.key {
+                assert!((1..=256).contains(&key.len()), "key of {} bytes accepted", key.len());
+            }
+            let depth = json_depth(&push.body);
+            assert!(depth.is_some_and(|d| d <= 64), "body {:?} is not JSON at most 64 deep ({depth:?})", push.body);
+            let room = RoomName::parse("lobby").unwrap();
+            let draft = MessageDraft {
+                mid: Arc::from("0123456789ab0123456789abcdef"),
+                from: push.from.clone(),
+                to: None,
+                room: Some(room.clone()),
+                body: push.body.clone(),
+                ts: 1,
+            };
+            let encoded = encode_message(Some((&StreamId::Room(room), 1)), &draft);
+            assert_eq!(read_back(&encoded).body.map(|b| b.get()), Some(&*push.body));
+        }
+    }
+
+    match parse_disconnect(data) {
+        Err(e) => check_refusal(&e, data),
+        Ok(reason) => {
+            assert!(data.is_empty() || object_members(&String::from_utf8_lossy(data)).is_some(), "not an object");
+            assert!(reason.len() <= 100, "reason of {} bytes accepted", reason.len());
+            let back: serde_json::Value = serde_json::from_slice(&encode_disconnect(4004, &reason)).unwrap();
+            assert_eq!(back["reason"].as_str(), Some(reason.as_str()));
+        }
+    }
+});
