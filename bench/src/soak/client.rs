@@ -149,8 +149,7 @@ pub(super) struct Device {
 
 impl Device {
     pub(super) fn new(shared: Arc<Shared>, index: usize) -> Self {
-        let user = index / shared.devices;
-        let home = user % shared.rooms;
+        let (user, home) = shared.user_and_home(index);
         Self {
             my_stream: format!("user:{}", shared.user_name(user)),
             home_stream: format!("room:{}", shared.room_name(home)),
@@ -308,7 +307,8 @@ impl Device {
                         if let Some(text) = m.as_text() {
                             match serde_json::from_str::<Incoming>(text) {
                                 Ok(f) => self.on_frame(&f),
-                                Err(_) => bump(&mut self.log.refused, "malformed frame"),
+                                // Not a frame of PROTOCOL.md: counted as unexpected, which fails the run.
+                                Err(_) => self.log.stray += 1,
                             }
                         } else if let Some((code, _)) = m.as_close() {
                             return Leave::Lost(format!("close {}", u16::from(code)));

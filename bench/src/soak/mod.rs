@@ -86,9 +86,14 @@ impl Shared {
         rest.strip_prefix("-lounge")?.parse().ok()
     }
 
-    /// Users whose home is room `r`.
+    /// The user a device belongs to, and that user's home room.
+    fn user_and_home(&self, device: usize) -> (usize, usize) {
+        let user = device / self.devices;
+        (user, user % self.rooms)
+    }
+
     fn members(&self, r: usize) -> usize {
-        (0..self.users).filter(|u| u % self.rooms == r).count()
+        members(self.users, self.rooms, r)
     }
 
     /// Deliveries owed so far: every accepted message times the devices that must hold it.
@@ -99,6 +104,11 @@ impl Shared {
         let room: u64 = rooms.iter().enumerate().map(|(r, a)| a.len() * self.members(r) as u64 * d).sum();
         direct + room
     }
+}
+
+/// Of `users` users, those whose home is room `r` (user u lives in room u % rooms).
+fn members(users: usize, rooms: usize, r: usize) -> usize {
+    users / rooms + usize::from(r < users % rooms)
 }
 
 /// One reading of the servers and of the run.
@@ -320,8 +330,7 @@ fn report(
         loadgen_cpu_s: ticks_to_secs(self_ticks),
     };
     for (i, log) in logs.iter().enumerate() {
-        let user = i / shared.devices;
-        let home = user % shared.rooms;
+        let (user, home) = shared.user_and_home(i);
         let tallies = if log.established { (Some(&log.direct), Some(&log.home)) } else { (None, None) };
         check.add(&Check::expected_flow(tallies.0, &direct_accepted[user]));
         check.add(&Check::expected_flow(tallies.1, &room_accepted[home]));
@@ -502,6 +511,15 @@ mod tests {
         let flat = [(0.0, 5.0), (1.0, 6.0), (2.0, 5.0), (3.0, 6.0)];
         assert!(slope(&flat).unwrap().abs() < 0.5);
         assert_eq!(slope(&flat[..2]), None);
+    }
+
+    #[test]
+    fn members_counts_the_users_whose_home_a_room_is() {
+        for (users, rooms) in [(500, 25), (7, 3), (2, 5)] {
+            for r in 0..rooms {
+                assert_eq!(members(users, rooms, r), (0..users).filter(|u| u % rooms == r).count(), "{users}, {r}");
+            }
+        }
     }
 
     #[test]
