@@ -22,19 +22,8 @@ for peer in socketio ws-relay; do
   [ -d "bench/peers/$peer/node_modules" ] || (cd "bench/peers/$peer" && npm ci --silent)
 done
 
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
-  --pidfile "/tmp/redis-$PORT.pid" >/dev/null
-sleep 0.5
-REDIS=$(cat "/tmp/redis-$PORT.pid")
+# shellcheck source=bench/redis.sh
+source bench/redis.sh
 PREFIX=cmp$$
 
 SYP=""

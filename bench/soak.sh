@@ -25,19 +25,8 @@ SERVER=${CARGO_TARGET_DIR:-target}/$PROFILE/switchyard
 LOGS=${LOGS:-/tmp/switchyard-soak}
 mkdir -p "$OUT" "$LOGS"
 
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
-  --pidfile "/tmp/redis-$PORT.pid" >/dev/null
-for _ in $(seq 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
-REDIS=$(cat "/tmp/redis-$PORT.pid")
+# shellcheck source=bench/redis.sh
+source bench/redis.sh
 PREFIX=soak$$
 
 NODES=""
