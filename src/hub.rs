@@ -238,11 +238,15 @@ impl Hub {
 impl Sink for Hub {
     fn deliver(&self, topic: &Topic, event: &Event) {
         match event {
-            Event::Message(delivery) => self.each(topic, |h| {
-                if delivery.exclude != Some(h.id) {
-                    h.push(Outbound::Message(delivery.clone()), &self.metrics);
-                }
-            }),
+            Event::Message(delivery) => {
+                // Encoded here, once per node, so that sessions only share the bytes.
+                delivery.json();
+                self.each(topic, |h| {
+                    if delivery.exclude != Some(h.id) {
+                        h.push(Outbound::Message(delivery.clone()), &self.metrics);
+                    }
+                })
+            }
             Event::Frames(notices) => {
                 let frames: Vec<_> = notices.iter().map(|n| (Arc::new(n.frame.clone()), n.exclude)).collect();
                 // Member by member, so that a session gets the whole batch in one wake-up.
@@ -297,12 +301,20 @@ mod tests {
         let (b, mut rb) = handle("b", 2, 4);
         hub.join(&room, a.clone());
         hub.join(&room, b.clone());
-        let frame = Bytes::from_static(b"{}");
-        let delivery = Arc::new(Delivery { position: None, frame: frame.clone(), exclude: Some(SessionId(1)), ts: 0 });
-        hub.deliver(&Topic::Room(room.clone()), &Event::Message(delivery));
+        let message = crate::message::Message {
+            mid: Arc::from("m"),
+            from: Arc::from("a"),
+            to: None,
+            room: None,
+            body: Arc::from("{}"),
+            ts: 0,
+        };
+        let delivery = Arc::new(Delivery::new(None, message, Some(SessionId(1))));
+        hub.deliver(&Topic::Room(room.clone()), &Event::Message(delivery.clone()));
         assert!(ra.try_recv().is_err(), "the sender gets no echo");
+        let frame = delivery.json();
         match rb.try_recv().unwrap() {
-            Outbound::Message(d) => assert_eq!(d.frame.as_ptr(), frame.as_ptr(), "the bytes are shared, not copied"),
+            Outbound::Message(d) => assert_eq!(d.json().as_ptr(), frame.as_ptr(), "the bytes are shared, not copied"),
             other => panic!("unexpected {other:?}"),
         }
         assert!(hub.leave(&room, SessionId(1)));

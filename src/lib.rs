@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod config;
 pub mod hub;
 pub mod keys;
+pub mod message;
 pub mod metrics;
 pub mod node;
 pub mod presence;

@@ -102,6 +102,8 @@ pub struct Metrics {
     pub outbound_dropped: Counter,
     /// Messages this node received from the cluster bus (Redis pub/sub).
     pub bus_received: Counter,
+    /// Gaps in a session's live delivery read from the store (the bus lost or delayed a message).
+    pub repairs: Counter,
     rejected: Family<ReasonLabel, Counter>,
 }
 
@@ -124,6 +126,7 @@ impl Metrics {
             Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
         let outbound_dropped = Counter::default();
         let bus_received = Counter::default();
+        let repairs = Counter::default();
         let rejected = Family::<ReasonLabel, Counter>::default();
         registry.register("sessions", "WebSocket sessions on this node", sessions.clone());
         registry.register("users", "Distinct users with a session on this node", users.clone());
@@ -147,6 +150,11 @@ impl Metrics {
             "Messages this node received from the cluster bus",
             bus_received.clone(),
         );
+        registry.register(
+            "delivery_repairs",
+            "Gaps in a session's live delivery read from the store because the bus lost or delayed a message",
+            repairs.clone(),
+        );
         Self {
             registry,
             sessions,
@@ -158,6 +166,7 @@ impl Metrics {
             delivery_latency,
             outbound_dropped,
             bus_received,
+            repairs,
             rejected,
         }
     }

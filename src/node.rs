@@ -16,11 +16,11 @@ use crate::cluster::{self, RedisClock};
 use crate::config::ServeArgs;
 use crate::hub::{Hub, SessionHandle};
 use crate::keys::Keys;
+use crate::message::Message;
 use crate::metrics::{Kind, Metrics};
 use crate::presence::{MemoryPresence, NodeInfo, Presence, PresenceError, RedisPresence, SessionInfo};
 use crate::protocol::{
-    ErrorCode, HistoryQuery, MessageDraft, ProtocolError, RoomName, StreamId, UserId, close, encode_message,
-    encode_presence, new_mid, now_ms,
+    ErrorCode, HistoryQuery, ProtocolError, RoomName, StreamId, UserId, close, encode_presence, new_mid, now_ms,
 };
 use crate::shutdown::Shutdown;
 use crate::store::{AppendRequest, Appended, EmbeddedStore, Entry, RedisStore, Retention, Slice, Store};
@@ -103,7 +103,7 @@ impl Node {
             None => {
                 let broker = Arc::new(MemoryBroker::new());
                 broker.attach(sink);
-                let store = Arc::new(EmbeddedStore::open(&config.data_dir, retention, broker.clone())?);
+                let store = Arc::new(EmbeddedStore::open(&config.data_dir, retention)?);
                 (store, broker, Arc::new(MemoryPresence::new()))
             }
             Some(url) => {
@@ -116,7 +116,7 @@ impl Node {
                     RedisBroker::connect(client, commands.clone(), clock.clone(), keys.clone(), metrics.clone())
                         .await?;
                 broker.attach(sink);
-                let store = RedisStore::new(commands.clone(), clock, keys, retention);
+                let store = RedisStore::new(commands.clone(), clock, keys, retention, true);
                 let presence = RedisPresence::new(commands, &config.redis_prefix, id.clone());
                 (Arc::new(store), Arc::new(broker), Arc::new(presence))
             }
@@ -261,39 +261,47 @@ impl Node {
         }
     }
 
-    fn draft(&self, from: Arc<str>, to: Option<UserId>, room: Option<RoomName>, body: Arc<str>) -> MessageDraft {
+    fn accept(&self, from: Arc<str>, to: Option<UserId>, room: Option<RoomName>, body: Arc<str>) -> Message {
         let ts = now_ms();
-        MessageDraft { mid: new_mid(ts), from, to, room, body, ts }
+        Message { mid: new_mid(ts), from, to, room, body, ts }
+    }
+
+    /// Appends, then hands each committed entry to the bus (unless the store did, fused). A
+    /// publish that fails loses nothing: the message is stored, and sessions repair from the
+    /// store when the bus reports the loss or the stream's next message shows the gap.
+    async fn append(&self, request: AppendRequest) -> Result<Appended, ProtocolError> {
+        let (message, entries) = (request.message.clone(), request.entries.clone());
+        let appended = self.store.append(request).await?;
+        if appended.duplicate || appended.published {
+            return Ok(appended);
+        }
+        for (entry, seq) in entries.into_iter().zip(&appended.seqs) {
+            let delivery = Delivery::new(Some((entry.stream, *seq)), message.clone(), entry.exclude);
+            if let Err(e) = self.broker.publish(entry.topic, Event::Message(Arc::new(delivery))).await {
+                tracing::warn!(error = %e, "publishing a stored message failed; sessions repair from the store");
+            }
+        }
+        Ok(appended)
     }
 
     /// Appends a direct message to the recipient's stream and, when a user sent it, to the
     /// sender's; answers the seq in the sender's stream (or the recipient's for a backend).
     pub async fn send_direct(&self, msg: DirectMessage) -> Result<Appended, ProtocolError> {
-        let draft = self.draft(msg.from.clone(), Some(msg.to.clone()), None, msg.body);
-        let recipient = Entry {
-            stream: StreamId::User(msg.to.clone()),
-            topic: Topic::User(msg.to.clone()),
-            draft: draft.clone(),
-            exclude: None,
-        };
+        let message = self.accept(msg.from.clone(), Some(msg.to.clone()), None, msg.body);
+        let recipient = Entry { stream: StreamId::User(msg.to.clone()), topic: Topic::User(msg.to.clone()), exclude: None };
         let (entries, reply_entry, scope) = match msg.sender {
             Some((sender, session)) if sender == msg.to => {
                 let own = Entry { exclude: session, ..recipient };
                 (vec![own], 0, format!("u:{sender}"))
             }
             Some((sender, session)) => {
-                let copy = Entry {
-                    stream: StreamId::User(sender.clone()),
-                    topic: Topic::User(sender.clone()),
-                    draft,
-                    exclude: session,
-                };
+                let copy = Entry { stream: StreamId::User(sender.clone()), topic: Topic::User(sender.clone()), exclude: session };
                 (vec![recipient, copy], 1, format!("u:{sender}"))
             }
             None => (vec![recipient], 0, format!("api:{}", msg.from)),
         };
         let idempotency = msg.key.map(|k| (scope, k));
-        let appended = self.store.append(AppendRequest { entries, reply_entry, idempotency }).await?;
+        let appended = self.append(AppendRequest { message, entries, reply_entry, idempotency }).await?;
         if !appended.duplicate {
             self.metrics.messages_in.direct.inc();
         }
@@ -302,7 +310,7 @@ impl Node {
 
     /// Appends a message to a room's stream; every member but the publishing session gets it.
     pub async fn publish_room(&self, msg: RoomMessage) -> Result<Appended, ProtocolError> {
-        let draft = self.draft(msg.from.clone(), None, Some(msg.room.clone()), msg.body);
+        let message = self.accept(msg.from.clone(), None, Some(msg.room.clone()), msg.body);
         let scope = match &msg.sender {
             Some((user, _)) => format!("u:{user}"),
             None => format!("api:{}", msg.from),
@@ -310,11 +318,10 @@ impl Node {
         let entry = Entry {
             stream: StreamId::Room(msg.room.clone()),
             topic: Topic::Room(msg.room),
-            draft,
             exclude: msg.sender.map(|(_, s)| s),
         };
-        let request = AppendRequest { entries: vec![entry], reply_entry: 0, idempotency: msg.key.map(|k| (scope, k)) };
-        let appended = self.store.append(request).await?;
+        let idempotency = msg.key.map(|k| (scope, k));
+        let appended = self.append(AppendRequest { message, entries: vec![entry], reply_entry: 0, idempotency }).await?;
         if !appended.duplicate {
             self.metrics.messages_in.room.inc();
         }
@@ -323,11 +330,12 @@ impl Node {
 
     /// Sends a message to every session connected now; it belongs to no stream.
     pub async fn broadcast(&self, from: Arc<str>, body: Arc<str>) -> Result<Arc<str>, ProtocolError> {
-        let draft = self.draft(from, None, None, body);
-        let delivery = Delivery { position: None, frame: encode_message(None, &draft), exclude: None, ts: draft.ts };
+        let message = self.accept(from, None, None, body);
+        let mid = message.mid.clone();
+        let delivery = Delivery::new(None, message, None);
         self.broker.publish(Topic::All, Event::Message(Arc::new(delivery))).await.map_err(unavailable)?;
         self.metrics.messages_in.broadcast.inc();
-        Ok(draft.mid)
+        Ok(mid)
     }
 
     /// Whether `identity` may join or read `room` (private prefixes need the `rooms` claim).

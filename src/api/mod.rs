@@ -234,7 +234,7 @@ async fn history(node: &Node, stream: StreamId, params: Result<Query<HistoryPara
     let Query(p) = params.map_err(|e| bad(e.body_text()))?;
     let query = HistoryQuery::from_parts(p.since, p.before, p.limit)?;
     let slice = node.history(&stream, query).await?;
-    let body = serde_json::json!({"messages": raw_list(&slice.messages), "last_seq": slice.last_seq});
+    let body = serde_json::json!({"messages": raw_list(&stream, &slice.messages), "last_seq": slice.last_seq});
     Ok(Json(body).into_response())
 }
 

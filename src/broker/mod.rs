@@ -13,12 +13,13 @@ mod memory;
 mod redis;
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::protocol::{RoomName, StreamId, UserId};
+use crate::message::Message;
+use crate::protocol::{RoomName, StreamId, UserId, encode_message};
 
 pub use self::redis::RedisBroker;
 pub use batch::Batcher;
@@ -58,16 +59,36 @@ pub enum Topic {
     All,
 }
 
-/// A message frame on its way to sessions, encoded once and shared by all of them.
+/// A message on its way to sessions: the neutral message and its stream position, encoded by
+/// each wire protocol at most once per node and shared by every session that takes it.
 #[derive(Debug)]
 pub struct Delivery {
     /// The stream and seq, or `None` for a broadcast.
     pub position: Option<(StreamId, u64)>,
-    pub frame: Bytes,
+    pub message: Message,
     /// The session that sent it and got a reply instead of an echo.
     pub exclude: Option<SessionId>,
+    json: OnceLock<Bytes>,
+}
+
+impl Delivery {
+    pub fn new(position: Option<(StreamId, u64)>, message: Message, exclude: Option<SessionId>) -> Self {
+        Self { position, message, exclude, json: OnceLock::new() }
+    }
+
+    /// The JSON `message` frame (PROTOCOL.md §4), encoded on first use. The hub asks for it once
+    /// before fanning out, so sessions only share it.
+    pub fn json(&self) -> &Bytes {
+        self.json.get_or_init(|| {
+            let position = self.position.as_ref().map(|(stream, seq)| (stream, *seq));
+            encode_message(position, &self.message)
+        })
+    }
+
     /// When the message was accepted, in ms since the epoch (for the latency histogram).
-    pub ts: u64,
+    pub fn ts(&self) -> u64 {
+        self.message.ts
+    }
 }
 
 /// A pre-encoded frame with no seq (a presence event), for every session of a topic but one.

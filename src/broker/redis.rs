@@ -15,8 +15,10 @@
 //! subscription was down are only in the streams.
 //!
 //! Envelope of a published message: one header line, `\n`, then the payload.
-//! - `M <exclude session|-> <stream> <seq> <ts>`: a stream message (written by the store's script)
-//! - `B <ts>`: a broadcast
+//! - `M <exclude session|-> <stream> <seq> <record>`: a stream message, where `<record>` is the
+//!   message's [`Record`] (its own head line, then the body); written by the node, or by the
+//!   store's script when store and bus are the same Redis
+//! - `B <record>`: a broadcast
 //! - `N <exclude session|->:<length> …`: pre-encoded frames (presence events), one field per
 //!   frame in order; the payload is the frames back to back
 //! - `D <code> <except session|->`: close the sessions of a user; the payload is the reason
@@ -37,7 +39,9 @@ use super::{Broker, BrokerError, Delivery, Event, Notice, SessionId, Sink, Topic
 use crate::cluster::RedisClock;
 use crate::keys::Keys;
 use crate::metrics::Metrics;
+use crate::message::Record;
 use crate::protocol::StreamId;
+use crate::store::envelope_head;
 
 /// How long `subscribe` waits for Redis to confirm.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -124,43 +128,56 @@ impl Shared {
     fn on_message(&self, channel: &[u8], payload: Vec<u8>) {
         self.metrics.bus_received.inc();
         let Some(topic) = std::str::from_utf8(channel).ok().and_then(|c| self.keys.topic(c)) else { return };
-        let Some(newline) = payload.iter().position(|b| *b == b'\n') else { return };
+        let event = match payload.first() {
+            Some(b'M') => Self::message(&topic, &payload),
+            Some(b'B') => payload
+                .get(2..)
+                .and_then(|record| Record::decode(None, record))
+                .map(|message| Event::Message(Arc::new(Delivery::new(None, message, None)))),
+            _ => Self::control(payload),
+        };
+        match event {
+            Some(event) => {
+                if let Some(sink) = self.sink.get() {
+                    sink.deliver(&topic, &event);
+                }
+            }
+            None => tracing::warn!("malformed bus message dropped"),
+        }
+    }
+
+    /// `M <exclude> <stream> <seq> <record>`.
+    fn message(topic: &Topic, payload: &[u8]) -> Option<Event> {
+        let mut at = 0;
+        let mut field = || {
+            let start = at;
+            let len = payload[start..].iter().position(|b| *b == b' ')?;
+            at = start + len + 1;
+            std::str::from_utf8(&payload[start..start + len]).ok()
+        };
+        let (_, exclude, stream, seq) = (field()?, field()?, field()?, field()?);
+        let stream = stream_of(topic, stream)?;
+        let seq = seq.parse().ok()?;
+        let exclude = session_field(exclude);
+        let message = Record::decode(Some(&stream), &payload[at..])?;
+        Some(Event::Message(Arc::new(Delivery::new(Some((stream, seq)), message, exclude))))
+    }
+
+    /// The envelopes of pre-encoded frames and of disconnects.
+    fn control(payload: Vec<u8>) -> Option<Event> {
+        let newline = payload.iter().position(|b| *b == b'\n')?;
         let payload = Bytes::from(payload);
         let body = payload.slice(newline + 1..);
-        let Ok(header) = std::str::from_utf8(&payload[..newline]) else { return };
+        let header = std::str::from_utf8(&payload[..newline]).ok()?;
         let mut fields = header.split(' ');
-        let event = match (fields.next(), fields.next(), fields.next(), fields.next(), fields.next()) {
-            (Some("M"), Some(exclude), Some(stream), Some(seq), Some(ts)) => {
-                let (Some(stream), Ok(seq)) = (stream_of(&topic, stream), seq.parse()) else { return };
-                Event::Message(Arc::new(Delivery {
-                    position: Some((stream, seq)),
-                    frame: body,
-                    exclude: session_field(exclude),
-                    ts: ts.parse().unwrap_or(0),
-                }))
-            }
-            (Some("B"), Some(ts), ..) => Event::Message(Arc::new(Delivery {
-                position: None,
-                frame: body,
-                exclude: None,
-                ts: ts.parse().unwrap_or(0),
-            })),
-            (Some("N"), ..) => {
-                let Some(notices) = parse_notices(&header[1..], &body) else { return };
-                Event::Frames(notices)
-            }
-            (Some("D"), Some(code), Some(except), ..) => {
-                let Ok(code) = code.parse() else { return };
+        match (fields.next(), fields.next(), fields.next()) {
+            (Some("N"), ..) => parse_notices(&header[1..], &body).map(Event::Frames),
+            (Some("D"), Some(code), Some(except)) => {
+                let code = code.parse().ok()?;
                 let reason = Arc::from(String::from_utf8_lossy(&body).as_ref());
-                Event::Disconnect { code, reason, except: session_field(except) }
+                Some(Event::Disconnect { code, reason, except: session_field(except) })
             }
-            _ => {
-                tracing::warn!(header, "unknown bus message");
-                return;
-            }
-        };
-        if let Some(sink) = self.sink.get() {
-            sink.deliver(&topic, &event);
+            _ => None,
         }
     }
 
@@ -377,28 +394,37 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, topic: Topic, event: Event) -> Result<(), BrokerError> {
-        let mut payload = match &event {
-            Event::Message(d) => match &d.position {
-                None => format!("B {}\n", d.ts).into_bytes(),
-                Some((stream, seq)) => format!("M {} {stream} {seq} {}\n", session_text(d.exclude), d.ts).into_bytes(),
-            },
+        let payload = match &event {
+            Event::Message(d) => {
+                let mut payload = match &d.position {
+                    None => b"B ".to_vec(),
+                    Some((stream, seq)) => {
+                        let mut head = envelope_head(d.exclude, stream);
+                        head.extend_from_slice(itoa::Buffer::new().format(*seq).as_bytes());
+                        head.push(b' ');
+                        head
+                    }
+                };
+                Record::write(&mut payload, &d.message);
+                payload
+            }
             Event::Frames(notices) => {
                 let mut header = String::from("N");
                 for n in notices {
                     let _ = write!(header, " {}:{}", session_text(n.exclude), n.frame.len());
                 }
                 header.push('\n');
-                header.into_bytes()
+                let mut payload = header.into_bytes();
+                notices.iter().for_each(|n| payload.extend_from_slice(&n.frame));
+                payload
             }
-            Event::Disconnect { code, except, .. } => format!("D {code} {}\n", session_text(*except)).into_bytes(),
+            Event::Disconnect { code, except, reason } => {
+                let mut payload = format!("D {code} {}\n", session_text(*except)).into_bytes();
+                payload.extend_from_slice(reason.as_bytes());
+                payload
+            }
             Event::Resync => return Ok(()),
         };
-        match &event {
-            Event::Message(d) => payload.extend_from_slice(&d.frame),
-            Event::Frames(notices) => notices.iter().for_each(|n| payload.extend_from_slice(&n.frame)),
-            Event::Disconnect { reason, .. } => payload.extend_from_slice(reason.as_bytes()),
-            Event::Resync => {}
-        }
         let mut conn = self.publisher.clone();
         let channel = self.shared.keys.channel(&topic);
         let deadline = self.clock.write_deadline();

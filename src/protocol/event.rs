@@ -3,28 +3,12 @@
 //! A message frame is encoded once per stream entry and the same `Bytes` go to every recipient,
 //! so nothing here runs per recipient.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::{ProtocolError, RoomName, StreamId, UserId};
-
-/// A message as accepted, before a stream gives it a seq.
-#[derive(Clone, Debug)]
-pub struct MessageDraft {
-    pub mid: Arc<str>,
-    /// The sending user, or the name a backend gave (`system` by default).
-    pub from: Arc<str>,
-    /// The recipient of a direct message.
-    pub to: Option<UserId>,
-    /// The room of a room message.
-    pub room: Option<RoomName>,
-    /// The body as raw JSON text, validated when it was parsed.
-    pub body: Arc<str>,
-    pub ts: u64,
-}
+use crate::message::Message;
 
 fn push_json_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("writing a string to a Vec cannot fail");
@@ -52,35 +36,30 @@ fn push_head(out: &mut Vec<u8>, stream: &StreamId) {
 }
 
 /// Encodes a `message` event. `stream` is `None` for a broadcast, which has no seq.
-pub fn encode_message(stream: Option<(&StreamId, u64)>, draft: &MessageDraft) -> Bytes {
-    let mut out = Vec::with_capacity(FRAME_OVERHEAD + draft.body.len());
+pub fn encode_message(stream: Option<(&StreamId, u64)>, message: &Message) -> Bytes {
+    let mut out = Vec::with_capacity(FRAME_OVERHEAD + message.body.len());
+    write_message(&mut out, stream, message);
+    Bytes::from(out)
+}
+
+/// Appends a `message` event to `out` (see [`encode_message`]).
+pub fn write_message(out: &mut Vec<u8>, stream: Option<(&StreamId, u64)>, message: &Message) {
     match stream {
         Some((stream, seq)) => {
-            push_head(&mut out, stream);
-            push_u64(&mut out, seq);
+            push_head(out, stream);
+            push_u64(out, seq);
         }
         None => out.extend_from_slice(br#"{"type":"message","stream":"broadcast""#),
     }
-    push_fields(&mut out, draft);
-    Bytes::from(out)
+    push_fields(out, message);
 }
 
 /// Room for everything in a message frame but the body: the field names, a stream name, an id,
 /// a sender and the numbers. A larger frame grows its buffer once.
 const FRAME_OVERHEAD: usize = 192;
 
-/// A stream message's frame in two halves, before and after its seq, for a store that assigns
-/// the seq itself (the Redis script joins `before`, the seq and `after`).
-pub fn encode_message_parts(stream: &StreamId, draft: &MessageDraft) -> (Vec<u8>, Vec<u8>) {
-    let mut before = Vec::with_capacity(64);
-    push_head(&mut before, stream);
-    let mut after = Vec::with_capacity(FRAME_OVERHEAD - 64 + draft.body.len());
-    push_fields(&mut after, draft);
-    (before, after)
-}
-
 /// Everything after `stream` (and `seq`): mid, from, to or room, body, ts, and the closing brace.
-fn push_fields(out: &mut Vec<u8>, draft: &MessageDraft) {
+fn push_fields(out: &mut Vec<u8>, draft: &Message) {
     out.extend_from_slice(br#","mid":"#);
     push_json_str(out, &draft.mid);
     out.extend_from_slice(br#","from":"#);
@@ -185,10 +164,12 @@ pub fn encode_error(id: Option<&RawValue>, err: &ProtocolError) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
-    fn draft() -> MessageDraft {
-        MessageDraft {
+    fn draft() -> Message {
+        Message {
             mid: Arc::from("m1"),
             from: Arc::from("alice"),
             to: Some(UserId::parse("bob").unwrap()),
@@ -214,15 +195,12 @@ mod tests {
     }
 
     #[test]
-    fn parts_around_the_seq_make_the_whole_frame() {
+    fn room_message_names_its_room() {
         let mut d = draft();
         d.to = None;
         d.room = Some(RoomName::parse("a:b").unwrap());
         let stream = StreamId::Room(RoomName::parse("a:b").unwrap());
-        let (before, after) = encode_message_parts(&stream, &d);
-        let joined = [before, b"7".to_vec(), after].concat();
-        assert_eq!(joined, encode_message(Some((&stream, 7)), &d));
-        let v: serde_json::Value = serde_json::from_slice(&joined).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&encode_message(Some((&stream, 7)), &d)).unwrap();
         assert_eq!(v["stream"], "room:a:b");
         assert_eq!(v["room"], "a:b");
         assert_eq!(v["seq"], 7);

@@ -13,8 +13,7 @@ use std::sync::Arc;
 pub(crate) use command::is_object;
 pub use command::{Command, CommandFrame, HistoryQuery, PresenceQuery, checked_body, parse_command};
 pub use event::{
-    MessageDraft, encode_disconnect, encode_error, encode_message, encode_message_parts, encode_presence, encode_reply,
-    encode_welcome,
+    encode_disconnect, encode_error, encode_message, encode_presence, encode_reply, encode_welcome, write_message,
 };
 
 /// Longest user id or room name (§1).

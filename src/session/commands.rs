@@ -10,7 +10,8 @@ use serde_json::value::RawValue;
 use super::{SeqSet, Session, Stop, StreamState};
 use crate::node::{DirectMessage, RoomMessage, UserPresence};
 use crate::protocol::{
-    Command, ErrorCode, HistoryQuery, PresenceQuery, ProtocolError, RoomName, StreamId, encode_error, encode_reply,
+    Command, ErrorCode, HistoryQuery, PresenceQuery, ProtocolError, RoomName, StreamId, encode_error, encode_message,
+    encode_reply, write_message,
 };
 use crate::store::StoredMessage;
 
@@ -57,15 +58,15 @@ struct History {
 /// Most rooms the `presence` reply lists.
 const ROOM_PRESENCE_LIMIT: usize = 1000;
 
-/// Joins stored frames into one JSON array without decoding them.
-pub fn raw_list(messages: &[StoredMessage]) -> Box<RawValue> {
-    let mut out = Vec::with_capacity(2 + messages.iter().map(|m| m.frame.len() + 1).sum::<usize>());
+/// Encodes the messages of `stream` as one JSON array of `message` frames.
+pub fn raw_list(stream: &StreamId, messages: &[StoredMessage]) -> Box<RawValue> {
+    let mut out = Vec::with_capacity(2 + messages.iter().map(|m| 192 + m.message.body.len()).sum::<usize>());
     out.push(b'[');
     for (i, m) in messages.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(&m.frame);
+        write_message(&mut out, Some((stream, m.seq)), &m.message);
     }
     out.push(b']');
     let text = String::from_utf8(out).unwrap_or_else(|_| "[]".to_owned());
@@ -251,11 +252,17 @@ impl Session {
             caught = self.node.catch_up(&stream, 0).await?;
             caught.truncated = true;
         }
-        let state = self.stream(stream);
+        let state = self.stream(stream.clone());
         if lost {
             state.seen = SeqSet::default();
         }
-        let backlog = caught.slice.messages.into_iter().filter(|m| state.seen.insert(m.seq)).map(|m| m.frame).collect();
+        let backlog = caught
+            .slice
+            .messages
+            .iter()
+            .filter(|m| state.seen.insert(m.seq))
+            .map(|m| encode_message(Some((&stream, m.seq)), &m.message))
+            .collect();
         Ok((caught.slice.last_seq, caught.truncated, backlog))
     }
 
@@ -283,6 +290,6 @@ impl Session {
             return Err(ProtocolError::new(ErrorCode::Forbidden, format!("you may not read {stream}")));
         }
         let slice = self.node.history(stream, query).await?;
-        Ok(History { messages: raw_list(&slice.messages), last_seq: slice.last_seq })
+        Ok(History { messages: raw_list(stream, &slice.messages), last_seq: slice.last_seq })
     }
 }

@@ -13,6 +13,7 @@
 mod commands;
 pub use commands::raw_list;
 mod ratelimit;
+mod repair;
 mod seqset;
 
 use std::collections::{HashMap, HashSet};
@@ -26,7 +27,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::auth::Identity;
-use crate::broker::SessionId;
+use crate::broker::{Delivery, SessionId};
 use crate::hub::{Outbound, SessionHandle};
 use crate::metrics::Kind;
 use crate::node::Node;
@@ -38,6 +39,7 @@ use crate::protocol::{
 use crate::ws::{self, Incoming, WebSocket};
 
 use ratelimit::{RateLimiter, Verdict};
+use repair::{Held, REPAIR_RETRY, REPAIR_WAIT};
 use seqset::SeqSet;
 
 /// Most queued frames written per flush.
@@ -55,6 +57,27 @@ struct StreamState {
     /// From which seq on it is owed every message live; a resync after a broker outage
     /// re-reads from here. `None` when unknown (nothing to resync).
     live_from: Option<u64>,
+    /// Live messages that arrived ahead of a gap (see `repair`); boxed, as it is rare.
+    held: Option<Box<Held>>,
+}
+
+impl StreamState {
+    /// The seq after which the session is owed the stream's next live message: the highest it
+    /// has, or where it started following; `None` when it does not follow the stream live yet.
+    fn had(&self) -> Option<u64> {
+        match (self.seen.last(), self.live_from) {
+            (Some(seen), Some(from)) => Some(seen.max(from)),
+            (seen, from) => seen.or(from),
+        }
+    }
+}
+
+/// Resolves at `at`; never when there is none (the branch is then disabled anyway).
+async fn repair_due(at: Option<Instant>) {
+    match at {
+        Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Why the loop ends.
@@ -75,6 +98,8 @@ struct Session {
     streams: HashMap<StreamId, StreamState>,
     limiter: RateLimiter,
     last_heard: Instant,
+    /// When to read the gaps still open in live delivery from the store (see `repair`).
+    repair_at: Option<Instant>,
 }
 
 /// Runs a session until it closes, then unregisters it.
@@ -104,6 +129,7 @@ pub fn run(node: Arc<Node>, ws: WebSocket, identity: Identity) -> impl Future<Ou
         rooms: HashSet::new(),
         streams: HashMap::new(),
         last_heard: now,
+        repair_at: None,
     };
     let span = tracing::debug_span!("session", id = %id, user = %session.info.user);
     async move {
@@ -134,7 +160,7 @@ impl Session {
         );
         let own = StreamId::User(self.info.user.clone());
         let live_from = self.node.last_seq(&own).await.ok();
-        self.streams.insert(own, StreamState { seen: SeqSet::default(), live_from });
+        self.streams.insert(own, StreamState { seen: SeqSet::default(), live_from, held: None });
         if let Err(stop) = self.write([welcome]).await {
             return stop;
         }
@@ -167,6 +193,7 @@ impl Session {
                     }
                 }
                 _ = ping.tick() => self.ping(ping_every).await,
+                _ = repair_due(self.repair_at), if self.repair_at.is_some() => Box::pin(self.repair()).await,
             };
             if let Err(stop) = step {
                 return stop;
@@ -214,9 +241,11 @@ impl Session {
         }
     }
 
-    /// Writes queued frames, skipping what this session must not get twice.
+    /// Writes queued frames, skipping what this session must not get twice and holding back what
+    /// arrived ahead of a gap (see `repair`).
     async fn deliver(&mut self, batch: &mut Vec<Outbound>) -> Result<(), Stop> {
         let mut resync = false;
+        let (mut held, mut overflow) = (false, false);
         let mut counts = [0u64; 3];
         let mut oldest = u64::MAX;
         let (me, streams) = (self.info.session, &mut self.streams);
@@ -227,19 +256,27 @@ impl Session {
                 None
             }
             Outbound::Message(delivery) => {
-                if delivery.exclude == Some(me) {
-                    return None;
-                }
                 let kind = match &delivery.position {
+                    None if delivery.exclude == Some(me) => return None,
                     None => Kind::Broadcast,
                     Some((stream, seq)) => {
-                        let fresh = match streams.get_mut(stream) {
-                            Some(state) => state.seen.insert(*seq),
+                        let state = match streams.get_mut(stream) {
+                            Some(state) => state,
                             // Still queued after a `leave`: the session is not a member any more.
-                            None if matches!(stream, StreamId::Room(_)) => false,
-                            None => streams.entry(stream.clone()).or_default().seen.insert(*seq),
+                            None if matches!(stream, StreamId::Room(_)) => return None,
+                            None => streams.entry(stream.clone()).or_default(),
                         };
-                        if !fresh {
+                        if delivery.exclude == Some(me) {
+                            // Its own message: the reply carried the seq, so it counts as had.
+                            state.seen.insert(*seq);
+                            return None;
+                        }
+                        if state.had().is_some_and(|had| *seq > had + 1) {
+                            held = true;
+                            overflow |= state.held.get_or_insert_default().hold(*seq, delivery);
+                            return None;
+                        }
+                        if !state.seen.insert(*seq) {
                             return None;
                         }
                         match stream {
@@ -249,13 +286,28 @@ impl Session {
                     }
                 };
                 counts[kind as usize] += 1;
-                oldest = oldest.min(delivery.ts);
-                Some(&delivery.frame[..])
+                oldest = oldest.min(delivery.ts());
+                Some(&delivery.json()[..])
             }
         });
         let pushed = self.ws.push_text(frames);
         batch.clear();
         self.wrote(pushed).await?;
+        self.count_delivered(counts, oldest);
+        if held || self.repair_at.is_some() {
+            self.release_held().await?;
+            if overflow {
+                Box::pin(self.repair()).await?;
+            }
+        }
+        if resync {
+            // Boxed, like the flush: rare, and a large future to carry in every idle session.
+            Box::pin(self.resync()).await?;
+        }
+        Ok(())
+    }
+
+    fn count_delivered(&self, counts: [u64; 3], oldest: u64) {
         for (kind, n) in [Kind::Direct, Kind::Room, Kind::Broadcast].into_iter().zip(counts) {
             if n > 0 {
                 self.node.count(kind, n);
@@ -265,9 +317,75 @@ impl Session {
             let latency = now_ms().saturating_sub(oldest) as f64 / 1000.0;
             self.node.metrics.delivery_latency.observe(latency);
         }
-        if resync {
-            // Boxed, like the flush: rare, and a large future to carry in every idle session.
-            Box::pin(self.resync()).await?;
+    }
+
+    /// Writes the held messages that are in order now; arms the repair timer for the gaps left.
+    async fn release_held(&mut self) -> Result<(), Stop> {
+        let mut released: Vec<Arc<Delivery>> = Vec::new();
+        let mut open = false;
+        for state in self.streams.values_mut() {
+            let had = state.had().unwrap_or(0);
+            let Some(held) = &mut state.held else { continue };
+            let out = held.release(had);
+            if let Some((_, last)) = out.last().and_then(|d| d.position.as_ref()) {
+                state.seen.insert_range(had + 1, *last);
+            }
+            released.extend(out);
+            if held.is_empty() {
+                state.held = None;
+            } else {
+                open = true;
+            }
+        }
+        if !released.is_empty() {
+            let mut counts = [0u64; 3];
+            let mut oldest = u64::MAX;
+            for d in &released {
+                let kind = match &d.position {
+                    Some((StreamId::Room(_), _)) => Kind::Room,
+                    _ => Kind::Direct,
+                };
+                counts[kind as usize] += 1;
+                oldest = oldest.min(d.ts());
+            }
+            let pushed = self.ws.push_text(released.iter().map(|d| &d.json()[..]));
+            self.wrote(pushed).await?;
+            self.count_delivered(counts, oldest);
+        }
+        self.repair_at = match (open, self.repair_at) {
+            (false, _) => None,
+            (true, Some(at)) => Some(at),
+            (true, None) => Some(Instant::now() + REPAIR_WAIT),
+        };
+        Ok(())
+    }
+
+    /// Reads from the store what is still missing before held messages, writes it, then the held
+    /// messages it unblocked. A store that cannot be read is tried again after [`REPAIR_RETRY`].
+    async fn repair(&mut self) -> Result<(), Stop> {
+        self.repair_at = None;
+        let gaps: Vec<(StreamId, u64)> = self
+            .streams
+            .iter()
+            .filter(|(_, state)| state.held.is_some())
+            .map(|(stream, state)| (stream.clone(), state.had().unwrap_or(0)))
+            .collect();
+        let mut failed = false;
+        for (stream, had) in gaps {
+            match self.read_missing(stream.clone(), had).await {
+                Ok((_, _, backlog)) => {
+                    self.node.metrics.repairs.inc();
+                    self.write(backlog).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, %stream, "repairing a gap in live delivery failed; retrying");
+                    failed = true;
+                }
+            }
+        }
+        self.release_held().await?;
+        if failed {
+            self.repair_at = Some(Instant::now() + REPAIR_RETRY);
         }
         Ok(())
     }

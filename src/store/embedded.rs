@@ -1,29 +1,29 @@
 //! The single-node store: redb, an embedded, crash-safe B-tree in one file under `--data-dir`.
 //!
 //! All writes go through one thread that commits them in batches (group commit): each batch is
-//! one fsync'd transaction however many appends it holds, and only after the commit are its
-//! messages handed to the broker, in the order their seqs were assigned. That order is what makes
-//! live delivery of a stream gapless: nothing is published that a reader could not already read,
-//! and nothing is published out of seq order. Reads run on the blocking pool against consistent
-//! read transactions and never wait for the writer.
+//! one fsync'd transaction however many appends it holds, and an append is answered only after
+//! its batch committed, so nothing is published that a reader could not already read. Messages
+//! are kept as [`Record`]s. Reads run on the blocking pool against consistent read transactions
+//! and never wait for the writer.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use redb::{
     Database, Durability, Key, ReadableDatabase, ReadableTable, Table, TableDefinition, Value, WriteTransaction,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use super::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage};
-use crate::broker::{Delivery, Event, MemoryBroker, Topic};
-use crate::protocol::{HistoryQuery, StreamId, UserId, encode_message, now_ms};
+use crate::message::Record;
+use crate::protocol::{HistoryQuery, StreamId, UserId, now_ms};
 
-/// (stream, seq) → (accepted at ms, encoded `message` frame).
-const MESSAGES: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("messages");
+/// (stream, seq) → (accepted at ms, the message as a [`Record`]).
+const MESSAGES: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("records");
+/// Where stores before the neutral record kept JSON frames; dropped at open.
+const OLD_MESSAGES: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("messages");
 /// stream → (last seq ever assigned, first seq still kept).
 const STREAMS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("streams");
 /// user → read cursor.
@@ -64,9 +64,8 @@ fn internal(e: impl std::fmt::Display) -> StoreError {
 const CACHE_BYTES: usize = 64 << 20;
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store in `dir` and starts its writer thread. Committed messages are
-    /// delivered through `broker`.
-    pub fn open(dir: &Path, retention: Retention, broker: Arc<MemoryBroker>) -> anyhow::Result<Self> {
+    /// Opens (or creates) the store in `dir` and starts its writer thread.
+    pub fn open(dir: &Path, retention: Retention) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("--data-dir {}: cannot create it: {e}", dir.display()))?;
         let path = dir.join("switchyard.redb");
@@ -80,6 +79,9 @@ impl EmbeddedStore {
             txn.open_table(STREAMS)?;
             txn.open_table(CURSORS)?;
             txn.open_table(IDEMPOTENCY)?;
+            if txn.delete_table(OLD_MESSAGES)? {
+                tracing::warn!("dropped the history kept in the format of an earlier version; seqs go on");
+            }
             txn.commit()?;
         }
         let db = Arc::new(db);
@@ -87,7 +89,7 @@ impl EmbeddedStore {
         let thread_db = db.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || Writer { db: thread_db, retention, broker }.run(rx))?;
+            .spawn(move || Writer { db: thread_db, retention }.run(rx))?;
         let sweeper = writer.downgrade();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
@@ -120,7 +122,9 @@ impl EmbeddedStore {
         rx.await.map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?
     }
 
-    fn read_blocking(db: &Database, stream: &str, query: HistoryQuery, ttl_ms: u64) -> Result<Slice, StoreError> {
+    fn read_blocking(db: &Database, stream_id: &StreamId, query: HistoryQuery, ttl_ms: u64) -> Result<Slice, StoreError> {
+        let key = stream_id.key();
+        let stream = key.as_str();
         let txn = db.begin_read().map_err(internal)?;
         let streams = txn.open_table(STREAMS).map_err(internal)?;
         let last_seq = streams.get(stream).map_err(internal)?.map_or(0, |v| v.value().0);
@@ -130,16 +134,16 @@ impl EmbeddedStore {
         let out = match query {
             HistoryQuery::After { since, limit } => {
                 let from = (stream, since.saturating_add(1))..=(stream, u64::MAX);
-                take_kept(messages.range(from).map_err(internal)?, limit, cutoff)?
+                take_kept(stream_id, messages.range(from).map_err(internal)?, limit, cutoff)?
             }
             HistoryQuery::Before { before, limit } => {
                 let mut out =
-                    take_kept(messages.range((stream, 0)..(stream, before)).map_err(internal)?.rev(), limit, cutoff)?;
+                    take_kept(stream_id, messages.range((stream, 0)..(stream, before)).map_err(internal)?.rev(), limit, cutoff)?;
                 out.reverse();
                 out
             }
             HistoryQuery::Last { limit } => {
-                let mut out = take_kept(messages.range(all).map_err(internal)?.rev(), limit, cutoff)?;
+                let mut out = take_kept(stream_id, messages.range(all).map_err(internal)?.rev(), limit, cutoff)?;
                 out.reverse();
                 out
             }
@@ -156,9 +160,9 @@ impl Store for EmbeddedStore {
 
     async fn read(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError> {
         let db = self.db()?;
-        let key = stream.key();
+        let stream = stream.clone();
         let ttl = self.retention.ttl_ms;
-        tokio::task::spawn_blocking(move || Self::read_blocking(&db, &key, query, ttl)).await.map_err(internal)?
+        tokio::task::spawn_blocking(move || Self::read_blocking(&db, &stream, query, ttl)).await.map_err(internal)?
     }
 
     async fn cursor(&self, user: &UserId) -> Result<u64, StoreError> {
@@ -199,17 +203,25 @@ type Row = Result<
     redb::StorageError,
 >;
 
-/// The first `limit` unexpired messages of `rows`, in the order given.
-fn take_kept(rows: impl Iterator<Item = Row>, limit: usize, cutoff: u64) -> Result<Vec<StoredMessage>, StoreError> {
+/// The first `limit` unexpired messages of `rows` of `stream`, in the order given.
+fn take_kept(
+    stream: &StreamId,
+    rows: impl Iterator<Item = Row>,
+    limit: usize,
+    cutoff: u64,
+) -> Result<Vec<StoredMessage>, StoreError> {
     let mut out = Vec::new();
     for row in rows {
         if out.len() >= limit {
             break;
         }
         let (key, value) = row.map_err(internal)?;
-        let (ts, frame) = value.value();
+        let (ts, record) = value.value();
         if ts >= cutoff {
-            out.push(StoredMessage { seq: key.value().1, frame: Bytes::copy_from_slice(frame) });
+            let seq = key.value().1;
+            let message = Record::decode(Some(stream), record)
+                .ok_or_else(|| StoreError::Internal(format!("{stream} seq {seq}: unreadable record")))?;
+            out.push(StoredMessage { seq, message });
         }
     }
     Ok(out)
@@ -219,7 +231,6 @@ fn take_kept(rows: impl Iterator<Item = Row>, limit: usize, cutoff: u64) -> Resu
 struct Writer {
     db: Arc<Database>,
     retention: Retention,
-    broker: Arc<MemoryBroker>,
 }
 
 type MessagesTable<'t> = Table<'t, (&'static str, u64), (u64, &'static [u8])>;
@@ -253,9 +264,8 @@ fn open<'s, 't, K: Key + 'static, V: Value + 'static>(
     Ok(slot.as_mut().expect("opened above"))
 }
 
-/// What a committed append still has to do: deliver, then answer.
+/// A written append, answered once its batch committed.
 struct Pending {
-    deliveries: Vec<(Topic, Event)>,
     reply: oneshot::Sender<Result<Appended, StoreError>>,
     result: Appended,
 }
@@ -297,7 +307,7 @@ impl Writer {
             for op in batch.drain(..) {
                 match op {
                     WriteOp::Append(request, reply) => match self.append(&mut tables, request) {
-                        Ok((result, deliveries)) => appends.push(Pending { deliveries, reply, result }),
+                        Ok(result) => appends.push(Pending { reply, result }),
                         Err(e) => {
                             let _ = reply.send(Err(e));
                         }
@@ -326,9 +336,6 @@ impl Writer {
         match outcome {
             Ok(()) => {
                 for pending in appends {
-                    for (topic, event) in &pending.deliveries {
-                        self.broker.deliver_now(topic, event);
-                    }
                     let _ = pending.reply.send(Ok(pending.result));
                 }
                 for ack in acks {
@@ -347,57 +354,53 @@ impl Writer {
         }
     }
 
-    /// Appends one request inside `txn`, returning the answer and the deliveries to make after
-    /// the commit.
-    fn append(
-        &self,
-        tables: &mut Tables<'_>,
-        request: AppendRequest,
-    ) -> Result<(Appended, Vec<(Topic, Event)>), StoreError> {
+    /// Appends one request inside `txn`, returning the answer to give after the commit.
+    fn append(&self, tables: &mut Tables<'_>, request: AppendRequest) -> Result<Appended, StoreError> {
         let now = now_ms();
         if let Some((scope, key)) = &request.idempotency {
             let table = open(tables.txn, &mut tables.idempotency, IDEMPOTENCY)?;
             if let Some(v) = table.get((scope.as_str(), key.as_str())).map_err(internal)? {
                 let (expires, seq, mid) = v.value();
                 if expires > now {
-                    return Ok((Appended { mid: Arc::from(mid), seq, duplicate: true }, Vec::new()));
+                    return Ok(Appended {
+                        mid: Arc::from(mid),
+                        seq,
+                        duplicate: true,
+                        seqs: Vec::new(),
+                        published: false,
+                    });
                 }
             }
         }
-        let mid = match request.entries.first() {
-            Some(entry) => entry.draft.mid.clone(),
-            None => return Err(StoreError::Internal("append without entries".into())),
-        };
+        if request.entries.is_empty() {
+            return Err(StoreError::Internal("append without entries".into()));
+        }
+        let mid = request.message.mid.clone();
+        let record = Record::encode(&request.message);
         let streams = open(tables.txn, &mut tables.streams, STREAMS)?;
         let messages = open(tables.txn, &mut tables.messages, MESSAGES)?;
-        let mut deliveries = Vec::with_capacity(request.entries.len());
-        let mut reply_seq = 0;
-        for (i, entry) in request.entries.into_iter().enumerate() {
+        let mut seqs = Vec::with_capacity(request.entries.len());
+        for entry in &request.entries {
             let key = entry.stream.key();
             let (last, first) = streams.get(key.as_str()).map_err(internal)?.map_or((0, 1), |v| v.value());
             let seq = last + 1;
-            let frame = encode_message(Some((&entry.stream, seq)), &entry.draft);
-            messages.insert((key.as_str(), seq), (entry.draft.ts, &frame[..])).map_err(internal)?;
+            messages.insert((key.as_str(), seq), (request.message.ts, &record[..])).map_err(internal)?;
             let mut first = first;
             while seq - first + 1 > self.retention.max_messages {
                 messages.remove((key.as_str(), first)).map_err(internal)?;
                 first += 1;
             }
             streams.insert(key.as_str(), (seq, first)).map_err(internal)?;
-            if i == request.reply_entry {
-                reply_seq = seq;
-            }
-            let delivery =
-                Delivery { position: Some((entry.stream, seq)), frame, exclude: entry.exclude, ts: entry.draft.ts };
-            deliveries.push((entry.topic, Event::Message(Arc::new(delivery))));
+            seqs.push(seq);
         }
+        let reply_seq = seqs.get(request.reply_entry).copied().unwrap_or(0);
         if let Some((scope, key)) = &request.idempotency {
             let table = open(tables.txn, &mut tables.idempotency, IDEMPOTENCY)?;
             table
                 .insert((scope.as_str(), key.as_str()), (now + IDEMPOTENCY_WINDOW_MS, reply_seq, &*mid))
                 .map_err(internal)?;
         }
-        Ok((Appended { mid, seq: reply_seq, duplicate: false }, deliveries))
+        Ok(Appended { mid, seq: reply_seq, duplicate: false, seqs, published: false })
     }
 
     /// Removes expired messages and idempotency keys.

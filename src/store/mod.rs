@@ -4,10 +4,16 @@
 //! The contract every backend keeps:
 //! - seqs of a stream are 1, 2, 3, … with no gap, assigned once and never reused, even after the
 //!   messages themselves are gone (retention or restart);
-//! - an append is stored before it is delivered, and the live deliveries of one stream leave in
-//!   seq order, so a reader that subscribed first and then read the store sees every message;
+//! - an append answers only once it is committed, and an append answered with an error is never
+//!   committed later (a store that can be reached late checks a deadline on the server);
 //! - an append with an idempotency key already used by the same scope within
-//!   [`IDEMPOTENCY_WINDOW_MS`] stores and delivers nothing and answers the first result.
+//!   [`IDEMPOTENCY_WINDOW_MS`] stores nothing and answers the first result;
+//! - what is kept are the message's fields ([`Message`]), never a wire protocol's frame.
+//!
+//! The store → bus hand-off: the store assigns seqs and commits, then the node publishes each
+//! committed entry on the bus. A bus may delay, reorder, duplicate or drop, so sessions repair
+//! from the store (see `session`). One exception, declared by [`Appended::published`]: a store
+//! and a bus on the same Redis publish inside the append's script, atomically with it.
 
 mod embedded;
 mod redis;
@@ -17,11 +23,13 @@ mod tests;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 
 use crate::broker::{SessionId, Topic};
-use crate::protocol::{ErrorCode, HistoryQuery, MessageDraft, ProtocolError, StreamId, UserId};
+pub use crate::message::StoredMessage;
+use crate::message::Message;
+use crate::protocol::{ErrorCode, HistoryQuery, ProtocolError, StreamId, UserId};
 
+pub(crate) use self::redis::envelope_head;
 pub use self::redis::RedisStore;
 pub use embedded::EmbeddedStore;
 
@@ -35,13 +43,12 @@ pub struct Retention {
 /// How long an idempotency key is remembered.
 pub const IDEMPOTENCY_WINDOW_MS: u64 = 10 * 60 * 1000;
 
-/// One copy of a message for one stream.
+/// One stream a message is appended to, and who receives that copy live.
 #[derive(Clone, Debug)]
 pub struct Entry {
     pub stream: StreamId,
-    /// Who receives the live delivery.
+    /// Who receives the live delivery. Only a store that publishes itself reads it.
     pub topic: Topic,
-    pub draft: MessageDraft,
     /// The sending session, which gets a reply instead of an echo.
     pub exclude: Option<SessionId>,
 }
@@ -50,6 +57,7 @@ pub struct Entry {
 /// and the sender's stream), all or nothing.
 #[derive(Clone, Debug)]
 pub struct AppendRequest {
+    pub message: Message,
     pub entries: Vec<Entry>,
     /// Which entry's seq the caller answers with.
     pub reply_entry: usize,
@@ -60,16 +68,15 @@ pub struct AppendRequest {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Appended {
     pub mid: Arc<str>,
+    /// The seq of the reply entry.
     pub seq: u64,
     /// The key was seen before: nothing was stored, `mid` and `seq` are the first append's.
     pub duplicate: bool,
-}
-
-/// A stored message: its seq and the `message` frame as encoded when it was appended.
-#[derive(Clone, Debug)]
-pub struct StoredMessage {
-    pub seq: u64,
-    pub frame: Bytes,
+    /// The seq of each entry, in the request's order; empty for a duplicate.
+    pub seqs: Vec<u64>,
+    /// The store already handed the entries to the bus (a fused store and bus, see the module
+    /// header); otherwise the caller publishes them.
+    pub published: bool,
 }
 
 /// Messages read from a stream, ascending, and the stream's last seq at the time of the read.
@@ -98,8 +105,8 @@ impl From<StoreError> for ProtocolError {
 
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Stores the entries, each with the next seq of its stream, then delivers them (see the
-    /// module contract). Returns the mid and the seq of `reply_entry`.
+    /// Stores the message in each entry's stream with that stream's next seq, all or nothing;
+    /// answers the mid, the seq of `reply_entry` and every entry's seq (see the module contract).
     async fn append(&self, request: AppendRequest) -> Result<Appended, StoreError>;
 
     /// Reads the kept messages that `query` selects; expired ones are never returned.

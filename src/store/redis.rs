@@ -1,12 +1,13 @@
 //! The cluster store: streams in Redis, shared by every node (key layout in `keys.rs`).
 //!
 //! An append is one Lua script, so it is atomic per message: check the idempotency key, then for
-//! each entry bump the stream's seq, build the frame around it, `XADD` it with the retention
+//! each entry bump the stream's seq and `XADD` the message's [`Record`] with the retention
 //! (`MAXLEN` for `--history-size`; for `--history-ttl`, up to 16 expired entries trimmed from the
 //! head, looked at only when the oldest one has expired, and that one only every
-//! [`AGE_CHECK_EVERY`]th seq) and `PUBLISH` it on the audience's channel. Redis runs scripts one
-//! at a time, so seqs are assigned once cluster-wide, every subscriber sees a stream's messages in
-//! seq order, and nothing is published that is not readable. A message published while a node's
+//! [`AGE_CHECK_EVERY`]th seq). Redis runs scripts one at a time, so seqs are assigned once
+//! cluster-wide. When the bus is the same Redis (`fused`), the script also `PUBLISH`es each entry
+//! on its audience's channel: every subscriber then sees a stream's messages in seq order, and
+//! nothing is published that is not readable, with no second round trip. A message published while a node's
 //! subscription is down is not lost: it is in the stream, and sessions catch up by seq. A script
 //! that Redis reaches after its deadline (Redis was paused past the node's response timeout)
 //! writes nothing, so an append the node answered `unavailable` is never stored later.
@@ -15,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
@@ -23,34 +23,38 @@ use super::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, St
 use crate::broker::SessionId;
 use crate::cluster::{self, RedisClock};
 use crate::keys::Keys;
-use crate::protocol::{HistoryQuery, StreamId, UserId, encode_message_parts, now_ms};
+use crate::message::Record;
+use crate::protocol::{HistoryQuery, StreamId, UserId, now_ms};
 
 /// KEYS: idempotency key, then (seq key, log key) per entry.
 /// ARGV: now, idempotency ttl, max messages, expiry cutoff, ttl, entry count, reply entry
-/// (1-based), mid, keyed (1/0), deadline (ms, see [`crate::cluster::WRITE_DEADLINE`]), then (channel, envelope
-/// head, frame before seq, frame after seq) per entry. Answers {duplicate (0/1), "<mid> <seq>"},
-/// or {2, ""} without writing anything when Redis runs it after the deadline.
+/// (1-based), mid, keyed (1/0), deadline (ms, see [`crate::cluster::WRITE_DEADLINE`]), the
+/// message's record, publish (1/0), then (channel, envelope head) per entry. Answers
+/// {duplicate (0/1), "<mid> <seq>", "<seq of each entry> …"}, or {2, "", ""} without writing
+/// anything when Redis runs it after the deadline.
 const APPEND: &str = r#"
 local t = redis.call('TIME')
-if t[1] * 1000 + math.floor(t[2] / 1000) > tonumber(ARGV[10]) then return {2, ''} end
+if t[1] * 1000 + math.floor(t[2] / 1000) > tonumber(ARGV[10]) then return {2, '', ''} end
 local keyed = ARGV[9] == '1'
 if keyed then
   local prev = redis.call('GET', KEYS[1])
-  if prev then return {1, prev} end
+  if prev then return {1, prev, ''} end
 end
 local n = tonumber(ARGV[6])
 local cutoff = tonumber(ARGV[4])
 local reply_entry = tonumber(ARGV[7])
+local record = ARGV[11]
+local publish = ARGV[12] == '1'
 local reply = '0'
+local seqs = {}
 for i = 1, n do
   local seqk, logk = KEYS[2 * i], KEYS[2 * i + 1]
-  local a = 10 + 4 * (i - 1)
+  local a = 12 + 2 * (i - 1)
   local number = redis.call('INCR', seqk)
   -- The seq as text once: Lua formats a number with sprintf at every concatenation.
   local seq = tostring(number)
   local id = '0-' .. seq
-  local frame = ARGV[a + 3] .. seq .. ARGV[a + 4]
-  redis.call('XADD', logk, 'MAXLEN', ARGV[3], id, 'f', frame, 't', ARGV[1])
+  redis.call('XADD', logk, 'MAXLEN', ARGV[3], id, 'r', record, 't', ARGV[1])
   -- 16 is AGE_CHECK_EVERY.
   if number % 16 == 0 then
     local first = redis.call('XRANGE', logk, '-', '+', 'COUNT', 1)[1]
@@ -66,12 +70,13 @@ for i = 1, n do
     end
   end
   redis.call('PEXPIRE', logk, ARGV[5])
-  redis.call('PUBLISH', ARGV[a + 1], ARGV[a + 2] .. seq .. ' ' .. ARGV[1] .. '\n' .. frame)
+  if publish then redis.call('PUBLISH', ARGV[a + 1], ARGV[a + 2] .. seq .. ' ' .. record) end
   if i == reply_entry then reply = seq end
+  seqs[i] = seq
 end
 local answer = ARGV[8] .. ' ' .. reply
 if keyed then redis.call('SET', KEYS[1], answer, 'PX', ARGV[2]) end
-return {0, answer}
+return {0, answer, table.concat(seqs, ' ')}
 "#;
 
 /// Every how many seqs of a stream an append looks for expired entries at its head. Looking
@@ -88,9 +93,10 @@ if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
 return 0
 "#;
 
-/// Bytes an append's arguments take per entry beyond the body: its keys, channel, envelope head
-/// and the rest of its frame.
-const FRAME_ROOM: usize = 384;
+/// Bytes an append's arguments take beyond the record, and per entry: its keys, channel and
+/// envelope head.
+const ARGS_ROOM: usize = 256;
+const ENTRY_ROOM: usize = 192;
 
 /// How long `ready` waits for a PING.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
@@ -100,6 +106,8 @@ pub struct RedisStore {
     clock: Arc<RedisClock>,
     keys: Keys,
     retention: Retention,
+    /// Whether the bus is this same Redis, so that the append script publishes.
+    fused: bool,
     append: Script,
     ack: Script,
 }
@@ -113,14 +121,15 @@ fn malformed(what: &str) -> StoreError {
 }
 
 impl RedisStore {
-    pub fn new(conn: ConnectionManager, clock: Arc<RedisClock>, keys: Keys, retention: Retention) -> Self {
-        Self { conn, clock, keys, retention, append: Script::new(APPEND), ack: Script::new(ACK) }
+    /// A store on `conn`; `fused` when the bus is the same Redis (see the module header).
+    pub fn new(conn: ConnectionManager, clock: Arc<RedisClock>, keys: Keys, retention: Retention, fused: bool) -> Self {
+        Self { conn, clock, keys, retention, fused, append: Script::new(APPEND), ack: Script::new(ACK) }
     }
 }
 
 /// The envelope head a subscriber decodes (see `broker/redis.rs`): `M <exclude> <stream> `,
-/// followed by the seq, the time and the frame.
-fn envelope_head(exclude: Option<SessionId>, stream: &StreamId) -> Vec<u8> {
+/// followed by the seq, a space and the record.
+pub(crate) fn envelope_head(exclude: Option<SessionId>, stream: &StreamId) -> Vec<u8> {
     let (kind, name) = stream.parts();
     let mut head = Vec::with_capacity(24 + kind.len() + name.len());
     head.extend_from_slice(b"M ");
@@ -135,8 +144,8 @@ fn envelope_head(exclude: Option<SessionId>, stream: &StreamId) -> Vec<u8> {
     head
 }
 
-/// Parses `XRANGE`/`XREVRANGE` entries into (seq, ts, frame).
-fn entries(value: Value) -> Result<Vec<(u64, u64, Bytes)>, StoreError> {
+/// Parses `XRANGE`/`XREVRANGE` entries into (seq, ts, record).
+fn entries(value: Value) -> Result<Vec<(u64, u64, Vec<u8>)>, StoreError> {
     let Value::Array(items) = value else { return Err(malformed("stream range")) };
     items
         .into_iter()
@@ -150,15 +159,16 @@ fn entries(value: Value) -> Result<Vec<(u64, u64, Bytes)>, StoreError> {
                 redis::from_redis_value(pair.pop().expect("two items")).map_err(|_| malformed("entry id"))?;
             let seq = id.strip_prefix("0-").and_then(|s| s.parse().ok()).ok_or_else(|| malformed("entry id"))?;
             let fields: Vec<Vec<u8>> = redis::from_redis_value(fields).map_err(|_| malformed("entry fields"))?;
-            let (mut frame, mut ts) = (None, 0);
-            for pair in fields.chunks(2) {
-                match (pair.first().map(Vec::as_slice), pair.get(1)) {
-                    (Some(b"f"), Some(v)) => frame = Some(Bytes::copy_from_slice(v)),
-                    (Some(b"t"), Some(v)) => ts = std::str::from_utf8(v).ok().and_then(|t| t.parse().ok()).unwrap_or(0),
+            let (mut record, mut ts) = (None, 0);
+            let mut fields = fields.into_iter();
+            while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                match &name[..] {
+                    b"r" => record = Some(value),
+                    b"t" => ts = std::str::from_utf8(&value).ok().and_then(|t| t.parse().ok()).unwrap_or(0),
                     _ => {}
                 }
             }
-            Ok((seq, ts, frame.ok_or_else(|| malformed("entry without frame"))?))
+            Ok((seq, ts, record.ok_or_else(|| malformed("entry without record"))?))
         })
         .collect()
 }
@@ -166,18 +176,19 @@ fn entries(value: Value) -> Result<Vec<(u64, u64, Bytes)>, StoreError> {
 #[async_trait]
 impl Store for RedisStore {
     async fn append(&self, request: AppendRequest) -> Result<Appended, StoreError> {
-        let Some(first) = request.entries.first() else {
+        if request.entries.is_empty() {
             return Err(StoreError::Internal("append without entries".into()));
-        };
-        let mid = first.draft.mid.clone();
+        }
+        let mid = request.message.mid.clone();
+        let record = Record::encode(&request.message);
         let now = now_ms();
         let idem_key = match &request.idempotency {
             Some((scope, key)) => self.keys.idempotency(scope, key),
             None => self.keys.idempotency("-", "-"),
         };
         let keys = 1 + 2 * request.entries.len();
-        let frames: usize = request.entries.iter().map(|e| FRAME_ROOM + e.draft.body.len()).sum();
-        let mut cmd = cluster::evalsha(&self.append, keys, keys + 10 + 4 * request.entries.len(), 256 + frames);
+        let n = request.entries.len();
+        let mut cmd = cluster::evalsha(&self.append, keys, keys + 12 + 2 * n, ARGS_ROOM + ENTRY_ROOM * n + record.len());
         cmd.arg(idem_key);
         for entry in &request.entries {
             cmd.arg(self.keys.seq(&entry.stream)).arg(self.keys.log(&entry.stream));
@@ -191,16 +202,18 @@ impl Store for RedisStore {
             .arg(request.reply_entry + 1)
             .arg(&*mid)
             .arg(if request.idempotency.is_some() { "1" } else { "0" })
-            .arg(self.clock.write_deadline());
+            .arg(self.clock.write_deadline())
+            .arg(&record[..])
+            .arg(if self.fused { "1" } else { "0" });
         for entry in &request.entries {
-            let (before, after) = encode_message_parts(&entry.stream, &entry.draft);
-            cmd.arg(self.keys.channel(&entry.topic))
-                .arg(envelope_head(entry.exclude, &entry.stream))
-                .arg(before)
-                .arg(after);
+            if self.fused {
+                cmd.arg(self.keys.channel(&entry.topic)).arg(envelope_head(entry.exclude, &entry.stream));
+            } else {
+                cmd.arg("").arg("");
+            }
         }
         let mut conn = self.conn.clone();
-        let (duplicate, answer): (u8, String) =
+        let (duplicate, answer, seqs): (u8, String, String) =
             cluster::eval(&mut conn, &self.append, &cmd).await.map_err(unavailable)?;
         if duplicate == 2 {
             return Err(StoreError::Unavailable(
@@ -209,7 +222,10 @@ impl Store for RedisStore {
         }
         let (mid, seq) = answer.split_once(' ').ok_or_else(|| malformed("append answer"))?;
         let seq = seq.parse().map_err(|_| malformed("append seq"))?;
-        Ok(Appended { mid: Arc::from(mid), seq, duplicate: duplicate == 1 })
+        let seqs = seqs.split_whitespace().map(str::parse).collect::<Result<Vec<u64>, _>>();
+        let seqs = seqs.map_err(|_| malformed("append seqs"))?;
+        let duplicate = duplicate == 1;
+        Ok(Appended { mid: Arc::from(mid), seq, duplicate, seqs, published: self.fused && !duplicate })
     }
 
     async fn read(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError> {
@@ -244,8 +260,11 @@ impl Store for RedisStore {
                 .into_iter()
                 .filter(|(_, ts, _)| *ts >= cutoff)
                 .take(limit)
-                .map(|(seq, _, frame)| StoredMessage { seq, frame })
-                .collect(),
+                .map(|(seq, _, record)| {
+                    let message = Record::decode(Some(stream), &record).ok_or_else(|| malformed("record"))?;
+                    Ok(StoredMessage { seq, message })
+                })
+                .collect::<Result<_, StoreError>>()?,
             _ => Vec::new(),
         };
         if reverse {

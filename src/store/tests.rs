@@ -5,9 +5,10 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::broker::{MemoryBroker, SessionId};
+use crate::broker::{SessionId, Topic};
 use crate::keys::Keys;
-use crate::protocol::{MessageDraft, RoomName, new_mid, now_ms};
+use crate::message::Message;
+use crate::protocol::{RoomName, new_mid, now_ms};
 
 const RETENTION: Retention = Retention { max_messages: 5, ttl_ms: 3_600_000 };
 
@@ -15,39 +16,36 @@ fn user(name: &str) -> UserId {
     UserId::parse(name).unwrap()
 }
 
-fn room_entry(room: &str, body: &str) -> Entry {
+/// A message to `room` and the entry of its stream.
+fn room_entry(room: &str, body: &str) -> (Message, Entry) {
     let room = RoomName::parse(room).unwrap();
     let ts = now_ms();
-    Entry {
-        stream: StreamId::Room(room.clone()),
-        topic: Topic::Room(room.clone()),
-        draft: MessageDraft {
-            mid: new_mid(ts),
-            from: Arc::from("alice"),
-            to: None,
-            room: Some(room),
-            body: Arc::from(body),
-            ts,
-        },
-        exclude: Some(SessionId(7)),
-    }
+    let message =
+        Message { mid: new_mid(ts), from: Arc::from("alice"), to: None, room: Some(room.clone()), body: Arc::from(body), ts };
+    let entry = Entry { stream: StreamId::Room(room.clone()), topic: Topic::Room(room), exclude: Some(SessionId(7)) };
+    (message, entry)
 }
 
-fn append(entries: Vec<Entry>, reply_entry: usize, key: Option<&str>) -> AppendRequest {
-    AppendRequest { entries, reply_entry, idempotency: key.map(|k| ("u:alice".to_owned(), k.to_owned())) }
+fn append((message, entry): (Message, Entry), key: Option<&str>) -> AppendRequest {
+    AppendRequest {
+        message,
+        entries: vec![entry],
+        reply_entry: 0,
+        idempotency: key.map(|k| ("u:alice".to_owned(), k.to_owned())),
+    }
 }
 
 async fn conformance(store: &dyn Store) {
     // Seqs start at 1, per stream, with no gap.
     for i in 1..=3 {
-        let a = store.append(append(vec![room_entry("a", &i.to_string())], 0, None)).await.unwrap();
+        let a = store.append(append(room_entry("a", &i.to_string()), None)).await.unwrap();
         assert_eq!((a.seq, a.duplicate), (i, false));
     }
-    assert_eq!(store.append(append(vec![room_entry("b", "1")], 0, None)).await.unwrap().seq, 1);
+    assert_eq!(store.append(append(room_entry("b", "1"), None)).await.unwrap().seq, 1);
 
     // A message to two streams gets each stream's next seq and one mid.
     let ts = now_ms();
-    let draft = MessageDraft {
+    let message = Message {
         mid: new_mid(ts),
         from: Arc::from("alice"),
         to: Some(user("bob")),
@@ -55,25 +53,19 @@ async fn conformance(store: &dyn Store) {
         body: Arc::from("\"dm\""),
         ts,
     };
-    let to_bob = Entry {
-        stream: StreamId::User(user("bob")),
-        topic: Topic::User(user("bob")),
-        draft: draft.clone(),
-        exclude: None,
-    };
-    let copy = Entry { stream: StreamId::User(user("alice")), topic: Topic::User(user("alice")), draft, exclude: None };
-    let sent = store.append(append(vec![to_bob, copy], 1, None)).await.unwrap();
-    assert_eq!(sent.seq, 1, "the reply carries the sender's stream seq");
-    let bob = store.read(&StreamId::User(user("bob")), HistoryQuery::Last { limit: 10 }).await.unwrap();
-    let frame: serde_json::Value = serde_json::from_slice(&bob.messages[0].frame).unwrap();
-    assert_eq!(
-        (frame["seq"].as_u64(), frame["mid"].as_str(), frame["stream"].as_str()),
-        (Some(1), Some(&*sent.mid), Some("user:bob"))
-    );
+    let to_bob = Entry { stream: StreamId::User(user("bob")), topic: Topic::User(user("bob")), exclude: None };
+    let copy = Entry { stream: StreamId::User(user("alice")), topic: Topic::User(user("alice")), exclude: None };
+    let request = AppendRequest { message: message.clone(), entries: vec![to_bob, copy], reply_entry: 1, idempotency: None };
+    let sent = store.append(request).await.unwrap();
+    assert_eq!((sent.seq, &sent.seqs[..]), (1, &[1, 1][..]), "the reply carries the sender's stream seq");
+    for party in ["bob", "alice"] {
+        let slice = store.read(&StreamId::User(user(party)), HistoryQuery::Last { limit: 10 }).await.unwrap();
+        assert_eq!(slice.messages, vec![StoredMessage { seq: 1, message: message.clone() }], "{party}'s copy");
+    }
 
     // Idempotency: the same key answers the first append and stores nothing.
-    let first = store.append(append(vec![room_entry("a", "k")], 0, Some("key-1"))).await.unwrap();
-    let again = store.append(append(vec![room_entry("a", "k")], 0, Some("key-1"))).await.unwrap();
+    let first = store.append(append(room_entry("a", "k"), Some("key-1"))).await.unwrap();
+    let again = store.append(append(room_entry("a", "k"), Some("key-1"))).await.unwrap();
     assert_eq!((again.mid.clone(), again.seq, again.duplicate), (first.mid.clone(), first.seq, true));
     assert_eq!(
         store
@@ -86,7 +78,7 @@ async fn conformance(store: &dyn Store) {
 
     // Retention keeps the last 5; reads answer ascending slices and the last seq.
     for i in 5..=8 {
-        store.append(append(vec![room_entry("a", &i.to_string())], 0, None)).await.unwrap();
+        store.append(append(room_entry("a", &i.to_string()), None)).await.unwrap();
     }
     let a = StreamId::Room(RoomName::parse("a").unwrap());
     let seqs = |slice: &Slice| slice.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
@@ -118,7 +110,7 @@ async fn expiry_conformance(store: &dyn Store) {
         if matches!(i, 4 | 5) {
             tokio::time::sleep(pause).await;
         }
-        store.append(append(vec![room_entry("old", &i.to_string())], 0, None)).await.unwrap();
+        store.append(append(room_entry("old", &i.to_string()), None)).await.unwrap();
     }
     let old = StreamId::Room(RoomName::parse("old").unwrap());
     let seqs = |slice: Slice| slice.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
@@ -129,7 +121,7 @@ async fn expiry_conformance(store: &dyn Store) {
 
     // Trimming an expired head stops at the first live message, however long the head: 1-20
     // expire, 21-40 are live when appending 41-48 makes the backend look at the head.
-    let mixed = |i: u64| append(vec![room_entry("mixed", &i.to_string())], 0, None);
+    let mixed = |i: u64| append(room_entry("mixed", &i.to_string()), None);
     for i in 1..=20 {
         store.append(mixed(i)).await.unwrap();
     }
@@ -151,7 +143,7 @@ const SHORT_TTL: Retention = Retention { max_messages: 100, ttl_ms: 1000 };
 #[tokio::test]
 async fn embedded_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path(), RETENTION, Arc::new(MemoryBroker::new())).unwrap();
+    let store = EmbeddedStore::open(dir.path(), RETENTION).unwrap();
     conformance(&store).await;
     store.close().await;
 }
@@ -159,7 +151,7 @@ async fn embedded_store_conforms() {
 #[tokio::test]
 async fn embedded_store_expires_by_age() {
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path(), SHORT_TTL, Arc::new(MemoryBroker::new())).unwrap();
+    let store = EmbeddedStore::open(dir.path(), SHORT_TTL).unwrap();
     expiry_conformance(&store).await;
     store.close().await;
 }
@@ -182,8 +174,8 @@ async fn redis_store_conforms() {
     let keys = Keys::new(&prefix);
     let clock = Arc::new(crate::cluster::RedisClock::default());
     clock.sample(&mut conn.clone()).await.unwrap();
-    conformance(&RedisStore::new(conn.clone(), clock.clone(), keys.clone(), RETENTION)).await;
-    expiry_conformance(&RedisStore::new(conn.clone(), clock, keys.clone(), SHORT_TTL)).await;
+    conformance(&RedisStore::new(conn.clone(), clock.clone(), keys.clone(), RETENTION, false)).await;
+    expiry_conformance(&RedisStore::new(conn.clone(), clock, keys.clone(), SHORT_TTL, true)).await;
     let streams =
         ["room:a", "room:b", "room:never", "room:old", "user:bob", "user:alice"].map(|s| StreamId::parse(s).unwrap());
     let mut doomed: Vec<String> = streams.iter().flat_map(|s| [keys.seq(s), keys.log(s)]).collect();

@@ -1,0 +1,147 @@
+//! The neutral message: what stores keep and buses carry, in no wire protocol's format.
+//!
+//! A message is accepted once (it gets its `mid` and `ts` then), appended to one or two streams
+//! (each copy gets that stream's seq), and encoded by each wire protocol once per node, when it
+//! reaches the node's hub (see [`crate::bus::Delivery`]). Nothing below knows about JSON frames.
+//!
+//! [`Record`] is the compact byte form shared by the backends that keep or move bytes (the
+//! embedded store, Redis streams and pub/sub): `<ts> <mid> <from> <to|->\n<body>`. Every field of
+//! the head is a name of PROTOCOL.md §1 or a server-made id, none of which holds a space or a
+//! newline, so the head splits on spaces and the body is everything after the first newline,
+//! byte for byte. A room message's room is its stream's name and is not repeated.
+
+use std::sync::Arc;
+
+use crate::protocol::{RoomName, StreamId, UserId};
+
+/// A message as accepted, before or apart from any stream position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub mid: Arc<str>,
+    /// The sending user, or the name a backend gave (`system` by default).
+    pub from: Arc<str>,
+    /// The recipient of a direct message.
+    pub to: Option<UserId>,
+    /// The room of a room message.
+    pub room: Option<RoomName>,
+    /// The body as raw JSON text, validated when it was parsed, delivered byte for byte.
+    pub body: Arc<str>,
+    /// When it was accepted, in ms since the Unix epoch.
+    pub ts: u64,
+}
+
+/// A message at its place in a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub message: Message,
+}
+
+/// The compact byte form of a message (see the module header).
+pub struct Record;
+
+impl Record {
+    /// Room for the head of a record: a time, a mid and two names.
+    const HEAD: usize = 64 + 2 * 128;
+
+    /// Appends the record of `message` to `out`.
+    pub fn write(out: &mut Vec<u8>, message: &Message) {
+        out.reserve(Self::HEAD + message.body.len());
+        let mut ts = itoa::Buffer::new();
+        out.extend_from_slice(ts.format(message.ts).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(message.mid.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(message.from.as_bytes());
+        out.push(b' ');
+        match &message.to {
+            Some(to) => out.extend_from_slice(to.as_str().as_bytes()),
+            None => out.push(b'-'),
+        }
+        out.push(b'\n');
+        out.extend_from_slice(message.body.as_bytes());
+    }
+
+    /// The record of `message` on its own.
+    pub fn encode(message: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        Self::write(&mut out, message);
+        out
+    }
+
+    /// The acceptance time of a record, without decoding the rest (for retention checks).
+    pub fn ts(bytes: &[u8]) -> Option<u64> {
+        let end = bytes.iter().position(|b| *b == b' ')?;
+        std::str::from_utf8(&bytes[..end]).ok()?.parse().ok()
+    }
+
+    /// Decodes a record of `stream` (`None`: a broadcast); `None` when it is not one.
+    pub fn decode(stream: Option<&StreamId>, bytes: &[u8]) -> Option<Message> {
+        let newline = bytes.iter().position(|b| *b == b'\n')?;
+        let head = std::str::from_utf8(&bytes[..newline]).ok()?;
+        let body = std::str::from_utf8(&bytes[newline + 1..]).ok()?;
+        let mut fields = head.split(' ');
+        let (ts, mid, from, to) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+        if fields.next().is_some() {
+            return None;
+        }
+        let to = match to {
+            "-" => None,
+            name => Some(match stream {
+                Some(StreamId::User(user)) if user.as_str() == name => user.clone(),
+                _ => UserId::parse(name).ok()?,
+            }),
+        };
+        let room = match stream {
+            Some(StreamId::Room(room)) => Some(room.clone()),
+            _ => None,
+        };
+        Some(Message { mid: Arc::from(mid), from: Arc::from(from), to, room, body: Arc::from(body), ts: ts.parse().ok()? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dm() -> Message {
+        Message {
+            mid: Arc::from("0000018f0000abcdef0123456789"),
+            from: Arc::from("alice"),
+            to: Some(UserId::parse("bob").unwrap()),
+            room: None,
+            body: Arc::from("{\"text\":\"a b\\nc\"}"),
+            ts: 1_763_800_000_123,
+        }
+    }
+
+    #[test]
+    fn a_direct_message_round_trips_in_either_party_stream() {
+        let record = Record::encode(&dm());
+        assert_eq!(&record[..], &b"1763800000123 0000018f0000abcdef0123456789 alice bob\n{\"text\":\"a b\\nc\"}"[..]);
+        for stream in ["user:bob", "user:alice"] {
+            let stream = StreamId::parse(stream).unwrap();
+            assert_eq!(Record::decode(Some(&stream), &record), Some(dm()));
+        }
+        assert_eq!(Record::ts(&record), Some(1_763_800_000_123));
+    }
+
+    #[test]
+    fn a_room_message_takes_its_room_from_the_stream() {
+        let room = RoomName::parse("lobby").unwrap();
+        let message = Message { to: None, room: Some(room.clone()), body: Arc::from("null"), ..dm() };
+        let record = Record::encode(&message);
+        assert!(record.ends_with(b" alice -\nnull"));
+        assert_eq!(Record::decode(Some(&StreamId::Room(room)), &record), Some(message.clone()));
+        let broadcast = Message { room: None, ..message };
+        assert_eq!(Record::decode(None, &Record::encode(&broadcast)), Some(broadcast));
+    }
+
+    #[test]
+    fn malformed_records_are_refused() {
+        let stream = StreamId::parse("user:bob").unwrap();
+        for bad in [&b"no newline"[..], b"1 m a\nbody", b"1 m a b c\nbody", b"x m a -\nbody", b"1 m a b!d\n{}"] {
+            assert_eq!(Record::decode(Some(&stream), bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Repair of live delivery: what a session does when the bus skips, repeats or reorders.
+//!
+//! A bus may delay, reorder, duplicate or drop messages (every real one does around reconnects).
+//! Per stream the session knows the next seq it is owed live: the one after the highest it has
+//! (or after where it started following the stream). A message past that seq is held back; when
+//! the missing ones arrive, the held ones follow in seq order. A gap still open after
+//! [`REPAIR_WAIT`] is read from the store, which has every committed message. Duplicates are
+//! already dropped by the session's [`SeqSet`](super::seqset::SeqSet). So each session gets every
+//! message of a stream it follows once and in seq order, whatever the bus did.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::broker::Delivery;
+
+/// How long a session waits for the messages missing before a held one, before reading them
+/// from the store. Reorders within a node are microseconds; a bus that lost a message stays
+/// silent, so this bounds the extra latency of that case.
+pub(super) const REPAIR_WAIT: Duration = Duration::from_millis(150);
+/// How long to wait before trying again when the store could not be read.
+pub(super) const REPAIR_RETRY: Duration = Duration::from_secs(1);
+/// Most messages held back per stream: beyond it the gap is repaired at once rather than
+/// waited for, so a session's memory stays bounded whatever the bus does.
+pub(super) const MAX_HELD: usize = 256;
+
+/// Messages of one stream that arrived ahead of a gap, by seq.
+#[derive(Debug, Default)]
+pub(super) struct Held {
+    messages: BTreeMap<u64, Arc<Delivery>>,
+}
+
+impl Held {
+    /// Holds `delivery` (at `seq`); true when the stream now holds too many to keep waiting.
+    pub(super) fn hold(&mut self, seq: u64, delivery: &Arc<Delivery>) -> bool {
+        self.messages.entry(seq).or_insert_with(|| delivery.clone());
+        self.messages.len() >= MAX_HELD
+    }
+
+    /// Takes the held messages that are now in order after `had` (the highest seq the session
+    /// has), stopping at the next gap; seqs at or below `had` are dropped as duplicates.
+    pub(super) fn release(&mut self, mut had: u64) -> Vec<Arc<Delivery>> {
+        let mut out = Vec::new();
+        while let Some(entry) = self.messages.first_entry() {
+            let seq = *entry.key();
+            if seq > had + 1 {
+                break;
+            }
+            let delivery = entry.remove();
+            if seq == had + 1 {
+                had = seq;
+                out.push(delivery);
+            }
+        }
+        out
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use crate::protocol::StreamId;
+
+    fn at(seq: u64) -> Arc<Delivery> {
+        let message = Message {
+            mid: Arc::from(format!("m{seq}")),
+            from: Arc::from("a"),
+            to: None,
+            room: None,
+            body: Arc::from("1"),
+            ts: 0,
+        };
+        Arc::new(Delivery::new(Some((StreamId::parse("room:r").unwrap(), seq)), message, None))
+    }
+
+    fn seqs(out: &[Arc<Delivery>]) -> Vec<u64> {
+        out.iter().map(|d| d.position.as_ref().unwrap().1).collect()
+    }
+
+    #[test]
+    fn releases_in_order_up_to_the_next_gap() {
+        let mut held = Held::default();
+        for seq in [7, 5, 4, 9] {
+            assert!(!held.hold(seq, &at(seq)));
+        }
+        assert!(held.release(2).is_empty(), "3 is still missing");
+        assert_eq!(seqs(&held.release(3)), [4, 5], "6 is missing");
+        assert_eq!(seqs(&held.release(6)), [7]);
+        assert!(!held.is_empty());
+        assert_eq!(seqs(&held.release(8)), [9]);
+        assert!(held.is_empty());
+    }
+
+    #[test]
+    fn drops_what_the_session_already_has() {
+        let mut held = Held::default();
+        for seq in [3, 4, 6] {
+            held.hold(seq, &at(seq));
+        }
+        assert_eq!(seqs(&held.release(4)), Vec::<u64>::new(), "3 and 4 came another way; 5 is missing");
+        assert_eq!(seqs(&held.release(5)), [6]);
+    }
+
+    #[test]
+    fn says_when_too_many_are_held() {
+        let mut held = Held::default();
+        let full = (2..2 + MAX_HELD as u64).map(|seq| held.hold(seq, &at(seq))).collect::<Vec<_>>();
+        assert_eq!(full.iter().filter(|f| **f).count(), 1);
+        assert!(full[MAX_HELD - 1]);
+    }
+}
