@@ -59,13 +59,40 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = "./switchyard-data", value_name = "DIR")]
     pub data_dir: PathBuf,
 
-    /// Run as a cluster member over this Redis, e.g. redis://127.0.0.1:6379/0 [default: none, single node]
-    #[arg(long, env = "SWITCHYARD_REDIS", value_name = "URL")]
+    /// Run as a cluster member over this Redis, e.g. redis://127.0.0.1:6379/0: short for the same
+    /// URL as --store, --bus and --presence, each of which beats it [default: none, single node]
+    #[arg(long, env = "SWITCHYARD_REDIS", value_name = "URL", hide_env_values = true)]
     pub redis: Option<String>,
 
-    /// Prefix of every Redis key and channel of this cluster
-    #[arg(long, env = "SWITCHYARD_REDIS_PREFIX", default_value = "switchyard", value_name = "P")]
-    pub redis_prefix: String,
+    /// Run as a cluster member over this NATS with JetStream (not built yet) [default: none]
+    #[arg(long, env = "SWITCHYARD_NATS", value_name = "URL", hide_env_values = true)]
+    pub nats: Option<String>,
+
+    /// Where streams, read cursors and idempotency keys are kept: embedded (in --data-dir, a
+    /// single node only) or redis://HOST:PORT/DB [default: embedded]
+    #[arg(long, env = "SWITCHYARD_STORE", value_name = "URL", hide_env_values = true)]
+    pub store: Option<String>,
+
+    /// How messages and events are routed between nodes: memory (a single node) or
+    /// redis://HOST:PORT/DB; anything but memory makes the node a cluster member [default: memory]
+    #[arg(long, env = "SWITCHYARD_BUS", value_name = "URL", hide_env_values = true)]
+    pub bus: Option<String>,
+
+    /// Where sessions, room membership and the node registry are kept: memory (a single node) or
+    /// redis://HOST:PORT/DB [default: memory]
+    #[arg(long, env = "SWITCHYARD_PRESENCE", value_name = "URL", hide_env_values = true)]
+    pub presence: Option<String>,
+
+    /// Prefix of every key, channel, schema or table this cluster creates, so that several
+    /// clusters (and tests) can share one server (alias: --redis-prefix, SWITCHYARD_REDIS_PREFIX)
+    #[arg(
+        long,
+        visible_alias = "redis-prefix",
+        env = "SWITCHYARD_PREFIX",
+        default_value = "switchyard",
+        value_name = "P"
+    )]
+    pub prefix: String,
 
     /// Verify client tokens with this HS256 secret [default: none, dev mode]
     #[arg(long, env = "SWITCHYARD_JWT_SECRET", value_name = "S", hide_env_values = true)]
@@ -144,6 +171,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_OUTBOUND_QUEUE", default_value_t = 1024, value_name = "N")]
     pub outbound_queue: usize,
 
+    /// Tests only: drop, duplicate and delay stream messages between the bus and the sessions
+    /// (e.g. drop=0.1,dup=0.1,delay=0.3,max-delay=50), to prove that sessions repair
+    #[arg(long, env = "SWITCHYARD_TEST_BUS_FAULTS", value_name = "SPEC", hide = true)]
+    pub test_bus_faults: Option<String>,
+
     /// Log format
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -165,17 +197,23 @@ where
     let Some(("serve", serve)) = matches.subcommand() else {
         return Ok(Cli::from_arg_matches(&matches)?);
     };
-    let Some(file) = serve.get_one::<PathBuf>("config") else {
+    let mut extra = legacy_env(serve);
+    let file = serve.get_one::<PathBuf>("config");
+    if let Some(file) = file {
+        let given: Vec<String> = extra.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        extra.extend(file_args(file, serve, &given)?);
+    }
+    if extra.is_empty() {
         let cli = Cli::from_arg_matches(&matches)?;
         validate(&cli)?;
         return Ok(cli);
-    };
-    let extra = file_args(file, serve)?;
+    }
     let mut argv = argv;
     argv.extend(extra);
+    let origin = file.map_or_else(|| "environment".to_owned(), |f| f.display().to_string());
     let matches = Cli::command()
         .try_get_matches_from(&argv)
-        .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.render().to_string().trim()))?;
+        .map_err(|e| anyhow::anyhow!("{origin}: {}", e.render().to_string().trim()))?;
     let cli = Cli::from_arg_matches(&matches)?;
     validate(&cli)?;
     Ok(cli)
@@ -190,9 +228,23 @@ fn clap_exit(e: clap::Error) -> anyhow::Error {
     anyhow::anyhow!("{}", e.render().to_string().trim())
 }
 
+/// Environment variables of renamed options, as arguments, where neither the flag nor the new
+/// variable was given: `SWITCHYARD_REDIS_PREFIX` is `--prefix`.
+fn legacy_env(serve: &ArgMatches) -> Vec<OsString> {
+    let given = matches!(serve.value_source("prefix"), Some(ValueSource::CommandLine | ValueSource::EnvVariable));
+    match std::env::var_os("SWITCHYARD_REDIS_PREFIX") {
+        Some(value) if !given => {
+            let mut arg = OsString::from("--prefix=");
+            arg.push(value);
+            vec![arg]
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// Turns the keys of a TOML file into `--key=value` arguments for the options that neither a
-/// flag nor the environment set.
-fn file_args(file: &PathBuf, serve: &ArgMatches) -> anyhow::Result<Vec<OsString>> {
+/// flag nor the environment set (`given` are the arguments already added from the environment).
+fn file_args(file: &PathBuf, serve: &ArgMatches, given: &[String]) -> anyhow::Result<Vec<OsString>> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read config file {}", file.display()))?;
     let table: toml::Table =
         text.parse().map_err(|e| anyhow::anyhow!("config file {} is not valid TOML: {e}", file.display()))?;
@@ -202,7 +254,11 @@ fn file_args(file: &PathBuf, serve: &ArgMatches) -> anyhow::Result<Vec<OsString>
     for (key, value) in &table {
         let arg = serve_cmd
             .get_arguments()
-            .find(|a| a.get_long() == Some(key.as_str()) && key != "config")
+            .find(|a| {
+                key != "config"
+                    && (a.get_long() == Some(key.as_str())
+                        || a.get_all_aliases().is_some_and(|aliases| aliases.contains(&key.as_str())))
+            })
             .ok_or_else(|| {
                 let known: Vec<_> = serve_cmd
                     .get_arguments()
@@ -215,10 +271,11 @@ fn file_args(file: &PathBuf, serve: &ArgMatches) -> anyhow::Result<Vec<OsString>
                     known.join(", ")
                 )
             })?;
+        let long = arg.get_long().unwrap_or_default();
         let given = matches!(
             serve.value_source(arg.get_id().as_str()),
             Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        );
+        ) || given.iter().any(|g| g.starts_with(&format!("--{long}=")));
         if given {
             continue;
         }
@@ -231,14 +288,14 @@ fn file_args(file: &PathBuf, serve: &ArgMatches) -> anyhow::Result<Vec<OsString>
             }
         };
         match value {
-            toml::Value::Boolean(true) => out.push(format!("--{key}").into()),
+            toml::Value::Boolean(true) => out.push(format!("--{long}").into()),
             toml::Value::Boolean(false) => {}
             toml::Value::Array(items) => {
                 for item in items {
-                    out.push(format!("--{key}={}", scalar(item)?).into());
+                    out.push(format!("--{long}={}", scalar(item)?).into());
                 }
             }
-            other => out.push(format!("--{key}={}", scalar(other)?).into()),
+            other => out.push(format!("--{long}={}", scalar(other)?).into()),
         }
     }
     Ok(out)
@@ -247,6 +304,11 @@ fn file_args(file: &PathBuf, serve: &ArgMatches) -> anyhow::Result<Vec<OsString>
 fn validate(cli: &Cli) -> anyhow::Result<()> {
     let CliCommand::Serve(args) = &cli.command;
     args.validate()
+}
+
+/// A byte a prefix may hold: one that every backend takes in a key, subject, schema or table name.
+fn prefix_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
 }
 
 impl ServeArgs {
@@ -274,14 +336,10 @@ impl ServeArgs {
                 self.listen
             );
         }
-        if let Some(url) = &self.redis
-            && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
-        {
-            bail!("--redis must be a URL like redis://127.0.0.1:6379/0, not `{url}`");
+        if self.prefix.is_empty() || self.prefix.len() > 48 || !self.prefix.bytes().all(prefix_byte) {
+            bail!("--prefix must be 1-48 characters of A-Z a-z 0-9 _ -");
         }
-        if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
-            bail!("--redis-prefix must be a non-empty string without spaces");
-        }
+        crate::backend::BackendConfig::from_args(self)?;
         if let Some(id) = &self.node_id
             && !crate::protocol::valid_name(id)
         {
@@ -370,5 +428,19 @@ mod tests {
 
         let err = parse(["switchyard", "serve", "--history-size", "0"]).unwrap_err();
         assert!(err.to_string().contains("--history-size"), "{err}");
+
+        let err = parse(["switchyard", "serve", "--prefix", "a b"]).unwrap_err();
+        assert!(err.to_string().contains("--prefix"), "{err}");
+    }
+
+    #[test]
+    fn redis_prefix_is_an_alias_of_prefix_as_flag_and_file_key() {
+        let args = serve(parse(["switchyard", "serve", "--redis-prefix", "old"]).unwrap());
+        assert_eq!(args.prefix, "old");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(&file, "redis-prefix = \"from-file\"\n").unwrap();
+        let args = serve(parse(["switchyard", "serve", "--config", file.to_str().unwrap()]).unwrap());
+        assert_eq!(args.prefix, "from-file");
     }
 }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::sync::mpsc;
 
-use crate::broker::{Delivery, Event, SessionId, Sink, Topic};
+use crate::bus::{Delivery, Event, SessionId, Sink, Topic};
 use crate::metrics::Metrics;
 use crate::presence::SessionInfo;
 use crate::protocol::{RoomName, UserId, close};
@@ -271,7 +271,7 @@ impl Sink for Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::Notice;
+    use crate::bus::Notice;
 
     fn frames(list: &[(&'static [u8], Option<u64>)]) -> Event {
         Event::Frames(

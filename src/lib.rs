@@ -17,11 +17,10 @@
 
 pub mod api;
 pub mod auth;
-pub mod broker;
-pub mod cluster;
+pub mod bus;
+pub(crate) mod backend;
 pub mod config;
 pub mod hub;
-pub mod keys;
 pub mod message;
 pub mod metrics;
 pub mod node;

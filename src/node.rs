@@ -9,21 +9,18 @@ use futures_util::future::join_all;
 use serde::Serialize;
 
 use crate::auth::{Authenticator, Identity};
-use crate::broker::{
-    Batcher, Broker, BrokerError, Delivery, Event, MemoryBroker, Notice, RedisBroker, SessionId, Sink, Topic,
-};
-use crate::cluster::{self, RedisClock};
+use crate::backend::{self, BackendConfig, Backends};
+use crate::bus::{Batcher, Bus, BusError, Delivery, Event, Notice, SessionId, Sink, Topic};
 use crate::config::ServeArgs;
 use crate::hub::{Hub, SessionHandle};
-use crate::keys::Keys;
 use crate::message::Message;
 use crate::metrics::{Kind, Metrics};
-use crate::presence::{MemoryPresence, NodeInfo, Presence, PresenceError, RedisPresence, SessionInfo};
+use crate::presence::{NodeInfo, Presence, PresenceError, SessionInfo};
 use crate::protocol::{
     ErrorCode, HistoryQuery, ProtocolError, RoomName, StreamId, UserId, close, encode_presence, new_mid, now_ms,
 };
 use crate::shutdown::Shutdown;
-use crate::store::{AppendRequest, Appended, EmbeddedStore, Entry, RedisStore, Retention, Slice, Store};
+use crate::store::{AppendRequest, Appended, Entry, Slice, Store};
 
 /// How often the node refreshes its entry in the node registry and reaps dead nodes.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
@@ -70,7 +67,7 @@ pub struct Node {
     pub config: Arc<ServeArgs>,
     pub auth: Authenticator,
     pub store: Arc<dyn Store>,
-    pub broker: Arc<dyn Broker>,
+    pub bus: Arc<dyn Bus>,
     /// Publishes presence events through `broker`, batched per room.
     notices: Batcher,
     pub presence: Arc<dyn Presence>,
@@ -82,8 +79,7 @@ pub struct Node {
 }
 
 impl Node {
-    /// Builds a node with the backends its configuration names: embedded store and in-memory
-    /// broker and presence for a single node, Redis for all three with `--redis`.
+    /// Builds a node with the backends its configuration names (see [`backend`]).
     pub async fn start(config: ServeArgs, address: String, shutdown: Shutdown) -> anyhow::Result<Arc<Self>> {
         let auth = match (&config.jwt_secret, &config.jwt_public_key) {
             (Some(secret), _) => Authenticator::hs256(secret),
@@ -97,38 +93,16 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
         let sink = hub.clone() as Arc<dyn Sink>;
-        let retention =
-            Retention { max_messages: config.history_size, ttl_ms: config.history_ttl.saturating_mul(1000) };
-        let (store, broker, presence): (Arc<dyn Store>, Arc<dyn Broker>, Arc<dyn Presence>) = match &config.redis {
-            None => {
-                let broker = Arc::new(MemoryBroker::new());
-                broker.attach(sink);
-                let store = Arc::new(EmbeddedStore::open(&config.data_dir, retention)?);
-                (store, broker, Arc::new(MemoryPresence::new()))
-            }
-            Some(url) => {
-                let client = cluster::client(url)?;
-                let mut commands = cluster::commands(&client, url).await?;
-                let clock = Arc::new(RedisClock::default());
-                clock.sample(&mut commands).await?;
-                let keys = Keys::new(&config.redis_prefix);
-                let broker =
-                    RedisBroker::connect(client, commands.clone(), clock.clone(), keys.clone(), metrics.clone())
-                        .await?;
-                broker.attach(sink);
-                let store = RedisStore::new(commands.clone(), clock, keys, retention, true);
-                let presence = RedisPresence::new(commands, &config.redis_prefix, id.clone());
-                (Arc::new(store), Arc::new(broker), Arc::new(presence))
-            }
-        };
+        let backends = BackendConfig::from_args(&config)?;
+        let Backends { store, bus, presence } = backend::build(&backends, id.clone(), metrics.clone(), sink).await?;
         // At most a sixteenth of a session's queue, so that a batch never comes close to filling it.
-        let notices = Batcher::new(broker.clone(), (config.outbound_queue / 16).min(PRESENCE_BATCH));
+        let notices = Batcher::new(bus.clone(), (config.outbound_queue / 16).min(PRESENCE_BATCH));
         let node = Arc::new(Self {
             id,
             config: Arc::new(config),
             auth,
             store,
-            broker,
+            bus,
             notices,
             presence,
             hub,
@@ -223,14 +197,14 @@ impl Node {
 
     /// Whether the node can serve: its store and broker answer.
     pub async fn ready(&self) -> bool {
-        self.store.ready().await && self.broker.ready().await
+        self.store.ready().await && self.bus.ready().await
     }
 
     /// Registers a new local session everywhere; applies the single-session policy.
     pub async fn open_session(&self, handle: &Arc<SessionHandle>, info: &SessionInfo) -> Result<(), ProtocolError> {
         self.presence.connect(info).await?;
         self.hub.add_session(handle.clone());
-        self.broker.subscribe(&Topic::User(info.user.clone())).await.map_err(unavailable)?;
+        self.bus.subscribe(&Topic::User(info.user.clone())).await.map_err(unavailable)?;
         self.metrics.connections.inc();
         if self.config.single_session {
             let event = Event::Disconnect {
@@ -238,7 +212,7 @@ impl Node {
                 reason: Arc::from("signed in elsewhere"),
                 except: Some(handle.id),
             };
-            self.broker.publish(Topic::User(info.user.clone()), event).await.map_err(unavailable)?;
+            self.bus.publish(Topic::User(info.user.clone()), event).await.map_err(unavailable)?;
         }
         Ok(())
     }
@@ -252,7 +226,7 @@ impl Node {
             }
         }
         if self.hub.remove_session(&info.user, info.session)
-            && let Err(e) = self.broker.unsubscribe(&Topic::User(info.user.clone())).await
+            && let Err(e) = self.bus.unsubscribe(&Topic::User(info.user.clone())).await
         {
             tracing::warn!(error = %e, "unsubscribe on disconnect failed");
         }
@@ -277,7 +251,7 @@ impl Node {
         }
         for (entry, seq) in entries.into_iter().zip(&appended.seqs) {
             let delivery = Delivery::new(Some((entry.stream, *seq)), message.clone(), entry.exclude);
-            if let Err(e) = self.broker.publish(entry.topic, Event::Message(Arc::new(delivery))).await {
+            if let Err(e) = self.bus.publish(entry.topic, Event::Message(Arc::new(delivery))).await {
                 tracing::warn!(error = %e, "publishing a stored message failed; sessions repair from the store");
             }
         }
@@ -333,7 +307,7 @@ impl Node {
         let message = self.accept(from, None, None, body);
         let mid = message.mid.clone();
         let delivery = Delivery::new(None, message, None);
-        self.broker.publish(Topic::All, Event::Message(Arc::new(delivery))).await.map_err(unavailable)?;
+        self.bus.publish(Topic::All, Event::Message(Arc::new(delivery))).await.map_err(unavailable)?;
         self.metrics.messages_in.broadcast.inc();
         Ok(mid)
     }
@@ -365,7 +339,7 @@ impl Node {
         event: &str,
         user: &UserId,
         exclude: Option<SessionId>,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<(), BusError> {
         if self.quiet(room) {
             return Ok(());
         }
@@ -379,7 +353,7 @@ impl Node {
         &self,
         event: &str,
         users: impl Iterator<Item = (&'a RoomName, &'a UserId, Option<SessionId>)>,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<(), BusError> {
         join_all(users.map(|(room, user, exclude)| self.announce(room, event, user, exclude)))
             .await
             .into_iter()
@@ -390,7 +364,7 @@ impl Node {
     /// `join` presence event when the user was not in the room yet.
     pub async fn join(&self, room: &RoomName, handle: &Arc<SessionHandle>) -> Result<(), ProtocolError> {
         self.hub.join(room, handle.clone());
-        self.broker.subscribe(&Topic::Room(room.clone())).await.map_err(unavailable)?;
+        self.bus.subscribe(&Topic::Room(room.clone())).await.map_err(unavailable)?;
         if self.presence.join(room, &handle.user, handle.id).await? {
             self.announce(room, "join", &handle.user, Some(handle.id)).await.map_err(unavailable)?;
         }
@@ -400,7 +374,7 @@ impl Node {
     /// Removes a session from `room`; sends a `leave` presence event when it was the user's last.
     pub async fn leave(&self, room: &RoomName, user: &UserId, session: SessionId) -> Result<(), ProtocolError> {
         if self.hub.leave(room, session) {
-            self.broker.unsubscribe(&Topic::Room(room.clone())).await.map_err(unavailable)?;
+            self.bus.unsubscribe(&Topic::Room(room.clone())).await.map_err(unavailable)?;
         }
         if self.presence.leave(room, user, session).await? {
             self.announce(room, "leave", user, None).await.map_err(unavailable)?;
@@ -443,7 +417,7 @@ impl Node {
     pub async fn disconnect_user(&self, user: &UserId, reason: &str) -> Result<usize, ProtocolError> {
         let sessions = self.presence.sessions(user).await?.len();
         let event = Event::Disconnect { code: close::KICKED, reason: Arc::from(reason), except: None };
-        self.broker.publish(Topic::User(user.clone()), event).await.map_err(unavailable)?;
+        self.bus.publish(Topic::User(user.clone()), event).await.map_err(unavailable)?;
         Ok(sessions)
     }
 
@@ -459,6 +433,6 @@ enum HeartbeatError {
     Failed(String),
 }
 
-fn unavailable(e: crate::broker::BrokerError) -> ProtocolError {
+fn unavailable(e: crate::bus::BusError) -> ProtocolError {
     ProtocolError::new(ErrorCode::Unavailable, e.to_string())
 }

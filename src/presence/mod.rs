@@ -4,8 +4,6 @@
 //! answers whether this session brought the user in, [`Presence::leave`] whether it took them
 //! out, which is what decides the room's `presence` events.
 
-mod memory;
-mod redis;
 #[cfg(test)]
 mod tests;
 
@@ -14,11 +12,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::broker::SessionId;
+use crate::bus::SessionId;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName, UserId};
 
-pub use memory::MemoryPresence;
-pub use redis::RedisPresence;
 
 /// One session as presence reports it.
 #[derive(Clone, Debug, Serialize)]

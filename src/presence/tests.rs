@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use super::{MemoryPresence, NodeInfo, Presence, RedisPresence, SessionInfo};
-use crate::broker::SessionId;
+use super::{NodeInfo, Presence, SessionInfo};
+use crate::backend::memory::MemoryPresence;
+use crate::backend::redis::RedisPresence;
+use crate::bus::SessionId;
 use crate::protocol::{RoomName, UserId};
 
 fn user(id: &str) -> UserId {

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::auth::Identity;
-use crate::broker::{Delivery, SessionId};
+use crate::bus::{Delivery, SessionId};
 use crate::hub::{Outbound, SessionHandle};
 use crate::metrics::Kind;
 use crate::node::Node;

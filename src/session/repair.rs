@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::Delivery;
+use crate::bus::Delivery;
 
 /// How long a session waits for the messages missing before a held one, before reading them
 /// from the store. Reorders within a node are microseconds; a bus that lost a message stays

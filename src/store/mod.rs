@@ -15,8 +15,6 @@
 //! from the store (see `session`). One exception, declared by [`Appended::published`]: a store
 //! and a bus on the same Redis publish inside the append's script, atomically with it.
 
-mod embedded;
-mod redis;
 #[cfg(test)]
 mod tests;
 
@@ -24,14 +22,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::broker::{SessionId, Topic};
+use crate::bus::{SessionId, Topic};
 pub use crate::message::StoredMessage;
 use crate::message::Message;
 use crate::protocol::{ErrorCode, HistoryQuery, ProtocolError, StreamId, UserId};
 
-pub(crate) use self::redis::envelope_head;
-pub use self::redis::RedisStore;
-pub use embedded::EmbeddedStore;
 
 /// Retention of every stream (`--history-size`, `--history-ttl`).
 #[derive(Clone, Copy, Debug)]

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::broker::{SessionId, Topic};
-use crate::keys::Keys;
+use crate::bus::{SessionId, Topic};
+use crate::backend::embedded::EmbeddedStore;
+use crate::backend::redis::{Keys, RedisStore};
 use crate::message::Message;
 use crate::protocol::{RoomName, new_mid, now_ms};
 
@@ -159,9 +160,9 @@ async fn embedded_store_expires_by_age() {
 #[tokio::test]
 async fn redis_store_conforms() {
     let url = std::env::var("SWITCHYARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-    let client = crate::cluster::client(&url).unwrap();
+    let client = crate::backend::redis::client(&url).unwrap();
     let conn =
-        match tokio::time::timeout(std::time::Duration::from_secs(3), crate::cluster::commands(&client, &url)).await {
+        match tokio::time::timeout(std::time::Duration::from_secs(3), crate::backend::redis::commands(&client, &url)).await {
             Ok(Ok(conn)) => conn,
             other => {
                 let why = format!("no Redis at {url}: {:?}", other.map(|r| r.err()));
@@ -172,7 +173,7 @@ async fn redis_store_conforms() {
         };
     let prefix = format!("sy-test-store-{:016x}", fastrand::u64(..));
     let keys = Keys::new(&prefix);
-    let clock = Arc::new(crate::cluster::RedisClock::default());
+    let clock = Arc::new(crate::backend::redis::RedisClock::default());
     clock.sample(&mut conn.clone()).await.unwrap();
     conformance(&RedisStore::new(conn.clone(), clock.clone(), keys.clone(), RETENTION, false)).await;
     expiry_conformance(&RedisStore::new(conn.clone(), clock, keys.clone(), SHORT_TTL, true)).await;

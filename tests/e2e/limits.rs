@@ -386,7 +386,7 @@ both_modes! {
         assert_eq!(body["error"]["code"], "unavailable", "{body}");
         assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
         assert_eq!(metric(&first.metrics().await, "switchyard_rejected_connections_total{reason=\"capacity\"}"), 1.0);
-        if mode == Mode::Cluster {
+        if mode.clustered() {
             // A full node does not make the others refuse.
             let mut elsewhere = node.on(1).connect("carol").await;
             elsewhere.ok(json!({"type":"ping"})).await;

@@ -12,5 +12,6 @@ mod limits;
 mod messaging;
 mod openapi;
 mod operations;
+mod repair;
 mod rooms;
 mod timers;

@@ -28,12 +28,25 @@ pub enum Mode {
     Single,
     /// [`CLUSTER_SIZE`] in-process nodes over a private `redis-server`.
     Cluster,
+    /// A [`Mode::Cluster`] whose bus drops, duplicates and delays stream messages on purpose
+    /// ([`BUS_FAULTS`]): what clients see must not change, because sessions repair from the store.
+    Faulty,
 }
 
-/// Writes one end-to-end test once and runs it in both deployments: the body becomes
-/// `name::single` and `name::cluster`, each called with its [`Mode`]. Optional, in this order:
-/// doc comments, `#[tokio::test(...)]` arguments for both variants, and
-/// `#[cluster_ignore = "cluster: why"]`, which ignores the cluster variant only (a known server
+/// The faults of [`Mode::Faulty`].
+pub const BUS_FAULTS: &str = "drop=0.05,dup=0.1,delay=0.3,max-delay=40";
+
+impl Mode {
+    /// Whether the deployment has several nodes.
+    pub fn clustered(self) -> bool {
+        self != Mode::Single
+    }
+}
+
+/// Writes one end-to-end test once and runs it in every deployment: the body becomes
+/// `name::single`, `name::cluster` and `name::faulty_bus`, each called with its [`Mode`].
+/// Optional, in this order: doc comments, `#[tokio::test(...)]` arguments for every variant, and
+/// `#[cluster_ignore = "cluster: why"]`, which ignores the cluster variants only (a known server
 /// bug, named in the reason). Without Redis (outside CI) the cluster variant prints SKIP and
 /// passes.
 macro_rules! both_modes {
@@ -60,6 +73,14 @@ macro_rules! both_modes {
             async fn cluster() {
                 if $crate::redis_server::available() {
                     body($crate::support::Mode::Cluster).await;
+                }
+            }
+
+            #[tokio::test($($($flavor)*)?)]
+            $(#[ignore = $reason])?
+            async fn faulty_bus() {
+                if $crate::redis_server::available() {
+                    body($crate::support::Mode::Faulty).await;
                 }
             }
         }
@@ -99,10 +120,13 @@ impl TestNode {
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let redis = match mode {
             Mode::Single => None,
-            Mode::Cluster => {
+            Mode::Cluster | Mode::Faulty => {
                 let redis = RedisServer::start_checked().expect("redis-server for a cluster test");
                 let prefix = format!("e2e-{:016x}", fastrand::u64(..));
-                args.extend(["--redis".into(), redis.url(), "--redis-prefix".into(), prefix]);
+                args.extend(["--redis".into(), redis.url(), "--prefix".into(), prefix]);
+                if mode == Mode::Faulty {
+                    args.extend(["--test-bus-faults".into(), BUS_FAULTS.into()]);
+                }
                 Some(redis)
             }
         };
@@ -122,12 +146,12 @@ impl TestNode {
     async fn start_servers(mode: Mode, dir: &tempfile::TempDir, args: &[String]) -> Vec<Server> {
         let count = match mode {
             Mode::Single => 1,
-            Mode::Cluster => CLUSTER_SIZE,
+            Mode::Cluster | Mode::Faulty => CLUSTER_SIZE,
         };
         let starts = (0..count).map(|i| {
             let data: PathBuf = match mode {
                 Mode::Single => dir.path().join("data"),
-                Mode::Cluster => dir.path().join(format!("data-{i}")),
+                Mode::Cluster | Mode::Faulty => dir.path().join(format!("data-{i}")),
             };
             let mut argv = vec![
                 "switchyard".to_string(),
@@ -140,7 +164,7 @@ impl TestNode {
             let mut rest = args.iter();
             while let Some(arg) = rest.next() {
                 argv.push(arg.clone());
-                if arg == "--node-id" && mode == Mode::Cluster {
+                if arg == "--node-id" && mode.clustered() {
                     let id = rest.next().expect("--node-id has a value");
                     argv.push(format!("{id}-{i}"));
                 }

@@ -13,7 +13,7 @@
 //!
 //! Presence keys are described in `presence/redis.rs`.
 
-use crate::broker::Topic;
+use crate::bus::Topic;
 use crate::protocol::{StreamId, UserId};
 
 #[derive(Clone, Debug)]

@@ -19,16 +19,17 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
-use super::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage};
-use crate::broker::SessionId;
-use crate::cluster::{self, RedisClock};
-use crate::keys::Keys;
+use crate::store::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage};
+use crate::bus::SessionId;
+use super::RedisClock;
+use crate::backend::redis as cluster;
+use crate::backend::redis::keys::Keys;
 use crate::message::Record;
 use crate::protocol::{HistoryQuery, StreamId, UserId, now_ms};
 
 /// KEYS: idempotency key, then (seq key, log key) per entry.
 /// ARGV: now, idempotency ttl, max messages, expiry cutoff, ttl, entry count, reply entry
-/// (1-based), mid, keyed (1/0), deadline (ms, see [`crate::cluster::WRITE_DEADLINE`]), the
+/// (1-based), mid, keyed (1/0), deadline (ms, see [`crate::backend::redis::WRITE_DEADLINE`]), the
 /// message's record, publish (1/0), then (channel, envelope head) per entry. Answers
 /// {duplicate (0/1), "<mid> <seq>", "<seq of each entry> …"}, or {2, "", ""} without writing
 /// anything when Redis runs it after the deadline.

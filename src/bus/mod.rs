@@ -9,8 +9,7 @@
 //! reference: one node, every topic local.
 
 mod batch;
-mod memory;
-mod redis;
+pub(crate) mod chaos;
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -21,9 +20,7 @@ use bytes::Bytes;
 use crate::message::Message;
 use crate::protocol::{RoomName, StreamId, UserId, encode_message};
 
-pub use self::redis::RedisBroker;
 pub use batch::Batcher;
-pub use memory::MemoryBroker;
 
 /// A session id, unique across the cluster (64 random bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -122,24 +119,24 @@ pub trait Sink: Send + Sync {
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
-pub enum BrokerError {
+pub enum BusError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),
 }
 
 /// Routes events between the nodes of a cluster.
 #[async_trait]
-pub trait Broker: Send + Sync {
+pub trait Bus: Send + Sync {
     /// Adds one local interest in `topic` (a session of the user, a member of the room). Returns
     /// once this node receives the topic's events, so that a store read made afterwards cannot
     /// miss a message that is not delivered live.
-    async fn subscribe(&self, topic: &Topic) -> Result<(), BrokerError>;
+    async fn subscribe(&self, topic: &Topic) -> Result<(), BusError>;
     /// Removes one local interest in `topic`; the node stops receiving its events when none is
     /// left. Subscriptions and unsubscriptions of one topic take effect in call order.
-    async fn unsubscribe(&self, topic: &Topic) -> Result<(), BrokerError>;
+    async fn unsubscribe(&self, topic: &Topic) -> Result<(), BusError>;
     /// Sends an event that is not part of a stream (broadcast, presence, control) to every node
     /// subscribed to `topic`, this one included. Returns once the broker accepted it.
-    async fn publish(&self, topic: Topic, event: Event) -> Result<(), BrokerError>;
+    async fn publish(&self, topic: Topic, event: Event) -> Result<(), BusError>;
     /// Whether the broker can route right now (for `/readyz`).
     async fn ready(&self) -> bool;
 }

@@ -1,7 +1,20 @@
-//! Connecting a node to its cluster's Redis: one RESP3 client, connection managers that fail
-//! fast (so a stopped Redis turns into `unavailable` answers, not hanging requests) and reconnect
-//! on their own.
+//! Redis as store, bus and presence of a cluster (key layout in `keys.rs`), and the plumbing
+//! they share: one RESP3 client, connection managers that fail fast (so a stopped Redis turns
+//! into `unavailable` answers, not hanging requests) and reconnect on their own, and an estimate
+//! of Redis's clock for write deadlines. Every write script checks its deadline.
 
+pub(crate) mod bus;
+pub(crate) mod keys;
+pub(crate) mod presence;
+pub(crate) mod store;
+
+pub(crate) use bus::RedisBus;
+pub(crate) use keys::Keys;
+pub(crate) use presence::RedisPresence;
+pub(crate) use store::RedisStore;
+
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
@@ -50,7 +63,8 @@ impl RedisClock {
 
 /// A client for `url` that speaks RESP3 (pub/sub pushes share the connection with commands).
 pub fn client(url: &str) -> anyhow::Result<redis::Client> {
-    let info = url.into_connection_info().with_context(|| format!("--redis {url}: not a valid Redis URL"))?;
+    let shown = super::redact(url);
+    let info = url.into_connection_info().map_err(|_| anyhow::anyhow!("{shown}: not a valid Redis URL"))?;
     let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
     Ok(redis::Client::open(info.set_redis_settings(settings))?)
 }
@@ -65,11 +79,36 @@ pub fn manager_config() -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_secs(1))
 }
 
+/// The connections of a node's roles, by URL, so that roles on one Redis share a connection and
+/// a clock.
+#[derive(Default)]
+pub(crate) struct Shared {
+    by_url: HashMap<String, (redis::Client, ConnectionManager, Arc<RedisClock>)>,
+}
+
+impl Shared {
+    /// The client, command connection and clock for `url`, connecting on first use.
+    pub(crate) async fn connect(
+        &mut self,
+        url: &str,
+    ) -> anyhow::Result<(redis::Client, ConnectionManager, Arc<RedisClock>)> {
+        if let Some(found) = self.by_url.get(url) {
+            return Ok(found.clone());
+        }
+        let client = client(url)?;
+        let mut commands = commands(&client, url).await?;
+        let clock = Arc::new(RedisClock::default());
+        clock.sample(&mut commands).await?;
+        self.by_url.insert(url.to_owned(), (client.clone(), commands.clone(), clock.clone()));
+        Ok((client, commands, clock))
+    }
+}
+
 /// A command connection; fails at start with a clear message when Redis is not there.
 pub async fn commands(client: &redis::Client, url: &str) -> anyhow::Result<ConnectionManager> {
     ConnectionManager::new_with_config(client.clone(), manager_config())
         .await
-        .with_context(|| format!("--redis {url}: cannot reach Redis"))
+        .with_context(|| format!("{}: cannot reach Redis", super::redact(url)))
 }
 
 /// The start of an `EVALSHA` of `script` with `keys` keys: add the keys, then the arguments, and

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{NodeInfo, Presence, PresenceError, SessionInfo};
-use crate::broker::SessionId;
+use crate::presence::{NodeInfo, Presence, PresenceError, SessionInfo};
+use crate::bus::SessionId;
 use crate::protocol::{RoomName, UserId, now_ms};
 
 #[derive(Default)]

@@ -15,14 +15,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-use super::{Broker, BrokerError, Event, Notice, Topic};
+use super::{Bus, BusError, Event, Notice, Topic};
 
 /// The outcome of a batch, once published.
-type Outcome = Option<Result<(), BrokerError>>;
+type Outcome = Option<Result<(), BusError>>;
 
 /// Publishes notices through a broker, batched per topic.
 pub struct Batcher {
-    broker: Arc<dyn Broker>,
+    broker: Arc<dyn Bus>,
     /// Most notices in one batch.
     max: usize,
     /// Topics with notices being published; an entry lives while someone uses it.
@@ -66,16 +66,16 @@ impl Queue {
 }
 
 /// Waits for the outcome of a batch.
-async fn published(outcome: &mut watch::Receiver<Outcome>) -> Result<(), BrokerError> {
+async fn published(outcome: &mut watch::Receiver<Outcome>) -> Result<(), BusError> {
     match outcome.wait_for(Option::is_some).await {
         Ok(published) => published.clone().expect("waited until it is set"),
-        Err(_) => Err(BrokerError::Unavailable("publishing was interrupted".into())),
+        Err(_) => Err(BusError::Unavailable("publishing was interrupted".into())),
     }
 }
 
 impl Batcher {
     /// A batcher publishing at most `max` notices per event (at least 1).
-    pub fn new(broker: Arc<dyn Broker>, max: usize) -> Self {
+    pub fn new(broker: Arc<dyn Bus>, max: usize) -> Self {
         Self { broker, max: max.max(1), topics: Mutex::new(HashMap::new()) }
     }
 
@@ -88,7 +88,7 @@ impl Batcher {
     ///
     /// Whoever waits takes a turn at publishing the oldest batch, so a caller that is dropped
     /// holds up nobody; a batch whose publish was dropped half-way answers `Unavailable`.
-    pub async fn publish(&self, topic: Topic, notice: Notice) -> Result<(), BrokerError> {
+    pub async fn publish(&self, topic: Topic, notice: Notice) -> Result<(), BusError> {
         let queue = self.topics().entry(topic.clone()).or_default().clone();
         let mut outcome = queue.add(notice, self.max);
         let result = loop {
@@ -123,7 +123,7 @@ mod tests {
     use tokio::sync::Notify;
 
     use super::*;
-    use crate::broker::SessionId;
+    use crate::bus::SessionId;
     use crate::protocol::RoomName;
 
     /// Records what is published; the first publish waits until released.
@@ -135,16 +135,16 @@ mod tests {
     }
 
     #[async_trait]
-    impl Broker for Recorder {
-        async fn subscribe(&self, _topic: &Topic) -> Result<(), BrokerError> {
+    impl Bus for Recorder {
+        async fn subscribe(&self, _topic: &Topic) -> Result<(), BusError> {
             Ok(())
         }
 
-        async fn unsubscribe(&self, _topic: &Topic) -> Result<(), BrokerError> {
+        async fn unsubscribe(&self, _topic: &Topic) -> Result<(), BusError> {
             Ok(())
         }
 
-        async fn publish(&self, _topic: Topic, event: Event) -> Result<(), BrokerError> {
+        async fn publish(&self, _topic: Topic, event: Event) -> Result<(), BusError> {
             if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
                 self.release.notified().await;
             }

@@ -35,13 +35,13 @@ use redis::aio::ConnectionManager;
 use redis::{PushInfo, PushKind, Script, Value};
 use tokio::sync::{Notify, watch};
 
-use super::{Broker, BrokerError, Delivery, Event, Notice, SessionId, Sink, Topic};
-use crate::cluster::RedisClock;
-use crate::keys::Keys;
+use crate::bus::{Bus, BusError, Delivery, Event, Notice, SessionId, Sink, Topic};
+use crate::backend::redis::RedisClock;
+use crate::backend::redis::keys::Keys;
 use crate::metrics::Metrics;
 use crate::message::Record;
 use crate::protocol::StreamId;
-use crate::store::envelope_head;
+use super::store::envelope_head;
 
 /// How long `subscribe` waits for Redis to confirm.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,7 +50,7 @@ const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// Most channels in one SUBSCRIBE or UNSUBSCRIBE.
 const BATCH: usize = 1000;
 
-/// ARGV: channel, payload, deadline (ms, see [`crate::cluster::WRITE_DEADLINE`]). Publishes, or answers -1 and
+/// ARGV: channel, payload, deadline (ms, see [`crate::backend::redis::WRITE_DEADLINE`]). Publishes, or answers -1 and
 /// publishes nothing when Redis runs it after the deadline.
 const PUBLISH: &str = r"
 local t = redis.call('TIME')
@@ -78,7 +78,7 @@ struct Shared {
     metrics: Arc<Metrics>,
 }
 
-pub struct RedisBroker {
+pub struct RedisBus {
     shared: Arc<Shared>,
     publisher: ConnectionManager,
     clock: Arc<RedisClock>,
@@ -223,7 +223,7 @@ impl Shared {
     }
 }
 
-impl RedisBroker {
+impl RedisBus {
     /// Connects the subscriber (RESP3, re-subscribing by itself after reconnects) and starts the
     /// subscription and health tasks. `publisher` is shared with the store.
     pub async fn connect(
@@ -251,7 +251,7 @@ impl RedisBroker {
                 Ok(())
             }
         };
-        let config = crate::cluster::manager_config().set_push_sender(callback).set_automatic_resubscription();
+        let config = crate::backend::redis::manager_config().set_push_sender(callback).set_automatic_resubscription();
         let subscriber = ConnectionManager::new_with_config(client, config).await?;
         let broker = Self { shared: shared.clone(), publisher, clock, publish: Script::new(PUBLISH) };
         tokio::spawn(manage_subscriptions(Arc::downgrade(&shared), shared.changed.clone(), subscriber.clone()));
@@ -343,11 +343,11 @@ async fn ping(conn: &mut ConnectionManager) -> bool {
     matches!(tokio::time::timeout(HEALTH_EVERY, cmd.query_async::<String>(conn)).await, Ok(Ok(_)))
 }
 
-fn unavailable(e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Unavailable(format!("redis: {e}"))
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(format!("redis: {e}"))
 }
 
-impl Drop for RedisBroker {
+impl Drop for RedisBus {
     /// Wakes the subscription task so that it sees the broker is gone and ends.
     fn drop(&mut self) {
         self.shared.changed.notify_one();
@@ -355,8 +355,8 @@ impl Drop for RedisBroker {
 }
 
 #[async_trait]
-impl Broker for RedisBroker {
-    async fn subscribe(&self, topic: &Topic) -> Result<(), BrokerError> {
+impl Bus for RedisBus {
+    async fn subscribe(&self, topic: &Topic) -> Result<(), BusError> {
         let channel = self.shared.keys.channel(topic);
         let mut ready = {
             let mut interest = self.shared.interest();
@@ -374,11 +374,11 @@ impl Broker for RedisBroker {
         self.shared.changed.notify_one();
         match tokio::time::timeout(SUBSCRIBE_TIMEOUT, ready.wait_for(|subscribed| *subscribed)).await {
             Ok(Ok(_)) => Ok(()),
-            _ => Err(BrokerError::Unavailable("redis did not confirm the subscription in time".into())),
+            _ => Err(BusError::Unavailable("redis did not confirm the subscription in time".into())),
         }
     }
 
-    async fn unsubscribe(&self, topic: &Topic) -> Result<(), BrokerError> {
+    async fn unsubscribe(&self, topic: &Topic) -> Result<(), BusError> {
         let channel = self.shared.keys.channel(topic);
         let idle = {
             let mut interest = self.shared.interest();
@@ -393,7 +393,7 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    async fn publish(&self, topic: Topic, event: Event) -> Result<(), BrokerError> {
+    async fn publish(&self, topic: Topic, event: Event) -> Result<(), BusError> {
         let payload = match &event {
             Event::Message(d) => {
                 let mut payload = match &d.position {
@@ -428,9 +428,9 @@ impl Broker for RedisBroker {
         let mut conn = self.publisher.clone();
         let channel = self.shared.keys.channel(&topic);
         let deadline = self.clock.write_deadline();
-        let mut cmd = crate::cluster::evalsha(&self.publish, 0, 3, channel.len() + payload.len() + 16);
+        let mut cmd = crate::backend::redis::evalsha(&self.publish, 0, 3, channel.len() + payload.len() + 16);
         cmd.arg(channel).arg(payload).arg(deadline);
-        let receivers: i64 = crate::cluster::eval(&mut conn, &self.publish, &cmd).await.map_err(unavailable)?;
+        let receivers: i64 = crate::backend::redis::eval(&mut conn, &self.publish, &cmd).await.map_err(unavailable)?;
         if receivers < 0 {
             return Err(unavailable("redis reached the publish after its deadline: nothing was published"));
         }

@@ -46,8 +46,8 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
-use super::{NodeInfo, Presence, PresenceError, SessionInfo};
-use crate::broker::SessionId;
+use crate::presence::{NodeInfo, Presence, PresenceError, SessionInfo};
+use crate::bus::SessionId;
 use crate::protocol::{RoomName, UserId};
 
 /// How long a node's info outlives its last heartbeat, in case nobody reaps it.

@@ -4,14 +4,14 @@ use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 
-use super::{Broker, BrokerError, Event, Sink, Topic};
+use crate::bus::{Bus, BusError, Event, Sink, Topic};
 
 #[derive(Default)]
-pub struct MemoryBroker {
+pub struct MemoryBus {
     sink: OnceLock<Arc<dyn Sink>>,
 }
 
-impl MemoryBroker {
+impl MemoryBus {
     pub fn new() -> Self {
         Self::default()
     }
@@ -32,16 +32,16 @@ impl MemoryBroker {
 }
 
 #[async_trait]
-impl Broker for MemoryBroker {
-    async fn subscribe(&self, _topic: &Topic) -> Result<(), BrokerError> {
+impl Bus for MemoryBus {
+    async fn subscribe(&self, _topic: &Topic) -> Result<(), BusError> {
         Ok(())
     }
 
-    async fn unsubscribe(&self, _topic: &Topic) -> Result<(), BrokerError> {
+    async fn unsubscribe(&self, _topic: &Topic) -> Result<(), BusError> {
         Ok(())
     }
 
-    async fn publish(&self, topic: Topic, event: Event) -> Result<(), BrokerError> {
+    async fn publish(&self, topic: Topic, event: Event) -> Result<(), BusError> {
         self.deliver_now(&topic, &event);
         Ok(())
     }

@@ -1,0 +1,316 @@
+//! The backends of a node, chosen by URL (PROTOCOL.md §6 "Backends") and built once into trait
+//! objects: nothing outside this module knows which server a store, bus or presence talks to.
+//!
+//! One folder per backend holds its implementations, one file per concept, beside the plumbing
+//! they share (`redis/mod.rs`: connections and the clock; `redis/keys.rs`: every key). A role's
+//! URL is checked here at start-up, and a combination that cannot hold the contract is refused
+//! with a message naming the role to change. URLs may carry credentials: only [`redact`]ed
+//! forms are ever printed.
+
+pub(crate) mod embedded;
+pub(crate) mod memory;
+pub(crate) mod redis;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::bail;
+
+use crate::bus::chaos::{ChaosSink, Faults};
+use crate::bus::{Bus, Sink};
+use crate::config::ServeArgs;
+use crate::metrics::Metrics;
+use crate::presence::Presence;
+use crate::store::{Retention, Store};
+
+/// Where a node keeps its streams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum StoreConfig {
+    /// redb in `--data-dir`: a single node only.
+    Embedded { dir: PathBuf },
+    Redis { url: String },
+}
+
+/// How a node routes messages to the others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum BusConfig {
+    /// Every topic is local: a single node.
+    Memory,
+    Redis { url: String },
+}
+
+/// Where a node records sessions, room membership and the node registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum PresenceConfig {
+    /// In this process: a single node.
+    Memory,
+    Redis { url: String },
+}
+
+/// The backend section of the configuration, validated.
+#[derive(Clone, Debug)]
+pub(crate) struct BackendConfig {
+    pub store: StoreConfig,
+    pub bus: BusConfig,
+    pub presence: PresenceConfig,
+    /// Prefix of every key, channel, schema or table (`--prefix`).
+    pub prefix: String,
+    pub retention: Retention,
+    /// Faults injected between the bus and the hub (tests only, see [`crate::bus::chaos`]).
+    pub faults: Option<Faults>,
+}
+
+/// The role a URL is given for, to name it in messages.
+#[derive(Clone, Copy)]
+enum Role {
+    Store,
+    Bus,
+    Presence,
+}
+
+impl Role {
+    fn flag(self) -> &'static str {
+        match self {
+            Role::Store => "--store",
+            Role::Bus => "--bus",
+            Role::Presence => "--presence",
+        }
+    }
+}
+
+/// What a URL's scheme names.
+enum Scheme {
+    Embedded,
+    Memory,
+    Redis,
+    /// Part of the contract, built by a later release.
+    Later(&'static str),
+}
+
+fn scheme(role: Role, url: &str) -> anyhow::Result<Scheme> {
+    let name = match url.split_once("://") {
+        Some((scheme, rest)) if !rest.is_empty() => scheme,
+        _ if url == "embedded" || url == "memory" => url,
+        _ => bail!("{} {}: not a URL (expected scheme://host…)", role.flag(), redact(url)),
+    };
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "embedded" => Scheme::Embedded,
+        "memory" => Scheme::Memory,
+        "redis" | "rediss" | "unix" | "redis+unix" => Scheme::Redis,
+        "redis+cluster" | "rediss+cluster" => Scheme::Later("Redis Cluster"),
+        "nats" | "tls" => Scheme::Later("NATS"),
+        "amqp" | "amqps" => Scheme::Later("RabbitMQ"),
+        "postgres" | "postgresql" => Scheme::Later("PostgreSQL"),
+        "mysql" | "mariadb" => Scheme::Later("MySQL"),
+        other => bail!("{} {}: unknown scheme `{other}`", role.flag(), redact(url)),
+    })
+}
+
+/// Refuses a backend this release does not have, or one the role cannot take.
+fn unsupported(role: Role, url: &str, what: Scheme) -> anyhow::Error {
+    match what {
+        Scheme::Later(name) => anyhow::anyhow!("{} {}: {name} is not built yet", role.flag(), redact(url)),
+        _ => anyhow::anyhow!("{} {}: this backend cannot hold the {} role", role.flag(), redact(url), role.name()),
+    }
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        &self.flag()[2..]
+    }
+}
+
+impl BackendConfig {
+    /// Reads the backend flags: each role's own flag, else the `--redis` shorthand, else the
+    /// single-node default; then checks that the combination can hold the contract.
+    pub(crate) fn from_args(args: &ServeArgs) -> anyhow::Result<Self> {
+        if let Some(url) = &args.nats {
+            bail!("--nats {}: NATS is not built yet", redact(url));
+        }
+        let shorthand = args.redis.as_deref();
+        let store_url = args.store.as_deref().or(shorthand).unwrap_or("embedded");
+        let bus_url = args.bus.as_deref().or(shorthand).unwrap_or("memory");
+        let presence_url = args.presence.as_deref().or(shorthand).unwrap_or("memory");
+        let store = match scheme(Role::Store, store_url)? {
+            Scheme::Embedded => StoreConfig::Embedded { dir: args.data_dir.clone() },
+            Scheme::Redis => StoreConfig::Redis { url: store_url.to_owned() },
+            other => return Err(unsupported(Role::Store, store_url, other)),
+        };
+        let bus = match scheme(Role::Bus, bus_url)? {
+            Scheme::Memory => BusConfig::Memory,
+            Scheme::Redis => BusConfig::Redis { url: bus_url.to_owned() },
+            other => return Err(unsupported(Role::Bus, bus_url, other)),
+        };
+        let presence = match scheme(Role::Presence, presence_url)? {
+            Scheme::Memory => PresenceConfig::Memory,
+            Scheme::Redis => PresenceConfig::Redis { url: presence_url.to_owned() },
+            other => return Err(unsupported(Role::Presence, presence_url, other)),
+        };
+        if bus != BusConfig::Memory {
+            if matches!(store, StoreConfig::Embedded { .. }) {
+                bail!(
+                    "--store embedded keeps history on this machine only, but --bus {} makes this node a \
+                     cluster member: give --store a shared server (redis://…)",
+                    redact(bus_url)
+                );
+            }
+            if presence == PresenceConfig::Memory {
+                bail!(
+                    "--presence memory keeps sessions in this process only, but --bus {} makes this node a \
+                     cluster member: give --presence a shared server (redis://…)",
+                    redact(bus_url)
+                );
+            }
+        }
+        let retention =
+            Retention { max_messages: args.history_size, ttl_ms: args.history_ttl.saturating_mul(1000) };
+        let faults = args.test_bus_faults.as_deref().map(Faults::parse).transpose()?;
+        Ok(Self { store, bus, presence, prefix: args.prefix.clone(), retention, faults })
+    }
+}
+
+/// A node's backends, built.
+pub(crate) struct Backends {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
+    pub presence: Arc<dyn Presence>,
+}
+
+/// Connects every backend of `config`. Roles on the same Redis URL share its connection and
+/// clock; when the store and the bus are the same Redis, appends publish in their script.
+/// Events the bus receives go to `sink`.
+pub(crate) async fn build(
+    config: &BackendConfig,
+    node_id: Arc<str>,
+    metrics: Arc<Metrics>,
+    sink: Arc<dyn Sink>,
+) -> anyhow::Result<Backends> {
+    let sink = match &config.faults {
+        Some(faults) => Arc::new(ChaosSink::new(sink, faults.clone())) as Arc<dyn Sink>,
+        None => sink,
+    };
+    let mut redis = redis::Shared::default();
+    let bus: Arc<dyn Bus> = match &config.bus {
+        BusConfig::Memory => {
+            let bus = memory::MemoryBus::new();
+            bus.attach(sink);
+            Arc::new(bus)
+        }
+        BusConfig::Redis { url } => {
+            let (client, commands, clock) = redis.connect(url).await?;
+            let keys = redis::Keys::new(&config.prefix);
+            let bus = redis::RedisBus::connect(client, commands, clock, keys, metrics).await?;
+            bus.attach(sink);
+            Arc::new(bus)
+        }
+    };
+    let store: Arc<dyn Store> = match &config.store {
+        StoreConfig::Embedded { dir } => Arc::new(embedded::EmbeddedStore::open(dir, config.retention)?),
+        StoreConfig::Redis { url } => {
+            let fused = config.bus == BusConfig::Redis { url: url.clone() };
+            let (_, commands, clock) = redis.connect(url).await?;
+            let keys = redis::Keys::new(&config.prefix);
+            Arc::new(redis::RedisStore::new(commands, clock, keys, config.retention, fused))
+        }
+    };
+    let presence: Arc<dyn Presence> = match &config.presence {
+        PresenceConfig::Memory => Arc::new(memory::MemoryPresence::new()),
+        PresenceConfig::Redis { url } => {
+            let (_, commands, _) = redis.connect(url).await?;
+            Arc::new(redis::RedisPresence::new(commands, &config.prefix, node_id))
+        }
+    };
+    Ok(Backends { store, bus, presence })
+}
+
+/// `url` with any password (and user) replaced, for logs and error messages.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    // Several hosts may follow one credential (`nats://u:p@a:1,b:2`); the last `@` ends it.
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}{tail}", &authority[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> anyhow::Result<BackendConfig> {
+        let mut argv = vec!["switchyard", "serve"];
+        argv.extend(args);
+        let cli = crate::config::parse(argv)?;
+        let crate::config::CliCommand::Serve(args) = cli.command;
+        BackendConfig::from_args(&args)
+    }
+
+    fn refusal(args: &[&str]) -> String {
+        config(args).expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn defaults_are_a_single_node() {
+        let c = config(&[]).unwrap();
+        assert!(matches!(c.store, StoreConfig::Embedded { .. }));
+        assert_eq!((c.bus, c.presence, c.prefix.as_str()), (BusConfig::Memory, PresenceConfig::Memory, "switchyard"));
+    }
+
+    #[test]
+    fn the_redis_shorthand_fills_every_role_and_a_role_of_its_own_beats_it() {
+        let c = config(&["--redis", "redis://r:6379/0"]).unwrap();
+        let url = "redis://r:6379/0".to_owned();
+        assert_eq!(c.store, StoreConfig::Redis { url: url.clone() });
+        assert_eq!(c.bus, BusConfig::Redis { url: url.clone() });
+        assert_eq!(c.presence, PresenceConfig::Redis { url: url.clone() });
+        let c = config(&["--redis", "redis://r:6379/0", "--store", "redis://s:6379/1"]).unwrap();
+        assert_eq!(c.store, StoreConfig::Redis { url: "redis://s:6379/1".into() });
+        assert_eq!(c.bus, BusConfig::Redis { url });
+    }
+
+    #[test]
+    fn a_single_node_may_keep_its_store_on_a_server() {
+        let c = config(&["--store", "redis://r:6379/0"]).unwrap();
+        assert_eq!(c.bus, BusConfig::Memory);
+        assert_eq!(c.presence, PresenceConfig::Memory);
+    }
+
+    #[test]
+    fn a_cluster_bus_needs_shared_store_and_presence() {
+        let e = refusal(&["--bus", "redis://r/0", "--presence", "redis://r/0"]);
+        assert!(e.starts_with("--store embedded"), "{e}");
+        let e = refusal(&["--bus", "redis://r/0", "--store", "redis://r/0"]);
+        assert!(e.starts_with("--presence memory"), "{e}");
+    }
+
+    #[test]
+    fn later_schemes_are_not_built_yet_and_unknown_ones_are_unknown() {
+        for (args, role) in [
+            (&["--bus", "amqp://guest:pw@mq:5672"][..], "--bus"),
+            (&["--redis", "redis+cluster://a:1,b:2"][..], "--store"),
+            (&["--nats", "nats://n:4222"][..], "--nats"),
+            (&["--store", "postgres://u:secret@db/app"][..], "--store"),
+        ] {
+            let e = refusal(args);
+            assert!(e.starts_with(role) && e.ends_with("is not built yet"), "{e}");
+            assert!(!e.contains("secret") && !e.contains(":pw@"), "credentials printed: {e}");
+        }
+        let e = refusal(&["--store", "mongodb://u:secret@db"]);
+        assert!(e.contains("--store") && e.contains("unknown scheme `mongodb`") && !e.contains("secret"), "{e}");
+        let e = refusal(&["--presence", "embedded"]);
+        assert!(e.contains("--presence") && e.contains("cannot hold the presence role"), "{e}");
+        let e = refusal(&["--bus", "localhost:6379"]);
+        assert!(e.contains("--bus") && e.contains("not a URL"), "{e}");
+    }
+
+    #[test]
+    fn credentials_are_redacted() {
+        assert_eq!(redact("redis://:pw@r:6379/0"), "redis://***@r:6379/0");
+        assert_eq!(redact("postgres://u:p@db:5432/app?sslmode=x"), "postgres://***@db:5432/app?sslmode=x");
+        assert_eq!(redact("nats://u:p@a:1,b:2"), "nats://***@a:1,b:2");
+        assert_eq!(redact("redis://r:6379/0"), "redis://r:6379/0");
+        assert_eq!(redact("memory"), "memory");
+    }
+}
