@@ -342,6 +342,20 @@ mod tests {
         addr
     }
 
+    /// A server that reads its first connection to the end and hands over what it read.
+    async fn sink_server() -> (SocketAddr, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("sink binds");
+        let addr = listener.local_addr().expect("sink address");
+        let (done, received) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("sink accepts");
+            let mut bytes = Vec::new();
+            stream.read_to_end(&mut bytes).await.expect("sink reads");
+            let _ = done.send(bytes);
+        });
+        (addr, received)
+    }
+
     async fn proxied() -> FaultProxy {
         FaultProxy::start(echo_server().await)
     }
@@ -381,8 +395,12 @@ mod tests {
         }
     }
 
+    /// `len` bytes that repeat only every 251, so a lost or reordered chunk shows.
     fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i % 251) as u8).collect()
+        let block: Vec<u8> = (0..251).collect();
+        let mut bytes = block.repeat(len / block.len() + 1);
+        bytes.truncate(len);
+        bytes
     }
 
     #[tokio::test]
@@ -425,23 +443,40 @@ mod tests {
 
     #[tokio::test]
     async fn a_pause_stops_reading_instead_of_buffering() {
-        const LEN: usize = 32 << 20; // far more than the kernel's socket buffers on both sides
-        let proxy = proxied().await;
+        // More than the kernel's socket buffers hold (tcp_rmem's plus tcp_wmem's maximum is 36
+        // MiB here), so the writer gets it all out during the pause only if the proxy reads.
+        const LEN: usize = 64 << 20;
+        let (sink, received) = sink_server().await;
+        let proxy = FaultProxy::start(sink);
         let mut client = connect(&proxy).await;
-        roundtrip(&mut client, b"warm").await;
+        eventually("the proxy accepts", || proxy.connections() == 1).await;
+        let data = Arc::new(pattern(LEN));
+        let written = Arc::new(AtomicUsize::new(0));
         proxy.pause();
-        let (mut read, mut write) = client.into_split();
-        let sending = tokio::spawn(async move {
-            write.write_all(&pattern(LEN)).await.expect("write");
-            write
+        let writing = tokio::spawn({
+            let (data, written) = (data.clone(), written.clone());
+            async move {
+                for piece in data.chunks(64 * 1024) {
+                    client.write_all(piece).await.expect("write");
+                    written.fetch_add(piece.len(), Ordering::SeqCst);
+                }
+                client.shutdown().await.expect("shutdown");
+                client
+            }
         });
-        tokio::time::sleep(QUIET).await;
-        assert!(!sending.is_finished(), "the writer is held back by the paused proxy");
+        // Until the writer stalls (or is done): a proxy that reads on would let it write it all.
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut last = usize::MAX;
+        while written.load(Ordering::SeqCst) != last && std::time::Instant::now() < deadline {
+            last = written.load(Ordering::SeqCst);
+            tokio::time::sleep(QUIET).await;
+        }
+        let held = written.load(Ordering::SeqCst);
+        assert!(held < LEN, "the paused proxy stopped reading; the writer got {held} of {LEN} bytes out");
         proxy.resume();
-        let mut echoed = vec![0; LEN];
-        tokio::time::timeout(WAIT * 2, read.read_exact(&mut echoed)).await.expect("in time").expect("read");
-        assert!(echoed == pattern(LEN), "everything arrives after the resume, in order");
-        sending.await.expect("writer task");
+        let got = tokio::time::timeout(WAIT, received).await.expect("in time").expect("the sink's bytes");
+        assert!(got == *data, "everything arrives after the resume, in order ({} bytes)", got.len());
+        writing.await.expect("writer task");
     }
 
     #[tokio::test]
