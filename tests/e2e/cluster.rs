@@ -1,9 +1,10 @@
 //! Cluster tests with real node processes over one private Redis: seqs assigned once across
 //! nodes, routing only to nodes with recipients, healing after a node is killed, no loss when a
-//! client moves to another node, and honest answers while Redis is paused or restarted.
+//! client moves to another node, and honest answers while Redis is unreachable or restarted.
 //!
 //! Each test starts its own `redis-server` and node processes (see `procs.rs`); the nodes are
-//! killed when the test ends, however it ends. Observed timings are printed with a `TIMING`
+//! killed when the test ends, however it ends. Network faults go through a `FaultProxy` between
+//! the nodes and Redis, not signals to the server. Observed timings are printed with a `TIMING`
 //! prefix (`cargo test --test e2e cluster -- --nocapture` shows them).
 
 #[path = "procs.rs"]
@@ -469,9 +470,10 @@ async fn answer_within(client: &mut Client, mut command: Value, wait: Duration) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_pause_is_never_silent() {
-    let Some(cluster) = Cluster::start("pause") else { return };
+    let Some((cluster, proxy)) = Cluster::start_behind_proxy("pause") else { return };
     let n1 = cluster.node("n1").await;
     let n2 = cluster.node("n2").await;
+    assert!(proxy.connections() >= 2, "both nodes reach Redis through the proxy");
     let mut bob = n2.connect("bob").await;
     bob.ok(json!({"type":"join","room":"pause"})).await;
     let mut alice = n1.connect("alice").await;
@@ -482,7 +484,8 @@ async fn redis_pause_is_never_silent() {
     alice.ok(json!({"type":"publish","room":"pause","body":"before-room"})).await;
     assert_eq!(bob.next_message().await["body"], "before-room");
 
-    cluster.redis.pause();
+    // Frozen, not down: connections stay open and nothing answers.
+    proxy.pause();
     let paused = Instant::now();
     let not_ready = until("/readyz answers 503 after the pause", paused, Duration::from_secs(10), || async {
         n1.readyz(Duration::from_secs(3)).await == Some(503)
@@ -516,7 +519,7 @@ async fn redis_pause_is_never_silent() {
     let (status, body) = broadcast.expect("the API answers while Redis is paused");
     assert_eq!((status, &body["error"]["code"]), (503, &json!("unavailable")), "{body}");
 
-    cluster.redis.resume();
+    proxy.resume();
     let resumed = Instant::now();
     let ready_again = until("/readyz answers 200 after the resume", resumed, Duration::from_secs(10), || async {
         n1.readyz(Duration::from_secs(3)).await == Some(200) && n2.readyz(Duration::from_secs(3)).await == Some(200)

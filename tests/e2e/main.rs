@@ -1,5 +1,6 @@
 //! End-to-end tests: real nodes on port 0, real WebSocket clients, as PROTOCOL.md describes.
 
+mod fault_proxy;
 mod redis_server;
 mod support;
 

@@ -15,6 +15,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::fault_proxy::FaultProxy;
 use crate::redis_server::RedisServer;
 use crate::support::{self, Client};
 
@@ -25,6 +26,8 @@ const START_WAIT: Duration = Duration::from_secs(20);
 pub struct Cluster {
     pub redis: RedisServer,
     pub prefix: String,
+    /// The Redis URL nodes are given: the server's own, or that of a proxy in front of it.
+    redis_url: String,
     dir: tempfile::TempDir,
 }
 
@@ -33,7 +36,17 @@ impl Cluster {
     pub fn start(test: &str) -> Option<Self> {
         let redis = RedisServer::start_checked()?;
         let prefix = format!("{test}-{:08x}", fastrand::u32(..));
-        Some(Self { redis, prefix, dir: tempfile::tempdir().expect("temp dir") })
+        let redis_url = redis.url();
+        Some(Self { redis, prefix, redis_url, dir: tempfile::tempdir().expect("temp dir") })
+    }
+
+    /// Like [`Cluster::start`], with every node's Redis connections going through the returned
+    /// proxy, for tests that break them.
+    pub fn start_behind_proxy(test: &str) -> Option<(Self, FaultProxy)> {
+        let mut cluster = Self::start(test)?;
+        let proxy = FaultProxy::start(([127, 0, 0, 1], cluster.redis.port).into());
+        cluster.redis_url = format!("redis://{}/0", proxy.addr());
+        Some((cluster, proxy))
     }
 
     /// Starts node `name` (its id is `<prefix>-<name>`) with cluster-test defaults: no rate
@@ -47,13 +60,13 @@ impl Cluster {
         let id = format!("{}-{name}", self.prefix);
         let data = self.dir.path().join(&id);
         let log = self.dir.path().join(format!("{id}.log"));
-        let url = self.redis.url();
+        let url = &self.redis_url;
         let mut args: Vec<String> = [
             "serve",
             "--listen",
             "127.0.0.1:0",
             "--redis",
-            &url,
+            url,
             "--redis-prefix",
             &self.prefix,
             "--node-id",

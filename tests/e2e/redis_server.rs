@@ -53,22 +53,6 @@ impl RedisServer {
         }
     }
 
-    fn signal(&self, signal: &str) {
-        if let Some(child) = &self.child {
-            let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
-        }
-    }
-
-    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
-    pub fn pause(&self) {
-        self.signal("-STOP");
-    }
-
-    /// Thaws a paused server (SIGCONT).
-    pub fn resume(&self) {
-        self.signal("-CONT");
-    }
-
     /// Kills the server and starts a new, empty one on the same port (no persistence: every key
     /// is gone, as after a crash of a Redis without persistence).
     pub fn restart(&mut self) {
@@ -86,7 +70,6 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        self.resume();
         self.stop();
     }
 }
