@@ -1,7 +1,7 @@
 //! Switchyard: a WebSocket messaging server that runs as one node or as a cluster.
 //!
 //! Data flows one way: socket → [`session`] (parse, authorize) → [`node`] (route) →
-//! [`store`] / [`broker`] → the [`hub`] of every node with recipients → session queues → socket.
+//! [`store`], then [`bus`] → the [`hub`] of every node with recipients → session queues → socket.
 //!
 //! - [`protocol`]: the wire contract (names, commands, frames, error and close codes).
 //! - [`config`]: flags, environment and TOML file.
@@ -12,24 +12,26 @@
 //! - [`hub`]: the sessions of this node, by user and by room.
 //! - [`session`]: one connection's loop and per-session delivery rules.
 //! - [`ws`]: the WebSocket framing under a session, holding no buffers while idle.
-//! - [`store`], [`broker`], [`presence`]: the backends, each a trait with its implementations.
+//! - [`message`]: the neutral message that stores keep and buses carry.
+//! - [`store`], [`bus`], [`presence`]: the backend concepts, each a trait with its contract.
+//! - [`backend`]: the implementations, one folder per backend, chosen by URL at start-up.
 //! - [`metrics`], [`shutdown`]: operations.
 
 pub mod api;
 pub mod auth;
-pub mod bus;
 pub(crate) mod backend;
+pub(crate) mod bus;
 pub mod config;
-pub mod hub;
-pub mod message;
-pub mod metrics;
+pub(crate) mod hub;
+pub(crate) mod message;
+pub(crate) mod metrics;
 pub mod node;
-pub mod presence;
+pub(crate) mod presence;
 pub mod protocol;
 pub mod server;
-pub mod session;
-pub mod shutdown;
-pub mod store;
+pub(crate) mod session;
+pub(crate) mod shutdown;
+pub(crate) mod store;
 pub mod ws;
 
 pub use server::Server;

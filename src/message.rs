@@ -69,12 +69,6 @@ impl Record {
         out
     }
 
-    /// The acceptance time of a record, without decoding the rest (for retention checks).
-    pub fn ts(bytes: &[u8]) -> Option<u64> {
-        let end = bytes.iter().position(|b| *b == b' ')?;
-        std::str::from_utf8(&bytes[..end]).ok()?.parse().ok()
-    }
-
     /// Decodes a record of `stream` (`None`: a broadcast); `None` when it is not one.
     pub fn decode(stream: Option<&StreamId>, bytes: &[u8]) -> Option<Message> {
         let newline = bytes.iter().position(|b| *b == b'\n')?;
@@ -123,7 +117,6 @@ mod tests {
             let stream = StreamId::parse(stream).unwrap();
             assert_eq!(Record::decode(Some(&stream), &record), Some(dm()));
         }
-        assert_eq!(Record::ts(&record), Some(1_763_800_000_123));
     }
 
     #[test]

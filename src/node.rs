@@ -66,12 +66,12 @@ pub struct Node {
     pub id: Arc<str>,
     pub config: Arc<ServeArgs>,
     pub auth: Authenticator,
-    pub store: Arc<dyn Store>,
-    pub bus: Arc<dyn Bus>,
-    /// Publishes presence events through `broker`, batched per room.
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    /// Publishes presence events through `bus`, batched per room.
     notices: Batcher,
-    pub presence: Arc<dyn Presence>,
-    pub hub: Arc<Hub>,
+    presence: Arc<dyn Presence>,
+    pub(crate) hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     pub started_at: u64,
     pub address: String,
@@ -195,7 +195,7 @@ impl Node {
         })
     }
 
-    /// Whether the node can serve: its store and broker answer.
+    /// Whether the node can serve: its store and bus answer.
     pub async fn ready(&self) -> bool {
         self.store.ready().await && self.bus.ready().await
     }
@@ -419,6 +419,46 @@ impl Node {
         let event = Event::Disconnect { code: close::KICKED, reason: Arc::from(reason), except: None };
         self.bus.publish(Topic::User(user.clone()), event).await.map_err(unavailable)?;
         Ok(sessions)
+    }
+
+    /// The sessions of `user` on every node.
+    pub async fn user_sessions(&self, user: &UserId) -> Result<Vec<SessionInfo>, ProtocolError> {
+        Ok(self.presence.sessions(user).await?)
+    }
+
+    /// The number of distinct users in `room` and up to `limit` of their ids.
+    pub async fn room_presence(&self, room: &RoomName, limit: usize) -> Result<(usize, Vec<UserId>), ProtocolError> {
+        Ok(self.presence.room(room, limit).await?)
+    }
+
+    /// The live nodes of the cluster.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ProtocolError> {
+        Ok(self.presence.nodes().await?)
+    }
+
+    /// The user's read cursor.
+    pub async fn cursor(&self, user: &UserId) -> Result<u64, ProtocolError> {
+        Ok(self.store.cursor(user).await?)
+    }
+
+    /// Moves the user's read cursor forward.
+    pub async fn ack(&self, user: &UserId, seq: u64) -> Result<(), ProtocolError> {
+        Ok(self.store.ack(user, seq).await?)
+    }
+
+    /// This node's sessions, users and rooms.
+    pub fn local_counts(&self) -> (usize, usize, usize) {
+        self.hub.counts()
+    }
+
+    /// Asks every local session to close (shutdown).
+    pub fn close_sessions(&self, code: u16, reason: &str) {
+        self.hub.close_all(code, reason);
+    }
+
+    /// Flushes and releases the store at shutdown.
+    pub async fn close_store(&self) {
+        self.store.close().await;
     }
 
     pub fn count(&self, kind: Kind, n: u64) {

@@ -174,7 +174,7 @@ impl Server {
     /// Stops accepting, closes every session with 1001 and waits (bounded) for them to finish.
     pub async fn shutdown(self) {
         self.trigger.fire();
-        self.node.hub.close_all(crate::protocol::close::GOING_AWAY, "node shutting down");
+        self.node.close_sessions(crate::protocol::close::GOING_AWAY, "node shutting down");
         let drained = async {
             loop {
                 let notified = self.sessions.drained.notified();
@@ -192,7 +192,7 @@ impl Server {
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
         self.node.deregister().await;
-        self.node.store.close().await;
+        self.node.close_store().await;
     }
 }
 
@@ -268,7 +268,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let metrics = &state.node.metrics;
-    let (sessions, users, rooms) = state.node.hub.counts();
+    let (sessions, users, rooms) = state.node.local_counts();
     metrics.sessions.set(sessions as i64);
     metrics.users.set(users as i64);
     metrics.rooms.set(rooms as i64);

@@ -213,13 +213,13 @@ async fn broadcast(
 
 async fn user_presence(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRejection>) -> ApiResult {
     let user = user_path(path)?;
-    let sessions = node.presence.sessions(&user).await.map_err(ProtocolError::from)?;
+    let sessions = node.user_sessions(&user).await?;
     Ok(Json(serde_json::json!({"online": !sessions.is_empty(), "sessions": sessions})).into_response())
 }
 
 async fn room_presence(State(node): State<Arc<Node>>, path: Result<Path<String>, PathRejection>) -> ApiResult {
     let room = room_path(path)?;
-    let (count, users) = node.presence.room(&room, 1000).await.map_err(ProtocolError::from)?;
+    let (count, users) = node.room_presence(&room, 1000).await?;
     Ok(Json(serde_json::json!({"count": count, "users": users})).into_response())
 }
 
@@ -273,7 +273,7 @@ async fn disconnect(
 }
 
 async fn nodes(State(node): State<Arc<Node>>) -> ApiResult {
-    let nodes = node.presence.nodes().await.map_err(ProtocolError::from)?;
+    let nodes = node.nodes().await?;
     Ok(Json(serde_json::json!({"nodes": nodes})).into_response())
 }
 

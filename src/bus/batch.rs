@@ -20,9 +20,9 @@ use super::{Bus, BusError, Event, Notice, Topic};
 /// The outcome of a batch, once published.
 type Outcome = Option<Result<(), BusError>>;
 
-/// Publishes notices through a broker, batched per topic.
+/// Publishes notices through the bus, batched per topic.
 pub struct Batcher {
-    broker: Arc<dyn Bus>,
+    bus: Arc<dyn Bus>,
     /// Most notices in one batch.
     max: usize,
     /// Topics with notices being published; an entry lives while someone uses it.
@@ -75,8 +75,8 @@ async fn published(outcome: &mut watch::Receiver<Outcome>) -> Result<(), BusErro
 
 impl Batcher {
     /// A batcher publishing at most `max` notices per event (at least 1).
-    pub fn new(broker: Arc<dyn Bus>, max: usize) -> Self {
-        Self { broker, max: max.max(1), topics: Mutex::new(HashMap::new()) }
+    pub fn new(bus: Arc<dyn Bus>, max: usize) -> Self {
+        Self { bus, max: max.max(1), topics: Mutex::new(HashMap::new()) }
     }
 
     fn topics(&self) -> MutexGuard<'_, HashMap<Topic, Arc<Queue>>> {
@@ -98,7 +98,7 @@ impl Batcher {
                 _turn = queue.turn.lock() => {
                     let oldest = queue.waiting().pop_front();
                     if let Some(batch) = oldest {
-                        let result = self.broker.publish(topic.clone(), Event::Frames(batch.notices)).await;
+                        let result = self.bus.publish(topic.clone(), Event::Frames(batch.notices)).await;
                         batch.published.send_replace(Some(result));
                     }
                 }

@@ -1,11 +1,12 @@
 //! Routing between nodes: who gets a message, not how it is stored.
 //!
 //! A [`Topic`] names the audience of an [`Event`]: a user's sessions, a room's members, or every
-//! session. A node tells its broker which topics it has local interest in; the broker hands every
+//! session. A node tells its bus which topics it has local interest in; the bus hands every
 //! event for those topics to the node's [`Sink`], which fans it out to local sessions. Stream
-//! messages enter the broker from the store, right after they were stored, so that a subscriber
-//! can never see seq n+1 before n is readable (see `store`). Presence events go through a
-//! [`Batcher`], which publishes those raised together as one event. The in-memory broker is the
+//! messages enter the bus from the node, right after the store committed them, so nothing is
+//! delivered that a reader could not find in the store; a bus may still delay, reorder, duplicate
+//! or drop them, which sessions repair (see `store` and `session`). Presence events go through a
+//! [`Batcher`], which publishes those raised together as one event. The in-memory bus is the
 //! reference: one node, every topic local.
 
 mod batch;
@@ -106,7 +107,7 @@ pub enum Event {
     Frames(Vec<Notice>),
     /// Close the user's sessions (the disconnect API, the single-session policy).
     Disconnect { code: u16, reason: Arc<str>, except: Option<SessionId> },
-    /// Local only, never published: the broker may have missed messages (its connection was
+    /// Local only, never published: the bus may have missed messages (its connection was
     /// down), so every session catches up its streams from the store.
     Resync,
 }
@@ -120,7 +121,7 @@ pub trait Sink: Send + Sync {
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum BusError {
-    #[error("broker unavailable: {0}")]
+    #[error("bus unavailable: {0}")]
     Unavailable(String),
 }
 
@@ -135,8 +136,8 @@ pub trait Bus: Send + Sync {
     /// left. Subscriptions and unsubscriptions of one topic take effect in call order.
     async fn unsubscribe(&self, topic: &Topic) -> Result<(), BusError>;
     /// Sends an event that is not part of a stream (broadcast, presence, control) to every node
-    /// subscribed to `topic`, this one included. Returns once the broker accepted it.
+    /// subscribed to `topic`, this one included. Returns once the bus accepted it.
     async fn publish(&self, topic: Topic, event: Event) -> Result<(), BusError>;
-    /// Whether the broker can route right now (for `/readyz`).
+    /// Whether the bus can route right now (for `/readyz`).
     async fn ready(&self) -> bool;
 }

@@ -103,7 +103,7 @@ impl Session {
                 self.answer(id, result).await
             }
             Command::Ack { seq } => {
-                let result = self.node.store.ack(&self.info.user, seq).await.map(|()| Empty {}).map_err(Into::into);
+                let result = self.node.ack(&self.info.user, seq).await.map(|()| Empty {});
                 self.answer(id, result).await
             }
             Command::Presence(PresenceQuery::Users(users)) => {
@@ -211,7 +211,7 @@ impl Session {
     async fn sync(&mut self, since: Option<u64>) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
         let since = match since {
             Some(since) => since,
-            None => self.node.store.cursor(&self.info.user).await?,
+            None => self.node.cursor(&self.info.user).await?,
         };
         self.catch_up(StreamId::User(self.info.user.clone()), Some(since)).await
     }
@@ -281,7 +281,7 @@ impl Session {
                 format!("room {room} needs a `rooms` claim in your token"),
             ));
         }
-        let (count, users) = self.node.presence.room(room, ROOM_PRESENCE_LIMIT).await?;
+        let (count, users) = self.node.room_presence(room, ROOM_PRESENCE_LIMIT).await?;
         Ok(RoomPresence { room, count, users })
     }
 

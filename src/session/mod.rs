@@ -54,7 +54,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 struct StreamState {
     /// The seqs it has: delivered to it, or sent by it.
     seen: SeqSet,
-    /// From which seq on it is owed every message live; a resync after a broker outage
+    /// From which seq on it is owed every message live; a resync after a bus outage
     /// re-reads from here. `None` when unknown (nothing to resync).
     live_from: Option<u64>,
     /// Live messages that arrived ahead of a gap (see `repair`); boxed, as it is rare.
@@ -390,7 +390,7 @@ impl Session {
         Ok(())
     }
 
-    /// Catches up every stream the session is owed live messages of, from the store: the broker
+    /// Catches up every stream the session is owed live messages of, from the store: the bus
     /// may have lost messages while its connection was down. Failures are logged and skipped;
     /// the next resync or the client's own `sync` covers them.
     async fn resync(&mut self) -> Result<(), Stop> {

@@ -124,7 +124,7 @@ async fn a_failed_store_makes_the_node_unready_and_refuses_writes() {
     let mut alice = node.connect("alice").await;
     let mut bob = node.connect("bob").await;
     alice.ok(json!({"type":"join","room":"r"})).await;
-    node.server(0).node.store.close().await;
+    node.server(0).node.close_store().await;
 
     let (status, ready) = node.http("GET", "/readyz", None, None).await;
     assert_eq!((status, ready["ready"].as_bool()), (503, Some(false)));

@@ -1,4 +1,4 @@
-//! The single-node broker: every topic is local, so publishing is handing the event to the sink.
+//! The single-node bus: every topic is local, so publishing is handing the event to the sink.
 
 use std::sync::{Arc, OnceLock};
 
@@ -16,15 +16,14 @@ impl MemoryBus {
         Self::default()
     }
 
-    /// Connects the broker to the node's sink; events published before are dropped, which only
+    /// Connects the bus to the node's sink; events published before are dropped, which only
     /// happens during start-up when no session exists yet.
     pub fn attach(&self, sink: Arc<dyn Sink>) {
         let _ = self.sink.set(sink);
     }
 
-    /// Delivers synchronously, in call order. The embedded store calls this right after a
-    /// commit, which is what keeps each stream's live deliveries in seq order.
-    pub fn deliver_now(&self, topic: &Topic, event: &Event) {
+    /// Delivers synchronously, in call order.
+    fn deliver_now(&self, topic: &Topic, event: &Event) {
         if let Some(sink) = self.sink.get() {
             sink.deliver(topic, event);
         }

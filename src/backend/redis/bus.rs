@@ -1,4 +1,4 @@
-//! The cluster broker: Redis pub/sub, one channel per topic (layout in `keys.rs`).
+//! The cluster bus: Redis pub/sub, one channel per topic (layout in `keys.rs`).
 //!
 //! A node subscribes to a user's channel while it holds a session of that user, to a room's
 //! channel while it holds a member of that room, and always to the broadcast channel, so a
@@ -253,14 +253,14 @@ impl RedisBus {
         };
         let config = crate::backend::redis::manager_config().set_push_sender(callback).set_automatic_resubscription();
         let subscriber = ConnectionManager::new_with_config(client, config).await?;
-        let broker = Self { shared: shared.clone(), publisher, clock, publish: Script::new(PUBLISH) };
+        let bus = Self { shared: shared.clone(), publisher, clock, publish: Script::new(PUBLISH) };
         tokio::spawn(manage_subscriptions(Arc::downgrade(&shared), shared.changed.clone(), subscriber.clone()));
-        tokio::spawn(watch_health(Arc::downgrade(&shared), subscriber, broker.publisher.clone(), broker.clock.clone()));
-        broker.subscribe(&Topic::All).await.map_err(|e| anyhow::anyhow!("subscribing to broadcasts: {e}"))?;
-        Ok(broker)
+        tokio::spawn(watch_health(Arc::downgrade(&shared), subscriber, bus.publisher.clone(), bus.clock.clone()));
+        bus.subscribe(&Topic::All).await.map_err(|e| anyhow::anyhow!("subscribing to broadcasts: {e}"))?;
+        Ok(bus)
     }
 
-    /// Connects the broker to the node's sink.
+    /// Connects the bus to the node's sink.
     pub fn attach(&self, sink: Arc<dyn Sink>) {
         let _ = self.shared.sink.set(sink);
     }
@@ -348,7 +348,7 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
 }
 
 impl Drop for RedisBus {
-    /// Wakes the subscription task so that it sees the broker is gone and ends.
+    /// Wakes the subscription task so that it sees the bus is gone and ends.
     fn drop(&mut self) {
         self.shared.changed.notify_one();
     }

@@ -128,7 +128,7 @@ impl RedisStore {
     }
 }
 
-/// The envelope head a subscriber decodes (see `broker/redis.rs`): `M <exclude> <stream> `,
+/// The envelope head a subscriber decodes (see `bus/redis.rs`): `M <exclude> <stream> `,
 /// followed by the seq, a space and the record.
 pub(crate) fn envelope_head(exclude: Option<SessionId>, stream: &StreamId) -> Vec<u8> {
     let (kind, name) = stream.parts();
