@@ -11,6 +11,8 @@ pub(crate) mod embedded;
 pub(crate) mod memory;
 // Built and tested; not chosen by `--store` yet (its scheme is still `Later`).
 #[cfg_attr(not(test), allow(dead_code))]
+pub(crate) mod mysql;
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod postgres;
 pub(crate) mod redis;
 #[cfg_attr(not(test), allow(dead_code))]
