@@ -107,7 +107,7 @@ both_modes! {
             })
             .collect();
         expected.sort();
-        if mode == Mode::Single {
+        if !mode.clustered() {
             assert_eq!(expected, [("n1".to_owned(), node.addr.to_string(), 2, 1)]);
         }
         let deadline = tokio::time::Instant::now() + WAIT;

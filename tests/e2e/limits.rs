@@ -427,7 +427,7 @@ both_modes! {
         assert_eq!(w["user"], "alice");
         assert_eq!(w["device"], "laptop");
         assert_eq!(w["node"], node.node_id(laptop.node), "the node the client is connected to");
-        let expected_id = if mode == Mode::Single { "edge-7".to_owned() } else { format!("edge-7-{}", laptop.node) };
+        let expected_id = if !mode.clustered() { "edge-7".to_owned() } else { format!("edge-7-{}", laptop.node) };
         assert_eq!(w["node"], expected_id.as_str());
         assert_eq!(phone.welcome["node"], node.node_id(phone.node));
         assert_eq!(w["ping_interval"], 9);

@@ -15,4 +15,5 @@ mod openapi;
 mod operations;
 mod repair;
 mod rooms;
+mod sql_server;
 mod timers;

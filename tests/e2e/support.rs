@@ -31,6 +31,11 @@ pub enum Mode {
     /// A [`Mode::Cluster`] whose bus drops, duplicates and delays stream messages on purpose
     /// ([`BUS_FAULTS`]): what clients see must not change, because sessions repair from the store.
     Faulty,
+    /// One node keeping its streams in PostgreSQL (`--store postgres://…` alone).
+    Postgres,
+    /// A [`Mode::Cluster`] whose store is PostgreSQL: messages in the database, routed through
+    /// Redis (the "write to the database first, then publish" design).
+    ClusterPostgres,
 }
 
 /// The faults of [`Mode::Faulty`].
@@ -39,12 +44,13 @@ pub const BUS_FAULTS: &str = "drop=0.05,dup=0.1,delay=0.3,max-delay=40";
 impl Mode {
     /// Whether the deployment has several nodes.
     pub fn clustered(self) -> bool {
-        self != Mode::Single
+        !matches!(self, Mode::Single | Mode::Postgres)
     }
 }
 
 /// Writes one end-to-end test once and runs it in every deployment: the body becomes
-/// `name::single`, `name::cluster` and `name::faulty_bus`, each called with its [`Mode`].
+/// `name::single`, `name::cluster`, `name::faulty_bus`, `name::postgres` and
+/// `name::cluster_postgres`, each called with its [`Mode`].
 /// Optional, in this order: doc comments, `#[tokio::test(...)]` arguments for every variant, and
 /// `#[cluster_ignore = "cluster: why"]`, which ignores the cluster variants only (a known server
 /// bug, named in the reason). Without Redis (outside CI) the cluster variant prints SKIP and
@@ -83,6 +89,21 @@ macro_rules! both_modes {
                     body($crate::support::Mode::Faulty).await;
                 }
             }
+
+            #[tokio::test($($($flavor)*)?)]
+            async fn postgres() {
+                if $crate::sql_server::postgres_available() {
+                    body($crate::support::Mode::Postgres).await;
+                }
+            }
+
+            #[tokio::test($($($flavor)*)?)]
+            $(#[ignore = $reason])?
+            async fn cluster_postgres() {
+                if $crate::redis_server::available() && $crate::sql_server::postgres_available() {
+                    body($crate::support::Mode::ClusterPostgres).await;
+                }
+            }
         }
     };
 }
@@ -118,11 +139,18 @@ impl TestNode {
     pub async fn start_mode(mode: Mode, extra: &[&str]) -> Self {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let prefix = format!("e2e_{:016x}", fastrand::u64(..));
+        if matches!(mode, Mode::Postgres | Mode::ClusterPostgres) {
+            args.extend(["--store".into(), crate::sql_server::postgres_url()]);
+        }
         let redis = match mode {
             Mode::Single => None,
-            Mode::Cluster | Mode::Faulty => {
+            Mode::Postgres => {
+                args.extend(["--prefix".into(), prefix]);
+                None
+            }
+            Mode::Cluster | Mode::Faulty | Mode::ClusterPostgres => {
                 let redis = RedisServer::start_checked().expect("redis-server for a cluster test");
-                let prefix = format!("e2e-{:016x}", fastrand::u64(..));
                 args.extend(["--redis".into(), redis.url(), "--prefix".into(), prefix]);
                 if mode == Mode::Faulty {
                     args.extend(["--test-bus-faults".into(), BUS_FAULTS.into()]);
@@ -145,14 +173,11 @@ impl TestNode {
 
     async fn start_servers(mode: Mode, dir: &tempfile::TempDir, args: &[String]) -> Vec<Server> {
         let count = match mode {
-            Mode::Single => 1,
-            Mode::Cluster | Mode::Faulty => CLUSTER_SIZE,
+            _ if !mode.clustered() => 1,
+            _ => CLUSTER_SIZE,
         };
         let starts = (0..count).map(|i| {
-            let data: PathBuf = match mode {
-                Mode::Single => dir.path().join("data"),
-                Mode::Cluster | Mode::Faulty => dir.path().join(format!("data-{i}")),
-            };
+            let data: PathBuf = dir.path().join(format!("data-{i}"));
             let mut argv = vec![
                 "switchyard".to_string(),
                 "serve".into(),
