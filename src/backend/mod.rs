@@ -286,12 +286,11 @@ mod tests {
     #[test]
     fn a_single_node_may_keep_its_store_on_a_server() {
         let c = config(&["--store", "redis://r:6379/0"]).unwrap();
-        assert_eq!(c.bus, BusConfig::Memory);
+        assert_eq!((c.bus, c.presence), (BusConfig::Memory, PresenceConfig::Memory));
         let c = config(&["--store", "postgres://u:p@db/app"]).unwrap();
         assert_eq!(c.store, StoreConfig::Postgres { url: "postgres://u:p@db/app".into() });
         let c = config(&["--redis", "redis://r/0", "--store", "mariadb://root@db/app"]).unwrap();
         assert_eq!(c.store, StoreConfig::Mysql { url: "mysql://root@db/app".into() });
-        assert_eq!(c.presence, PresenceConfig::Memory);
     }
 
     #[test]
