@@ -375,7 +375,7 @@ impl Session {
             match self.read_missing(stream.clone(), had).await {
                 Ok((_, _, backlog)) => {
                     self.node.metrics.repairs.inc();
-                    self.write(backlog).await?;
+                    self.write_recovered(&stream, backlog).await?;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, %stream, "repairing a gap in live delivery failed; retrying");
@@ -402,7 +402,7 @@ impl Session {
                     if let Some(state) = self.streams.get_mut(&stream) {
                         state.live_from = Some(last);
                     }
-                    self.write(backlog).await?;
+                    self.write_recovered(&stream, backlog).await?;
                 }
                 Err(e) => tracing::warn!(error = %e, %stream, "resync failed"),
             }
@@ -416,6 +416,21 @@ impl Session {
         }
         let pushed = self.ws.push_ping();
         self.wrote(pushed).await
+    }
+
+    /// Writes messages of `stream` read from the store in place of live deliveries the bus lost,
+    /// counted as delivered like the live ones they replace.
+    async fn write_recovered(&mut self, stream: &StreamId, frames: Vec<Bytes>) -> Result<(), Stop> {
+        let kind = match stream {
+            StreamId::User(_) => Kind::Direct,
+            StreamId::Room(_) => Kind::Room,
+        };
+        let n = frames.len() as u64;
+        self.write(frames).await?;
+        if n > 0 {
+            self.node.count(kind, n);
+        }
+        Ok(())
     }
 
     /// Writes frames, in as few writes as the socket allows.
