@@ -173,6 +173,9 @@ impl BackendConfig {
         }
         let retention =
             Retention { max_messages: args.history_size, ttl_ms: args.history_ttl.saturating_mul(1000) };
+        if matches!(store, StoreConfig::Postgres { .. } | StoreConfig::Mysql { .. }) {
+            sql::validate_prefix(&args.prefix)?;
+        }
         let faults = args.test_bus_faults.as_deref().map(Faults::parse).transpose()?;
         Ok(Self { store, bus, presence, prefix: args.prefix.clone(), retention, faults })
     }

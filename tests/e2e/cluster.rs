@@ -21,6 +21,8 @@ use serde_json::{Value, json};
 use crate::support::{Client, WAIT};
 use procs::{Cluster, NodeProc, http_within};
 
+use crate::fault_proxy::FaultProxy;
+
 const BUS: &str = "switchyard_bus_messages_received_total";
 
 /// The next text frame read from the socket itself, or `None` when nothing came within `wait`
@@ -468,12 +470,55 @@ async fn answer_within(client: &mut Client, mut command: Value, wait: Duration) 
     (frame, sent.elapsed())
 }
 
+/// The backend a pause test freezes, through a [`FaultProxy`] in front of it.
+#[derive(Clone, Copy, Debug)]
+enum Frozen {
+    /// The cluster's one Redis: store, bus and presence.
+    Redis,
+    /// The PostgreSQL store of a cluster whose bus and presence stay on Redis.
+    Postgres,
+    /// The MySQL (MariaDB) store, likewise.
+    Mysql,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_pause_is_never_silent() {
     let Some((cluster, proxy)) = Cluster::start_behind_proxy("pause") else { return };
-    let n1 = cluster.node("n1").await;
-    let n2 = cluster.node("n2").await;
-    assert!(proxy.connections() >= 2, "both nodes reach Redis through the proxy");
+    pause_is_never_silent(Frozen::Redis, cluster, proxy, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_pause_is_never_silent() {
+    if !crate::sql_server::postgres_available() {
+        return;
+    }
+    let Some(cluster) = Cluster::start("pgpause") else { return };
+    let cluster = cluster.with_sql_prefix();
+    let proxy = FaultProxy::start(crate::sql_server::postgres_addr());
+    let store = crate::sql_server::postgres_url_via(proxy.addr());
+    pause_is_never_silent(Frozen::Postgres, cluster, proxy, Some(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_store_pause_is_never_silent() {
+    if !crate::sql_server::mysql_available() {
+        return;
+    }
+    let Some(cluster) = Cluster::start("mypause") else { return };
+    let cluster = cluster.with_sql_prefix();
+    let proxy = FaultProxy::start(crate::sql_server::mysql_addr());
+    let store = crate::sql_server::mysql_url_via(proxy.addr());
+    pause_is_never_silent(Frozen::Mysql, cluster, proxy, Some(store)).await;
+}
+
+/// While a backend the cluster needs is frozen (connections open, nothing answered), every node
+/// says so: `/readyz` 503 within a few seconds, commands that need it `unavailable`, API calls
+/// 503; nothing refused then is stored later, and the nodes recover by themselves.
+async fn pause_is_never_silent(frozen: Frozen, cluster: Cluster, proxy: FaultProxy, store: Option<String>) {
+    let extra: Vec<&str> = store.as_deref().map(|url| vec!["--store", url]).unwrap_or_default();
+    let n1 = cluster.node_with("n1", &extra).await;
+    let n2 = cluster.node_with("n2", &extra).await;
+    assert!(proxy.connections() >= 2, "both nodes reach the {frozen:?} server through the proxy");
     let mut bob = n2.connect("bob").await;
     bob.ok(json!({"type":"join","room":"pause"})).await;
     let mut alice = n1.connect("alice").await;
@@ -492,7 +537,7 @@ async fn redis_pause_is_never_silent() {
     })
     .await;
     let readyz_n2 = n2.readyz(Duration::from_secs(3)).await;
-    assert_eq!(readyz_n2, Some(503), "every node of the paused Redis is not ready");
+    assert_eq!(readyz_n2, Some(503), "every node of the paused {frozen:?} is not ready");
 
     let wait = Duration::from_secs(15);
     let (sent, send_took) =
@@ -510,14 +555,18 @@ async fn redis_pause_is_never_silent() {
         http_within(n2.addr, "POST", "/api/v1/users/bob/messages", &json!({"body":"during-api"}).to_string(), wait)
             .await;
     let api_took = posted.elapsed();
-    let (status, body) = api.expect("the API answers while Redis is paused");
+    let (status, body) = api.expect("the API answers while the backend is paused");
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "unavailable", "{body}");
     assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    let broadcast =
-        http_within(n1.addr, "POST", "/api/v1/broadcast", &json!({"body":"during-broadcast"}).to_string(), wait).await;
-    let (status, body) = broadcast.expect("the API answers while Redis is paused");
-    assert_eq!((status, &body["error"]["code"]), (503, &json!("unavailable")), "{body}");
+    if let Frozen::Redis = frozen {
+        // A broadcast needs only the bus, which is the frozen Redis here.
+        let broadcast =
+            http_within(n1.addr, "POST", "/api/v1/broadcast", &json!({"body":"during-broadcast"}).to_string(), wait)
+                .await;
+        let (status, body) = broadcast.expect("the API answers while Redis is paused");
+        assert_eq!((status, &body["error"]["code"]), (503, &json!("unavailable")), "{body}");
+    }
 
     proxy.resume();
     let resumed = Instant::now();
@@ -526,8 +575,8 @@ async fn redis_pause_is_never_silent() {
     })
     .await;
     println!(
-        "TIMING redis_pause_is_never_silent: pause -> /readyz 503 {} ms; `send` error after {} ms, `publish` error after {} ms, \
-         API POST 503 after {} ms; resume -> /readyz 200 on both nodes {} ms",
+        "TIMING pause_is_never_silent({frozen:?}): pause -> /readyz 503 {} ms; `send` error after {} ms, `publish` \
+         error after {} ms, API POST 503 after {} ms; resume -> /readyz 200 on both nodes {} ms",
         ms(not_ready),
         ms(send_took),
         ms(publish_took),

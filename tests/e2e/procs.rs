@@ -49,6 +49,13 @@ impl Cluster {
         Some((cluster, proxy))
     }
 
+    /// This cluster with a prefix a SQL store takes (lower case, digits and `_` only), for
+    /// tests whose store is PostgreSQL or MySQL.
+    pub fn with_sql_prefix(mut self) -> Self {
+        self.prefix = self.prefix.to_ascii_lowercase().replace('-', "_");
+        self
+    }
+
     /// Starts node `name` (its id is `<prefix>-<name>`) with cluster-test defaults: no rate
     /// limit (tests publish in bursts) and room in history and queues for thousands of messages.
     pub async fn node(&self, name: &str) -> NodeProc {
