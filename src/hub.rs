@@ -322,6 +322,28 @@ mod tests {
         assert!(hub.leave(&room, SessionId(2)));
     }
 
+    #[test]
+    fn a_delivery_from_a_bus_record_encodes_the_frame_of_its_message() {
+        let stream = crate::protocol::StreamId::parse("user:alice").unwrap();
+        let message = crate::message::Message {
+            mid: Arc::from("0000018f0000abcdef0123456789"),
+            from: Arc::from("alice"),
+            to: Some(UserId::parse("bob").unwrap()),
+            room: None,
+            body: Arc::from("{\"a\":[1,\"\\u00e9\"]}"),
+            ts: 1_763_800_000_123,
+        };
+        let local = Delivery::new(Some((stream.clone(), 9)), message.clone(), None);
+        let record = Bytes::from(crate::message::Record::encode(&message));
+        let received = Delivery::from_record(Some((stream.clone(), 9)), record, None).unwrap();
+        assert_eq!(received.json(), local.json());
+        assert_eq!(received.ts(), message.ts);
+        let mut again = Vec::new();
+        received.write_record(&mut again);
+        assert_eq!(again, crate::message::Record::encode(&message), "a received record is passed on as it came");
+        assert!(Delivery::from_record(Some((stream, 9)), Bytes::from_static(b"garbage"), None).is_none());
+    }
+
     #[tokio::test]
     async fn a_close_request_wakes_the_waiting_session_once() {
         let (a, _ra) = handle("a", 1, 1);

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use crate::protocol::{RoomName, StreamId, UserId};
+use crate::protocol::{RoomName, StreamId, UserId, valid_name};
 
 /// A message as accepted, before or apart from any stream position.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,28 +69,74 @@ impl Record {
         out
     }
 
-    /// Decodes a record of `stream` (`None`: a broadcast); `None` when it is not one.
-    pub fn decode(stream: Option<&StreamId>, bytes: &[u8]) -> Option<Message> {
+    /// The fields of a record of `stream` (`None`: a broadcast), borrowed from its bytes; `None`
+    /// when they are not a record.
+    pub fn view<'a>(stream: Option<&'a StreamId>, bytes: &'a [u8]) -> Option<MessageView<'a>> {
         let newline = bytes.iter().position(|b| *b == b'\n')?;
         let head = std::str::from_utf8(&bytes[..newline]).ok()?;
         let body = std::str::from_utf8(&bytes[newline + 1..]).ok()?;
         let mut fields = head.split(' ');
         let (ts, mid, from, to) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
-        if fields.next().is_some() {
+        if fields.next().is_some() || mid.is_empty() || from.is_empty() {
             return None;
         }
         let to = match to {
             "-" => None,
-            name => Some(match stream {
-                Some(StreamId::User(user)) if user.as_str() == name => user.clone(),
-                _ => UserId::parse(name).ok()?,
-            }),
+            name if valid_name(name) => Some(name),
+            _ => return None,
+        };
+        let room = match stream {
+            Some(StreamId::Room(room)) => Some(room.as_str()),
+            _ => None,
+        };
+        Some(MessageView { mid, from, to, room, body, ts: ts.parse().ok()? })
+    }
+
+    /// Decodes a record of `stream` (`None`: a broadcast); `None` when it is not one.
+    pub fn decode(stream: Option<&StreamId>, bytes: &[u8]) -> Option<Message> {
+        let view = Self::view(stream, bytes)?;
+        let to = match (view.to, stream) {
+            (None, _) => None,
+            (Some(name), Some(StreamId::User(user))) if user.as_str() == name => Some(user.clone()),
+            (Some(name), _) => Some(UserId::parse(name).ok()?),
         };
         let room = match stream {
             Some(StreamId::Room(room)) => Some(room.clone()),
             _ => None,
         };
-        Some(Message { mid: Arc::from(mid), from: Arc::from(from), to, room, body: Arc::from(body), ts: ts.parse().ok()? })
+        Some(Message {
+            mid: Arc::from(view.mid),
+            from: Arc::from(view.from),
+            to,
+            room,
+            body: Arc::from(view.body),
+            ts: view.ts,
+        })
+    }
+}
+
+/// A message's fields, borrowed from a [`Message`] or from a record's bytes, which is what a wire
+/// protocol encodes: a message received from a bus is encoded straight from its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageView<'a> {
+    pub mid: &'a str,
+    pub from: &'a str,
+    pub to: Option<&'a str>,
+    pub room: Option<&'a str>,
+    pub body: &'a str,
+    pub ts: u64,
+}
+
+impl Message {
+    pub fn view(&self) -> MessageView<'_> {
+        MessageView {
+            mid: &self.mid,
+            from: &self.from,
+            to: self.to.as_ref().map(UserId::as_str),
+            room: self.room.as_ref().map(RoomName::as_str),
+            body: &self.body,
+            ts: self.ts,
+        }
     }
 }
 
@@ -125,7 +171,8 @@ mod tests {
         let message = Message { to: None, room: Some(room.clone()), body: Arc::from("null"), ..dm() };
         let record = Record::encode(&message);
         assert!(record.ends_with(b" alice -\nnull"));
-        assert_eq!(Record::decode(Some(&StreamId::Room(room)), &record), Some(message.clone()));
+        assert_eq!(Record::decode(Some(&StreamId::Room(room.clone())), &record), Some(message.clone()));
+        assert_eq!(Record::view(Some(&StreamId::Room(room)), &record), Some(message.view()));
         let broadcast = Message { room: None, ..message };
         assert_eq!(Record::decode(None, &Record::encode(&broadcast)), Some(broadcast));
     }

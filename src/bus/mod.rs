@@ -18,8 +18,8 @@ use std::sync::{Arc, OnceLock};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::message::Message;
-use crate::protocol::{RoomName, StreamId, UserId, encode_message};
+use crate::message::{Message, Record};
+use crate::protocol::{RoomName, StreamId, UserId, encode_message, encode_view};
 
 pub use batch::Batcher;
 
@@ -57,21 +57,40 @@ pub enum Topic {
     All,
 }
 
-/// A message on its way to sessions: the neutral message and its stream position, encoded by
-/// each wire protocol at most once per node and shared by every session that takes it.
+/// A message on its way to sessions, with its stream position, encoded by each wire protocol at
+/// most once per node and shared by every session that takes it.
 #[derive(Debug)]
 pub struct Delivery {
     /// The stream and seq, or `None` for a broadcast.
     pub position: Option<(StreamId, u64)>,
-    pub message: Message,
     /// The session that sent it and got a reply instead of an echo.
     pub exclude: Option<SessionId>,
+    /// When the message was accepted, in ms since the epoch.
+    ts: u64,
+    content: Content,
     json: OnceLock<Bytes>,
+}
+
+/// What a delivery carries: the message a node accepted, or the record bytes a bus brought,
+/// which are encoded straight from those bytes rather than decoded into a [`Message`] first.
+#[derive(Debug)]
+enum Content {
+    Message(Message),
+    Record(Bytes),
 }
 
 impl Delivery {
     pub fn new(position: Option<(StreamId, u64)>, message: Message, exclude: Option<SessionId>) -> Self {
-        Self { position, message, exclude, json: OnceLock::new() }
+        Self { position, exclude, ts: message.ts, content: Content::Message(message), json: OnceLock::new() }
+    }
+
+    /// A delivery of a [`Record`] received from a bus; `None` when the bytes are not one. It is
+    /// encoded here, since the hub needs the frame at once.
+    pub fn from_record(position: Option<(StreamId, u64)>, record: Bytes, exclude: Option<SessionId>) -> Option<Self> {
+        let stream = position.as_ref().map(|(stream, seq)| (stream, *seq));
+        let view = Record::view(stream.map(|(stream, _)| stream), &record)?;
+        let (ts, json) = (view.ts, encode_view(stream, view));
+        Some(Self { position, exclude, ts, content: Content::Record(record), json: OnceLock::from(json) })
     }
 
     /// The JSON `message` frame (PROTOCOL.md §4), encoded on first use. The hub asks for it once
@@ -79,13 +98,27 @@ impl Delivery {
     pub fn json(&self) -> &Bytes {
         self.json.get_or_init(|| {
             let position = self.position.as_ref().map(|(stream, seq)| (stream, *seq));
-            encode_message(position, &self.message)
+            match &self.content {
+                Content::Message(message) => encode_message(position, message),
+                Content::Record(record) => {
+                    let view = Record::view(position.map(|(stream, _)| stream), record);
+                    encode_view(position, view.expect("checked when received"))
+                }
+            }
         })
+    }
+
+    /// Appends the message's [`Record`] to `out`, for a bus that carries bytes.
+    pub fn write_record(&self, out: &mut Vec<u8>) {
+        match &self.content {
+            Content::Message(message) => Record::write(out, message),
+            Content::Record(record) => out.extend_from_slice(record),
+        }
     }
 
     /// When the message was accepted, in ms since the epoch (for the latency histogram).
     pub fn ts(&self) -> u64 {
-        self.message.ts
+        self.ts
     }
 }
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::{ProtocolError, RoomName, StreamId, UserId};
-use crate::message::Message;
+use crate::message::{Message, MessageView};
 
 fn push_json_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("writing a string to a Vec cannot fail");
@@ -37,13 +37,22 @@ fn push_head(out: &mut Vec<u8>, stream: &StreamId) {
 
 /// Encodes a `message` event. `stream` is `None` for a broadcast, which has no seq.
 pub fn encode_message(stream: Option<(&StreamId, u64)>, message: &Message) -> Bytes {
+    encode_view(stream, message.view())
+}
+
+/// [`encode_message`] from borrowed fields.
+pub fn encode_view(stream: Option<(&StreamId, u64)>, message: MessageView<'_>) -> Bytes {
     let mut out = Vec::with_capacity(FRAME_OVERHEAD + message.body.len());
-    write_message(&mut out, stream, message);
+    write_view(&mut out, stream, message);
     Bytes::from(out)
 }
 
 /// Appends a `message` event to `out` (see [`encode_message`]).
 pub fn write_message(out: &mut Vec<u8>, stream: Option<(&StreamId, u64)>, message: &Message) {
+    write_view(out, stream, message.view())
+}
+
+fn write_view(out: &mut Vec<u8>, stream: Option<(&StreamId, u64)>, message: MessageView<'_>) {
     match stream {
         Some((stream, seq)) => {
             push_head(out, stream);
@@ -59,19 +68,19 @@ pub fn write_message(out: &mut Vec<u8>, stream: Option<(&StreamId, u64)>, messag
 const FRAME_OVERHEAD: usize = 192;
 
 /// Everything after `stream` (and `seq`): mid, from, to or room, body, ts, and the closing brace.
-fn push_fields(out: &mut Vec<u8>, draft: &Message) {
+fn push_fields(out: &mut Vec<u8>, draft: MessageView<'_>) {
     out.extend_from_slice(br#","mid":"#);
-    push_json_str(out, &draft.mid);
+    push_json_str(out, draft.mid);
     out.extend_from_slice(br#","from":"#);
-    push_json_str(out, &draft.from);
-    if let Some(to) = &draft.to {
+    push_json_str(out, draft.from);
+    if let Some(to) = draft.to {
         out.extend_from_slice(br#","to":""#);
-        out.extend_from_slice(to.as_str().as_bytes());
+        out.extend_from_slice(to.as_bytes());
         out.push(b'"');
     }
-    if let Some(room) = &draft.room {
+    if let Some(room) = draft.room {
         out.extend_from_slice(br#","room":""#);
-        out.extend_from_slice(room.as_str().as_bytes());
+        out.extend_from_slice(room.as_bytes());
         out.push(b'"');
     }
     out.extend_from_slice(br#","body":"#);

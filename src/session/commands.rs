@@ -18,6 +18,16 @@ use crate::store::StoredMessage;
 #[derive(Serialize)]
 struct Empty {}
 
+/// What a catch-up read from the store owes the session: the stream's last seq, whether
+/// retention dropped part of it, the frames the session does not have yet, in seq order, and
+/// the acceptance time of the oldest of them (`u64::MAX` when there is none).
+pub(super) struct Backlog {
+    pub last: u64,
+    pub truncated: bool,
+    pub frames: Vec<Bytes>,
+    pub oldest: u64,
+}
+
 #[derive(Serialize)]
 struct Accepted {
     mid: Arc<str>,
@@ -230,7 +240,7 @@ impl Session {
             state.live_from = Some(state.live_from.map_or(last, |from| from.min(last)));
             return Ok((last, false, Vec::new()));
         };
-        let (last, truncated, backlog) = self.read_missing(stream.clone(), since).await?;
+        let Backlog { last, truncated, frames: backlog, .. } = self.read_missing(stream.clone(), since).await?;
         let state = self.stream(stream);
         state.live_from = Some(state.live_from.map_or(since, |from| from.min(since)).min(last));
         Ok((last, truncated, backlog))
@@ -240,11 +250,7 @@ impl Session {
     /// stream is shorter than `since` or than a seq the session has (its store lost data and
     /// restarted its seqs), what the session had of it no longer means anything and is
     /// forgotten: every kept message is delivered, as `truncated`.
-    pub(super) async fn read_missing(
-        &mut self,
-        stream: StreamId,
-        since: u64,
-    ) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
+    pub(super) async fn read_missing(&mut self, stream: StreamId, since: u64) -> Result<Backlog, ProtocolError> {
         let mut caught = self.node.catch_up(&stream, since).await?;
         let had = self.streams.get(&stream).and_then(|s| s.seen.last());
         let lost = since > caught.slice.last_seq || had.is_some_and(|had| had > caught.slice.last_seq);
@@ -256,14 +262,18 @@ impl Session {
         if lost {
             state.seen = SeqSet::default();
         }
-        let backlog = caught
+        let mut oldest = u64::MAX;
+        let frames = caught
             .slice
             .messages
             .iter()
             .filter(|m| state.seen.insert(m.seq))
-            .map(|m| encode_message(Some((&stream, m.seq)), &m.message))
+            .map(|m| {
+                oldest = oldest.min(m.message.ts);
+                encode_message(Some((&stream, m.seq)), &m.message)
+            })
             .collect();
-        Ok((caught.slice.last_seq, caught.truncated, backlog))
+        Ok(Backlog { last: caught.slice.last_seq, truncated: caught.truncated, frames, oldest })
     }
 
     async fn leave(&mut self, room: &RoomName) -> Result<(), ProtocolError> {

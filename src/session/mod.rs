@@ -11,6 +11,7 @@
 //! stream therefore reach the client at most once and, live, in seq order.
 
 mod commands;
+use commands::Backlog;
 pub use commands::raw_list;
 mod ratelimit;
 mod repair;
@@ -373,7 +374,7 @@ impl Session {
         let mut failed = false;
         for (stream, had) in gaps {
             match self.read_missing(stream.clone(), had).await {
-                Ok((_, _, backlog)) => {
+                Ok(backlog) => {
                     self.node.metrics.repairs.inc();
                     self.write_recovered(&stream, backlog).await?;
                 }
@@ -398,9 +399,9 @@ impl Session {
             self.streams.iter().filter_map(|(stream, state)| Some((stream.clone(), state.live_from?))).collect();
         for (stream, from) in owed {
             match self.read_missing(stream.clone(), from).await {
-                Ok((last, _, backlog)) => {
+                Ok(backlog) => {
                     if let Some(state) = self.streams.get_mut(&stream) {
-                        state.live_from = Some(last);
+                        state.live_from = Some(backlog.last);
                     }
                     self.write_recovered(&stream, backlog).await?;
                 }
@@ -419,17 +420,16 @@ impl Session {
     }
 
     /// Writes messages of `stream` read from the store in place of live deliveries the bus lost,
-    /// counted as delivered like the live ones they replace.
-    async fn write_recovered(&mut self, stream: &StreamId, frames: Vec<Bytes>) -> Result<(), Stop> {
+    /// counted (and their latency measured) like the live ones they replace.
+    async fn write_recovered(&mut self, stream: &StreamId, backlog: Backlog) -> Result<(), Stop> {
         let kind = match stream {
             StreamId::User(_) => Kind::Direct,
             StreamId::Room(_) => Kind::Room,
         };
-        let n = frames.len() as u64;
-        self.write(frames).await?;
-        if n > 0 {
-            self.node.count(kind, n);
-        }
+        let mut counts = [0u64; 3];
+        counts[kind as usize] = backlog.frames.len() as u64;
+        self.write(backlog.frames).await?;
+        self.count_delivered(counts, backlog.oldest);
         Ok(())
     }
 

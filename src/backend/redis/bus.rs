@@ -39,7 +39,6 @@ use crate::bus::{Bus, BusError, Delivery, Event, Notice, SessionId, Sink, Topic}
 use crate::backend::redis::RedisClock;
 use crate::backend::redis::keys::Keys;
 use crate::metrics::Metrics;
-use crate::message::Record;
 use crate::protocol::StreamId;
 use super::store::envelope_head;
 
@@ -129,11 +128,11 @@ impl Shared {
         self.metrics.bus_received.inc();
         let Some(topic) = std::str::from_utf8(channel).ok().and_then(|c| self.keys.topic(c)) else { return };
         let event = match payload.first() {
-            Some(b'M') => Self::message(&topic, &payload),
-            Some(b'B') => payload
-                .get(2..)
-                .and_then(|record| Record::decode(None, record))
-                .map(|message| Event::Message(Arc::new(Delivery::new(None, message, None)))),
+            Some(b'M') => Self::message(&topic, payload),
+            Some(b'B') if payload.len() >= 2 => {
+                let record = Bytes::from(payload).slice(2..);
+                Delivery::from_record(None, record, None).map(|d| Event::Message(Arc::new(d)))
+            }
             _ => Self::control(payload),
         };
         match event {
@@ -147,7 +146,7 @@ impl Shared {
     }
 
     /// `M <exclude> <stream> <seq> <record>`.
-    fn message(topic: &Topic, payload: &[u8]) -> Option<Event> {
+    fn message(topic: &Topic, payload: Vec<u8>) -> Option<Event> {
         let mut at = 0;
         let mut field = || {
             let start = at;
@@ -159,8 +158,8 @@ impl Shared {
         let stream = stream_of(topic, stream)?;
         let seq = seq.parse().ok()?;
         let exclude = session_field(exclude);
-        let message = Record::decode(Some(&stream), &payload[at..])?;
-        Some(Event::Message(Arc::new(Delivery::new(Some((stream, seq)), message, exclude))))
+        let record = Bytes::from(payload).slice(at..);
+        Some(Event::Message(Arc::new(Delivery::from_record(Some((stream, seq)), record, exclude)?)))
     }
 
     /// The envelopes of pre-encoded frames and of disconnects.
@@ -405,7 +404,7 @@ impl Bus for RedisBus {
                         head
                     }
                 };
-                Record::write(&mut payload, &d.message);
+                d.write_record(&mut payload);
                 payload
             }
             Event::Frames(notices) => {
