@@ -1,6 +1,9 @@
 //! A node: the backends chosen at start-up and the operations that sessions and the server API
 //! share. Everything that routes a message or changes presence goes through here, so a session
-//! and a backend calling the API get the same behaviour on every node.
+//! and a backend calling the API get the same behaviour on every node. A background task
+//! heart-beats in the node registry, reaps dead nodes (announcing the users who left rooms with
+//! them) and, when the registry answers that the cluster forgot this node, records its sessions
+//! and memberships in presence again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +19,10 @@ use crate::hub::{Hub, SessionHandle};
 use crate::message::Message;
 use crate::metrics::{Kind, Metrics};
 use crate::presence::{Presence, SessionInfo};
-use crate::registry::{NodeInfo, Registry, Standing};
 use crate::protocol::{
     ErrorCode, HistoryQuery, ProtocolError, RoomName, StreamId, UserId, close, encode_presence, new_mid, now_ms,
 };
+use crate::registry::{NodeInfo, Registry, Standing};
 use crate::shutdown::Shutdown;
 use crate::store::{AppendRequest, Appended, Entry, Slice, Store};
 
@@ -96,7 +99,8 @@ impl Node {
         let hub = Arc::new(Hub::new(metrics.clone()));
         let sink = hub.clone() as Arc<dyn Sink>;
         let backends = BackendConfig::from_args(&config)?;
-        let Backends { store, bus, presence, registry } = backend::build(&backends, id.clone(), metrics.clone(), sink).await?;
+        let Backends { store, bus, presence, registry } =
+            backend::build(&backends, id.clone(), metrics.clone(), sink).await?;
         // At most a sixteenth of a session's queue, so that a batch never comes close to filling it.
         let notices = Batcher::new(bus.clone(), (config.outbound_queue / 16).min(PRESENCE_BATCH));
         let node = Arc::new(Self {

@@ -237,8 +237,11 @@ impl Presence for RedisPresence {
         let (time, registry, all): ((u64, u64), Vec<(String, f64)>, Vec<(String, String)>) =
             pipe.query_async(&mut self.conn.clone()).await.map_err(unavailable)?;
         let dead = dead_nonces(time, registry);
-        let mut sessions: Vec<SessionInfo> =
-            all.into_iter().filter(|(field, _)| live(field, &dead)).filter_map(|(_, json)| parse_session(&json)).collect();
+        let mut sessions: Vec<SessionInfo> = all
+            .into_iter()
+            .filter(|(field, _)| live(field, &dead))
+            .filter_map(|(_, json)| parse_session(&json))
+            .collect();
         sessions.sort_by_key(|s| (s.connected_at, s.session));
         Ok(sessions)
     }
