@@ -13,7 +13,8 @@
 //! - [`session`]: one connection's loop and per-session delivery rules.
 //! - [`ws`]: the WebSocket framing under a session, holding no buffers while idle.
 //! - [`message`]: the neutral message that stores keep and buses carry.
-//! - [`store`], [`bus`], [`presence`]: the backend concepts, each a trait with its contract.
+//! - [`store`], [`bus`], [`presence`], [`registry`]: the backend concepts, each a trait with its
+//!   contract and the conformance suite every backend passes.
 //! - [`backend`]: the implementations, one folder per backend, chosen by URL at start-up.
 //! - [`metrics`], [`shutdown`]: operations.
 
@@ -27,11 +28,15 @@ pub(crate) mod message;
 pub(crate) mod metrics;
 pub mod node;
 pub(crate) mod presence;
+pub(crate) mod registry;
 pub mod protocol;
 pub mod server;
 pub(crate) mod session;
 pub(crate) mod shutdown;
 pub(crate) mod store;
 pub mod ws;
+
+#[cfg(test)]
+mod testing;
 
 pub use server::Server;

@@ -1,6 +1,9 @@
 //! A node: the backends chosen at start-up and the operations that sessions and the server API
 //! share. Everything that routes a message or changes presence goes through here, so a session
-//! and a backend calling the API get the same behaviour on every node.
+//! and a backend calling the API get the same behaviour on every node. A background task
+//! heart-beats in the node registry, reaps dead nodes (announcing the users who left rooms with
+//! them) and, when the registry answers that the cluster forgot this node, records its sessions
+//! and memberships in presence again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,10 +18,11 @@ use crate::config::ServeArgs;
 use crate::hub::{Hub, SessionHandle};
 use crate::message::Message;
 use crate::metrics::{Kind, Metrics};
-use crate::presence::{NodeInfo, Presence, PresenceError, SessionInfo};
+use crate::presence::{Presence, SessionInfo};
 use crate::protocol::{
     ErrorCode, HistoryQuery, ProtocolError, RoomName, StreamId, UserId, close, encode_presence, new_mid, now_ms,
 };
+use crate::registry::{NodeInfo, Registry, Standing};
 use crate::shutdown::Shutdown;
 use crate::store::{AppendRequest, Appended, Entry, Slice, Store};
 
@@ -71,6 +75,7 @@ pub struct Node {
     /// Publishes presence events through `bus`, batched per room.
     notices: Batcher,
     presence: Arc<dyn Presence>,
+    registry: Arc<dyn Registry>,
     pub(crate) hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     pub started_at: u64,
@@ -94,7 +99,8 @@ impl Node {
         let hub = Arc::new(Hub::new(metrics.clone()));
         let sink = hub.clone() as Arc<dyn Sink>;
         let backends = BackendConfig::from_args(&config)?;
-        let Backends { store, bus, presence } = backend::build(&backends, id.clone(), metrics.clone(), sink).await?;
+        let Backends { store, bus, presence, registry } =
+            backend::build(&backends, id.clone(), metrics.clone(), sink).await?;
         // At most a sixteenth of a session's queue, so that a batch never comes close to filling it.
         let notices = Batcher::new(bus.clone(), (config.outbound_queue / 16).min(PRESENCE_BATCH));
         let node = Arc::new(Self {
@@ -105,13 +111,14 @@ impl Node {
             bus,
             notices,
             presence,
+            registry,
             hub,
             metrics,
             started_at: now_ms(),
             address,
             shutdown,
         });
-        node.heartbeat().await.map_err(|e| anyhow::anyhow!("registering the node: {e:?}"))?;
+        node.heartbeat().await.map_err(|e| anyhow::anyhow!("registering the node: {e}"))?;
         let beat = node.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
@@ -121,12 +128,12 @@ impl Node {
                 tokio::select! {
                     _ = tick.tick() => {
                         match beat.heartbeat().await {
-                            Ok(()) => {}
-                            Err(HeartbeatError::Reaped(e)) => {
-                                tracing::warn!(error = %e, "registering this node's sessions again");
+                            Ok(Standing::Known) => {}
+                            Ok(Standing::Forgotten) => {
+                                tracing::warn!("the cluster forgot this node: registering its sessions again");
                                 forgotten = true;
                             }
-                            Err(HeartbeatError::Failed(e)) => tracing::warn!(error = %e, "heartbeat failed"),
+                            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                         }
                         if forgotten {
                             match beat.reregister().await {
@@ -147,7 +154,7 @@ impl Node {
 
     /// Clears what dead nodes left in presence and tells the rooms their users left.
     async fn reap(&self) -> anyhow::Result<()> {
-        let left = self.presence.reap().await?;
+        let left = self.registry.reap().await?;
         for (room, user) in &left {
             tracing::info!(%room, %user, "user left with a dead node");
         }
@@ -156,7 +163,7 @@ impl Node {
     }
 
     /// Records every local session and room membership in presence again, after the cluster
-    /// forgot them (this node was declared dead, or Redis restarted empty). Users that enter a
+    /// forgot them ([`Standing::Forgotten`]). Users that enter a
     /// room by it are announced with `join` events, as for any join.
     async fn reregister(&self) -> anyhow::Result<()> {
         for handle in self.hub.sessions() {
@@ -174,12 +181,12 @@ impl Node {
 
     /// Leaves the node registry at a clean shutdown, after the sessions are gone.
     pub async fn deregister(&self) {
-        if let Err(e) = self.presence.deregister(&self.id).await {
+        if let Err(e) = self.registry.deregister(&self.id).await {
             tracing::warn!(error = %e, "leaving the node registry failed");
         }
     }
 
-    async fn heartbeat(&self) -> Result<(), HeartbeatError> {
+    async fn heartbeat(&self) -> Result<Standing, crate::registry::RegistryError> {
         let (sessions, users, _) = self.hub.counts();
         let info = NodeInfo {
             id: self.id.clone(),
@@ -189,10 +196,7 @@ impl Node {
             sessions,
             users,
         };
-        self.presence.heartbeat(&info).await.map_err(|e| match e {
-            PresenceError::Reaped(m) => HeartbeatError::Reaped(m),
-            other => HeartbeatError::Failed(other.to_string()),
-        })
+        self.registry.heartbeat(&info).await
     }
 
     /// Whether the node can serve: its store and bus answer.
@@ -433,7 +437,7 @@ impl Node {
 
     /// The live nodes of the cluster.
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, ProtocolError> {
-        Ok(self.presence.nodes().await?)
+        Ok(self.registry.nodes().await?)
     }
 
     /// The user's read cursor.
@@ -464,13 +468,6 @@ impl Node {
     pub fn count(&self, kind: Kind, n: u64) {
         self.metrics.messages_out.get(kind).inc_by(n);
     }
-}
-
-#[derive(Debug)]
-enum HeartbeatError {
-    /// The cluster declared this node dead and forgot its sessions.
-    Reaped(String),
-    Failed(String),
 }
 
 fn unavailable(e: crate::bus::BusError) -> ProtocolError {

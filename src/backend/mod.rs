@@ -1,5 +1,6 @@
 //! The backends of a node, chosen by URL (PROTOCOL.md §6 "Backends") and built once into trait
-//! objects: nothing outside this module knows which server a store, bus or presence talks to.
+//! objects: nothing outside this module knows which server a store, bus, presence or registry
+//! talks to. The node registry lives where presence does (`--presence`): it reaps presence.
 //!
 //! One folder per backend holds its implementations, one file per concept, beside the plumbing
 //! they share (`redis/mod.rs`: connections and the clock; `redis/keys.rs`: every key). A role's
@@ -24,6 +25,7 @@ use crate::bus::{Bus, Sink};
 use crate::config::ServeArgs;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
+use crate::registry::Registry;
 use crate::store::{Retention, Store};
 
 /// Where a node keeps its streams.
@@ -44,7 +46,7 @@ pub(crate) enum BusConfig {
     Redis { url: String },
 }
 
-/// Where a node records sessions, room membership and the node registry.
+/// Where a node records sessions and room membership, and the node registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum PresenceConfig {
     /// In this process: a single node.
@@ -186,6 +188,8 @@ pub(crate) struct Backends {
     pub store: Arc<dyn Store>,
     pub bus: Arc<dyn Bus>,
     pub presence: Arc<dyn Presence>,
+    /// The node registry, on the same backend as `presence`.
+    pub registry: Arc<dyn Registry>,
 }
 
 /// Connects every backend of `config`. Roles on the same Redis URL share its connection and
@@ -229,14 +233,20 @@ pub(crate) async fn build(
         }
         StoreConfig::Mysql { url } => Arc::new(mysql::MysqlStore::connect(url, &config.prefix, config.retention).await?),
     };
-    let presence: Arc<dyn Presence> = match &config.presence {
-        PresenceConfig::Memory => Arc::new(memory::MemoryPresence::new()),
+    let (presence, registry): (Arc<dyn Presence>, Arc<dyn Registry>) = match &config.presence {
+        PresenceConfig::Memory => {
+            let presence = Arc::new(memory::MemoryPresence::new());
+            (presence.clone(), Arc::new(memory::MemoryRegistry::new(presence)))
+        }
         PresenceConfig::Redis { url } => {
-            let (_, commands, _) = redis.connect(url).await?;
-            Arc::new(redis::RedisPresence::new(commands, &config.prefix, node_id))
+            let (_, commands, clock) = redis.connect(url).await?;
+            let instance = Arc::new(redis::Instance::new(node_id));
+            let keys = redis::Keys::new(&config.prefix);
+            let presence = redis::RedisPresence::new(commands.clone(), clock.clone(), keys.clone(), instance.clone());
+            (Arc::new(presence), Arc::new(redis::RedisRegistry::new(commands, clock, keys, instance)))
         }
     };
-    Ok(Backends { store, bus, presence })
+    Ok(Backends { store, bus, presence, registry })
 }
 
 /// `url` with any password (and user) replaced, for logs and error messages.

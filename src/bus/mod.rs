@@ -11,6 +11,8 @@
 
 mod batch;
 pub(crate) mod chaos;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};

@@ -53,17 +53,7 @@ impl Subject {
     }
 }
 
-/// A prefix no other test uses.
-pub(crate) fn unique_prefix() -> String {
-    format!("t_{:016x}", fastrand::u64(..))
-}
-
-/// Skips a test whose server is absent, or fails it under `CI=true`.
-pub(crate) fn absent<T>(test: &str, why: &str) -> Option<T> {
-    assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{test}: {why}");
-    eprintln!("SKIP {test}: {why}");
-    None
-}
+pub(crate) use crate::testing::{absent, unique_prefix};
 
 pub(crate) fn user(name: &str) -> UserId {
     UserId::parse(name).unwrap()
@@ -124,7 +114,7 @@ pub(crate) async fn open_redis_fused(prefix: String, retention: Retention) -> Op
 }
 
 async fn open_redis_as(prefix: String, retention: Retention, fused: bool) -> Option<Subject> {
-    let url = std::env::var("SWITCHYARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+    let url = crate::testing::redis_url();
     let client = crate::backend::redis::client(&url).unwrap();
     let connecting = crate::backend::redis::commands(&client, &url);
     let conn = match tokio::time::timeout(std::time::Duration::from_secs(3), connecting).await {

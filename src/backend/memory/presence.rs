@@ -1,20 +1,20 @@
-//! The single-node presence registry: plain maps behind one lock. Presence changes on connect,
-//! join and leave, never per message, so one lock is not on any hot path.
+//! Single-node presence: plain maps behind one lock. Presence changes on connect, join and leave,
+//! never per message, so one lock is not on any hot path. The memory registry
+//! (`registry.rs`) reads its counts and clears it when the node deregisters.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use crate::presence::{NodeInfo, Presence, PresenceError, SessionInfo};
+use crate::presence::{Presence, PresenceError, SessionInfo};
 use crate::bus::SessionId;
-use crate::protocol::{RoomName, UserId, now_ms};
+use crate::protocol::{RoomName, UserId};
 
 #[derive(Default)]
 struct State {
     users: HashMap<UserId, Vec<SessionInfo>>,
     rooms: HashMap<RoomName, BTreeMap<UserId, HashSet<SessionId>>>,
-    node: Option<NodeInfo>,
 }
 
 #[derive(Default)]
@@ -25,6 +25,17 @@ pub struct MemoryPresence {
 impl MemoryPresence {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The sessions and the users online.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let state = self.state();
+        (state.users.values().map(Vec::len).sum(), state.users.len())
+    }
+
+    /// Forgets every session and membership (the node deregistered).
+    pub(crate) fn clear(&self) {
+        *self.state() = State::default();
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -88,30 +99,6 @@ impl Presence for MemoryPresence {
             .rooms
             .get(room)
             .map_or((0, Vec::new()), |members| (members.len(), members.keys().take(limit).cloned().collect())))
-    }
-
-    async fn heartbeat(&self, node: &NodeInfo) -> Result<(), PresenceError> {
-        self.state().node = Some(node.clone());
-        Ok(())
-    }
-
-    async fn nodes(&self) -> Result<Vec<NodeInfo>, PresenceError> {
-        let state = self.state();
-        let Some(node) = &state.node else { return Ok(Vec::new()) };
-        let mut node = node.clone();
-        node.sessions = state.users.values().map(Vec::len).sum();
-        node.users = state.users.len();
-        node.last_seen = now_ms();
-        Ok(vec![node])
-    }
-
-    async fn reap(&self) -> Result<Vec<(RoomName, UserId)>, PresenceError> {
-        Ok(Vec::new())
-    }
-
-    async fn deregister(&self, _node: &str) -> Result<(), PresenceError> {
-        self.state().node = None;
-        Ok(())
     }
 }
 

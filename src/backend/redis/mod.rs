@@ -1,16 +1,19 @@
-//! Redis as store, bus and presence of a cluster (key layout in `keys.rs`), and the plumbing
-//! they share: one RESP3 client, connection managers that fail fast (so a stopped Redis turns
-//! into `unavailable` answers, not hanging requests) and reconnect on their own, and an estimate
-//! of Redis's clock for write deadlines. Every write script checks its deadline.
+//! Redis as store, bus, presence and node registry of a cluster (every key and channel is named
+//! in `keys.rs`), and the plumbing they share: one RESP3 client, connection managers that fail
+//! fast (so a stopped Redis turns into `unavailable` answers, not hanging requests) and reconnect
+//! on their own, an estimate of Redis's clock for write deadlines, and the liveness rule that
+//! presence and the registry share. Every write script checks its deadline.
 
 pub(crate) mod bus;
 pub(crate) mod keys;
 pub(crate) mod presence;
+pub(crate) mod registry;
 pub(crate) mod store;
 
 pub(crate) use bus::RedisBus;
-pub(crate) use keys::Keys;
+pub(crate) use keys::{Instance, Keys};
 pub(crate) use presence::RedisPresence;
+pub(crate) use registry::RedisRegistry;
 pub(crate) use store::RedisStore;
 
 use std::collections::HashMap;
@@ -35,6 +38,32 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// estimate and the way back of the reply.
 pub const WRITE_DEADLINE: Duration = Duration::from_millis(1500);
 
+/// An instance whose last heartbeat (by the Redis clock) is older than this is dead: presence
+/// stops counting its sessions at once and the next reap removes them. Nodes heart-beat well
+/// within it.
+pub const DEAD_AFTER: Duration = Duration::from_secs(10);
+
+/// The first lines of a presence or registry write script, as the store's append starts: `now`
+/// is Redis's time in ms, and a script that Redis runs after the deadline in `ARGV[1]` (see
+/// [`RedisClock::write_deadline`]) writes nothing and answers a `LATE` error, which
+/// [`is_late`] recognises. The script's own arguments start at `ARGV[2]`.
+macro_rules! write_script {
+    ($body:expr) => {
+        concat!(
+            "local t = redis.call('TIME')\n",
+            "local now = t[1] * 1000 + math.floor(t[2] / 1000)\n",
+            "if now > tonumber(ARGV[1]) then return redis.error_reply('LATE redis ran the write after its deadline: nothing was written') end\n",
+            $body
+        )
+    };
+}
+pub(crate) use write_script;
+
+/// Whether `e` is the answer of a write script that Redis ran after its deadline.
+pub fn is_late(e: &redis::RedisError) -> bool {
+    e.code() == Some("LATE")
+}
+
 /// This node's estimate of Redis's clock, so that write deadlines do not depend on the clocks of
 /// the node and the Redis host agreeing. Sampled with `TIME` at start and every health check.
 #[derive(Default)]
@@ -52,6 +81,13 @@ impl RedisClock {
         let redis_ms = secs * 1000 + micros / 1000;
         self.offset_ms.store(redis_ms - (sent + received) / 2, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// A clock that believes Redis is `ms` behind where it is, so that every write deadline has
+    /// passed when Redis runs the write (tests of late writes).
+    #[cfg(test)]
+    pub fn late_by(ms: i64) -> Self {
+        Self { offset_ms: AtomicI64::new(-ms) }
     }
 
     /// The Redis time by which a write sent now must have run, or be dropped.

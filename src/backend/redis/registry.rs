@@ -1,0 +1,318 @@
+//! The node registry over one shared Redis, beside presence (`presence.rs`), whose keys it reaps
+//! (key layout and instance names in `keys.rs`).
+//!
+//! Each instance heart-beats into the `P:nodes` sorted set, scored with Redis's own time, so skew
+//! between nodes does not matter. An instance whose heartbeat is older than [`DEAD_AFTER`] is
+//! dead: presence stops counting its sessions at once, and the first node whose reap claims its
+//! lock purges it in batches (sessions by `SPOP`, memberships by `HSCAN`), decrementing the room
+//! counts and reporting the users whose count reached zero. Each batch deletes what it handles in
+//! the same script, so a reap interrupted half-way resumes correctly after the lock expires.
+//!
+//! A heartbeat that adds the instance to `P:nodes` anew, after an earlier one had registered it,
+//! means the cluster forgot it (it was reaped, or Redis lost its data): [`Standing::Forgotten`].
+//! Every write script carries a deadline in Redis's clock and does nothing when Redis runs it
+//! later (see `write_script!`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Script;
+use redis::aio::ConnectionManager;
+use serde::Deserialize;
+
+use super::keys::KeyKind;
+use super::{DEAD_AFTER, Instance, Keys, RedisClock, is_late, write_script};
+use crate::protocol::{RoomName, UserId};
+use crate::registry::{NodeInfo, Registry, RegistryError, Standing};
+
+/// How long a node's info outlives its last heartbeat, in case nobody reaps it.
+const NODE_TTL: Duration = Duration::from_secs(30);
+/// How long one node holds the right to reap a dead instance.
+const REAP_LOCK: Duration = Duration::from_secs(30);
+/// Items handled per script call while reaping, to keep each call short.
+const REAP_BATCH: usize = 500;
+
+/// KEYS: `nodes`, `node:<instance>`; ARGV: deadline, instance, info JSON, TTL ms. Answers 1 when
+/// the instance was not registered.
+const HEARTBEAT: &str = write_script!(
+    r"
+local added = redis.call('ZADD', KEYS[1], now, ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+return added
+"
+);
+
+/// KEYS: `nodes`; ARGV: dead-after ms, `P:node:`. Answers {info, score, …} of the live
+/// instances. Reads only.
+const NODES: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - ARGV[1] + 1, '+inf', 'WITHSCORES')
+local out = {}
+for i = 1, #live, 2 do
+  local info = redis.call('GET', ARGV[2] .. live[i])
+  if info then out[#out + 1] = info; out[#out + 1] = live[i + 1] end
+end
+return out
+";
+
+/// KEYS: `nodes`; ARGV: deadline, dead-after ms, `P:reap:`, lock ms. Answers the dead instances
+/// it locked.
+const CLAIM: &str = write_script!(
+    r"
+local claimed = {}
+for _, inst in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ARGV[2])) do
+  if redis.call('SET', ARGV[3] .. inst, '1', 'NX', 'PX', ARGV[4]) then claimed[#claimed + 1] = inst end
+end
+return claimed
+"
+);
+
+/// KEYS: `ns`; ARGV: deadline, `P:us:`, batch. Removes up to a batch of the instance's sessions;
+/// answers how many.
+const PURGE_SESSIONS: &str = write_script!(
+    r"
+local popped = redis.call('SPOP', KEYS[1], ARGV[3])
+for _, e in ipairs(popped) do
+  local nl = string.find(e, '\n', 1, true)
+  redis.call('HDEL', ARGV[2] .. string.sub(e, 1, nl - 1), string.sub(e, nl + 1))
+end
+return #popped
+"
+);
+
+/// KEYS: `nm`; ARGV: deadline, `P:rm:`, cursor, batch. Removes one HSCAN page of the instance's
+/// memberships; answers {next cursor, `<room>\n<user>` of every user that left}.
+const PURGE_ROOMS: &str = write_script!(
+    r"
+local page = redis.call('HSCAN', KEYS[1], ARGV[3], 'COUNT', ARGV[4])
+local out = {page[1]}
+for i = 1, #page[2], 2 do
+  local f = page[2][i]
+  if redis.call('HDEL', KEYS[1], f) == 1 then
+    local nl = string.find(f, '\n', 1, true)
+    local room, user = ARGV[2] .. string.sub(f, 1, nl - 1), string.sub(f, nl + 1)
+    if redis.call('HINCRBY', room, user, -1) <= 0 then
+      redis.call('HDEL', room, user)
+      out[#out + 1] = f
+    end
+  end
+end
+return out
+"
+);
+
+/// KEYS: `ns`, `nm`, `nr`, `node:<instance>`, `nodes`; ARGV: deadline, instance. Removes what
+/// is left of a purged instance, its registry entry last.
+const FORGET: &str = write_script!(
+    r"
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[2])
+return 0
+"
+);
+
+struct Scripts {
+    heartbeat: Script,
+    nodes: Script,
+    claim: Script,
+    purge_sessions: Script,
+    purge_rooms: Script,
+    forget: Script,
+}
+
+/// [`NodeInfo`] as stored in `P:node:<instance>`.
+#[derive(Deserialize)]
+struct StoredNode {
+    id: String,
+    address: String,
+    started_at: u64,
+    sessions: usize,
+    users: usize,
+}
+
+/// The registry shared by every node of a cluster through Redis (see the module docs).
+pub struct RedisRegistry {
+    conn: ConnectionManager,
+    clock: Arc<RedisClock>,
+    keys: Keys,
+    /// This process, shared with its [`super::RedisPresence`].
+    instance: Arc<Instance>,
+    /// Whether this instance has heart-beaten since it started or deregistered.
+    registered: AtomicBool,
+    scripts: Scripts,
+}
+
+impl RedisRegistry {
+    /// The registry entry of `instance` under `keys`. Does no I/O.
+    pub fn new(conn: ConnectionManager, clock: Arc<RedisClock>, keys: Keys, instance: Arc<Instance>) -> Self {
+        let scripts = Scripts {
+            heartbeat: Script::new(HEARTBEAT),
+            nodes: Script::new(NODES),
+            claim: Script::new(CLAIM),
+            purge_sessions: Script::new(PURGE_SESSIONS),
+            purge_rooms: Script::new(PURGE_ROOMS),
+            forget: Script::new(FORGET),
+        };
+        Self { conn, clock, keys, instance, registered: AtomicBool::new(false), scripts }
+    }
+
+    /// Removes everything `instance` left: sessions, memberships (answering the users who left
+    /// rooms by it), its registry entry. Safe to run twice or concurrently: each batch deletes
+    /// what it handles atomically.
+    async fn purge(&self, instance: &str) -> Result<Vec<(RoomName, UserId)>, RegistryError> {
+        let mut conn = self.conn.clone();
+        let (ns, nm) = (self.keys.instance_sessions(instance), self.keys.instance_rooms(instance));
+        let mut sessions = 0;
+        loop {
+            let n: usize = self
+                .scripts
+                .purge_sessions
+                .key(&ns)
+                .arg(self.clock.write_deadline())
+                .arg(self.keys.kind_prefix(KeyKind::UserSessions))
+                .arg(REAP_BATCH)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            sessions += n;
+            if n < REAP_BATCH {
+                break;
+            }
+        }
+        let mut left = Vec::new();
+        let mut cursor = String::from("0");
+        loop {
+            let page: Vec<String> = self
+                .scripts
+                .purge_rooms
+                .key(&nm)
+                .arg(self.clock.write_deadline())
+                .arg(self.keys.kind_prefix(KeyKind::RoomMembers))
+                .arg(&cursor)
+                .arg(REAP_BATCH)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let mut page = page.into_iter();
+            cursor = page.next().unwrap_or_default();
+            left.extend(page.filter_map(|pair| parse_pair(&pair)));
+            if cursor == "0" || cursor.is_empty() {
+                break;
+            }
+        }
+        let _: i64 = self
+            .scripts
+            .forget
+            .key(&ns)
+            .key(&nm)
+            .key(self.keys.instance_memberships(instance))
+            .key(self.keys.node(instance))
+            .key(self.keys.nodes())
+            .arg(self.clock.write_deadline())
+            .arg(instance)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        tracing::info!(instance, sessions, left = left.len(), "removed the presence of a node");
+        Ok(left)
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> RegistryError {
+    if is_late(&e) {
+        return RegistryError::Unavailable("redis ran the write after its deadline: nothing was written".into());
+    }
+    RegistryError::Unavailable(format!("redis: {e}"))
+}
+
+/// Parses a `<room>\n<user>` field; names were valid when written, anything else is skipped.
+fn parse_pair(field: &str) -> Option<(RoomName, UserId)> {
+    let (room, user) = field.split_once('\n')?;
+    Some((RoomName::parse(room).ok()?, UserId::parse(user).ok()?))
+}
+
+#[async_trait]
+impl Registry for RedisRegistry {
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<Standing, RegistryError> {
+        let json = serde_json::to_string(node).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        let instance = self.instance.name();
+        let added: i64 = self
+            .scripts
+            .heartbeat
+            .key(self.keys.nodes())
+            .key(self.keys.node(instance))
+            .arg(self.clock.write_deadline())
+            .arg(instance)
+            .arg(json)
+            .arg(NODE_TTL.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        if self.registered.swap(true, Ordering::SeqCst) && added == 1 {
+            return Ok(Standing::Forgotten);
+        }
+        Ok(Standing::Known)
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, RegistryError> {
+        let flat: Vec<String> = self
+            .scripts
+            .nodes
+            .key(self.keys.nodes())
+            .arg(DEAD_AFTER.as_millis() as u64)
+            .arg(self.keys.kind_prefix(KeyKind::Node))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        let mut nodes: Vec<NodeInfo> = flat
+            .chunks_exact(2)
+            .filter_map(|pair| {
+                let info: StoredNode = serde_json::from_str(&pair[0]).ok()?;
+                Some(NodeInfo {
+                    id: Arc::from(info.id),
+                    address: info.address,
+                    started_at: info.started_at,
+                    last_seen: pair[1].parse::<f64>().ok()? as u64,
+                    sessions: info.sessions,
+                    users: info.users,
+                })
+            })
+            .collect();
+        // A node restarted under the same id shows once, as its newest instance.
+        nodes.sort_by(|a, b| a.id.cmp(&b.id).then(b.last_seen.cmp(&a.last_seen)));
+        nodes.dedup_by(|later, first| later.id == first.id);
+        Ok(nodes)
+    }
+
+    async fn reap(&self) -> Result<Vec<(RoomName, UserId)>, RegistryError> {
+        let claimed: Vec<String> = self
+            .scripts
+            .claim
+            .key(self.keys.nodes())
+            .arg(self.clock.write_deadline())
+            .arg(DEAD_AFTER.as_millis() as u64)
+            .arg(self.keys.kind_prefix(KeyKind::ReapLock))
+            .arg(REAP_LOCK.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        let mut left = Vec::new();
+        for instance in claimed {
+            left.extend(self.purge(&instance).await?);
+        }
+        Ok(left)
+    }
+
+    async fn deregister(&self, node: &str) -> Result<(), RegistryError> {
+        if node != &**self.instance.node() {
+            tracing::warn!(node, own = %self.instance.node(), "a node can only deregister itself");
+            return Ok(());
+        }
+        self.purge(self.instance.name()).await?;
+        self.registered.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
