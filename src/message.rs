@@ -74,7 +74,7 @@ impl Record {
     pub fn view<'a>(stream: Option<&'a StreamId>, bytes: &'a [u8]) -> Option<MessageView<'a>> {
         let newline = bytes.iter().position(|b| *b == b'\n')?;
         let head = std::str::from_utf8(&bytes[..newline]).ok()?;
-        let body = std::str::from_utf8(&bytes[newline + 1..]).ok()?;
+        let body = &bytes[newline + 1..];
         let mut fields = head.split(' ');
         let (ts, mid, from, to) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
         if fields.next().is_some() || mid.is_empty() || from.is_empty() {
@@ -109,21 +109,23 @@ impl Record {
             from: Arc::from(view.from),
             to,
             room,
-            body: Arc::from(view.body),
+            body: Arc::from(std::str::from_utf8(view.body).ok()?),
             ts: view.ts,
         })
     }
 }
 
 /// A message's fields, borrowed from a [`Message`] or from a record's bytes, which is what a wire
-/// protocol encodes: a message received from a bus is encoded straight from its bytes.
+/// protocol encodes: a message received from a bus is encoded straight from its bytes. The body
+/// stays bytes: it was checked when the message was accepted, and a frame copies it as it is
+/// (a record read back into a [`Message`] is checked again by [`Record::decode`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MessageView<'a> {
     pub mid: &'a str,
     pub from: &'a str,
     pub to: Option<&'a str>,
     pub room: Option<&'a str>,
-    pub body: &'a str,
+    pub body: &'a [u8],
     pub ts: u64,
 }
 
@@ -134,7 +136,7 @@ impl Message {
             from: &self.from,
             to: self.to.as_ref().map(UserId::as_str),
             room: self.room.as_ref().map(RoomName::as_str),
-            body: &self.body,
+            body: self.body.as_bytes(),
             ts: self.ts,
         }
     }

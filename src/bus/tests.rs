@@ -37,7 +37,10 @@ impl Sink for Recorder {
     fn deliver(&self, topic: &Topic, event: &Event) {
         let label = match event {
             Event::Frames(notices) => notices.iter().map(|n| String::from_utf8_lossy(&n.frame)).collect(),
-            Event::Message(delivery) => delivery.message.body.to_string(),
+            Event::Message(delivery) => {
+                let frame: serde_json::Value = serde_json::from_slice(delivery.json()).expect("a JSON frame");
+                frame["body"].to_string()
+            }
             Event::Disconnect { reason, .. } => reason.to_string(),
             Event::Resync => return,
         };

@@ -84,7 +84,7 @@ fn push_fields(out: &mut Vec<u8>, draft: MessageView<'_>) {
         out.push(b'"');
     }
     out.extend_from_slice(br#","body":"#);
-    out.extend_from_slice(draft.body.as_bytes());
+    out.extend_from_slice(draft.body);
     out.extend_from_slice(br#","ts":"#);
     push_u64(out, draft.ts);
     out.push(b'}');

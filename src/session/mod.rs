@@ -63,12 +63,13 @@ struct StreamState {
 }
 
 impl StreamState {
-    /// The seq after which the session is owed the stream's next live message: the highest it
-    /// has, or where it started following; `None` when it does not follow the stream live yet.
-    fn had(&self) -> Option<u64> {
-        match (self.seen.last(), self.live_from) {
-            (Some(seen), Some(from)) => Some(seen.max(from)),
-            (seen, from) => seen.or(from),
+    /// The first seq the session is owed live and does not have: after where it started
+    /// following the stream, past every seq it has from there on. `None` when it does not know
+    /// where it started and has nothing yet (any message is then in order).
+    fn next_owed(&self) -> Option<u64> {
+        match self.live_from {
+            Some(from) => Some(self.seen.next_missing(from + 1)),
+            None => self.seen.first().map(|first| self.seen.next_missing(first)),
         }
     }
 }
@@ -272,7 +273,7 @@ impl Session {
                             state.seen.insert(*seq);
                             return None;
                         }
-                        if state.had().is_some_and(|had| *seq > had + 1) {
+                        if state.next_owed().is_some_and(|next| *seq > next) {
                             held = true;
                             overflow |= state.held.get_or_insert_default().hold(*seq, delivery);
                             return None;
@@ -325,12 +326,8 @@ impl Session {
         let mut released: Vec<Arc<Delivery>> = Vec::new();
         let mut open = false;
         for state in self.streams.values_mut() {
-            let had = state.had().unwrap_or(0);
             let Some(held) = &mut state.held else { continue };
-            let out = held.release(had);
-            if let Some((_, last)) = out.last().and_then(|d| d.position.as_ref()) {
-                state.seen.insert_range(had + 1, *last);
-            }
+            let out = held.release(&mut state.seen, state.live_from);
             released.extend(out);
             if held.is_empty() {
                 state.held = None;
@@ -369,13 +366,17 @@ impl Session {
             .streams
             .iter()
             .filter(|(_, state)| state.held.is_some())
-            .map(|(stream, state)| (stream.clone(), state.had().unwrap_or(0)))
+            .map(|(stream, state)| (stream.clone(), state.next_owed().unwrap_or(1) - 1))
             .collect();
         let mut failed = false;
         for (stream, had) in gaps {
             match self.read_missing(stream.clone(), had).await {
                 Ok(backlog) => {
                     self.node.metrics.repairs.inc();
+                    if let Some(state) = self.streams.get_mut(&stream) {
+                        // Everything up to the stream's end is had now, or gone by retention.
+                        state.live_from = Some(state.live_from.map_or(backlog.last, |from| from.max(backlog.last)));
+                    }
                     self.write_recovered(&stream, backlog).await?;
                 }
                 Err(e) => {

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::seqset::SeqSet;
 use crate::bus::Delivery;
 
 /// How long a session waits for the messages missing before a held one, before reading them
@@ -37,20 +38,26 @@ impl Held {
         self.messages.len() >= MAX_HELD
     }
 
-    /// Takes the held messages that are now in order after `had` (the highest seq the session
-    /// has), stopping at the next gap; seqs at or below `had` are dropped as duplicates.
-    pub(super) fn release(&mut self, mut had: u64) -> Vec<Arc<Delivery>> {
+    /// Takes the held messages that are in order now, in seq order, marking them had in `seen`:
+    /// each one whose every predecessor since `live_from` the session has. Stops at the next
+    /// gap; drops the ones the session already has.
+    pub(super) fn release(&mut self, seen: &mut SeqSet, live_from: Option<u64>) -> Vec<Arc<Delivery>> {
         let mut out = Vec::new();
         while let Some(entry) = self.messages.first_entry() {
             let seq = *entry.key();
-            if seq > had + 1 {
+            if seen.contains(seq) {
+                entry.remove();
+                continue;
+            }
+            let next = match live_from {
+                Some(from) => seen.next_missing(from + 1),
+                None => seen.first().map_or(seq, |first| seen.next_missing(first)),
+            };
+            if seq != next {
                 break;
             }
-            let delivery = entry.remove();
-            if seq == had + 1 {
-                had = seq;
-                out.push(delivery);
-            }
+            seen.insert(seq);
+            out.push(entry.remove());
         }
         out
     }
@@ -85,25 +92,47 @@ mod tests {
     #[test]
     fn releases_in_order_up_to_the_next_gap() {
         let mut held = Held::default();
+        let mut seen = SeqSet::default();
+        seen.insert_range(1, 2);
         for seq in [7, 5, 4, 9] {
             assert!(!held.hold(seq, &at(seq)));
         }
-        assert!(held.release(2).is_empty(), "3 is still missing");
-        assert_eq!(seqs(&held.release(3)), [4, 5], "6 is missing");
-        assert_eq!(seqs(&held.release(6)), [7]);
+        assert!(held.release(&mut seen, Some(0)).is_empty(), "3 is still missing");
+        seen.insert(3);
+        assert_eq!(seqs(&held.release(&mut seen, Some(0))), [4, 5], "6 is missing");
+        seen.insert(6);
+        assert_eq!(seqs(&held.release(&mut seen, Some(0))), [7]);
         assert!(!held.is_empty());
-        assert_eq!(seqs(&held.release(8)), [9]);
+        seen.insert(8);
+        assert_eq!(seqs(&held.release(&mut seen, Some(0))), [9]);
         assert!(held.is_empty());
+        assert_eq!(seen.next_missing(1), 10, "what was released is had");
+    }
+
+    #[test]
+    fn a_seq_the_session_sent_itself_does_not_hide_a_gap_below_it() {
+        // The session published 3 (its reply carried the seq) while 1 and 2 were in flight, and
+        // 2 came first: 2 waits for 1, even though 3 is had.
+        let mut held = Held::default();
+        let mut seen = SeqSet::default();
+        seen.insert(3);
+        held.hold(2, &at(2));
+        assert!(held.release(&mut seen, Some(0)).is_empty(), "1 is missing");
+        seen.insert(1);
+        assert_eq!(seqs(&held.release(&mut seen, Some(0))), [2]);
     }
 
     #[test]
     fn drops_what_the_session_already_has() {
         let mut held = Held::default();
+        let mut seen = SeqSet::default();
         for seq in [3, 4, 6] {
             held.hold(seq, &at(seq));
         }
-        assert_eq!(seqs(&held.release(4)), Vec::<u64>::new(), "3 and 4 came another way; 5 is missing");
-        assert_eq!(seqs(&held.release(5)), [6]);
+        seen.insert_range(1, 4);
+        assert_eq!(seqs(&held.release(&mut seen, Some(0))), Vec::<u64>::new(), "3 and 4 came another way; 5 is missing");
+        seen.insert(5);
+        assert_eq!(seqs(&held.release(&mut seen, Some(0))), [6]);
     }
 
     #[test]

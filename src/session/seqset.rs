@@ -19,6 +19,20 @@ impl SeqSet {
         self.ranges.get(i).is_some_and(|&(lo, _)| lo <= seq)
     }
 
+    /// The lowest seq in the set.
+    pub fn first(&self) -> Option<u64> {
+        self.ranges.first().map(|&(lo, _)| lo)
+    }
+
+    /// The first seq from `from` on that is not in the set.
+    pub fn next_missing(&self, from: u64) -> u64 {
+        let i = self.ranges.partition_point(|&(_, hi)| hi < from);
+        match self.ranges.get(i) {
+            Some(&(lo, hi)) if lo <= from => hi.saturating_add(1),
+            _ => from,
+        }
+    }
+
     /// The highest seq in the set.
     pub fn last(&self) -> Option<u64> {
         self.ranges.last().map(|&(_, hi)| hi)
@@ -78,6 +92,20 @@ mod tests {
         assert!(s.contains(1) && s.contains(10) && !s.contains(11) && !s.contains(0));
         assert_eq!(s.last(), Some(10));
         assert_eq!(SeqSet::default().last(), None);
+    }
+
+    #[test]
+    fn finds_the_first_missing_seq() {
+        let mut s = SeqSet::default();
+        assert_eq!((s.first(), s.next_missing(1)), (None, 1));
+        s.insert_range(3, 5);
+        s.insert(8);
+        assert_eq!(s.first(), Some(3));
+        assert_eq!(s.next_missing(1), 1);
+        assert_eq!(s.next_missing(3), 6);
+        assert_eq!(s.next_missing(4), 6);
+        assert_eq!(s.next_missing(6), 6);
+        assert_eq!(s.next_missing(8), 9);
     }
 
     #[test]

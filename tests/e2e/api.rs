@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::support::{Mode, TestNode, WAIT, both_modes};
+use crate::support::{TestNode, WAIT, both_modes};
 
 const KEY: &str = "test-api-key-1";
 

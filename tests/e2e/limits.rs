@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_websockets::{ClientBuilder, Message};
 
 use crate::support::{
-    Mode, TestNode, both_modes, client_frame, metric, raw_close_code, raw_next_json, raw_upgrade, raw_upgrade_status,
+    TestNode, both_modes, client_frame, metric, raw_close_code, raw_next_json, raw_upgrade, raw_upgrade_status,
     rss_kib, run_alone,
 };
 

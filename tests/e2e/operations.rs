@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::support::{Mode, TestNode, both_modes, metric};
+use crate::support::{TestNode, both_modes, metric};
 
 both_modes! {
     async fn messages_for_offline_users_survive_a_restart_and_seqs_continue(mode) {
