@@ -7,6 +7,7 @@
 //! node runs the missing ones while holding `GET_LOCK` on the prefix, so nodes starting together
 //! migrate once, one after the other.
 
+mod outbox;
 mod store;
 
 use std::str::FromStr;

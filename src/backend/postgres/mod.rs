@@ -6,6 +6,7 @@
 //! inside one transaction that holds an advisory lock on the prefix, so nodes starting together
 //! migrate once, one after the other, and a failed migration leaves nothing behind.
 
+mod outbox;
 mod store;
 
 use std::str::FromStr;
