@@ -19,6 +19,9 @@
 //!
 //! Bounded: one transaction at a time per consumer, at most [`BATCH`] rows each.
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;

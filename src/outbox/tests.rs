@@ -1,0 +1,776 @@
+//! The outbox against real databases: every test runs once on PostgreSQL and once on MySQL
+//! (MariaDB), with a real node (embedded store, port 0) consuming, and checks what a client sees:
+//! each row once, in order, in its destination's stream.
+//!
+//! `SWITCHYARD_TEST_POSTGRES` (default postgres://postgres@127.0.0.1:5432/test) and
+//! `SWITCHYARD_TEST_MYSQL` (default mysql://root@127.0.0.1:3306/test) name the servers; each test
+//! uses its own prefix and drops its tables at the end. A server that is unreachable skips its
+//! tests with a printed reason, except under `CI=true`, where they fail.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use sqlx::mysql::MySqlPool;
+use sqlx::postgres::PgPool;
+use sqlx::{Connection, Executor, Row};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio_websockets::{ClientBuilder, MaybeTlsStream, WebSocketStream};
+
+use super::{Claim, ClaimTxn, Outbox, OutboxError, spawn};
+use crate::Server;
+use crate::backend::mysql::outbox::MysqlOutbox;
+use crate::backend::postgres::outbox::PostgresOutbox;
+use crate::protocol::{HistoryQuery, RoomName, StreamId, UserId};
+
+/// How long a test waits for what must happen.
+const WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Postgres,
+    Mysql,
+}
+
+enum Db {
+    Pg(PgPool),
+    My(MySqlPool),
+}
+
+/// A row to insert, as an application would.
+#[derive(Clone, Default)]
+struct NewRow {
+    to_user: Option<String>,
+    to_room: Option<String>,
+    body: String,
+    sender: Option<String>,
+    key: Option<String>,
+}
+
+fn to_user(user: &str, body: impl Into<String>) -> NewRow {
+    NewRow { to_user: Some(user.into()), body: body.into(), ..NewRow::default() }
+}
+
+fn to_room(room: &str, body: impl Into<String>) -> NewRow {
+    NewRow { to_room: Some(room.into()), body: body.into(), ..NewRow::default() }
+}
+
+/// A database with a fresh prefix and a node to deliver into.
+struct Harness {
+    kind: Kind,
+    url: String,
+    prefix: String,
+    db: Db,
+    server: Option<Server>,
+    _dir: tempfile::TempDir,
+}
+
+fn url_of(kind: Kind) -> String {
+    match kind {
+        Kind::Postgres => std::env::var("SWITCHYARD_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+        Kind::Mysql => {
+            std::env::var("SWITCHYARD_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+        }
+    }
+}
+
+/// Connects to the test database of `kind`, or answers `None` (after saying why) when it is
+/// unreachable outside CI.
+async fn database(kind: Kind) -> Option<(String, Db)> {
+    let url = url_of(kind);
+    let connect = async {
+        match kind {
+            Kind::Postgres => PgPool::connect(&url).await.map(Db::Pg),
+            Kind::Mysql => MySqlPool::connect(&url).await.map(Db::My),
+        }
+    };
+    let why = match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(db)) => return Some((url, db)),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 5 s".to_owned(),
+    };
+    let shown = super::redact_url(&url);
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true and the {kind:?} test database {shown} is unreachable: {why}");
+    }
+    eprintln!(
+        "SKIP: the {kind:?} test database {shown} is unreachable ({why}); set SWITCHYARD_TEST_POSTGRES / SWITCHYARD_TEST_MYSQL"
+    );
+    None
+}
+
+impl Harness {
+    /// A node with `extra` serve flags and the outbox tables under a fresh prefix.
+    async fn start(kind: Kind, extra: &[&str]) -> Option<Self> {
+        Self::start_on(kind, extra, format!("sy_outbox_{:012x}", fastrand::u64(..) >> 16)).await
+    }
+
+    /// Like [`Harness::start`], on the tables of `prefix` (those of another harness).
+    async fn start_on(kind: Kind, extra: &[&str], prefix: String) -> Option<Self> {
+        let (url, db) = database(kind).await?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let mut argv =
+            vec!["switchyard", "serve", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().expect("utf-8 path")];
+        argv.extend(extra);
+        let cli = crate::config::parse(argv).expect("valid test config");
+        let crate::config::CliCommand::Serve(config) = cli.command;
+        let server = Server::start(*config).await.expect("node starts");
+        let harness = Self { kind, url, prefix, db, server: Some(server), _dir: dir };
+        // Creates the tables, so that a test may insert before it starts a consumer.
+        drop(harness.source().await);
+        Some(harness)
+    }
+
+    fn server(&self) -> &Server {
+        self.server.as_ref().expect("node running")
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server().addr
+    }
+
+    /// A new source on the test's tables, with its own connections.
+    async fn source(&self) -> Arc<dyn Outbox> {
+        match self.kind {
+            Kind::Postgres => {
+                Arc::new(PostgresOutbox::connect(&self.url, &self.prefix).await.expect("outbox connects"))
+            }
+            Kind::Mysql => Arc::new(MysqlOutbox::connect(&self.url, &self.prefix).await.expect("outbox connects")),
+        }
+    }
+
+    /// Starts a consumer on `source` for the test's node.
+    fn consume(&self, source: Arc<dyn Outbox>) -> tokio::task::JoinHandle<()> {
+        spawn(self.server().node.clone(), source)
+    }
+
+    fn table(&self, name: &str) -> String {
+        match self.kind {
+            Kind::Postgres => format!("\"{}\".{name}", self.prefix),
+            Kind::Mysql => format!("`{}_{name}`", self.prefix),
+        }
+    }
+
+    async fn exec(&self, sql: &str) -> Result<(), sqlx::Error> {
+        match &self.db {
+            Db::Pg(pool) => pool.execute(sql).await.map(drop),
+            Db::My(pool) => pool.execute(sql).await.map(drop),
+        }
+    }
+
+    /// Inserts `rows` in one transaction, committed or rolled back; answers their ids.
+    async fn insert(&self, rows: &[NewRow], commit: bool) -> Result<Vec<i64>, sqlx::Error> {
+        let t = self.table("outbox");
+        let mut ids = Vec::new();
+        match &self.db {
+            Db::Pg(pool) => {
+                let mut conn = pool.acquire().await?;
+                let mut txn = conn.begin().await?;
+                let sql = format!(
+                    r#"INSERT INTO {t} (to_user, to_room, body, sender, "key") VALUES ($1, $2, $3, $4, $5) RETURNING id"#
+                );
+                for r in rows {
+                    let id: i64 = sqlx::query_scalar(&sql)
+                        .bind(&r.to_user)
+                        .bind(&r.to_room)
+                        .bind(&r.body)
+                        .bind(&r.sender)
+                        .bind(&r.key)
+                        .fetch_one(&mut *txn)
+                        .await?;
+                    ids.push(id);
+                }
+                if commit { txn.commit().await? } else { txn.rollback().await? }
+            }
+            Db::My(pool) => {
+                let mut conn = pool.acquire().await?;
+                let mut txn = conn.begin().await?;
+                let sql = format!("INSERT INTO {t} (to_user, to_room, body, sender, `key`) VALUES (?, ?, ?, ?, ?)");
+                for r in rows {
+                    let done = sqlx::query(&sql)
+                        .bind(&r.to_user)
+                        .bind(&r.to_room)
+                        .bind(&r.body)
+                        .bind(&r.sender)
+                        .bind(&r.key)
+                        .execute(&mut *txn)
+                        .await?;
+                    ids.push(done.last_insert_id() as i64);
+                }
+                if commit { txn.commit().await? } else { txn.rollback().await? }
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn count(&self, table: &str) -> i64 {
+        let sql = format!("SELECT COUNT(*) FROM {}", self.table(table));
+        match &self.db {
+            Db::Pg(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+            Db::My(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+        }
+        .expect("count")
+    }
+
+    /// `(id, reason, body)` of every dead-lettered row, by id.
+    async fn dead(&self) -> Vec<(i64, String, String)> {
+        let sql = format!("SELECT id, reason, body FROM {} ORDER BY id", self.table("outbox_dead"));
+        match &self.db {
+            Db::Pg(pool) => sqlx::query(&sql)
+                .fetch_all(pool)
+                .await
+                .expect("dead rows")
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect(),
+            Db::My(pool) => {
+                let text = |r: &sqlx::mysql::MySqlRow, i| String::from_utf8(r.get::<Vec<u8>, _>(i)).expect("utf-8");
+                sqlx::query(&sql)
+                    .fetch_all(pool)
+                    .await
+                    .expect("dead rows")
+                    .iter()
+                    .map(|r| (r.get(0), text(r, 1), text(r, 2)))
+                    .collect()
+            }
+        }
+    }
+
+    /// The bodies stored in a stream, in seq order, as JSON text; and their `from`s.
+    async fn stream(&self, stream: StreamId) -> Vec<(String, String)> {
+        let slice =
+            self.server().node.history(&stream, HistoryQuery::After { since: 0, limit: 1000 }).await.expect("history");
+        slice
+            .messages
+            .iter()
+            .map(|m| {
+                let frame: Value = serde_json::from_slice(&m.frame).expect("stored frames are JSON");
+                (frame["body"].to_string(), frame["from"].as_str().unwrap_or_default().to_owned())
+            })
+            .collect()
+    }
+
+    async fn user_bodies(&self, user: &str) -> Vec<String> {
+        self.stream(StreamId::User(UserId::parse(user).unwrap())).await.into_iter().map(|(b, _)| b).collect()
+    }
+
+    async fn room_bodies(&self, room: &str) -> Vec<String> {
+        self.stream(StreamId::Room(RoomName::parse(room).unwrap())).await.into_iter().map(|(b, _)| b).collect()
+    }
+
+    /// Waits until the outbox table is empty.
+    async fn drained(&self) {
+        let deadline = Instant::now() + WAIT;
+        while self.count("outbox").await > 0 {
+            assert!(Instant::now() < deadline, "the outbox still holds {} rows", self.count("outbox").await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A counter from `GET /metrics`, read over HTTP as a scraper would.
+    async fn metric(&self, name: &str) -> u64 {
+        let text = http_get(self.addr(), "/metrics").await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+            .trim()
+            .parse()
+            .expect("a number")
+    }
+
+    /// Stops the node, and so its consumers; drops the test's tables.
+    async fn finish(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+        let drop = match self.kind {
+            Kind::Postgres => format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.prefix),
+            Kind::Mysql => format!(
+                "DROP TABLE IF EXISTS {}, {}, {}",
+                self.table("outbox"),
+                self.table("outbox_dead"),
+                self.table("outbox_schema_version")
+            ),
+        };
+        self.exec(&drop).await.expect("dropping the test's tables");
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// A WebSocket client of the node, in dev mode.
+struct Client {
+    ws: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr, user: &str) -> Self {
+        let uri = format!("ws://{addr}/ws?user={user}");
+        let (ws, _) = ClientBuilder::new().uri(&uri).expect("uri").connect().await.expect("upgrade");
+        let mut client = Self { ws };
+        let welcome = client.next_text().await;
+        assert!(welcome.contains("\"welcome\""), "{welcome}");
+        client
+    }
+
+    async fn next_text(&mut self) -> String {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("socket open")
+                .expect("valid frame");
+            if let Some(text) = message.as_text() {
+                return text.to_owned();
+            }
+        }
+    }
+
+    /// The next `message` frame, raw and parsed.
+    async fn next_message(&mut self) -> (String, Value) {
+        loop {
+            let text = self.next_text().await;
+            let frame: Value = serde_json::from_str(&text).expect("JSON frame");
+            if frame["type"] == "message" {
+                return (text, frame);
+            }
+        }
+    }
+}
+
+/// A source that counts its claims and deletes and, when told to, stops inside the
+/// `stall_at`-th delete of its life (the row is appended, its delete not yet sent) until
+/// `release` is notified: a consumer frozen in the middle of a batch with its transaction open,
+/// for a test to kill or to race.
+struct Probe {
+    inner: Arc<dyn Outbox>,
+    claims: AtomicUsize,
+    deletes: Arc<AtomicUsize>,
+    stall_at: Option<usize>,
+    stalled: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+impl Probe {
+    fn new(inner: Arc<dyn Outbox>, stall_at: Option<usize>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            claims: AtomicUsize::new(0),
+            deletes: Arc::new(AtomicUsize::new(0)),
+            stall_at,
+            stalled: Arc::new(Notify::new()),
+            release: Arc::new(Notify::new()),
+        })
+    }
+
+    fn deletes(&self) -> usize {
+        self.deletes.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait::async_trait]
+impl Outbox for Probe {
+    async fn claim(&self, limit: usize) -> Result<Claim, OutboxError> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
+        let mut claim = self.inner.claim(limit).await?;
+        claim.txn = Box::new(ProbeTxn {
+            inner: claim.txn,
+            deletes: self.deletes.clone(),
+            stall_at: self.stall_at,
+            stalled: self.stalled.clone(),
+            release: self.release.clone(),
+        });
+        Ok(claim)
+    }
+
+    async fn wait(&self) {
+        self.inner.wait().await
+    }
+}
+
+struct ProbeTxn {
+    inner: Box<dyn ClaimTxn>,
+    deletes: Arc<AtomicUsize>,
+    stall_at: Option<usize>,
+    stalled: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+#[async_trait::async_trait]
+impl ClaimTxn for ProbeTxn {
+    async fn delete(&mut self, id: i64) -> Result<(), OutboxError> {
+        let n = self.deletes.fetch_add(1, Ordering::SeqCst) + 1;
+        if Some(n) == self.stall_at {
+            self.stalled.notify_one();
+            self.release.notified().await;
+        }
+        self.inner.delete(id).await
+    }
+
+    async fn dead_letter(&mut self, id: i64, reason: &str) -> Result<(), OutboxError> {
+        self.inner.dead_letter(id, reason).await
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), OutboxError> {
+        self.inner.commit().await
+    }
+}
+
+/// Writes a test once and runs it against both databases: `name::postgres` and `name::mysql`.
+macro_rules! on_both {
+    ($(#[doc = $doc:literal])* async fn $name:ident($kind:ident) $body:block) => {
+        $(#[doc = $doc])*
+        mod $name {
+            use super::*;
+
+            async fn body($kind: Kind) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                body(Kind::Postgres).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() {
+                body(Kind::Mysql).await;
+            }
+        }
+    };
+}
+
+fn numbered(n: usize) -> String {
+    format!("{{\"n\": {n}}}")
+}
+
+/// The JSON text of `numbered(n)` as history gives it back (re-serialized by serde_json).
+fn compact(n: usize) -> String {
+    format!("{{\"n\":{n}}}")
+}
+
+on_both! {
+    /// Rows arrive once each, in id order per destination, with their body verbatim and their
+    /// sender as `from`, live at a connected client and in the stream; the consumer stops with
+    /// the node.
+    async fn committed_rows_arrive_in_id_order_per_destination(kind) {
+        let Some(h) = Harness::start(kind, &[]).await else { return };
+        let mut alice = Client::connect(h.addr(), "alice").await;
+        let consumer = h.consume(h.source().await);
+        // One transaction of 30 rows over three destinations, then three of 10.
+        let mut expected = (Vec::new(), Vec::new(), Vec::new());
+        let mut batch = Vec::new();
+        for n in 0..60 {
+            let row = match n % 3 {
+                0 => { expected.0.push(compact(n)); NewRow { sender: Some("shop".into()), ..to_user("alice", numbered(n)) } }
+                1 => { expected.1.push(compact(n)); to_user("bob", numbered(n)) }
+                _ => { expected.2.push(compact(n)); to_room("lobby", numbered(n)) }
+            };
+            batch.push(row);
+            if n == 29 || (n > 29 && n % 10 == 9) {
+                h.insert(&std::mem::take(&mut batch), true).await.expect("insert");
+            }
+        }
+        for want in &expected.0 {
+            let (text, frame) = alice.next_message().await;
+            assert_eq!(frame["body"].to_string(), *want, "alice's live messages in id order");
+            assert_eq!(frame["from"], "shop");
+            let n: Value = serde_json::from_str(want).unwrap();
+            assert!(text.contains(&format!("\"body\":{{\"n\": {}}}", n["n"])), "body verbatim: {text}");
+        }
+        h.drained().await;
+        assert_eq!(h.user_bodies("alice").await, expected.0);
+        assert_eq!(h.user_bodies("bob").await, expected.1);
+        assert_eq!(h.room_bodies("lobby").await, expected.2);
+        assert_eq!(h.stream(StreamId::User(UserId::parse("bob").unwrap())).await[0].1, "system", "no sender: system");
+        assert_eq!(h.metric("switchyard_outbox_delivered_total").await, 60);
+        assert_eq!(h.count("outbox_dead").await, 0);
+
+        let mut h = h;
+        drop(alice);
+        h.server.take().expect("running").shutdown().await;
+        tokio::time::timeout(Duration::from_secs(10), consumer).await.expect("the consumer stops with the node").unwrap();
+        h.finish().await;
+    }
+}
+
+on_both! {
+    /// Rows of a transaction that rolled back never reach anyone.
+    async fn rolled_back_rows_are_never_delivered(kind) {
+        let Some(h) = Harness::start(kind, &[]).await else { return };
+        let _consumer = h.consume(h.source().await);
+        let ghosts: Vec<NewRow> = (0..5).map(|n| to_user("alice", format!("\"ghost {n}\""))).collect();
+        h.insert(&ghosts, false).await.expect("insert, then roll back");
+        h.insert(&[to_user("alice", "\"real\"")], true).await.expect("insert");
+        h.drained().await;
+        // The committed row came after the ghosts: had they been seen, they would be there too.
+        assert_eq!(h.user_bodies("alice").await, ["\"real\""]);
+        h.finish().await;
+    }
+}
+
+on_both! {
+    /// Two consumers race on 500 rows over 60 destinations. While the first holds its first
+    /// batch open (stalled after one append), the second delivers the rows of the destinations
+    /// that batch does not touch and leaves the others for later; released, the first finishes.
+    /// Each row arrives exactly once, and each destination's rows in id order.
+    async fn two_consumers_deliver_500_rows_exactly_once(kind) {
+        let Some(h) = Harness::start(kind, &[]).await else { return };
+        let mut rng = fastrand::Rng::with_seed(7);
+        let names: Vec<String> = (0..60).map(|i| if i < 40 { format!("u{i}") } else { format!("r{i}") }).collect();
+        let mut expected = vec![Vec::new(); names.len()];
+        let mut rows = Vec::new();
+        for n in 0..500 {
+            let d = rng.usize(..names.len());
+            expected[d].push(compact(n));
+            rows.push(if d < 40 { to_user(&names[d], numbered(n)) } else { to_room(&names[d], numbered(n)) });
+        }
+        for chunk in rows.chunks(50) {
+            h.insert(chunk, true).await.expect("insert");
+        }
+        let (a, b) = (Probe::new(h.source().await, Some(1)), Probe::new(h.source().await, None));
+        let _first = h.consume(a.clone());
+        tokio::time::timeout(WAIT, a.stalled.notified()).await.expect("the first consumer holds a batch");
+        let _second = h.consume(b.clone());
+        let deadline = Instant::now() + WAIT;
+        while b.deletes() == 0 {
+            assert!(Instant::now() < deadline, "the second consumer delivers around the first one's batch");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        a.release.notify_one();
+        h.drained().await;
+        for (d, name) in names.iter().enumerate() {
+            let got = if d < 40 { h.user_bodies(name).await } else { h.room_bodies(name).await };
+            assert_eq!(got, expected[d], "{name}: every row once, in id order");
+        }
+        assert!(a.deletes() > 1, "the first consumer finished its batch");
+        assert_eq!(a.deletes() + b.deletes(), 500, "no row deleted twice");
+        assert_eq!(h.metric("switchyard_outbox_delivered_total").await, 500);
+        h.finish().await;
+    }
+}
+
+on_both! {
+    /// A consumer killed in the middle of a batch (rows appended, their deletes not committed)
+    /// leaves its rows to another, which delivers every row; the ones appended twice are no-ops.
+    async fn a_consumer_killed_mid_batch_loses_and_duplicates_nothing(kind) {
+        let Some(h) = Harness::start(kind, &[]).await else { return };
+        let mut expected = (Vec::new(), Vec::new());
+        let rows: Vec<NewRow> = (0..40)
+            .map(|n| if n % 2 == 0 {
+                expected.0.push(compact(n));
+                to_user("alice", numbered(n))
+            } else {
+                expected.1.push(compact(n));
+                to_room("lobby", numbered(n))
+            })
+            .collect();
+        h.insert(&rows, true).await.expect("insert");
+
+        let doomed = Probe::new(h.source().await, Some(7));
+        let stalled = doomed.stalled.clone();
+        let first = h.consume(doomed);
+        tokio::time::timeout(WAIT, stalled.notified()).await.expect("the first consumer reaches its 7th delete");
+        let appended = h.user_bodies("alice").await.len() + h.room_bodies("lobby").await.len();
+        assert_eq!(appended, 7, "seven rows appended before the stall");
+        assert_eq!(h.count("outbox").await, 40, "nothing committed yet");
+
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        let _second = h.consume(h.source().await);
+        h.drained().await;
+        assert_eq!(h.user_bodies("alice").await, expected.0, "alice: each row once, in order");
+        assert_eq!(h.room_bodies("lobby").await, expected.1, "lobby: each row once, in order");
+        assert_eq!(h.count("outbox_dead").await, 0);
+        h.finish().await;
+    }
+}
+
+on_both! {
+    /// Every kind of row that can never be delivered goes to the dead-letter table with its
+    /// reason, is counted in /metrics, and the good rows around it still arrive in order.
+    async fn bad_rows_go_to_the_dead_letter_table(kind) {
+        let Some(h) = Harness::start(kind, &["--max-message-size", "256"]).await else { return };
+        // The CHECK constraint refuses rows with both or no destination at insert time...
+        let both = NewRow { to_user: Some("alice".into()), to_room: Some("lobby".into()), body: "1".into(), ..NewRow::default() };
+        let neither = NewRow { body: "1".into(), ..NewRow::default() };
+        assert!(h.insert(&[both.clone()], true).await.is_err(), "CHECK refuses both destinations");
+        assert!(h.insert(&[neither.clone()], true).await.is_err(), "CHECK refuses no destination");
+        // ...and a table without it (a database that ignores CHECK, an altered table) dead-letters them.
+        let drop_check = match kind {
+            Kind::Postgres => format!("ALTER TABLE {} DROP CONSTRAINT outbox_one_destination", h.table("outbox")),
+            Kind::Mysql => format!("ALTER TABLE {} DROP CONSTRAINT `{}_outbox_one_destination`", h.table("outbox"), h.prefix),
+        };
+        h.exec(&drop_check).await.expect("drop the CHECK");
+
+        let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        let bad = [
+            (to_user("bad user", "1"), "to_user is not a valid user id"),
+            (to_room(&"r".repeat(129), "1"), "to_room is not a valid room name"),
+            (to_user("alice", "{\"unclosed\": "), "body is not JSON"),
+            (to_user("alice", deep.as_str()), "nested more than 64 levels"),
+            (to_user("alice", format!("\"{}\"", "x".repeat(300))), "over --max-message-size (256)"),
+            (NewRow { sender: Some("no spaces".into()), ..to_user("alice", "1") }, "sender is not a valid name"),
+            (NewRow { key: Some(String::new()), ..to_user("alice", "1") }, "key must be 1-256 bytes"),
+            (both, "both to_user and to_room"),
+            (neither, "neither to_user nor to_room"),
+        ];
+        let mut rows = Vec::new();
+        let mut good = Vec::new();
+        for (n, (row, _)) in bad.iter().enumerate() {
+            rows.push(to_user("alice", numbered(n)));
+            good.push(compact(n));
+            rows.push(row.clone());
+        }
+        rows.push(to_user("alice", numbered(99)));
+        good.push(compact(99));
+        let ids = h.insert(&rows, true).await.expect("insert");
+        assert_eq!(h.metric("switchyard_outbox_dead_letters_total").await, 0);
+
+        let _consumer = h.consume(h.source().await);
+        h.drained().await;
+        assert_eq!(h.user_bodies("alice").await, good, "the good rows behind bad ones arrive, in order");
+        let dead = h.dead().await;
+        assert_eq!(dead.len(), bad.len(), "{dead:?}");
+        for ((id, reason, body), (i, (row, want))) in dead.iter().zip(bad.iter().enumerate()) {
+            assert_eq!(*id, ids[2 * i + 1]);
+            assert!(reason.contains(want), "row {id}: {reason:?} should say {want:?}");
+            assert_eq!(*body, row.body, "the dead row keeps its body");
+        }
+        assert_eq!(h.metric("switchyard_outbox_dead_letters_total").await, bad.len() as u64);
+        assert_eq!(h.metric("switchyard_outbox_delivered_total").await, good.len() as u64);
+        h.finish().await;
+    }
+}
+
+on_both! {
+    /// When the node cannot append (its store is out), rows stay in the outbox, are not
+    /// dead-lettered, and are retried; another node delivers them.
+    async fn a_failing_append_leaves_rows_for_a_retry(kind) {
+        let Some(broken) = Harness::start(kind, &[]).await else { return };
+        broken.server().node.store.close().await;
+        let rows: Vec<NewRow> = (0..5).map(|n| to_user("alice", numbered(n))).collect();
+        broken.insert(&rows, true).await.expect("insert");
+        let probe = Probe::new(broken.source().await, None);
+        let consumer = broken.consume(probe.clone());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(probe.claims.load(Ordering::SeqCst) >= 3, "retried, after a back-off");
+        assert!(probe.claims.load(Ordering::SeqCst) <= 12, "with a back-off");
+        assert_eq!(broken.count("outbox").await, 5, "rows stay");
+        assert_eq!(broken.count("outbox_dead").await, 0, "not dead-lettered");
+        consumer.abort();
+
+        // A healthy node on the same tables delivers them.
+        let healthy = Harness::start_on(kind, &[], broken.prefix.clone()).await.expect("the database is up");
+        let _consumer = healthy.consume(healthy.source().await);
+        healthy.drained().await;
+        assert_eq!(healthy.user_bodies("alice").await, (0..5).map(compact).collect::<Vec<_>>());
+        healthy.finish().await;
+        broken.finish().await;
+    }
+}
+
+on_both! {
+    /// A consumer that has been idle for a while still finds a new row within seconds, without
+    /// a notification (PostgreSQL: the trigger is disabled, so only the fallback poll can).
+    async fn an_idle_consumer_finds_rows_without_a_notification(kind) {
+        let Some(h) = Harness::start(kind, &[]).await else { return };
+        if kind == Kind::Postgres {
+            h.exec(&format!("ALTER TABLE {} DISABLE TRIGGER outbox_notify", h.table("outbox"))).await.expect("disable");
+        }
+        let _consumer = h.consume(h.source().await);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        h.insert(&[to_user("alice", "1")], true).await.expect("insert");
+        let started = Instant::now();
+        h.drained().await;
+        assert!(started.elapsed() < Duration::from_secs(5), "found after {:?}", started.elapsed());
+        assert_eq!(h.user_bodies("alice").await, ["1"]);
+        h.finish().await;
+    }
+}
+
+/// NOTIFY wakes a PostgreSQL consumer whose fallback poll would take a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_the_postgres_consumer() {
+    let Some(h) = Harness::start(Kind::Postgres, &[]).await else { return };
+    let source = PostgresOutbox::connect(&h.url, &h.prefix).await.expect("connects");
+    let _consumer = h.consume(Arc::new(source.with_fallback(Duration::from_secs(60))));
+    // Let it find the outbox empty and wait.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for n in 0..3 {
+        h.insert(&[to_user("alice", numbered(n))], true).await.expect("insert");
+        let started = Instant::now();
+        h.drained().await;
+        assert!(started.elapsed() < Duration::from_secs(5), "woken after {:?}", started.elapsed());
+    }
+    assert_eq!(h.user_bodies("alice").await, (0..3).map(compact).collect::<Vec<_>>());
+    h.finish().await;
+}
+
+on_both! {
+    /// Nodes that start together migrate once: every one connects, the version is recorded
+    /// once, and a restart finds nothing to do.
+    async fn nodes_starting_together_migrate_once(kind) {
+        let Some((url, db)) = database(kind).await else { return };
+        let prefix = format!("sy_outbox_{:012x}", fastrand::u64(..) >> 16);
+        let connect = || async {
+            match kind {
+                Kind::Postgres => PostgresOutbox::connect(&url, &prefix).await.map(drop),
+                Kind::Mysql => MysqlOutbox::connect(&url, &prefix).await.map(drop),
+            }
+        };
+        let results = futures_util::future::join_all((0..6).map(|_| connect())).await;
+        for r in results {
+            r.expect("every node starts");
+        }
+        connect().await.expect("a restart");
+        let (versions, cleanup) = match kind {
+            Kind::Postgres => (
+                format!("SELECT version FROM \"{prefix}\".outbox_schema_version"),
+                format!("DROP SCHEMA \"{prefix}\" CASCADE"),
+            ),
+            Kind::Mysql => (
+                format!("SELECT version FROM `{prefix}_outbox_schema_version`"),
+                format!("DROP TABLE `{prefix}_outbox`, `{prefix}_outbox_dead`, `{prefix}_outbox_schema_version`"),
+            ),
+        };
+        let found: Vec<i64> = match &db {
+            Db::Pg(pool) => sqlx::query_scalar::<_, i32>(&versions).fetch_all(pool).await.unwrap().into_iter().map(i64::from).collect(),
+            Db::My(pool) => sqlx::query_scalar::<_, i32>(&versions).fetch_all(pool).await.unwrap().into_iter().map(i64::from).collect(),
+        };
+        assert_eq!(found, [1], "one migration, recorded once");
+        match &db {
+            Db::Pg(pool) => pool.execute(cleanup.as_str()).await.map(drop),
+            Db::My(pool) => pool.execute(cleanup.as_str()).await.map(drop),
+        }
+        .expect("cleanup");
+    }
+}
+
+/// Connection errors name `--store` and never show the password; needs no database.
+#[tokio::test]
+async fn connection_errors_hide_the_password() {
+    let pg = PostgresOutbox::connect("postgres://app:pg-s3cret-pw@127.0.0.1:1/app", "switchyard").await;
+    let my = MysqlOutbox::connect("mysql://app:my-s3cret-pw@127.0.0.1:1/app", "switchyard").await;
+    for (err, password) in
+        [(pg.err().expect("port 1 refuses"), "pg-s3cret-pw"), (my.err().expect("refused"), "my-s3cret-pw")]
+    {
+        let text = format!("{err:#}");
+        assert!(text.contains("--store"), "{text}");
+        assert!(!text.contains(password), "{text}");
+    }
+    let bad = PostgresOutbox::connect("postgres://app:pg-s3cret-pw@127.0.0.1:1/app", "bad prefix").await;
+    assert!(format!("{:#}", bad.err().unwrap()).contains("--prefix"));
+}
