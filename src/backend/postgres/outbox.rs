@@ -258,8 +258,9 @@ impl Outbox for PostgresOutbox {
             match listener.try_recv().await {
                 // A notification, or the connection was lost (and is back): rows may be there.
                 Ok(_) => {}
+                // The claims fail too and say so; until the listener is back, poll.
                 Err(e) => {
-                    tracing::warn!(error = %e, "outbox: the notification listener failed; polling");
+                    tracing::debug!(error = %e, "outbox: the notification listener failed; polling");
                     std::future::pending::<()>().await;
                 }
             }
