@@ -118,6 +118,11 @@ impl MysqlOutbox {
             .map_err(|e| anyhow::anyhow!("--store {shown}: {}", scrub(format!("{e:#}"), url)))?;
         Ok(Self { pool, sql: Statements::new(prefix), poll_ms: AtomicU64::new(POLL_MIN.as_millis() as u64) })
     }
+
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
 }
 
 /// Applies the migrations these tables lack. Several nodes may start at once: a named lock (held

@@ -125,12 +125,18 @@ impl PostgresOutbox {
         let shown = redact_url(url);
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| anyhow::anyhow!("--store {shown}: not a PostgreSQL URL: {}", scrub(e, url)))?
-            .application_name("switchyard-outbox")
-            .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]);
+            .application_name("switchyard-outbox");
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(Duration::from_secs(5))
             .idle_timeout(Duration::from_secs(60))
+            // A SET rather than a startup option, which connection poolers may refuse.
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    let set = format!("SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION}'");
+                    conn.execute(set.as_str()).await.map(drop)
+                })
+            })
             .connect_with(options.clone())
             .await
             .map_err(|e| anyhow::anyhow!("--store {shown}: cannot connect: {}", scrub(e, url)))?;
@@ -150,6 +156,11 @@ impl PostgresOutbox {
             listener: Mutex::new(listener),
             fallback: FALLBACK_POLL,
         })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Polls only this often without a notification (tests prove that notifications wake it).

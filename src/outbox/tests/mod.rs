@@ -147,6 +147,12 @@ on_both! {
         let appended = h.user_bodies("alice").await.len() + h.room_bodies("lobby").await.len();
         assert_eq!(appended, 7, "seven rows appended before the stall");
         assert_eq!(h.count("outbox").await, 40, "nothing committed yet");
+        // The open batch holds its rows only: the application's inserts do not wait for it
+        // (MySQL: no gap locks, as at READ COMMITTED).
+        let late = [to_user("alice", numbered(40))];
+        let insert = h.insert(&late, true);
+        tokio::time::timeout(Duration::from_secs(5), insert).await.expect("an insert beside a batch").expect("insert");
+        expected.0.push(compact(40));
 
         first.abort();
         assert!(first.await.unwrap_err().is_cancelled());
@@ -278,6 +284,31 @@ async fn notify_wakes_the_postgres_consumer() {
     }
     assert_eq!(h.user_bodies("alice").await, (0..3).map(compact).collect::<Vec<_>>());
     h.finish().await;
+}
+
+on_both! {
+    /// The consumer's sessions end a transaction that a frozen node leaves open, so that its
+    /// rows go to the other nodes: PostgreSQL after 60 s idle in it, MySQL after 120 s silent.
+    async fn silent_sessions_lose_their_transaction(kind) {
+        let Some(h) = Harness::start(kind, &[]).await else { return };
+        match kind {
+            Kind::Postgres => {
+                let source = PostgresOutbox::connect(&h.url, &h.prefix).await.expect("connects");
+                let timeout: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+                    .fetch_one(source.pool())
+                    .await
+                    .expect("show");
+                assert_eq!(timeout, "1min");
+            }
+            Kind::Mysql => {
+                let source = MysqlOutbox::connect(&h.url, &h.prefix).await.expect("connects");
+                let timeout: u64 =
+                    sqlx::query_scalar("SELECT @@SESSION.wait_timeout").fetch_one(source.pool()).await.expect("select");
+                assert_eq!(timeout, 120);
+            }
+        }
+        h.finish().await;
+    }
 }
 
 on_both! {
