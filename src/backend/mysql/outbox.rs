@@ -21,6 +21,8 @@ const POLL_MAX: Duration = Duration::from_secs(1);
 /// A node that stops talking (frozen, or its host gone without closing the socket) loses its
 /// connection, and so its transaction and locks, after this many seconds.
 const WAIT_TIMEOUT_SECS: u32 = 120;
+/// Longest a node waits for a first connection at start-up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections: the consumer's transaction and one spare.
 const POOL_SIZE: u32 = 2;
 
@@ -99,6 +101,10 @@ impl MysqlOutbox {
         let shown = redact_url(url);
         let options = MySqlConnectOptions::from_str(url)
             .map_err(|e| anyhow::anyhow!("--store {shown}: not a MySQL URL: {}", scrub(e, url)))?;
+        // First, on a connection of its own: a failure to connect says why, where a pool only times out.
+        migrate(&options, prefix)
+            .await
+            .map_err(|e| anyhow::anyhow!("--store {shown}: {}", scrub(format!("{e:#}"), url)))?;
         let pool = MySqlPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(Duration::from_secs(5))
@@ -110,12 +116,9 @@ impl MysqlOutbox {
                     Ok(())
                 })
             })
-            .connect_with(options.clone())
+            .connect_with(options)
             .await
             .map_err(|e| anyhow::anyhow!("--store {shown}: cannot connect: {}", scrub(e, url)))?;
-        migrate(options, prefix)
-            .await
-            .map_err(|e| anyhow::anyhow!("--store {shown}: {}", scrub(format!("{e:#}"), url)))?;
         Ok(Self { pool, sql: Statements::new(prefix), poll_ms: AtomicU64::new(POLL_MIN.as_millis() as u64) })
     }
 
@@ -128,8 +131,12 @@ impl MysqlOutbox {
 /// Applies the migrations these tables lack. Several nodes may start at once: a named lock (held
 /// by this connection, so released when it closes, whatever happens) lets one migrate while the
 /// others wait, then find nothing left to do.
-async fn migrate(options: MySqlConnectOptions, prefix: &str) -> anyhow::Result<()> {
-    let mut conn = MySqlConnection::connect_with(&options).await.context("cannot connect")?;
+async fn migrate(options: &MySqlConnectOptions, prefix: &str) -> anyhow::Result<()> {
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, MySqlConnection::connect_with(options));
+    let mut conn = connect
+        .await
+        .map_err(|_| anyhow::anyhow!("cannot connect: no answer within {CONNECT_TIMEOUT:?}"))?
+        .context("cannot connect")?;
     let lock = format!("{prefix}_outbox_migration");
     let applied = async {
         let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 60)").bind(&lock).fetch_one(&mut conn).await?;

@@ -20,6 +20,8 @@ const FALLBACK_POLL: Duration = Duration::from_secs(1);
 /// socket) loses it after this long, which unlocks its rows for the other nodes. Longer than the
 /// consumer's own timeouts between two statements.
 const IDLE_IN_TRANSACTION: &str = "60s";
+/// Longest a node waits for a first connection at start-up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections: the listener's, the consumer's transaction, one spare.
 const POOL_SIZE: u32 = 3;
 
@@ -126,6 +128,10 @@ impl PostgresOutbox {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| anyhow::anyhow!("--store {shown}: not a PostgreSQL URL: {}", scrub(e, url)))?
             .application_name("switchyard-outbox");
+        // First, on a connection of its own: a failure to connect says why, where a pool only times out.
+        migrate(&options, prefix)
+            .await
+            .map_err(|e| anyhow::anyhow!("--store {shown}: {}", scrub(format!("{e:#}"), url)))?;
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(Duration::from_secs(5))
@@ -137,12 +143,9 @@ impl PostgresOutbox {
                     conn.execute(set.as_str()).await.map(drop)
                 })
             })
-            .connect_with(options.clone())
+            .connect_with(options)
             .await
             .map_err(|e| anyhow::anyhow!("--store {shown}: cannot connect: {}", scrub(e, url)))?;
-        migrate(options, prefix)
-            .await
-            .map_err(|e| anyhow::anyhow!("--store {shown}: {}", scrub(format!("{e:#}"), url)))?;
         let mut listener = PgListener::connect_with(&pool)
             .await
             .map_err(|e| anyhow::anyhow!("--store {shown}: cannot listen: {}", scrub(e, url)))?;
@@ -174,8 +177,12 @@ impl PostgresOutbox {
 /// Applies the migrations this schema lacks. Several nodes may start at once: an advisory lock
 /// (held by this connection's session, so released when it closes, whatever happens) lets one
 /// migrate while the others wait, then find nothing left to do.
-async fn migrate(options: PgConnectOptions, prefix: &str) -> anyhow::Result<()> {
-    let mut conn = PgConnection::connect_with(&options).await.context("cannot connect")?;
+async fn migrate(options: &PgConnectOptions, prefix: &str) -> anyhow::Result<()> {
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options));
+    let mut conn = connect
+        .await
+        .map_err(|_| anyhow::anyhow!("cannot connect: no answer within {CONNECT_TIMEOUT:?}"))?
+        .context("cannot connect")?;
     let schema = quote_ident(prefix);
     let lock_key = format!("switchyard outbox migration {prefix}");
     sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")

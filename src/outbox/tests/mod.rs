@@ -360,7 +360,8 @@ async fn connection_errors_hide_the_password() {
         [(pg.err().expect("port 1 refuses"), "pg-s3cret-pw"), (my.err().expect("refused"), "my-s3cret-pw")]
     {
         let text = format!("{err:#}");
-        assert!(text.contains("--store"), "{text}");
+        assert!(text.contains("--store") && text.contains("cannot connect"), "{text}");
+        assert!(text.to_lowercase().contains("refused"), "says why: {text}");
         assert!(!text.contains(password), "{text}");
     }
     let bad = PostgresOutbox::connect("postgres://app:pg-s3cret-pw@127.0.0.1:1/app", "bad prefix").await;
