@@ -173,8 +173,8 @@ on_both! {
         // The CHECK constraint refuses rows with both or no destination at insert time...
         let both = NewRow { to_user: Some("alice".into()), to_room: Some("lobby".into()), body: "1".into(), ..NewRow::default() };
         let neither = NewRow { body: "1".into(), ..NewRow::default() };
-        assert!(h.insert(&[both.clone()], true).await.is_err(), "CHECK refuses both destinations");
-        assert!(h.insert(&[neither.clone()], true).await.is_err(), "CHECK refuses no destination");
+        assert!(h.insert(std::slice::from_ref(&both), true).await.is_err(), "CHECK refuses both destinations");
+        assert!(h.insert(std::slice::from_ref(&neither), true).await.is_err(), "CHECK refuses no destination");
         // ...and a table without it (a database that ignores CHECK, an altered table) dead-letters them.
         let drop_check = match kind {
             Kind::Postgres => format!("ALTER TABLE {} DROP CONSTRAINT outbox_one_destination", h.table("outbox")),
