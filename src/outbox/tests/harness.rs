@@ -278,6 +278,20 @@ impl Harness {
             .expect("a number")
     }
 
+    /// Waits until a counter of `/metrics` shows `want`: a consumer counts a batch just after
+    /// its commit, which the test may see first.
+    pub(super) async fn metric_reaches(&self, name: &str, want: u64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = self.metric(name).await;
+            if got == want || Instant::now() > deadline {
+                assert_eq!(got, want, "{name}");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stops the node, and so its consumers; drops the test's tables.
     pub(super) async fn finish(mut self) {
         if let Some(server) = self.server.take() {

@@ -56,7 +56,7 @@ on_both! {
         assert_eq!(h.user_bodies("bob").await, expected.1);
         assert_eq!(h.room_bodies("lobby").await, expected.2);
         assert_eq!(h.stream(StreamId::User(UserId::parse("bob").unwrap())).await[0].1, "system", "no sender: system");
-        assert_eq!(h.metric("switchyard_outbox_delivered_total").await, 60);
+        h.metric_reaches("switchyard_outbox_delivered_total", 60).await;
         assert_eq!(h.count("outbox_dead").await, 0);
 
         let mut h = h;
@@ -118,7 +118,7 @@ on_both! {
         }
         assert!(a.deletes() > 1, "the first consumer finished its batch");
         assert_eq!(a.deletes() + b.deletes(), 500, "no row deleted twice");
-        assert_eq!(h.metric("switchyard_outbox_delivered_total").await, 500);
+        h.metric_reaches("switchyard_outbox_delivered_total", 500).await;
         h.finish().await;
     }
 }
@@ -216,8 +216,8 @@ on_both! {
             assert!(reason.contains(want), "row {id}: {reason:?} should say {want:?}");
             assert_eq!(*body, row.body, "the dead row keeps its body");
         }
-        assert_eq!(h.metric("switchyard_outbox_dead_letters_total").await, bad.len() as u64);
-        assert_eq!(h.metric("switchyard_outbox_delivered_total").await, good.len() as u64);
+        h.metric_reaches("switchyard_outbox_dead_letters_total", bad.len() as u64).await;
+        h.metric_reaches("switchyard_outbox_delivered_total", good.len() as u64).await;
         h.finish().await;
     }
 }
