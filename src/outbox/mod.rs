@@ -370,48 +370,6 @@ impl Backoff {
     }
 }
 
-/// A database URL with its password replaced by `***`, for messages and logs.
-pub(crate) fn redact_url(url: &str) -> String {
-    let mut out = url.to_owned();
-    if let Some(password) = url_password(url) {
-        out = out.replace(password, "***");
-    }
-    out
-}
-
-/// An error message from a database driver with the URL's password taken out, should the driver
-/// ever have repeated it.
-pub(crate) fn scrub(message: impl std::fmt::Display, url: &str) -> String {
-    let message = message.to_string();
-    match url_password(url) {
-        Some(password) => message.replace(password, "***"),
-        None => message,
-    }
-}
-
-/// The password of `scheme://user:password@host/…` or of a `password=` query parameter.
-fn url_password(url: &str) -> Option<&str> {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let from_userinfo =
-        authority.rsplit_once('@').and_then(|(userinfo, _)| userinfo.split_once(':')).map(|(_, password)| password);
-    let from_query =
-        url.split_once('?').and_then(|(_, query)| query.split('&').find_map(|pair| pair.strip_prefix("password=")));
-    from_userinfo.or(from_query).filter(|p| !p.is_empty())
-}
-
-/// Checks a `--prefix` for use in schema and table names: the outbox's tables are
-/// `<prefix>_outbox_…` in MySQL, where a name has at most 64 characters.
-pub(crate) fn check_prefix(prefix: &str) -> anyhow::Result<()> {
-    let ok = !prefix.is_empty()
-        && prefix.len() <= 40
-        && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if !ok {
-        anyhow::bail!("--prefix must be 1-40 characters of A-Z a-z 0-9 _ - to name the outbox's tables");
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod unit {
     use super::*;
@@ -491,16 +449,6 @@ mod unit {
     }
 
     #[test]
-    fn passwords_never_show() {
-        let url = "postgres://app:s3cret@db.internal:5432/app?sslmode=disable";
-        assert_eq!(redact_url(url), "postgres://app:***@db.internal:5432/app?sslmode=disable");
-        assert_eq!(scrub("failed for app:s3cret", url), "failed for app:***");
-        assert_eq!(redact_url("mysql://root@127.0.0.1/test"), "mysql://root@127.0.0.1/test");
-        assert!(!redact_url("mysql://u@h/db?password=hunter22").contains("hunter22"));
-        assert_eq!(url_password("postgres://u:p%40ss@h/d"), Some("p%40ss"));
-    }
-
-    #[test]
     fn backoff_is_bounded() {
         let mut b = Backoff::default();
         let first = b.next();
@@ -510,14 +458,5 @@ mod unit {
         }
         b.reset();
         assert!(b.next() <= BACKOFF_MIN.mul_f64(1.25));
-    }
-
-    #[test]
-    fn prefixes_fit_table_names() {
-        check_prefix("switchyard").unwrap();
-        check_prefix("sy-test_01").unwrap();
-        for bad in ["", "a b", "a\"b", "a`b", "a.b", &"p".repeat(41)] {
-            assert!(check_prefix(bad).is_err(), "{bad:?}");
-        }
     }
 }

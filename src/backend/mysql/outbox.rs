@@ -1,34 +1,38 @@
 //! The outbox in MySQL (8.0.1+) or MariaDB (10.6+): `<prefix>_outbox` and `<prefix>_outbox_dead`,
-//! created by a versioned migration under `GET_LOCK`; rows claimed with `FOR UPDATE SKIP LOCKED`
-//! and polled, every [`POLL_MIN`] while rows flow, backing off to [`POLL_MAX`] while idle.
+//! created by the store's migration runner (with a version table of their own, under the same
+//! `GET_LOCK`); rows claimed with `FOR UPDATE SKIP LOCKED` and polled, every [`POLL_MIN`] while
+//! rows flow, backing off to [`POLL_MAX`] while idle.
 //!
-//! Sessions run at READ COMMITTED: at InnoDB's default REPEATABLE READ the claim would also take
-//! gap locks, which would make the applications' inserts into the outbox wait for a batch.
+//! A claim's transaction runs at READ COMMITTED: at InnoDB's default REPEATABLE READ the claim
+//! would also take gap locks, which would make the applications' inserts into the outbox wait for
+//! a batch.
 
-use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
-use sqlx::{Connection, Executor, MySql, MySqlConnection, Row, Transaction};
+use sqlx::mysql::{MySqlPool, MySqlRow};
+use sqlx::{AssertSqlSafe, MySql, Row, SqlSafeStr, SqlStr, Transaction};
 
-use crate::outbox::{Claim, ClaimTxn, Older, Outbox, OutboxError, OutboxRow, check_prefix, redact_url, scrub};
+use super::migrate;
+use crate::backend::sql::claim_outbox;
+use crate::outbox::{Claim, ClaimTxn, Older, Outbox, OutboxError, OutboxRow};
 
 const POLL_MIN: Duration = Duration::from_millis(200);
 const POLL_MAX: Duration = Duration::from_secs(1);
-/// A node that stops talking (frozen, or its host gone without closing the socket) loses its
-/// connection, and so its transaction and locks, after this many seconds.
-const WAIT_TIMEOUT_SECS: u32 = 120;
-/// Longest a node waits for a first connection at start-up.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections: the consumer's transaction and one spare.
-const POOL_SIZE: u32 = 2;
+/// Opens a claim's transaction at READ COMMITTED (`SET TRANSACTION` applies to the next one
+/// only). A node that stops talking (frozen, or its host gone without closing the socket) loses
+/// its connection, and so its transaction and locks, after 120 s of silence; the setting stays
+/// on that pooled connection, whose idle spells the pool checks with a ping anyway.
+pub(crate) const BEGIN: &str =
+    "SET SESSION wait_timeout = 120; SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION";
 
-/// Every schema change of the outbox, in order; the version table records the last one applied.
-/// `{p}` is the table prefix. MySQL commits each DDL statement by itself, so every statement is
-/// written to be harmless when repeated after a crash between two of them.
+/// The outbox's schema changes, version by version, statement by statement, recorded in
+/// `<prefix>_outbox_schema_version` beside the store's own. `{p}` stands for the prefix. MySQL
+/// commits each DDL statement by itself, so every statement is harmless when repeated after a
+/// crash between two of them.
 const MIGRATIONS: &[&[&str]] = &[&[
     "CREATE TABLE IF NOT EXISTS `{p}_outbox` (
         id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
@@ -53,38 +57,41 @@ const MIGRATIONS: &[&[&str]] = &[&[
     ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
 ]];
 
-/// The SQL of one prefix, built once.
+/// The statements of one prefix, built once.
 struct Statements {
-    claim: String,
-    older: String,
-    delete: String,
-    copy_dead: String,
+    claim: SqlStr,
+    older: SqlStr,
+    delete: SqlStr,
+    copy_dead: SqlStr,
 }
 
 impl Statements {
     fn new(prefix: &str) -> Self {
+        let statement = |text: String| AssertSqlSafe(Arc::<str>::from(text)).into_sql_str();
         let (t, dead) = (format!("`{prefix}_outbox`"), format!("`{prefix}_outbox_dead`"));
         Self {
-            claim: format!(
+            claim: statement(format!(
                 "SELECT id, to_user, to_room, body, sender, `key` FROM {t} ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED"
-            ),
-            older: format!("SELECT id, to_user, to_room FROM {t} WHERE id < ?"),
-            delete: format!("DELETE FROM {t} WHERE id = ?"),
-            copy_dead: format!(
+            )),
+            older: statement(format!("SELECT id, to_user, to_room FROM {t} WHERE id < ?")),
+            delete: statement(format!("DELETE FROM {t} WHERE id = ?")),
+            copy_dead: statement(format!(
                 "INSERT INTO {dead} (id, to_user, to_room, body, sender, `key`, created_at, reason)
                  SELECT id, to_user, to_room, body, sender, `key`, created_at, ? FROM {t} WHERE id = ?
                  ON DUPLICATE KEY UPDATE
                      to_user = VALUES(to_user), to_room = VALUES(to_room), body = VALUES(body),
                      sender = VALUES(sender), `key` = VALUES(`key`), created_at = VALUES(created_at),
                      reason = VALUES(reason), failed_at = CURRENT_TIMESTAMP(6)"
-            ),
+            )),
         }
     }
 }
 
+/// The outbox of the MySQL store, on the store's pool: a claim's transaction is one of its
+/// connections while the appends it makes take others.
 pub(crate) struct MysqlOutbox {
     pool: MySqlPool,
-    sql: Statements,
+    sql: Arc<Statements>,
     /// The current polling period in milliseconds: [`POLL_MIN`] after rows, doubling while idle.
     poll_ms: AtomicU64,
 }
@@ -94,78 +101,19 @@ fn unavailable(e: sqlx::Error) -> OutboxError {
 }
 
 impl MysqlOutbox {
-    /// Connects to `url`, creates or upgrades the `prefix`-named outbox tables. Errors name
-    /// `--store` and never show the URL's password.
-    pub(crate) async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
-        check_prefix(prefix)?;
-        let shown = redact_url(url);
-        let options = MySqlConnectOptions::from_str(url)
-            .map_err(|e| anyhow::anyhow!("--store {shown}: not a MySQL URL: {}", scrub(e, url)))?;
-        // First, on a connection of its own: a failure to connect says why, where a pool only times out.
-        migrate(&options, prefix)
-            .await
-            .map_err(|e| anyhow::anyhow!("--store {shown}: {}", scrub(format!("{e:#}"), url)))?;
-        let pool = MySqlPoolOptions::new()
-            .max_connections(POOL_SIZE)
-            .acquire_timeout(Duration::from_secs(5))
-            .idle_timeout(Duration::from_secs(60))
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED").await?;
-                    conn.execute(format!("SET SESSION wait_timeout = {WAIT_TIMEOUT_SECS}").as_str()).await?;
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await
-            .map_err(|e| anyhow::anyhow!("--store {shown}: cannot connect: {}", scrub(e, url)))?;
-        Ok(Self { pool, sql: Statements::new(prefix), poll_ms: AtomicU64::new(POLL_MIN.as_millis() as u64) })
+    /// Creates or upgrades the `prefix`-named outbox tables (the prefix the store validated).
+    pub(crate) async fn start(pool: MySqlPool, prefix: &str) -> anyhow::Result<Self> {
+        let mut conn = pool.acquire().await.context("migrating the outbox tables")?;
+        migrate(&mut conn, prefix, "outbox_schema_version", MIGRATIONS).await.context("migrating the outbox tables")?;
+        drop(conn);
+        let sql = Arc::new(Statements::new(prefix));
+        Ok(Self { pool, sql, poll_ms: AtomicU64::new(POLL_MIN.as_millis() as u64) })
     }
 
     #[cfg(test)]
     pub(crate) fn pool(&self) -> &MySqlPool {
         &self.pool
     }
-}
-
-/// Applies the migrations these tables lack. Several nodes may start at once: a named lock (held
-/// by this connection, so released when it closes, whatever happens) lets one migrate while the
-/// others wait, then find nothing left to do.
-async fn migrate(options: &MySqlConnectOptions, prefix: &str) -> anyhow::Result<()> {
-    let connect = tokio::time::timeout(CONNECT_TIMEOUT, MySqlConnection::connect_with(options));
-    let mut conn = connect
-        .await
-        .map_err(|_| anyhow::anyhow!("cannot connect: no answer within {CONNECT_TIMEOUT:?}"))?
-        .context("cannot connect")?;
-    let lock = format!("{prefix}_outbox_migration");
-    let applied = async {
-        let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 60)").bind(&lock).fetch_one(&mut conn).await?;
-        if locked != Some(1) {
-            anyhow::bail!("another node held the outbox migration lock for 60 s");
-        }
-        let versions = format!("`{prefix}_outbox_schema_version`");
-        conn.execute(format!("CREATE TABLE IF NOT EXISTS {versions} (version INT NOT NULL) ENGINE = InnoDB").as_str())
-            .await?;
-        let current: i64 =
-            sqlx::query_scalar(&format!("SELECT CAST(COALESCE(MAX(version), 0) AS SIGNED) FROM {versions}"))
-                .fetch_one(&mut conn)
-                .await?;
-        for (version, statements) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-            for statement in *statements {
-                conn.execute(statement.replace("{p}", prefix).as_str()).await?;
-            }
-            sqlx::query(&format!("INSERT INTO {versions} (version) VALUES (?)"))
-                .bind(version as i64 + 1)
-                .execute(&mut conn)
-                .await?;
-        }
-        Ok(())
-    }
-    .await;
-    // Closing the session releases the lock too; releasing first lets a waiting node go at once.
-    let _ = sqlx::query("SELECT RELEASE_LOCK(?)").bind(&lock).execute(&mut conn).await;
-    let _ = conn.close().await;
-    applied.context("migrating the outbox tables")
 }
 
 /// A text column read as bytes: MySQL marks columns with a binary collation as binary, which
@@ -186,37 +134,21 @@ fn outbox_row(row: &MySqlRow) -> Result<OutboxRow, sqlx::Error> {
     })
 }
 
+fn older_row(row: &MySqlRow) -> Result<Older, sqlx::Error> {
+    Ok(Older { id: row.try_get("id")?, to_user: text(row, "to_user")?, to_room: text(row, "to_room")? })
+}
+
 #[async_trait]
 impl Outbox for MysqlOutbox {
     async fn claim(&self, limit: usize) -> Result<Claim, OutboxError> {
-        let mut txn = self.pool.begin().await.map_err(unavailable)?;
-        let rows = sqlx::query(&self.sql.claim)
-            .bind(limit as u64)
-            .fetch_all(&mut *txn)
+        let statements = (&self.sql.claim, &self.sql.older);
+        let (txn, rows, older) = claim_outbox(&self.pool, BEGIN, statements, limit, (outbox_row, older_row))
             .await
-            .map_err(unavailable)?
-            .iter()
-            .map(outbox_row)
-            .collect::<Result<Vec<_>, _>>()
             .map_err(unavailable)?;
-        let older = match rows.last() {
-            None => Vec::new(),
-            Some(last) => sqlx::query(&self.sql.older)
-                .bind(last.id)
-                .fetch_all(&mut *txn)
-                .await
-                .map_err(unavailable)?
-                .iter()
-                .map(|r| Ok(Older { id: r.try_get("id")?, to_user: text(r, "to_user")?, to_room: text(r, "to_room")? }))
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-                .map_err(unavailable)?,
-        };
         if !rows.is_empty() {
             self.poll_ms.store(POLL_MIN.as_millis() as u64, Ordering::Relaxed);
         }
-        let sql = &self.sql;
-        let txn = MysqlClaim { txn, delete: sql.delete.clone(), copy_dead: sql.copy_dead.clone() };
-        Ok(Claim { rows, older, txn: Box::new(txn) })
+        Ok(Claim { rows, older, txn: Box::new(MysqlClaim { txn, sql: self.sql.clone() }) })
     }
 
     async fn wait(&self) {
@@ -228,19 +160,19 @@ impl Outbox for MysqlOutbox {
 
 struct MysqlClaim {
     txn: Transaction<'static, MySql>,
-    delete: String,
-    copy_dead: String,
+    sql: Arc<Statements>,
 }
 
 #[async_trait]
 impl ClaimTxn for MysqlClaim {
     async fn delete(&mut self, id: i64) -> Result<(), OutboxError> {
-        sqlx::query(&self.delete).bind(id).execute(&mut *self.txn).await.map_err(unavailable)?;
+        sqlx::query(self.sql.delete.clone()).bind(id).execute(&mut *self.txn).await.map_err(unavailable)?;
         Ok(())
     }
 
     async fn dead_letter(&mut self, id: i64, reason: &str) -> Result<(), OutboxError> {
-        sqlx::query(&self.copy_dead).bind(reason).bind(id).execute(&mut *self.txn).await.map_err(unavailable)?;
+        let copy = sqlx::query(self.sql.copy_dead.clone()).bind(reason).bind(id);
+        copy.execute(&mut *self.txn).await.map_err(unavailable)?;
         self.delete(id).await
     }
 

@@ -10,15 +10,16 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use sqlx::mysql::MySqlPool;
 use sqlx::postgres::PgPool;
-use sqlx::{Connection, Executor, Row};
+use sqlx::{AssertSqlSafe, Connection, Executor, Row};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_websockets::{ClientBuilder, MaybeTlsStream, WebSocketStream};
 
 use crate::Server;
-use crate::backend::mysql::outbox::MysqlOutbox;
-use crate::backend::postgres::outbox::PostgresOutbox;
-use crate::outbox::{Claim, ClaimTxn, Outbox, OutboxError, redact_url, spawn};
+use crate::backend::mysql::{self, MysqlOutbox};
+use crate::backend::postgres::{self, PostgresOutbox};
+use crate::backend::redact;
+use crate::outbox::{Claim, ClaimTxn, Outbox, OutboxError, spawn};
 use crate::protocol::{HistoryQuery, RoomName, StreamId, UserId};
 
 /// How long a test waits for what must happen.
@@ -73,6 +74,27 @@ fn url_of(kind: Kind) -> String {
     }
 }
 
+/// The outbox of a node whose SQL store is at `url` under `prefix`, as `backend::build` makes it.
+pub(super) async fn pg_source(url: &str, prefix: &str) -> anyhow::Result<PostgresOutbox> {
+    PostgresOutbox::start(postgres::connect(url, prefix).await?, prefix).await
+}
+
+pub(super) async fn my_source(url: &str, prefix: &str) -> anyhow::Result<MysqlOutbox> {
+    MysqlOutbox::start(mysql::connect(url, prefix).await?, prefix).await
+}
+
+/// SQL that drops everything the store and the outbox create under `prefix`.
+pub(super) fn drop_tables(kind: Kind, p: &str) -> String {
+    match kind {
+        Kind::Postgres => format!("DROP SCHEMA IF EXISTS \"{p}\" CASCADE"),
+        Kind::Mysql => format!(
+            "DROP PROCEDURE IF EXISTS `{p}_append`; DROP TABLE IF EXISTS `{p}_outbox`, `{p}_outbox_dead`, \
+             `{p}_outbox_schema_version`, `{p}_streams`, `{p}_messages`, `{p}_cursors`, `{p}_idempotency`, \
+             `{p}_schema_version`"
+        ),
+    }
+}
+
 /// Connects to the test database of `kind`, or answers `None` (after saying why) when it is
 /// unreachable outside CI.
 pub(super) async fn database(kind: Kind) -> Option<(String, Db)> {
@@ -88,7 +110,7 @@ pub(super) async fn database(kind: Kind) -> Option<(String, Db)> {
         Ok(Err(e)) => e.to_string(),
         Err(_) => "no answer within 5 s".to_owned(),
     };
-    let shown = redact_url(&url);
+    let shown = redact(&url);
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("CI=true and the {kind:?} test database {shown} is unreachable: {why}");
     }
@@ -129,13 +151,11 @@ impl Harness {
         self.server().addr
     }
 
-    /// A new source on the test's tables, with its own connections.
+    /// A new source on the test's tables, with a store pool of its own (another node's).
     pub(super) async fn source(&self) -> Arc<dyn Outbox> {
         match self.kind {
-            Kind::Postgres => {
-                Arc::new(PostgresOutbox::connect(&self.url, &self.prefix).await.expect("outbox connects"))
-            }
-            Kind::Mysql => Arc::new(MysqlOutbox::connect(&self.url, &self.prefix).await.expect("outbox connects")),
+            Kind::Postgres => Arc::new(pg_source(&self.url, &self.prefix).await.expect("outbox starts")),
+            Kind::Mysql => Arc::new(my_source(&self.url, &self.prefix).await.expect("outbox starts")),
         }
     }
 
@@ -153,8 +173,8 @@ impl Harness {
 
     pub(super) async fn exec(&self, sql: &str) -> Result<(), sqlx::Error> {
         match &self.db {
-            Db::Pg(pool) => pool.execute(sql).await.map(drop),
-            Db::My(pool) => pool.execute(sql).await.map(drop),
+            Db::Pg(pool) => pool.execute(AssertSqlSafe(sql)).await.map(drop),
+            Db::My(pool) => pool.execute(AssertSqlSafe(sql)).await.map(drop),
         }
     }
 
@@ -170,7 +190,7 @@ impl Harness {
                     r#"INSERT INTO {t} (to_user, to_room, body, sender, "key") VALUES ($1, $2, $3, $4, $5) RETURNING id"#
                 );
                 for r in rows {
-                    let id: i64 = sqlx::query_scalar(&sql)
+                    let id: i64 = sqlx::query_scalar(AssertSqlSafe(sql.as_str()))
                         .bind(&r.to_user)
                         .bind(&r.to_room)
                         .bind(&r.body)
@@ -187,7 +207,7 @@ impl Harness {
                 let mut txn = conn.begin().await?;
                 let sql = format!("INSERT INTO {t} (to_user, to_room, body, sender, `key`) VALUES (?, ?, ?, ?, ?)");
                 for r in rows {
-                    let done = sqlx::query(&sql)
+                    let done = sqlx::query(AssertSqlSafe(sql.as_str()))
                         .bind(&r.to_user)
                         .bind(&r.to_room)
                         .bind(&r.body)
@@ -206,8 +226,8 @@ impl Harness {
     pub(super) async fn count(&self, table: &str) -> i64 {
         let sql = format!("SELECT COUNT(*) FROM {}", self.table(table));
         match &self.db {
-            Db::Pg(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
-            Db::My(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await,
+            Db::Pg(pool) => sqlx::query_scalar(AssertSqlSafe(sql.as_str())).fetch_one(pool).await,
+            Db::My(pool) => sqlx::query_scalar(AssertSqlSafe(sql.as_str())).fetch_one(pool).await,
         }
         .expect("count")
     }
@@ -216,7 +236,7 @@ impl Harness {
     pub(super) async fn dead(&self) -> Vec<(i64, String, String)> {
         let sql = format!("SELECT id, reason, body FROM {} ORDER BY id", self.table("outbox_dead"));
         match &self.db {
-            Db::Pg(pool) => sqlx::query(&sql)
+            Db::Pg(pool) => sqlx::query(AssertSqlSafe(sql.as_str()))
                 .fetch_all(pool)
                 .await
                 .expect("dead rows")
@@ -225,7 +245,7 @@ impl Harness {
                 .collect(),
             Db::My(pool) => {
                 let text = |r: &sqlx::mysql::MySqlRow, i| String::from_utf8(r.get::<Vec<u8>, _>(i)).expect("utf-8");
-                sqlx::query(&sql)
+                sqlx::query(AssertSqlSafe(sql.as_str()))
                     .fetch_all(pool)
                     .await
                     .expect("dead rows")
@@ -244,8 +264,8 @@ impl Harness {
             .messages
             .iter()
             .map(|m| {
-                let frame: Value = serde_json::from_slice(&m.frame).expect("stored frames are JSON");
-                (frame["body"].to_string(), frame["from"].as_str().unwrap_or_default().to_owned())
+                let body: Value = serde_json::from_str(&m.message.body).expect("stored bodies are JSON");
+                (body.to_string(), m.message.from.to_string())
             })
             .collect()
     }
@@ -297,15 +317,7 @@ impl Harness {
         if let Some(server) = self.server.take() {
             server.shutdown().await;
         }
-        let drop = match self.kind {
-            Kind::Postgres => format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.prefix),
-            Kind::Mysql => format!(
-                "DROP TABLE IF EXISTS {}, {}, {}",
-                self.table("outbox"),
-                self.table("outbox_dead"),
-                self.table("outbox_schema_version")
-            ),
-        };
+        let drop = drop_tables(self.kind, &self.prefix);
         self.exec(&drop).await.expect("dropping the test's tables");
     }
 }

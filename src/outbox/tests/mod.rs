@@ -15,10 +15,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sqlx::Executor;
+use sqlx::{AssertSqlSafe, Executor};
 
-use crate::backend::mysql::outbox::MysqlOutbox;
-use crate::backend::postgres::outbox::PostgresOutbox;
+use crate::backend::{mysql, postgres};
 use crate::protocol::{StreamId, UserId};
 use harness::*;
 
@@ -227,7 +226,7 @@ on_both! {
     /// dead-lettered, and are retried; another node delivers them.
     async fn a_failing_append_leaves_rows_for_a_retry(kind) {
         let Some(broken) = Harness::start(kind, &[]).await else { return };
-        broken.server().node.store.close().await;
+        broken.server().node.close_store().await;
         let rows: Vec<NewRow> = (0..5).map(|n| to_user("alice", numbered(n))).collect();
         broken.insert(&rows, true).await.expect("insert");
         let probe = Probe::new(broken.source().await, None);
@@ -272,7 +271,7 @@ on_both! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_the_postgres_consumer() {
     let Some(h) = Harness::start(Kind::Postgres, &[]).await else { return };
-    let source = PostgresOutbox::connect(&h.url, &h.prefix).await.expect("connects");
+    let source = pg_source(&h.url, &h.prefix).await.expect("starts");
     let _consumer = h.consume(Arc::new(source.with_fallback(Duration::from_secs(60))));
     // Let it find the outbox empty and wait.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -293,18 +292,23 @@ on_both! {
         let Some(h) = Harness::start(kind, &[]).await else { return };
         match kind {
             Kind::Postgres => {
-                let source = PostgresOutbox::connect(&h.url, &h.prefix).await.expect("connects");
-                let timeout: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
-                    .fetch_one(source.pool())
-                    .await
-                    .expect("show");
+                let source = pg_source(&h.url, &h.prefix).await.expect("starts");
+                let mut txn = source.pool().begin_with(postgres::OUTBOX_BEGIN).await.expect("begin");
+                let timeout: String =
+                    sqlx::query_scalar("SHOW idle_in_transaction_session_timeout").fetch_one(&mut *txn).await.expect("show");
                 assert_eq!(timeout, "1min");
+                txn.rollback().await.expect("rollback");
+                let outside: String =
+                    sqlx::query_scalar("SHOW idle_in_transaction_session_timeout").fetch_one(source.pool()).await.expect("show");
+                assert_eq!(outside, "0", "the store's transactions keep the default");
             }
             Kind::Mysql => {
-                let source = MysqlOutbox::connect(&h.url, &h.prefix).await.expect("connects");
+                let source = my_source(&h.url, &h.prefix).await.expect("starts");
+                let mut txn = source.pool().begin_with(mysql::OUTBOX_BEGIN).await.expect("begin");
                 let timeout: u64 =
-                    sqlx::query_scalar("SELECT @@SESSION.wait_timeout").fetch_one(source.pool()).await.expect("select");
+                    sqlx::query_scalar("SELECT @@SESSION.wait_timeout").fetch_one(&mut *txn).await.expect("select");
                 assert_eq!(timeout, 120);
+                txn.rollback().await.expect("rollback");
             }
         }
         h.finish().await;
@@ -319,8 +323,8 @@ on_both! {
         let prefix = format!("sy_outbox_{:012x}", fastrand::u64(..) >> 16);
         let connect = || async {
             match kind {
-                Kind::Postgres => PostgresOutbox::connect(&url, &prefix).await.map(drop),
-                Kind::Mysql => MysqlOutbox::connect(&url, &prefix).await.map(drop),
+                Kind::Postgres => pg_source(&url, &prefix).await.map(drop),
+                Kind::Mysql => my_source(&url, &prefix).await.map(drop),
             }
         };
         let results = futures_util::future::join_all((0..6).map(|_| connect())).await;
@@ -328,24 +332,19 @@ on_both! {
             r.expect("every node starts");
         }
         connect().await.expect("a restart");
-        let (versions, cleanup) = match kind {
-            Kind::Postgres => (
-                format!("SELECT version FROM \"{prefix}\".outbox_schema_version"),
-                format!("DROP SCHEMA \"{prefix}\" CASCADE"),
-            ),
-            Kind::Mysql => (
-                format!("SELECT version FROM `{prefix}_outbox_schema_version`"),
-                format!("DROP TABLE `{prefix}_outbox`, `{prefix}_outbox_dead`, `{prefix}_outbox_schema_version`"),
-            ),
+        let versions = match kind {
+            Kind::Postgres => format!("SELECT version FROM \"{prefix}\".outbox_schema_version"),
+            Kind::Mysql => format!("SELECT version FROM `{prefix}_outbox_schema_version`"),
         };
+        let cleanup = drop_tables(kind, &prefix);
         let found: Vec<i64> = match &db {
-            Db::Pg(pool) => sqlx::query_scalar::<_, i32>(&versions).fetch_all(pool).await.unwrap().into_iter().map(i64::from).collect(),
-            Db::My(pool) => sqlx::query_scalar::<_, i32>(&versions).fetch_all(pool).await.unwrap().into_iter().map(i64::from).collect(),
+            Db::Pg(pool) => sqlx::query_scalar::<_, i32>(AssertSqlSafe(versions.as_str())).fetch_all(pool).await.unwrap().into_iter().map(i64::from).collect(),
+            Db::My(pool) => sqlx::query_scalar::<_, i32>(AssertSqlSafe(versions.as_str())).fetch_all(pool).await.unwrap().into_iter().map(i64::from).collect(),
         };
         assert_eq!(found, [1], "one migration, recorded once");
         match &db {
-            Db::Pg(pool) => pool.execute(cleanup.as_str()).await.map(drop),
-            Db::My(pool) => pool.execute(cleanup.as_str()).await.map(drop),
+            Db::Pg(pool) => pool.execute(AssertSqlSafe(cleanup.as_str())).await.map(drop),
+            Db::My(pool) => pool.execute(AssertSqlSafe(cleanup.as_str())).await.map(drop),
         }
         .expect("cleanup");
     }
@@ -354,16 +353,16 @@ on_both! {
 /// Connection errors name `--store` and never show the password; needs no database.
 #[tokio::test]
 async fn connection_errors_hide_the_password() {
-    let pg = PostgresOutbox::connect("postgres://app:pg-s3cret-pw@127.0.0.1:1/app", "switchyard").await;
-    let my = MysqlOutbox::connect("mysql://app:my-s3cret-pw@127.0.0.1:1/app", "switchyard").await;
+    let pg = pg_source("postgres://app:pg-s3cret-pw@127.0.0.1:1/app", "switchyard").await;
+    let my = my_source("mysql://app:my-s3cret-pw@127.0.0.1:1/app", "switchyard").await;
     for (err, password) in
         [(pg.err().expect("port 1 refuses"), "pg-s3cret-pw"), (my.err().expect("refused"), "my-s3cret-pw")]
     {
         let text = format!("{err:#}");
-        assert!(text.contains("--store") && text.contains("cannot connect"), "{text}");
+        assert!(text.contains("--store") && text.contains("cannot reach"), "{text}");
         assert!(text.to_lowercase().contains("refused"), "says why: {text}");
         assert!(!text.contains(password), "{text}");
     }
-    let bad = PostgresOutbox::connect("postgres://app:pg-s3cret-pw@127.0.0.1:1/app", "bad prefix").await;
+    let bad = pg_source("postgres://app:pg-s3cret-pw@127.0.0.1:1/app", "bad prefix").await;
     assert!(format!("{:#}", bad.err().unwrap()).contains("--prefix"));
 }
