@@ -374,24 +374,8 @@ impl ServeArgs {
         if self.max_connections == Some(0) {
             bail!("--max-connections must be at least 1");
         }
-        // The store is Redis with --redis and embedded otherwise; give the store URL here once
-        // --store exists.
-        check_outbox(self.outbox, self.redis.as_deref().unwrap_or("embedded"))?;
         Ok(())
     }
-}
-
-/// `--outbox` consumes a table in the store's own database, so it needs a PostgreSQL or MySQL
-/// store. The message never repeats the URL, which may hold a password.
-fn check_outbox(outbox: bool, store: &str) -> anyhow::Result<()> {
-    let sql = ["postgres://", "postgresql://", "mysql://"].iter().any(|scheme| store.starts_with(scheme));
-    if outbox && !sql {
-        bail!(
-            "--outbox needs a PostgreSQL or MySQL store, whose database holds the outbox table: \
-             give --store postgres://… or --store mysql://…, or leave --outbox out"
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -463,23 +447,5 @@ mod tests {
         std::fs::write(&file, "redis-prefix = \"from-file\"\n").unwrap();
         let args = serve(parse(["switchyard", "serve", "--config", file.to_str().unwrap()]).unwrap());
         assert_eq!(args.prefix, "from-file");
-    }
-
-    #[test]
-    fn outbox_needs_a_sql_store() {
-        let err = parse(["switchyard", "serve", "--outbox"]).unwrap_err();
-        assert!(err.to_string().contains("--store"), "{err}");
-
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("s.toml");
-        std::fs::write(&file, "outbox = true\n").unwrap();
-        let err = parse(["switchyard", "serve", "--config", file.to_str().unwrap()]).unwrap_err();
-        assert!(err.to_string().contains("--outbox needs"), "the file's key is read: {err}");
-
-        assert!(!serve(parse(["switchyard", "serve"]).unwrap()).outbox, "off by default");
-        check_outbox(true, "postgres://u:pw@db/app").unwrap();
-        check_outbox(true, "mysql://u:pw@db/app").unwrap();
-        let err = check_outbox(true, "redis://u:secret-pw@r:6379/0").unwrap_err();
-        assert!(!err.to_string().contains("secret-pw"), "{err}");
     }
 }
