@@ -37,7 +37,7 @@ impl Sink for Recorder {
     fn deliver(&self, topic: &Topic, event: &Event) {
         let label = match event {
             Event::Frames(notices) => notices.iter().map(|n| String::from_utf8_lossy(&n.frame)).collect(),
-            Event::Message(delivery) => delivery.message.body.to_string(),
+            Event::Message(delivery) => String::from_utf8_lossy(delivery.json()).into_owned(),
             Event::Disconnect { reason, .. } => reason.to_string(),
             Event::Resync => return,
         };
