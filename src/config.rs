@@ -183,6 +183,11 @@ pub struct ServeArgs {
     /// Serve a plain WebSocket echo at /echo, for the Autobahn|Testsuite conformance run
     #[arg(long, env = "SWITCHYARD_AUTOBAHN_ECHO")]
     pub autobahn_echo: bool,
+
+    /// Deliver the rows that applications insert into the outbox table of the PostgreSQL or
+    /// MySQL store inside their own transactions (docs/outbox.md)
+    #[arg(long, env = "SWITCHYARD_OUTBOX")]
+    pub outbox: bool,
 }
 
 /// Parses `argv` (including the program name) with the precedence flag > environment > file >

@@ -16,6 +16,8 @@
 //! - [`store`], [`bus`], [`presence`], [`registry`]: the backend concepts, each a trait with its
 //!   contract and the conformance suite every backend passes.
 //! - [`backend`]: the implementations, one folder per backend, chosen by URL at start-up.
+//! - [`outbox`]: delivers the rows applications write into an outbox table of the SQL store in
+//!   their own transactions.
 //! - [`metrics`], [`shutdown`]: operations.
 
 pub mod api;
@@ -27,6 +29,7 @@ pub(crate) mod hub;
 pub(crate) mod message;
 pub(crate) mod metrics;
 pub mod node;
+pub(crate) mod outbox;
 pub(crate) mod presence;
 pub(crate) mod registry;
 pub mod protocol;

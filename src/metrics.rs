@@ -104,6 +104,10 @@ pub struct Metrics {
     pub bus_received: Counter,
     /// Gaps in a session's live delivery read from the store (the bus lost or delayed a message).
     pub repairs: Counter,
+    /// Outbox rows this node consumed: appended (or found already appended) and deleted.
+    pub outbox_delivered: Counter,
+    /// Outbox rows this node moved to the dead-letter table because they can never be delivered.
+    pub outbox_dead_letters: Counter,
     rejected: Family<ReasonLabel, Counter>,
 }
 
@@ -127,6 +131,8 @@ impl Metrics {
         let outbound_dropped = Counter::default();
         let bus_received = Counter::default();
         let repairs = Counter::default();
+        let outbox_delivered = Counter::default();
+        let outbox_dead_letters = Counter::default();
         let rejected = Family::<ReasonLabel, Counter>::default();
         registry.register("sessions", "WebSocket sessions on this node", sessions.clone());
         registry.register("users", "Distinct users with a session on this node", users.clone());
@@ -155,6 +161,16 @@ impl Metrics {
             "Gaps in a session's live delivery read from the store because the bus lost or delayed a message",
             repairs.clone(),
         );
+        registry.register(
+            "outbox_delivered",
+            "Outbox rows this node delivered and deleted (docs/outbox.md)",
+            outbox_delivered.clone(),
+        );
+        registry.register(
+            "outbox_dead_letters",
+            "Outbox rows this node moved to the dead-letter table (docs/outbox.md)",
+            outbox_dead_letters.clone(),
+        );
         Self {
             registry,
             sessions,
@@ -167,6 +183,8 @@ impl Metrics {
             outbound_dropped,
             bus_received,
             repairs,
+            outbox_delivered,
+            outbox_dead_letters,
             rejected,
         }
     }

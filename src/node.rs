@@ -18,6 +18,7 @@ use crate::config::ServeArgs;
 use crate::hub::{Hub, SessionHandle};
 use crate::message::Message;
 use crate::metrics::{Kind, Metrics};
+use crate::outbox;
 use crate::presence::{Presence, SessionInfo};
 use crate::protocol::{
     ErrorCode, HistoryQuery, ProtocolError, RoomName, StreamId, UserId, close, encode_presence, new_mid, now_ms,
@@ -81,6 +82,8 @@ pub struct Node {
     pub started_at: u64,
     pub address: String,
     pub shutdown: Shutdown,
+    /// The outbox consumer (`--outbox`), which stops at the shutdown signal.
+    outbox: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Node {
@@ -99,7 +102,7 @@ impl Node {
         let hub = Arc::new(Hub::new(metrics.clone()));
         let sink = hub.clone() as Arc<dyn Sink>;
         let backends = BackendConfig::from_args(&config)?;
-        let Backends { store, bus, presence, registry } =
+        let Backends { store, bus, presence, registry, outbox } =
             backend::build(&backends, id.clone(), metrics.clone(), sink).await?;
         // At most a sixteenth of a session's queue, so that a batch never comes close to filling it.
         let notices = Batcher::new(bus.clone(), (config.outbound_queue / 16).min(PRESENCE_BATCH));
@@ -117,6 +120,7 @@ impl Node {
             started_at: now_ms(),
             address,
             shutdown,
+            outbox: std::sync::Mutex::new(None),
         });
         node.heartbeat().await.map_err(|e| anyhow::anyhow!("registering the node: {e}"))?;
         let beat = node.clone();
@@ -149,6 +153,9 @@ impl Node {
                 }
             }
         });
+        if let Some(outbox) = outbox {
+            *node.outbox.lock().expect("not poisoned") = Some(outbox::spawn(node.clone(), outbox));
+        }
         Ok(node)
     }
 
@@ -460,8 +467,13 @@ impl Node {
         self.hub.close_all(code, reason);
     }
 
-    /// Flushes and releases the store at shutdown.
+    /// Flushes and releases the store at shutdown, once the outbox consumer has stopped (its
+    /// batch in flight finished, or was rolled back after a grace period).
     pub async fn close_store(&self) {
+        let consumer = self.outbox.lock().expect("not poisoned").take();
+        if let Some(consumer) = consumer {
+            let _ = consumer.await;
+        }
         self.store.close().await;
     }
 

@@ -18,12 +18,13 @@ pub(crate) mod sql;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use crate::bus::chaos::{ChaosSink, Faults};
 use crate::bus::{Bus, Sink};
 use crate::config::ServeArgs;
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::presence::Presence;
 use crate::registry::Registry;
 use crate::store::{Retention, Store};
@@ -65,6 +66,8 @@ pub(crate) struct BackendConfig {
     pub retention: Retention,
     /// Faults injected between the bus and the hub (tests only, see [`crate::bus::chaos`]).
     pub faults: Option<Faults>,
+    /// Consume the outbox table of the store's database (`--outbox`, docs/outbox.md).
+    pub outbox: bool,
 }
 
 /// The role a URL is given for, to name it in messages.
@@ -173,13 +176,20 @@ impl BackendConfig {
                 );
             }
         }
+        if args.outbox && !matches!(store, StoreConfig::Postgres { .. } | StoreConfig::Mysql { .. }) {
+            bail!(
+                "--outbox needs a PostgreSQL or MySQL store, whose database holds the outbox table, but --store is {}: \
+                 give --store postgres://… or --store mysql://…, or leave --outbox out",
+                redact(store_url)
+            );
+        }
         let retention =
             Retention { max_messages: args.history_size, ttl_ms: args.history_ttl.saturating_mul(1000) };
         if matches!(store, StoreConfig::Postgres { .. } | StoreConfig::Mysql { .. }) {
             sql::validate_prefix(&args.prefix)?;
         }
         let faults = args.test_bus_faults.as_deref().map(Faults::parse).transpose()?;
-        Ok(Self { store, bus, presence, prefix: args.prefix.clone(), retention, faults })
+        Ok(Self { store, bus, presence, prefix: args.prefix.clone(), retention, faults, outbox: args.outbox })
     }
 }
 
@@ -190,11 +200,13 @@ pub(crate) struct Backends {
     pub presence: Arc<dyn Presence>,
     /// The node registry, on the same backend as `presence`.
     pub registry: Arc<dyn Registry>,
+    /// The outbox the node consumes (`--outbox`), in the store's database and on its pool.
+    pub outbox: Option<Arc<dyn Outbox>>,
 }
 
 /// Connects every backend of `config`. Roles on the same Redis URL share its connection and
-/// clock; when the store and the bus are the same Redis, appends publish in their script.
-/// Events the bus receives go to `sink`.
+/// clock; when the store and the bus are the same Redis, appends publish in their script; the
+/// outbox shares the SQL store's pool. Events the bus receives go to `sink`.
 pub(crate) async fn build(
     config: &BackendConfig,
     node_id: Arc<str>,
@@ -220,6 +232,7 @@ pub(crate) async fn build(
             Arc::new(bus)
         }
     };
+    let mut outbox: Option<Arc<dyn Outbox>> = None;
     let store: Arc<dyn Store> = match &config.store {
         StoreConfig::Embedded { dir } => Arc::new(embedded::EmbeddedStore::open(dir, config.retention)?),
         StoreConfig::Redis { url } => {
@@ -229,9 +242,21 @@ pub(crate) async fn build(
             Arc::new(redis::RedisStore::new(commands, clock, keys, config.retention, fused))
         }
         StoreConfig::Postgres { url } => {
-            Arc::new(postgres::PostgresStore::connect(url, &config.prefix, config.retention).await?)
+            let store = postgres::PostgresStore::connect(url, &config.prefix, config.retention).await?;
+            if config.outbox {
+                let source = postgres::PostgresOutbox::start(store.pool().clone(), &config.prefix).await;
+                outbox = Some(Arc::new(source.with_context(|| format!("--store {}", redact(url)))?));
+            }
+            Arc::new(store)
         }
-        StoreConfig::Mysql { url } => Arc::new(mysql::MysqlStore::connect(url, &config.prefix, config.retention).await?),
+        StoreConfig::Mysql { url } => {
+            let store = mysql::MysqlStore::connect(url, &config.prefix, config.retention).await?;
+            if config.outbox {
+                let source = mysql::MysqlOutbox::start(store.pool().clone(), &config.prefix).await;
+                outbox = Some(Arc::new(source.with_context(|| format!("--store {}", redact(url)))?));
+            }
+            Arc::new(store)
+        }
     };
     let (presence, registry): (Arc<dyn Presence>, Arc<dyn Registry>) = match &config.presence {
         PresenceConfig::Memory => {
@@ -246,7 +271,7 @@ pub(crate) async fn build(
             (Arc::new(presence), Arc::new(redis::RedisRegistry::new(commands, clock, keys, instance)))
         }
     };
-    Ok(Backends { store, bus, presence, registry })
+    Ok(Backends { store, bus, presence, registry, outbox })
 }
 
 /// `url` with any password (and user) replaced, for logs and error messages.
@@ -331,6 +356,24 @@ mod tests {
         assert!(e.contains("--presence") && e.contains("cannot hold the presence role"), "{e}");
         let e = refusal(&["--bus", "localhost:6379"]);
         assert!(e.contains("--bus") && e.contains("not a URL"), "{e}");
+    }
+
+    #[test]
+    fn the_outbox_needs_a_sql_store() {
+        for args in [&["--outbox"][..], &["--redis", "redis://:secret-pw@r/0", "--outbox"]] {
+            let e = refusal(args);
+            assert!(e.contains("--outbox needs") && e.contains("--store"), "{e}");
+            assert!(!e.contains("secret-pw"), "credentials printed: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(&file, "outbox = true\n").unwrap();
+        let e = refusal(&["--config", file.to_str().unwrap()]);
+        assert!(e.contains("--outbox needs"), "the file's key is read: {e}");
+        assert!(!config(&[]).unwrap().outbox, "off by default");
+        assert!(config(&["--store", "postgres://u:p@db/app", "--outbox"]).unwrap().outbox);
+        let c = config(&["--redis", "redis://r/0", "--store", "mariadb://u:p@db/app", "--outbox"]).unwrap();
+        assert!(c.outbox && matches!(c.store, StoreConfig::Mysql { .. }));
     }
 
     #[test]

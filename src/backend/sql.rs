@@ -1,6 +1,7 @@
 //! What the PostgreSQL and MySQL stores share: limits and timeouts, the prefix rule, the estimate
 //! of the database's clock that write deadlines are written in, the canonical order in which an
-//! append locks its streams, retries, and rows back into messages.
+//! append locks its streams, retries, and rows back into messages; and how their outboxes claim
+//! rows.
 //!
 //! Both stores keep the same four tables (streams, messages, cursors, idempotency keys) and do a
 //! whole append in one server-side routine called in one round trip, so that the routine can
@@ -13,12 +14,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use sqlx::SqlStr;
+
 use crate::message::{Message, StoredMessage};
+use crate::outbox::{Older, OutboxRow};
 use crate::protocol::{RoomName, StreamId, UserId, now_ms};
 use crate::store::{Retention, StoreError};
 
 /// Most connections a store opens.
 pub(crate) const MAX_CONNECTIONS: u32 = 16;
+/// Longest wait for the first connection at start-up.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for a pooled connection: a dead database turns into `unavailable` this fast.
 pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for one operation, retries included (the Redis store's response timeout).
@@ -53,6 +59,19 @@ pub(crate) fn validate_prefix(prefix: &str) -> anyhow::Result<()> {
         anyhow::bail!(
             "--prefix {prefix:?}: a SQL store needs 1-{MAX_PREFIX_LEN} characters of a-z 0-9 _, starting with a letter or _"
         )
+    }
+}
+
+/// Opens and closes one connection, so that a database that cannot be reached says why
+/// (refused, unknown host, access denied) where a pool would only say that it timed out.
+pub(crate) async fn probe<C: sqlx::Connection>(options: &C::Options) -> Result<(), String> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, C::connect_with(options)).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())),
     }
 }
 
@@ -173,6 +192,38 @@ where
         Err(_) => Err(StoreError::Unavailable(format!("{what}: no answer within {} ms", CALL_TIMEOUT.as_millis()))),
     }
 }
+
+/// Begins an outbox claim with `begin` (which sets the transaction's timeouts or isolation) and
+/// runs the backend's `claim` (the oldest `limit` rows, `FOR UPDATE SKIP LOCKED`, `$1`/`?` the
+/// limit), then `older` (every row below the last claimed id, its only parameter). Answers the
+/// open transaction, the claimed rows and the older rows, read by `row` and `older_row`.
+pub(crate) async fn claim_outbox<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    begin: &'static str,
+    (claim, older): (&SqlStr, &SqlStr),
+    limit: usize,
+    (row, older_row): (RowReader<DB, OutboxRow>, RowReader<DB, Older>),
+) -> Result<(sqlx::Transaction<'static, DB>, Vec<OutboxRow>, Vec<Older>), sqlx::Error>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    let mut txn = pool.begin_with(begin).await?;
+    let claimed = sqlx::query(claim.clone()).bind(limit as i64).fetch_all(&mut *txn).await?;
+    let rows = claimed.iter().map(row).collect::<Result<Vec<_>, _>>()?;
+    let older = match rows.last() {
+        None => Vec::new(),
+        Some(last) => {
+            let found = sqlx::query(older.clone()).bind(last.id).fetch_all(&mut *txn).await?;
+            found.iter().map(older_row).collect::<Result<Vec<_>, _>>()?
+        }
+    };
+    Ok((txn, rows, older))
+}
+
+/// Reads one row of a backend's answer.
+pub(crate) type RowReader<DB, T> = fn(&<DB as sqlx::Database>::Row) -> Result<T, sqlx::Error>;
 
 pub(crate) fn malformed(what: &str) -> StoreError {
     StoreError::Internal(format!("unexpected answer from the database: {what}"))

@@ -7,9 +7,6 @@
 //! the nodes and Redis, not signals to the server. Observed timings are printed with a `TIMING`
 //! prefix (`cargo test --test e2e cluster -- --nocapture` shows them).
 
-#[path = "procs.rs"]
-mod procs;
-
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,8 +15,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use crate::procs::{Cluster, NodeProc, http_within};
 use crate::support::{Client, WAIT};
-use procs::{Cluster, NodeProc, http_within};
 
 use crate::fault_proxy::FaultProxy;
 

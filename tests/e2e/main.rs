@@ -1,6 +1,7 @@
 //! End-to-end tests: real nodes on port 0, real WebSocket clients, as PROTOCOL.md describes.
 
 mod fault_proxy;
+mod procs;
 mod redis_server;
 mod support;
 
@@ -13,6 +14,7 @@ mod limits;
 mod messaging;
 mod openapi;
 mod operations;
+mod outbox;
 mod repair;
 mod rooms;
 mod sql_server;

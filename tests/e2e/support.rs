@@ -224,6 +224,12 @@ impl TestNode {
         futures_util::future::join_all(running).await;
     }
 
+    /// The `--prefix` of this deployment's keys, schema or tables.
+    pub fn prefix(&self) -> &str {
+        let at = self.args.iter().position(|a| a == "--prefix");
+        at.and_then(|i| self.args.get(i + 1)).map_or("switchyard", String::as_str)
+    }
+
     /// How many nodes this deployment runs.
     pub fn size(&self) -> usize {
         self.servers.len()

@@ -7,6 +7,7 @@
 //! node runs the missing ones while holding `GET_LOCK` on the prefix, so nodes starting together
 //! migrate once, one after the other.
 
+mod outbox;
 mod store;
 
 use std::str::FromStr;
@@ -18,6 +19,9 @@ use sqlx::{AssertSqlSafe, Connection, MySql};
 
 use super::sql::{self, Failure};
 
+#[cfg(test)]
+pub(crate) use outbox::BEGIN as OUTBOX_BEGIN;
+pub(crate) use outbox::MysqlOutbox;
 pub(crate) use store::MysqlStore;
 
 /// The schema, version by version, statement by statement. `{p}` stands for the prefix.
@@ -134,13 +138,16 @@ const MIGRATIONS: &[&[&str]] = &[&[
 const SERVER_MS: &str = "SELECT CAST(FLOOR(UNIX_TIMESTAMP(SYSDATE(6)) * 1000) AS SIGNED)";
 
 /// Opens a bounded pool on `url` and migrates the tables of `prefix`.
-async fn connect(url: &str, prefix: &str) -> anyhow::Result<MySqlPool> {
+pub(crate) async fn connect(url: &str, prefix: &str) -> anyhow::Result<MySqlPool> {
     sql::validate_prefix(prefix)?;
     let shown = super::redact(url);
     let options = MySqlConnectOptions::from_str(url)
         .map_err(|e| anyhow::anyhow!("--store {shown}: not a valid MySQL URL ({e})"))?
         .charset("utf8mb4")
         .timezone(Some("+00:00".to_owned()));
+    sql::probe::<sqlx::MySqlConnection>(&options)
+        .await
+        .map_err(|e| anyhow::anyhow!("--store {shown}: cannot reach MySQL ({e})"))?;
     let pool = MySqlPoolOptions::new()
         .max_connections(sql::MAX_CONNECTIONS)
         .acquire_timeout(sql::ACQUIRE_TIMEOUT)
@@ -163,24 +170,37 @@ async fn connect(url: &str, prefix: &str) -> anyhow::Result<MySqlPool> {
         .await
         .map_err(|e| anyhow::anyhow!("--store {shown}: cannot reach MySQL ({e})"))?;
     let mut conn = pool.acquire().await.with_context(|| format!("--store {shown}: cannot reach MySQL"))?;
-    migrate(&mut conn, prefix).await.with_context(|| format!("--store {shown}: migrating tables {prefix}_*"))?;
+    migrate(&mut conn, prefix, "schema_version", MIGRATIONS)
+        .await
+        .with_context(|| format!("--store {shown}: migrating tables {prefix}_*"))?;
     Ok(pool)
 }
 
-/// Runs the migrations this database lacks, once across nodes that start together.
-async fn migrate(conn: &mut PoolConnection<MySql>, prefix: &str) -> anyhow::Result<()> {
+/// Runs the `migrations` this database lacks, recording them in `<prefix>_<versions>`, once
+/// across nodes that start together (the store's and the outbox's take the same lock).
+async fn migrate(
+    conn: &mut PoolConnection<MySql>,
+    prefix: &str,
+    versions: &str,
+    migrations: &[&[&str]],
+) -> anyhow::Result<()> {
     let lock = format!("switchyard-migrate:{prefix}");
     let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 60)").bind(&lock).fetch_one(&mut **conn).await?;
     anyhow::ensure!(locked == Some(1), "another node held the migration lock {lock:?} for 60 s");
-    let outcome = migrate_locked(conn, prefix).await;
+    let outcome = migrate_locked(conn, prefix, versions, migrations).await;
     let released = sqlx::query("SELECT RELEASE_LOCK(?)").bind(&lock).execute(&mut **conn).await;
     outcome?;
     released?;
     Ok(())
 }
 
-async fn migrate_locked(conn: &mut PoolConnection<MySql>, prefix: &str) -> anyhow::Result<()> {
-    let versions = format!("`{prefix}_schema_version`");
+async fn migrate_locked(
+    conn: &mut PoolConnection<MySql>,
+    prefix: &str,
+    versions: &str,
+    migrations: &[&[&str]],
+) -> anyhow::Result<()> {
+    let versions = format!("`{prefix}_{versions}`");
     sqlx::raw_sql(AssertSqlSafe(format!(
         "CREATE TABLE IF NOT EXISTS {versions} (version INT NOT NULL PRIMARY KEY, \
          applied_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE=InnoDB"
@@ -191,12 +211,12 @@ async fn migrate_locked(conn: &mut PoolConnection<MySql>, prefix: &str) -> anyho
         sqlx::query_scalar(AssertSqlSafe(format!("SELECT CAST(COALESCE(MAX(version), 0) AS SIGNED) FROM {versions}")))
             .fetch_one(&mut **conn)
             .await?;
-    let latest = MIGRATIONS.len() as i64;
+    let latest = migrations.len() as i64;
     anyhow::ensure!(
         current <= latest,
         "the tables are at version {current}, newer than this node knows ({latest}): upgrade the node"
     );
-    for (version, statements) in (1..).zip(MIGRATIONS).skip(current as usize) {
+    for (version, statements) in (1..).zip(migrations).skip(current as usize) {
         for statement in *statements {
             sqlx::raw_sql(AssertSqlSafe(statement.replace("{p}", prefix))).execute(&mut **conn).await?;
         }

@@ -96,7 +96,7 @@ impl MysqlStore {
         Ok(Self { inner })
     }
 
-    #[cfg(test)]
+    /// The store's pool, which the outbox shares.
     pub(crate) fn pool(&self) -> &MySqlPool {
         &self.inner.pool
     }

@@ -6,6 +6,7 @@
 //! inside one transaction that holds an advisory lock on the prefix, so nodes starting together
 //! migrate once, one after the other, and a failed migration leaves nothing behind.
 
+mod outbox;
 mod store;
 
 use std::str::FromStr;
@@ -16,6 +17,9 @@ use sqlx::{AssertSqlSafe, Connection};
 
 use super::sql::{self, Failure};
 
+#[cfg(test)]
+pub(crate) use outbox::BEGIN as OUTBOX_BEGIN;
+pub(crate) use outbox::PostgresOutbox;
 pub(crate) use store::PostgresStore;
 
 /// SQLSTATE the append function raises when it runs after its deadline.
@@ -111,7 +115,7 @@ $fn$;
 const SERVER_MS: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 
 /// Opens a bounded pool on `url` and migrates the schema `prefix`.
-async fn connect(url: &str, prefix: &str) -> anyhow::Result<PgPool> {
+pub(crate) async fn connect(url: &str, prefix: &str) -> anyhow::Result<PgPool> {
     sql::validate_prefix(prefix)?;
     let shown = super::redact(url);
     let options = PgConnectOptions::from_str(url)
@@ -119,6 +123,9 @@ async fn connect(url: &str, prefix: &str) -> anyhow::Result<PgPool> {
         .application_name(&format!("switchyard:{prefix}"))
         // The server gives up on its own too: a stuck statement frees its connection and locks.
         .options([("lock_timeout", "2000"), ("statement_timeout", "5000")]);
+    sql::probe::<sqlx::PgConnection>(&options)
+        .await
+        .map_err(|e| anyhow::anyhow!("--store {shown}: cannot reach PostgreSQL ({e})"))?;
     let pool = PgPoolOptions::new()
         .max_connections(sql::MAX_CONNECTIONS)
         .acquire_timeout(sql::ACQUIRE_TIMEOUT)
@@ -134,7 +141,9 @@ async fn connect(url: &str, prefix: &str) -> anyhow::Result<PgPool> {
         .connect_with(options)
         .await
         .map_err(|e| anyhow::anyhow!("--store {shown}: cannot reach PostgreSQL ({e})"))?;
-    migrate(&pool, prefix).await.with_context(|| format!("--store {shown}: migrating schema {prefix:?}"))?;
+    migrate(&pool, prefix, "schema_version", MIGRATIONS)
+        .await
+        .with_context(|| format!("--store {shown}: migrating schema {prefix:?}"))?;
     Ok(pool)
 }
 
@@ -143,30 +152,31 @@ fn schema(prefix: &str) -> String {
     format!("\"{prefix}\"")
 }
 
-/// Runs the migrations this database lacks, once across nodes that start together.
-async fn migrate(pool: &PgPool, prefix: &str) -> anyhow::Result<()> {
+/// Runs the `migrations` this database lacks, recording them in `{schema}.{versions}`, once
+/// across nodes that start together (the store's and the outbox's take the same lock).
+async fn migrate(pool: &PgPool, prefix: &str, versions: &str, migrations: &[&str]) -> anyhow::Result<()> {
     let s = schema(prefix);
     let mut tx = pool.begin().await?;
     sqlx::raw_sql("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0").execute(&mut *tx).await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(sql::lock_key(prefix)).execute(&mut *tx).await?;
     sqlx::raw_sql(AssertSqlSafe(format!(
-        "CREATE SCHEMA IF NOT EXISTS {s}; CREATE TABLE IF NOT EXISTS {s}.schema_version \
+        "CREATE SCHEMA IF NOT EXISTS {s}; CREATE TABLE IF NOT EXISTS {s}.{versions} \
          (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
     )))
     .execute(&mut *tx)
     .await?;
     let current: i32 =
-        sqlx::query_scalar(AssertSqlSafe(format!("SELECT coalesce(max(version), 0) FROM {s}.schema_version")))
+        sqlx::query_scalar(AssertSqlSafe(format!("SELECT coalesce(max(version), 0) FROM {s}.{versions}")))
             .fetch_one(&mut *tx)
             .await?;
-    let latest = MIGRATIONS.len() as i32;
+    let latest = migrations.len() as i32;
     anyhow::ensure!(
         current <= latest,
         "the schema is at version {current}, newer than this node knows ({latest}): upgrade the node"
     );
-    for (version, ddl) in (1..).zip(MIGRATIONS).skip(current as usize) {
+    for (version, ddl) in (1..).zip(migrations).skip(current as usize) {
         sqlx::raw_sql(AssertSqlSafe(ddl.replace("{s}", &s))).execute(&mut *tx).await?;
-        sqlx::query(AssertSqlSafe(format!("INSERT INTO {s}.schema_version (version) VALUES ($1)")))
+        sqlx::query(AssertSqlSafe(format!("INSERT INTO {s}.{versions} (version) VALUES ($1)")))
             .bind(version)
             .execute(&mut *tx)
             .await?;

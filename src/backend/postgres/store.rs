@@ -100,7 +100,7 @@ impl PostgresStore {
         Ok(Self { inner })
     }
 
-    #[cfg(test)]
+    /// The store's pool, which the outbox shares.
     pub(crate) fn pool(&self) -> &PgPool {
         &self.inner.pool
     }
