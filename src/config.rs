@@ -368,8 +368,8 @@ impl ServeArgs {
         if self.ping_interval == 0 {
             bail!("--ping-interval must be at least 1 second");
         }
-        if self.outbound_queue < 16 {
-            bail!("--outbound-queue must be at least 16");
+        if !(16..=16_384).contains(&self.outbound_queue) {
+            bail!("--outbound-queue must be 16 to 16384");
         }
         if self.max_connections == Some(0) {
             bail!("--max-connections must be at least 1");

@@ -1,11 +1,15 @@
 //! The seqs of one stream a session already has, as a short list of ranges.
 //!
 //! Live delivery and the session's own sends fill contiguous runs, so a handful of ranges covers a
-//! session's whole life; the list is capped so a pathological pattern cannot grow it without
-//! bound (the oldest ranges go first, which can at worst re-deliver a very old message during a
-//! catch-up far into the past).
+//! session's whole life. A client that pipelines many publishes while others publish too leaves
+//! one range per own seq until the queued deliveries fill the gaps between them: at most one per
+//! message the session has queued, so the cap sits above any outbound queue a node allows. Past
+//! it, the oldest ranges go first, which can at worst deliver a very old message a second time.
+//! The list gives its memory back once it has merged into a few ranges again.
 
-const MAX_RANGES: usize = 64;
+const MAX_RANGES: usize = 16_384;
+/// Ranges kept allocated after a burst merged back.
+const KEEP_CAPACITY: usize = 16;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SeqSet {
@@ -69,6 +73,8 @@ impl SeqSet {
         self.ranges.splice(start..end, [(new_lo, new_hi)]);
         if self.ranges.len() > MAX_RANGES {
             self.ranges.remove(0);
+        } else if self.ranges.len() <= 2 && self.ranges.capacity() > 4 * KEEP_CAPACITY {
+            self.ranges.shrink_to(KEEP_CAPACITY);
         }
     }
 }
@@ -111,11 +117,15 @@ mod tests {
     #[test]
     fn stays_bounded() {
         let mut s = SeqSet::default();
-        for i in 0..1000 {
+        let n = MAX_RANGES as u64 + 10;
+        for i in 0..n {
             s.insert(i * 2);
         }
         assert_eq!(s.ranges.len(), MAX_RANGES);
-        assert!(s.contains(1998));
+        assert!(s.contains(2 * (n - 1)) && !s.contains(0), "the oldest ranges went first");
+        s.insert_range(0, 2 * n);
+        assert_eq!(s.ranges.len(), 1);
+        assert!(s.ranges.capacity() <= 4 * KEEP_CAPACITY, "merged back, it gave its memory back");
     }
 
     #[test]
