@@ -8,6 +8,9 @@
 //!   buffers and keeps them empty while idle: it waits for input without a buffer and frees the
 //!   input once all of it is parsed and the output once it is written; frames go out in batched
 //!   vectored writes. Cancel-safe: all progress lives in the `WebSocket`.
+//! - [`handshake`]: the opening handshake on hyper's upgrade: the RFC 6455 §4.2.1 checks,
+//!   `Sec-WebSocket-Accept`, and the stream taken back from hyper as the `Transport` it was
+//!   served on.
 //! - [`transport`]: what the socket needs of a stream ([`Transport`]: readiness, then reads and
 //!   writes that do not wait), implemented for `TcpStream`, with how a TLS stream will do it.
 //!
@@ -15,6 +18,7 @@
 //! frame pays for a virtual call. Only what the fuzz targets use is `pub`.
 
 pub(crate) mod frame;
+pub(crate) mod handshake;
 pub(crate) mod socket;
 pub(crate) mod transport;
 
