@@ -94,7 +94,10 @@ pub(crate) async fn upgraded<S: Transport + 'static>(
     match upgraded.downcast::<TokioIo<S>>() {
         Ok(parts) => Some(WebSocket::new(parts.io.into_inner(), &parts.read_buf, max_payload)),
         Err(_) => {
-            tracing::error!(expected = std::any::type_name::<S>(), "an upgraded connection is not on the expected stream");
+            tracing::error!(
+                expected = std::any::type_name::<S>(),
+                "an upgraded connection is not on the expected stream"
+            );
             None
         }
     }

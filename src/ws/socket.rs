@@ -13,7 +13,9 @@ use std::io::{self, IoSlice};
 
 use tokio::net::TcpStream;
 
-use super::frame::{self, Decoded, Decoder, Error, Incoming, MAX_HEADER, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
+use super::frame::{
+    self, Decoded, Decoder, Error, Incoming, MAX_HEADER, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
+};
 use super::transport::Transport;
 
 /// The smallest read; a frame known to be larger is read in one go.
