@@ -15,7 +15,8 @@
 //!   writes that do not wait), implemented for `TcpStream`, with how a TLS stream will do it.
 //!
 //! Generic over the stream, not `dyn`: each stream type gets its own monomorphized socket, so no
-//! frame pays for a virtual call. Only what the fuzz targets use is `pub`.
+//! frame pays for a virtual call. `WebSocket` alone means `WebSocket<TcpStream>`, what sessions
+//! run on today. Only what the fuzz targets use is `pub`, and `Transport`, which bounds it.
 
 pub(crate) mod frame;
 pub(crate) mod handshake;
