@@ -10,10 +10,9 @@ use std::time::Duration;
 use axum::Extension;
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
+use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use base64::Engine;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,7 +25,7 @@ use crate::node::Node;
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::session;
 use crate::shutdown::{self, Shutdown, Trigger};
-use crate::ws::{self, WebSocket};
+use crate::ws::{self, handshake};
 
 const DEMO_PAGE: &str = include_str!("../demo/index.html");
 /// How long a shutdown waits for sessions to say goodbye.
@@ -197,9 +196,9 @@ impl Server {
 }
 
 /// Accepts connections until shutdown and serves HTTP/1.1 on each, upgrades included. This loop
-/// stands in for `axum::serve` so that an upgraded connection hands back the bare `TcpStream`
-/// (which [`ws`] needs to wait for input without a buffer), and so that slow request headers time
-/// out.
+/// stands in for `axum::serve` so that an upgraded connection hands back the bare `TcpStream` (a
+/// [`ws::Transport`], on which a WebSocket waits for input without a buffer), and so that slow
+/// request headers time out.
 async fn accept(listener: TcpListener, app: Router, header_timeout: Duration, mut stop: Shutdown) {
     loop {
         let (stream, peer) = tokio::select! {
@@ -240,24 +239,6 @@ async fn accept(listener: TcpListener, app: Router, header_timeout: Duration, mu
     }
 }
 
-/// The TCP stream under an upgraded connection, and the bytes hyper read past the handshake.
-async fn upgraded(on_upgrade: hyper::upgrade::OnUpgrade, max_payload: usize) -> Option<WebSocket> {
-    let upgraded = match on_upgrade.await {
-        Ok(upgraded) => upgraded,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return None;
-        }
-    };
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => Some(WebSocket::new(parts.io.into_inner(), &parts.read_buf, max_payload)),
-        Err(_) => {
-            tracing::error!("an upgraded connection is not a TCP stream");
-            None
-        }
-    }
-}
-
 async fn readyz(State(state): State<AppState>) -> Response {
     if !state.node.shutdown.started() && state.node.ready().await {
         (StatusCode::OK, axum::Json(serde_json::json!({"ready": true}))).into_response()
@@ -284,66 +265,6 @@ struct WsQuery {
     device: Option<String>,
 }
 
-/// Checks the handshake (RFC 6455 §4.2.1) and answers the `Sec-WebSocket-Accept` value.
-fn handshake_accept(request: &Request) -> Result<String, ProtocolError> {
-    // axum routes HEAD to GET handlers, and hyper answers an HTTP/1.0 `101` but never upgrades it.
-    if request.method() != Method::GET || request.version() < Version::HTTP_11 {
-        return Err(ProtocolError::bad_request("a WebSocket upgrade is an HTTP/1.1 GET request"));
-    }
-    let headers = request.headers();
-    // A list header may come as several field lines (`Connection: close` and `Connection: Upgrade`).
-    let has = |name: header::HeaderName, needle: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(needle)))
-    };
-    if !has(header::UPGRADE, "websocket") || !has(header::CONNECTION, "upgrade") {
-        return Err(ProtocolError::bad_request("this endpoint needs a WebSocket upgrade"));
-    }
-    if !has(header::SEC_WEBSOCKET_VERSION, "13") {
-        return Err(ProtocolError::bad_request("only WebSocket version 13 is supported"));
-    }
-    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
-    let key = match (keys.next(), keys.next()) {
-        (Some(key), None) => key,
-        (None, _) => return Err(ProtocolError::bad_request("missing Sec-WebSocket-Key")),
-        (Some(_), Some(_)) => return Err(ProtocolError::bad_request("Sec-WebSocket-Key given more than once")),
-    };
-    if !base64::engine::general_purpose::STANDARD.decode(key.as_bytes()).is_ok_and(|nonce| nonce.len() == 16) {
-        return Err(ProtocolError::bad_request("Sec-WebSocket-Key must be 16 bytes in base64"));
-    }
-    let mut sha = sha1_smol::Sha1::new();
-    sha.update(key.as_bytes());
-    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-    Ok(base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes()))
-}
-
-/// The answer to a refused handshake. One that names a version other than 13 also says which
-/// version this server speaks (RFC 6455 §4.4).
-fn refused_handshake(headers: &HeaderMap, e: &ProtocolError) -> Response {
-    let mut response = error_response(e);
-    let other_version = headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_some_and(|v| v.as_bytes().split(|b| *b == b',').all(|t| t.trim_ascii() != b"13"));
-    if other_version {
-        response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-    }
-    response
-}
-
-fn switching_protocols(accept: &str) -> Response {
-    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    if let Ok(v) = HeaderValue::from_str(accept) {
-        headers.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    response
-}
-
 /// `GET /ws`: authenticate before upgrading, so a refused client gets an HTTP status and a JSON
 /// body rather than a WebSocket that closes at once.
 async fn upgrade(
@@ -359,11 +280,11 @@ async fn upgrade(
         node.metrics.reject(Rejection::Origin);
         return error_response(&ProtocolError::new(ErrorCode::Forbidden, "this origin may not open a WebSocket here"));
     }
-    let accept = match handshake_accept(&request) {
+    let accept = match handshake::accept_key(&request) {
         Ok(accept) => accept,
         Err(e) => {
             node.metrics.reject(Rejection::BadRequest);
-            return refused_handshake(request.headers(), &e);
+            return handshake::refused(request.headers(), error_response(&e));
         }
     };
     let query: WsQuery = request.uri().query().and_then(|q| serde_urlencoded::from_str(q).ok()).unwrap_or_default();
@@ -408,22 +329,22 @@ async fn upgrade(
     let node = state.node.clone();
     tokio::spawn(async move {
         let _slot = slot;
-        if let Some(ws) = upgraded(on_upgrade, node.config.max_message_size).await {
+        if let Some(ws) = handshake::upgraded(on_upgrade, node.config.max_message_size).await {
             session::run(node, ws, identity).await;
         }
     });
-    switching_protocols(&accept)
+    handshake::switching_protocols(&accept)
 }
 
 /// `GET /echo` with `--autobahn-echo`: echoes every message, for the conformance fuzzer.
 async fn echo(mut request: Request) -> Response {
-    let accept = match handshake_accept(&request) {
+    let accept = match handshake::accept_key(&request) {
         Ok(accept) => accept,
-        Err(e) => return refused_handshake(request.headers(), &e),
+        Err(e) => return handshake::refused(request.headers(), error_response(&e)),
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
-        let Some(mut ws) = upgraded(on_upgrade, ECHO_MAX_PAYLOAD).await else { return };
+        let Some(mut ws) = handshake::upgraded::<TcpStream>(on_upgrade, ECHO_MAX_PAYLOAD).await else { return };
         loop {
             match ws.next().await {
                 Ok(ws::Incoming::Close(_)) => break,
@@ -443,5 +364,5 @@ async fn echo(mut request: Request) -> Response {
             }
         }
     });
-    switching_protocols(&accept)
+    handshake::switching_protocols(&accept)
 }
