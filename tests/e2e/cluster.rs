@@ -556,13 +556,18 @@ async fn pause_is_never_silent(frozen: Frozen, cluster: Cluster, proxy: FaultPro
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "unavailable", "{body}");
     assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    if let Frozen::Redis = frozen {
-        // A broadcast needs only the bus, which is the frozen Redis here.
-        let broadcast =
-            http_within(n1.addr, "POST", "/api/v1/broadcast", &json!({"body":"during-broadcast"}).to_string(), wait)
-                .await;
-        let (status, body) = broadcast.expect("the API answers while Redis is paused");
-        assert_eq!((status, &body["error"]["code"]), (503, &json!("unavailable")), "{body}");
+    // A broadcast needs only the bus: refused while that is the frozen Redis, sent while only
+    // the store is frozen.
+    let broadcast =
+        http_within(n1.addr, "POST", "/api/v1/broadcast", &json!({"body":"during-broadcast"}).to_string(), wait).await;
+    let (status, body) = broadcast.expect("the API answers while the backend is paused");
+    match frozen {
+        Frozen::Redis => assert_eq!((status, &body["error"]["code"]), (503, &json!("unavailable")), "{body}"),
+        Frozen::Postgres | Frozen::Mysql => {
+            assert_eq!(status, 200, "{body}");
+            let got = bob.next_message().await;
+            assert_eq!((got["stream"].as_str(), &got["body"]), (Some("broadcast"), &json!("during-broadcast")));
+        }
     }
 
     proxy.resume();
