@@ -118,4 +118,10 @@ pub trait Store: Send + Sync {
 
     /// Flushes and releases the store at shutdown; later calls fail with `Unavailable`.
     async fn close(&self);
+
+    /// Whether every append of this store publishes itself (fused with the bus, see the module
+    /// header), so that the caller keeps nothing to publish afterwards.
+    fn publishes(&self) -> bool {
+        false
+    }
 }

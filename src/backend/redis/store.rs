@@ -296,6 +296,10 @@ impl Store for RedisStore {
     }
 
     async fn close(&self) {}
+
+    fn publishes(&self) -> bool {
+        self.fused
+    }
 }
 
 #[cfg(test)]
