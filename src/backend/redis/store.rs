@@ -87,12 +87,15 @@ return {0, answer, table.concat(seqs, ' ')}
 /// bounds that meanwhile.
 const AGE_CHECK_EVERY: usize = 16;
 
-/// Moves a cursor forward only.
-const ACK: &str = r#"
+/// ARGV: deadline (ms, see [`WRITE_DEADLINE`](super::WRITE_DEADLINE)), seq. Moves a cursor forward
+/// only; does nothing (and answers `LATE`) when Redis runs it after the deadline.
+const ACK: &str = super::write_script!(
+    r#"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+if tonumber(ARGV[2]) > current then redis.call('SET', KEYS[1], ARGV[2]) end
 return 0
-"#;
+"#
+);
 
 /// Bytes an append's arguments take beyond the record, and per entry: its keys, channel and
 /// envelope head.
@@ -283,8 +286,8 @@ impl Store for RedisStore {
 
     async fn ack(&self, user: &UserId, seq: u64) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let mut cmd = cluster::evalsha(&self.ack, 1, 2, 64);
-        cmd.arg(self.keys.cursor(user)).arg(seq);
+        let mut cmd = cluster::evalsha(&self.ack, 1, 3, 96);
+        cmd.arg(self.keys.cursor(user)).arg(self.clock.write_deadline()).arg(seq);
         let _: i64 = cluster::eval(&mut conn, &self.ack, &cmd).await.map_err(unavailable)?;
         Ok(())
     }
