@@ -26,7 +26,7 @@ pub(crate) mod backend;
 pub(crate) mod bus;
 pub mod config;
 pub(crate) mod hub;
-pub(crate) mod message;
+pub mod message;
 pub(crate) mod metrics;
 pub mod node;
 pub(crate) mod outbox;

@@ -16,8 +16,9 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use switchyard::api::{ApiError, parse_disconnect, parse_push};
+use switchyard::message::{Message, Record};
 use switchyard::protocol::{
-    ErrorCode, MessageDraft, RoomName, StreamId, encode_disconnect, encode_message, valid_name,
+    ErrorCode, RoomName, StreamId, encode_disconnect, encode_message, valid_name,
 };
 
 use common::{json_depth, object_members, read_back, serde_accepts};
@@ -45,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
             let depth = json_depth(&push.body);
             assert!(depth.is_some_and(|d| d <= 64), "body {:?} is not JSON at most 64 deep ({depth:?})", push.body);
             let room = RoomName::parse("lobby").unwrap();
-            let draft = MessageDraft {
+            let draft = Message {
                 mid: Arc::from("0123456789ab0123456789abcdef"),
                 from: push.from.clone(),
                 to: None,
@@ -53,7 +54,10 @@ fuzz_target!(|data: &[u8]| {
                 body: push.body.clone(),
                 ts: 1,
             };
-            let encoded = encode_message(Some((&StreamId::Room(room), 1)), &draft);
+            let stream = StreamId::Room(room);
+            let record = Record::encode(&draft);
+            assert_eq!(Record::decode(Some(&stream), &record).as_ref(), Some(&draft), "the stored record round-trips");
+            let encoded = encode_message(Some((&stream, 1)), &draft);
             assert_eq!(read_back(&encoded).body.map(|b| b.get()), Some(&*push.body));
         }
     }

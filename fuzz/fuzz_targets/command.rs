@@ -15,8 +15,9 @@ mod common;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
+use switchyard::message::{Message, Record};
 use switchyard::protocol::{
-    Command, ErrorCode, HistoryQuery, MessageDraft, PresenceQuery, RoomName, StreamId, UserId, encode_error,
+    Command, ErrorCode, HistoryQuery, PresenceQuery, RoomName, StreamId, UserId, encode_error,
     encode_message, encode_reply, parse_command, valid_name,
 };
 
@@ -94,7 +95,7 @@ fn check_body(to: &UserId, body: &serde_json::value::RawValue) {
         "body {:?} is not JSON at most 64 deep ({depth:?})",
         body.get()
     );
-    let draft = MessageDraft {
+    let draft = Message {
         mid: Arc::from("0123456789ab0123456789abcdef"),
         from: Arc::from("alice"),
         to: Some(to.clone()),
@@ -102,7 +103,10 @@ fn check_body(to: &UserId, body: &serde_json::value::RawValue) {
         body: Arc::from(body.get()),
         ts: 1,
     };
-    let encoded = encode_message(Some((&StreamId::User(to.clone()), 1)), &draft);
+    let stream = StreamId::User(to.clone());
+    let record = Record::encode(&draft);
+    assert_eq!(Record::decode(Some(&stream), &record).as_ref(), Some(&draft), "the stored record round-trips");
+    let encoded = encode_message(Some((&stream, 1)), &draft);
     let back = read_back(&encoded);
     assert_eq!(back.kind, "message");
     assert_eq!(back.body.map(|b| b.get()), Some(body.get()), "the message frame carries the body unchanged");

@@ -76,6 +76,8 @@ struct Inner {
     clock: ServerClock,
     retention: Retention,
     statements: Statements,
+    /// Read by the tests, which drop what the prefix created.
+    #[cfg_attr(not(test), allow(dead_code))]
     prefix: String,
 }
 
@@ -103,16 +105,6 @@ impl PostgresStore {
     /// The store's pool, which the outbox shares.
     pub(crate) fn pool(&self) -> &PgPool {
         &self.inner.pool
-    }
-
-    #[cfg(test)]
-    pub(crate) fn clock(&self) -> &ServerClock {
-        &self.inner.clock
-    }
-
-    /// Deletes expired messages and idempotency keys now, as the periodic sweep does.
-    pub(crate) async fn sweep(&self) -> Result<(), sqlx::Error> {
-        self.inner.sweep().await
     }
 
     /// Drops the store's schema and everything in it.
