@@ -327,6 +327,65 @@ async fn credentials_never_appear_in_errors<S: SqlStore>() {
     assert!(error.contains("--prefix"), "{error}");
 }
 
+/// A closed store answers `unavailable` and is not ready.
+async fn a_closed_store_is_unavailable<S: SqlStore>() {
+    let prefix = unique_prefix();
+    let Some(store) = open::<S>(&prefix, KEEP_ALL).await else { return };
+    store.append(to_room("closed", "1")).await.unwrap();
+    store.close().await;
+    let refused = store.append(to_room("closed", "2")).await;
+    assert!(matches!(refused, Err(StoreError::Unavailable(_))), "{refused:?}");
+    let unread = store.read(&room("closed"), HistoryQuery::Last { limit: 1 }).await;
+    assert!(matches!(unread, Err(StoreError::Unavailable(_))), "{unread:?}");
+    assert!(!store.ready().await);
+    open::<S>(&prefix, KEEP_ALL).await.unwrap().drop_schema().await;
+}
+
+/// A node older than the schema refuses to start rather than write in a layout it does not know.
+async fn a_schema_newer_than_the_node_is_refused<S: SqlStore>() {
+    let prefix = unique_prefix();
+    let Some(store) = open::<S>(&prefix, KEEP_ALL).await else { return };
+    store.execute(format!("INSERT INTO {} (version) VALUES (99)", store.table("schema_version"))).await;
+    let error = format!("{:#}", S::connect(&S::url(), &prefix, KEEP_ALL).await.err().unwrap());
+    assert!(error.contains("version 99") && error.contains("upgrade the node"), "{error}");
+    store.drop_schema().await;
+}
+
+/// Appends per second through the store (not a check: `cargo test --lib -- --ignored
+/// append_throughput --nocapture`).
+async fn append_throughput<S: SqlStore>() {
+    let Some(store) = open::<S>(&unique_prefix(), KEEP_ALL).await else { return };
+    let store = std::sync::Arc::new(store);
+    const APPENDS: usize = 2000;
+    for (label, appenders, rooms, direct) in [
+        ("1 appender, 1 room", 1, 1, false),
+        ("16 appenders, 1 room", 16, 1, false),
+        ("16 appenders, 16 rooms", 16, 16, false),
+        ("16 appenders, direct messages among 32 users", 16, 0, true),
+    ] {
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for task in 0..appenders {
+            let store = store.clone();
+            tasks.spawn(async move {
+                for i in 0..APPENDS / appenders {
+                    let request = if direct {
+                        let (from, to) = (fastrand::usize(..32), fastrand::usize(..32));
+                        crate::store::tests::direct(&format!("u{from}"), &format!("v{to}"), "{\"text\":\"hello\"}")
+                    } else {
+                        to_room(&format!("r{}", (task + i) % rooms), "{\"text\":\"hello\"}")
+                    };
+                    store.append(request).await.unwrap();
+                }
+            });
+        }
+        tasks.join_all().await;
+        let rate = APPENDS as f64 / started.elapsed().as_secs_f64();
+        eprintln!("{} append throughput, {label}: {rate:.0}/s", S::NAME);
+    }
+    store.drop_schema().await;
+}
+
 macro_rules! sql_suite {
     ($backend:ident, $store:ty) => {
         mod $backend {
@@ -347,6 +406,14 @@ macro_rules! sql_suite {
             test!(retention_deletes_rows);
             test!(dead_connections_are_replaced);
             test!(credentials_never_appear_in_errors);
+            test!(a_closed_store_is_unavailable);
+            test!(a_schema_newer_than_the_node_is_refused);
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "a measurement, not a check"]
+            async fn append_throughput() {
+                super::append_throughput::<$store>().await;
+            }
         }
     };
 }
