@@ -115,6 +115,7 @@ impl MysqlStore {
     }
 
     /// Deletes expired messages and idempotency keys now, as the periodic sweep does.
+    #[cfg(test)]
     pub(crate) async fn sweep(&self) -> Result<(), sqlx::Error> {
         self.inner.sweep().await
     }
@@ -148,7 +149,7 @@ async fn maintain(store: Weak<Inner>) {
         }
         let outcome = if sweeping { inner.sweep().await } else { inner.sample_clock(1).await };
         if let Err(e) = outcome {
-            tracing::warn!(error = %e, sweeping, "mysql store maintenance failed");
+            tracing::warn!(error = %e, prefix = %inner.prefix, sweeping, "mysql store maintenance failed");
         }
     }
 }

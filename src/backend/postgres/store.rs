@@ -119,6 +119,7 @@ impl PostgresStore {
     }
 
     /// Deletes expired messages and idempotency keys now, as the periodic sweep does.
+    #[cfg(test)]
     pub(crate) async fn sweep(&self) -> Result<(), sqlx::Error> {
         self.inner.sweep().await
     }
@@ -148,7 +149,7 @@ async fn maintain(store: Weak<Inner>) {
         }
         let outcome = if sweeping { inner.sweep().await } else { inner.sample_clock(1).await };
         if let Err(e) = outcome {
-            tracing::warn!(error = %e, sweeping, "postgres store maintenance failed");
+            tracing::warn!(error = %e, prefix = %inner.prefix, sweeping, "postgres store maintenance failed");
         }
     }
 }
