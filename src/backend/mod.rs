@@ -14,6 +14,8 @@ pub(crate) mod mysql;
 pub(crate) mod postgres;
 pub(crate) mod redis;
 pub(crate) mod sql;
+#[cfg(test)]
+mod sql_tests;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::SqlStr;
@@ -52,7 +52,9 @@ const MAX_PREFIX_LEN: usize = 32;
 pub(crate) fn validate_prefix(prefix: &str) -> anyhow::Result<()> {
     let mut bytes = prefix.bytes();
     let first_ok = bytes.next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
-    if first_ok && prefix.len() <= MAX_PREFIX_LEN && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    if first_ok
+        && prefix.len() <= MAX_PREFIX_LEN
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     {
         Ok(())
     } else {
@@ -100,6 +102,12 @@ impl ServerClock {
         }
     }
 
+    /// Moves the estimate by `ms`, as a wrong sample would.
+    #[cfg(test)]
+    pub(crate) fn skew(&self, ms: i64) {
+        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
     /// The database time by which an append sent now must commit, or write nothing.
     pub(crate) fn write_deadline(&self) -> i64 {
         now_ms() as i64 + self.offset_ms.load(Ordering::Relaxed) + WRITE_DEADLINE.as_millis() as i64
@@ -140,6 +148,9 @@ impl LockOrder {
 pub(crate) enum Failure {
     /// Nothing was written (deadlock, serialization failure, lost race on a unique key): try again.
     Retry,
+    /// The connection died (the server closed it, or the network dropped it): whatever was sent
+    /// on it may or may not have run.
+    Lost(String),
     Unavailable(String),
     Internal(String),
 }
@@ -148,8 +159,8 @@ pub(crate) enum Failure {
 /// usable. Database errors are for each backend to sort.
 pub(crate) fn transport_failure(e: &sqlx::Error) -> Failure {
     match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
+        sqlx::Error::Io(_) => Failure::Lost(e.to_string()),
+        sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
@@ -158,38 +169,81 @@ pub(crate) fn transport_failure(e: &sqlx::Error) -> Failure {
     }
 }
 
-/// Runs `attempt` until it succeeds or fails for good, within [`CALL_TIMEOUT`]; `classify` says
-/// which failures are worth another attempt. A timeout is `Unavailable`: an append that ran out
-/// of time is also past its write deadline, so it can no longer commit.
-pub(crate) async fn with_retries<T, F, Fut>(
-    what: &str,
-    classify: fn(&sqlx::Error) -> Failure,
-    mut attempt: F,
-) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, sqlx::Error>>,
-{
-    let work = async {
-        let mut backoff = Duration::from_millis(2);
-        loop {
-            match attempt().await {
-                Ok(value) => return Ok(value),
-                Err(e) => match classify(&e) {
-                    Failure::Retry => {
-                        let jitter = Duration::from_micros(fastrand::u64(..backoff.as_micros() as u64));
-                        tokio::time::sleep(backoff + jitter).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(50));
+/// Whether an operation may run twice: a read, or a write that repeats harmlessly (a cursor only
+/// moves forward). Such an operation is tried again on another connection when its connection
+/// turns out to be dead; an append is not, since the lost connection may have committed it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Repeat {
+    Safe,
+    Unsafe,
+}
+
+/// Whether the pool's connections are suspect. After a connection was found dead, every
+/// connection is pinged before use for [`SUSPECT_FOR`] (otherwise only those idle for
+/// [`PING_IDLE_AFTER`]), so that a database restart costs one failed append, not one per pooled
+/// connection.
+#[derive(Default)]
+pub(crate) struct Suspicion {
+    until_ms: AtomicU64,
+}
+
+/// How long connections stay suspect after one was found dead.
+const SUSPECT_FOR: Duration = Duration::from_secs(2);
+
+impl Suspicion {
+    fn raise(&self) {
+        self.until_ms.store(now_ms() + SUSPECT_FOR.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether a pooled connection idle for `idle_for` is pinged before use.
+    pub(crate) fn ping_first(&self, idle_for: Duration) -> bool {
+        idle_for >= PING_IDLE_AFTER || now_ms() < self.until_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// How a store runs its calls: which failures are worth another attempt, and what tells the pool
+/// that its connections are suspect.
+pub(crate) struct Calls {
+    pub(crate) classify: fn(&sqlx::Error) -> Failure,
+    pub(crate) suspicion: Arc<Suspicion>,
+}
+
+impl Calls {
+    /// Runs `attempt` until it succeeds or fails for good, within [`CALL_TIMEOUT`]. A timeout is
+    /// `Unavailable`: an append that ran out of time is also past its write deadline, so it can
+    /// no longer commit.
+    pub(crate) async fn run<T, F, Fut>(&self, what: &str, repeat: Repeat, mut attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let work = async {
+            let mut backoff = Duration::from_millis(2);
+            loop {
+                let failure = match attempt().await {
+                    Ok(value) => return Ok(value),
+                    Err(e) => (self.classify)(&e),
+                };
+                match failure {
+                    Failure::Lost(m) => {
+                        self.suspicion.raise();
+                        if repeat == Repeat::Unsafe {
+                            return Err(StoreError::Unavailable(format!("{what}: {m}")));
+                        }
                     }
+                    Failure::Retry => {}
                     Failure::Unavailable(m) => return Err(StoreError::Unavailable(format!("{what}: {m}"))),
                     Failure::Internal(m) => return Err(StoreError::Internal(format!("{what}: {m}"))),
-                },
+                }
+                let jitter = Duration::from_micros(fastrand::u64(..backoff.as_micros() as u64));
+                tokio::time::sleep(backoff + jitter).await;
+                backoff = (backoff * 2).min(Duration::from_millis(50));
             }
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!("{what}: no answer within {} ms", CALL_TIMEOUT.as_millis()))),
         }
-    };
-    match tokio::time::timeout(CALL_TIMEOUT, work).await {
-        Ok(result) => result,
-        Err(_) => Err(StoreError::Unavailable(format!("{what}: no answer within {} ms", CALL_TIMEOUT.as_millis()))),
     }
 }
 

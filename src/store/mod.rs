@@ -16,7 +16,7 @@
 //! and a bus on the same Redis publish inside the append's script, atomically with it.
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::sync::Arc;
 

@@ -67,8 +67,14 @@ pub(crate) fn room(name: &str) -> StreamId {
 pub(crate) fn to_room(name: &str, body: &str) -> AppendRequest {
     let room = RoomName::parse(name).unwrap();
     let ts = now_ms();
-    let message =
-        Message { mid: new_mid(ts), from: Arc::from("alice"), to: None, room: Some(room.clone()), body: Arc::from(body), ts };
+    let message = Message {
+        mid: new_mid(ts),
+        from: Arc::from("alice"),
+        to: None,
+        room: Some(room.clone()),
+        body: Arc::from(body),
+        ts,
+    };
     let entry = Entry { stream: StreamId::Room(room.clone()), topic: Topic::Room(room), exclude: Some(SessionId(7)) };
     AppendRequest { message, entries: vec![entry], reply_entry: 0, idempotency: None }
 }
@@ -78,7 +84,8 @@ pub(crate) fn direct(from: &str, to: &str, body: &str) -> AppendRequest {
     let ts = now_ms();
     let message =
         Message { mid: new_mid(ts), from: Arc::from(from), to: Some(user(to)), room: None, body: Arc::from(body), ts };
-    let entry = |name: &str| Entry { stream: StreamId::User(user(name)), topic: Topic::User(user(name)), exclude: None };
+    let entry =
+        |name: &str| Entry { stream: StreamId::User(user(name)), topic: Topic::User(user(name)), exclude: None };
     AppendRequest { message, entries: vec![entry(to), entry(from)], reply_entry: 1, idempotency: None }
 }
 

@@ -11,13 +11,14 @@ mod outbox;
 mod store;
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use anyhow::Context;
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, Connection, MySql};
 
-use super::sql::{self, Failure};
+use super::sql::{self, Failure, Suspicion};
 
 #[cfg(test)]
 pub(crate) use outbox::BEGIN as OUTBOX_BEGIN;
@@ -138,7 +139,7 @@ const MIGRATIONS: &[&[&str]] = &[&[
 const SERVER_MS: &str = "SELECT CAST(FLOOR(UNIX_TIMESTAMP(SYSDATE(6)) * 1000) AS SIGNED)";
 
 /// Opens a bounded pool on `url` and migrates the tables of `prefix`.
-pub(crate) async fn connect(url: &str, prefix: &str) -> anyhow::Result<MySqlPool> {
+pub(crate) async fn connect(url: &str, prefix: &str, suspicion: Arc<Suspicion>) -> anyhow::Result<MySqlPool> {
     sql::validate_prefix(prefix)?;
     let shown = super::redact(url);
     let options = MySqlConnectOptions::from_str(url)
@@ -158,9 +159,10 @@ pub(crate) async fn connect(url: &str, prefix: &str) -> anyhow::Result<MySqlPool
                 sqlx::raw_sql("SET SESSION innodb_lock_wait_timeout = 2").execute(conn).await.map(|_| ())
             })
         })
-        .before_acquire(|conn, meta| {
+        .before_acquire(move |conn, meta| {
+            let ping = suspicion.ping_first(meta.idle_for);
             Box::pin(async move {
-                if meta.idle_for >= sql::PING_IDLE_AFTER {
+                if ping {
                     conn.ping().await?;
                 }
                 Ok(true)
@@ -241,8 +243,10 @@ fn classify(e: &sqlx::Error) -> Failure {
         (_, Some("45000")) if my.message().starts_with("switchyard:") => {
             Failure::Unavailable("the database reached the append after its deadline: nothing was stored".into())
         }
-        // Lock wait timeout, too many connections, shutting down, killed, interrupted, timed out.
-        (1205 | 1040 | 1053 | 1317 | 1927 | 1969 | 3024, _) => Failure::Unavailable(format!("mysql: {}", my.message())),
+        // The server is shutting down, or killed this connection.
+        (1053 | 1927, _) => Failure::Lost(format!("mysql: {}", my.message())),
+        // Lock wait timeout, too many connections, interrupted, statement timeouts.
+        (1205 | 1040 | 1317 | 1969 | 3024, _) => Failure::Unavailable(format!("mysql: {}", my.message())),
         (number, _) => Failure::Internal(format!("mysql: {} ({number})", my.message())),
     }
 }

@@ -16,8 +16,8 @@ use sqlx::mysql::{MySqlPool, MySqlRow};
 use sqlx::{AssertSqlSafe, Row, SqlStr};
 
 use super::{SERVER_MS, classify};
-use crate::backend::sql::{self, LockOrder, MessageRow, ServerClock};
 use crate::backend::redact;
+use crate::backend::sql::{self, Calls, LockOrder, MessageRow, Repeat, ServerClock, Suspicion};
 use crate::protocol::{HistoryQuery, StreamId, UserId, now_ms};
 use crate::store::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError};
 
@@ -72,8 +72,7 @@ struct Inner {
     clock: ServerClock,
     retention: Retention,
     statements: Statements,
-    /// Read by the tests, which drop what the prefix created.
-    #[cfg_attr(not(test), allow(dead_code))]
+    calls: Calls,
     prefix: String,
 }
 
@@ -82,11 +81,13 @@ impl MysqlStore {
     /// `<prefix>_…`, samples the database's clock, and starts the periodic clock samples and sweeps
     /// of expired rows, which stop when the store is dropped or closed.
     pub(crate) async fn connect(url: &str, prefix: &str, retention: Retention) -> anyhow::Result<Self> {
-        let pool = super::connect(url, prefix).await?;
+        let suspicion = Arc::new(Suspicion::default());
+        let pool = super::connect(url, prefix, suspicion.clone()).await?;
         let inner = Arc::new(Inner {
             pool,
             clock: ServerClock::default(),
             retention,
+            calls: Calls { classify, suspicion },
             statements: Statements::new(prefix),
             prefix: prefix.to_owned(),
         });
@@ -101,6 +102,22 @@ impl MysqlStore {
     /// The store's pool, which the outbox shares.
     pub(crate) fn pool(&self) -> &MySqlPool {
         &self.inner.pool
+    }
+
+    #[cfg(test)]
+    pub(crate) fn clock(&self) -> &ServerClock {
+        &self.inner.clock
+    }
+
+    #[cfg(test)]
+    pub(crate) fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// Deletes expired messages and idempotency keys now, as the periodic sweep does.
+    #[cfg(test)]
+    pub(crate) async fn sweep(&self) -> Result<(), sqlx::Error> {
+        self.inner.sweep().await
     }
 
     /// Drops the store's tables and procedure.
@@ -132,7 +149,7 @@ async fn maintain(store: Weak<Inner>) {
         }
         let outcome = if sweeping { inner.sweep().await } else { inner.sample_clock(1).await };
         if let Err(e) = outcome {
-            tracing::warn!(error = %e, sweeping, "mysql store maintenance failed");
+            tracing::warn!(error = %e, prefix = %inner.prefix, sweeping, "mysql store maintenance failed");
         }
     }
 }
@@ -206,24 +223,26 @@ impl Store for MysqlStore {
         };
         let deadline = inner.clock.write_deadline();
         let streams = order.streams.join(" ");
-        let (duplicate, mid, seqs): (i64, String, String) = sql::with_retries("mysql append", classify, || {
-            sqlx::query_as(inner.statements.append.clone())
-                .bind(deadline)
-                .bind(&streams)
-                .bind(reply_position as i32 + 1)
-                .bind(&*message.mid)
-                .bind(&*message.from)
-                .bind(message.to.as_ref().map(UserId::as_str))
-                .bind(message.room.as_ref().map(|r| r.as_str()))
-                .bind(&*message.body)
-                .bind(sql::bigint(message.ts))
-                .bind(sql::bigint(inner.retention.max_messages))
-                .bind(scope)
-                .bind(key)
-                .bind(IDEMPOTENCY_WINDOW_MS as i64)
-                .fetch_one(&inner.pool)
-        })
-        .await?;
+        let (duplicate, mid, seqs): (i64, String, String) = inner
+            .calls
+            .run("mysql append", Repeat::Unsafe, || {
+                sqlx::query_as(inner.statements.append.clone())
+                    .bind(deadline)
+                    .bind(&streams)
+                    .bind(reply_position as i32 + 1)
+                    .bind(&*message.mid)
+                    .bind(&*message.from)
+                    .bind(message.to.as_ref().map(UserId::as_str))
+                    .bind(message.room.as_ref().map(|r| r.as_str()))
+                    .bind(&*message.body)
+                    .bind(sql::bigint(message.ts))
+                    .bind(sql::bigint(inner.retention.max_messages))
+                    .bind(scope)
+                    .bind(key)
+                    .bind(IDEMPOTENCY_WINDOW_MS as i64)
+                    .fetch_one(&inner.pool)
+            })
+            .await?;
         let duplicate = duplicate == 1;
         let seqs = seqs
             .split(' ')
@@ -247,16 +266,18 @@ impl Store for MysqlStore {
         };
         let key = stream.key();
         let cutoff = sql::expiry_cutoff(&inner.retention);
-        let rows = sql::with_retries("mysql read", classify, || {
-            sqlx::query(statement.clone())
-                .bind(&key)
-                .bind(&key)
-                .bind(bound)
-                .bind(cutoff)
-                .bind(sql::bigint(limit as u64))
-                .fetch_all(&inner.pool)
-        })
-        .await?;
+        let rows = inner
+            .calls
+            .run("mysql read", Repeat::Safe, || {
+                sqlx::query(statement.clone())
+                    .bind(&key)
+                    .bind(&key)
+                    .bind(bound)
+                    .bind(cutoff)
+                    .bind(sql::bigint(limit as u64))
+                    .fetch_all(&inner.pool)
+            })
+            .await?;
         let mut slice = Slice::default();
         for row in &rows {
             let (last_seq, message) = read_row(row).map_err(|e| sql::malformed(&e.to_string()))?;
@@ -270,19 +291,26 @@ impl Store for MysqlStore {
 
     async fn cursor(&self, user: &UserId) -> Result<u64, StoreError> {
         let inner = &*self.inner;
-        let seq: Option<i64> = sql::with_retries("mysql cursor", classify, || {
-            sqlx::query_scalar(inner.statements.cursor.clone()).bind(user.as_str()).fetch_optional(&inner.pool)
-        })
-        .await?;
+        let seq: Option<i64> = inner
+            .calls
+            .run("mysql cursor", Repeat::Safe, || {
+                sqlx::query_scalar(inner.statements.cursor.clone()).bind(user.as_str()).fetch_optional(&inner.pool)
+            })
+            .await?;
         Ok(seq.unwrap_or(0).max(0) as u64)
     }
 
     async fn ack(&self, user: &UserId, seq: u64) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        sql::with_retries("mysql ack", classify, || {
-            sqlx::query(inner.statements.ack.clone()).bind(user.as_str()).bind(sql::bigint(seq)).execute(&inner.pool)
-        })
-        .await?;
+        inner
+            .calls
+            .run("mysql ack", Repeat::Safe, || {
+                sqlx::query(inner.statements.ack.clone())
+                    .bind(user.as_str())
+                    .bind(sql::bigint(seq))
+                    .execute(&inner.pool)
+            })
+            .await?;
         Ok(())
     }
 

@@ -10,12 +10,13 @@ mod outbox;
 mod store;
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection};
 
-use super::sql::{self, Failure};
+use super::sql::{self, Failure, Suspicion};
 
 #[cfg(test)]
 pub(crate) use outbox::BEGIN as OUTBOX_BEGIN;
@@ -115,7 +116,7 @@ $fn$;
 const SERVER_MS: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 
 /// Opens a bounded pool on `url` and migrates the schema `prefix`.
-pub(crate) async fn connect(url: &str, prefix: &str) -> anyhow::Result<PgPool> {
+pub(crate) async fn connect(url: &str, prefix: &str, suspicion: Arc<Suspicion>) -> anyhow::Result<PgPool> {
     sql::validate_prefix(prefix)?;
     let shown = super::redact(url);
     let options = PgConnectOptions::from_str(url)
@@ -130,9 +131,10 @@ pub(crate) async fn connect(url: &str, prefix: &str) -> anyhow::Result<PgPool> {
         .max_connections(sql::MAX_CONNECTIONS)
         .acquire_timeout(sql::ACQUIRE_TIMEOUT)
         .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
+        .before_acquire(move |conn, meta| {
+            let ping = suspicion.ping_first(meta.idle_for);
             Box::pin(async move {
-                if meta.idle_for >= sql::PING_IDLE_AFTER {
+                if ping {
                     conn.ping().await?;
                 }
                 Ok(true)
@@ -194,9 +196,11 @@ fn classify(e: &sqlx::Error) -> Failure {
         // serialization_failure, deadlock_detected, unique_violation (a racing first insert).
         "40001" | "40P01" | "23505" => Failure::Retry,
         LATE => Failure::Unavailable("the database reached the append after its deadline: nothing was stored".into()),
-        // lock_not_available (lock_timeout), query_canceled (statement_timeout), connection
-        // exceptions, insufficient resources, operator intervention, system errors.
-        c if c == "55P03" || ["08", "53", "57", "58"].iter().any(|class| c.starts_with(class)) => {
+        // The server ended the session (shutdown, terminated backend), or the connection failed.
+        c if c.starts_with("08") || c.starts_with("57P") => Failure::Lost(format!("postgres: {}", db.message())),
+        // lock_not_available (lock_timeout), query_canceled (statement_timeout), insufficient
+        // resources, other operator intervention, system errors.
+        c if c == "55P03" || ["53", "57", "58"].iter().any(|class| c.starts_with(class)) => {
             Failure::Unavailable(format!("postgres: {}", db.message()))
         }
         _ => Failure::Internal(format!("postgres: {} ({code})", db.message())),

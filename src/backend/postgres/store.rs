@@ -15,8 +15,8 @@ use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Row, SqlStr};
 
 use super::{SERVER_MS, classify, schema};
-use crate::backend::sql::{self, LockOrder, MessageRow, ServerClock};
 use crate::backend::redact;
+use crate::backend::sql::{self, Calls, LockOrder, MessageRow, Repeat, ServerClock, Suspicion};
 use crate::protocol::{HistoryQuery, StreamId, UserId, now_ms};
 use crate::store::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError};
 
@@ -76,8 +76,7 @@ struct Inner {
     clock: ServerClock,
     retention: Retention,
     statements: Statements,
-    /// Read by the tests, which drop what the prefix created.
-    #[cfg_attr(not(test), allow(dead_code))]
+    calls: Calls,
     prefix: String,
 }
 
@@ -86,11 +85,13 @@ impl PostgresStore {
     /// `prefix`, samples the database's clock, and starts the periodic clock samples and sweeps
     /// of expired rows, which stop when the store is dropped or closed.
     pub(crate) async fn connect(url: &str, prefix: &str, retention: Retention) -> anyhow::Result<Self> {
-        let pool = super::connect(url, prefix).await?;
+        let suspicion = Arc::new(Suspicion::default());
+        let pool = super::connect(url, prefix, suspicion.clone()).await?;
         let inner = Arc::new(Inner {
             pool,
             clock: ServerClock::default(),
             retention,
+            calls: Calls { classify, suspicion },
             statements: Statements::new(&schema(prefix)),
             prefix: prefix.to_owned(),
         });
@@ -105,6 +106,22 @@ impl PostgresStore {
     /// The store's pool, which the outbox shares.
     pub(crate) fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    #[cfg(test)]
+    pub(crate) fn clock(&self) -> &ServerClock {
+        &self.inner.clock
+    }
+
+    #[cfg(test)]
+    pub(crate) fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// Deletes expired messages and idempotency keys now, as the periodic sweep does.
+    #[cfg(test)]
+    pub(crate) async fn sweep(&self) -> Result<(), sqlx::Error> {
+        self.inner.sweep().await
     }
 
     /// Drops the store's schema and everything in it.
@@ -132,7 +149,7 @@ async fn maintain(store: Weak<Inner>) {
         }
         let outcome = if sweeping { inner.sweep().await } else { inner.sample_clock(1).await };
         if let Err(e) = outcome {
-            tracing::warn!(error = %e, sweeping, "postgres store maintenance failed");
+            tracing::warn!(error = %e, prefix = %inner.prefix, sweeping, "postgres store maintenance failed");
         }
     }
 }
@@ -205,24 +222,26 @@ impl Store for PostgresStore {
             None => (None, None),
         };
         let deadline = inner.clock.write_deadline();
-        let (duplicate, mid, seqs): (bool, String, Vec<i64>) = sql::with_retries("postgres append", classify, || {
-            sqlx::query_as(inner.statements.append.clone())
-                .bind(deadline)
-                .bind(&order.streams)
-                .bind(reply_position as i32 + 1)
-                .bind(&*message.mid)
-                .bind(&*message.from)
-                .bind(message.to.as_ref().map(UserId::as_str))
-                .bind(message.room.as_ref().map(|r| r.as_str()))
-                .bind(&*message.body)
-                .bind(sql::bigint(message.ts))
-                .bind(sql::bigint(inner.retention.max_messages))
-                .bind(scope)
-                .bind(key)
-                .bind(IDEMPOTENCY_WINDOW_MS as i64)
-                .fetch_one(&inner.pool)
-        })
-        .await?;
+        let (duplicate, mid, seqs): (bool, String, Vec<i64>) = inner
+            .calls
+            .run("postgres append", Repeat::Unsafe, || {
+                sqlx::query_as(inner.statements.append.clone())
+                    .bind(deadline)
+                    .bind(&order.streams)
+                    .bind(reply_position as i32 + 1)
+                    .bind(&*message.mid)
+                    .bind(&*message.from)
+                    .bind(message.to.as_ref().map(UserId::as_str))
+                    .bind(message.room.as_ref().map(|r| r.as_str()))
+                    .bind(&*message.body)
+                    .bind(sql::bigint(message.ts))
+                    .bind(sql::bigint(inner.retention.max_messages))
+                    .bind(scope)
+                    .bind(key)
+                    .bind(IDEMPOTENCY_WINDOW_MS as i64)
+                    .fetch_one(&inner.pool)
+            })
+            .await?;
         if duplicate {
             let seq = seqs.first().map(|&s| s as u64).ok_or_else(|| sql::malformed("duplicate without seq"))?;
             return Ok(Appended { mid: Arc::from(mid), seq, duplicate, seqs: Vec::new(), published: false });
@@ -241,15 +260,17 @@ impl Store for PostgresStore {
         };
         let key = stream.key();
         let cutoff = sql::expiry_cutoff(&inner.retention);
-        let rows = sql::with_retries("postgres read", classify, || {
-            sqlx::query(statement.clone())
-                .bind(&key)
-                .bind(bound)
-                .bind(cutoff)
-                .bind(sql::bigint(limit as u64))
-                .fetch_all(&inner.pool)
-        })
-        .await?;
+        let rows = inner
+            .calls
+            .run("postgres read", Repeat::Safe, || {
+                sqlx::query(statement.clone())
+                    .bind(&key)
+                    .bind(bound)
+                    .bind(cutoff)
+                    .bind(sql::bigint(limit as u64))
+                    .fetch_all(&inner.pool)
+            })
+            .await?;
         let mut slice = Slice::default();
         for row in &rows {
             let (last_seq, message) = read_row(row).map_err(|e| sql::malformed(&e.to_string()))?;
@@ -263,19 +284,26 @@ impl Store for PostgresStore {
 
     async fn cursor(&self, user: &UserId) -> Result<u64, StoreError> {
         let inner = &*self.inner;
-        let seq: Option<i64> = sql::with_retries("postgres cursor", classify, || {
-            sqlx::query_scalar(inner.statements.cursor.clone()).bind(user.as_str()).fetch_optional(&inner.pool)
-        })
-        .await?;
+        let seq: Option<i64> = inner
+            .calls
+            .run("postgres cursor", Repeat::Safe, || {
+                sqlx::query_scalar(inner.statements.cursor.clone()).bind(user.as_str()).fetch_optional(&inner.pool)
+            })
+            .await?;
         Ok(seq.unwrap_or(0).max(0) as u64)
     }
 
     async fn ack(&self, user: &UserId, seq: u64) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        sql::with_retries("postgres ack", classify, || {
-            sqlx::query(inner.statements.ack.clone()).bind(user.as_str()).bind(sql::bigint(seq)).execute(&inner.pool)
-        })
-        .await?;
+        inner
+            .calls
+            .run("postgres ack", Repeat::Safe, || {
+                sqlx::query(inner.statements.ack.clone())
+                    .bind(user.as_str())
+                    .bind(sql::bigint(seq))
+                    .execute(&inner.pool)
+            })
+            .await?;
         Ok(())
     }
 

@@ -76,11 +76,11 @@ fn url_of(kind: Kind) -> String {
 
 /// The outbox of a node whose SQL store is at `url` under `prefix`, as `backend::build` makes it.
 pub(super) async fn pg_source(url: &str, prefix: &str) -> anyhow::Result<PostgresOutbox> {
-    PostgresOutbox::start(postgres::connect(url, prefix).await?, prefix).await
+    PostgresOutbox::start(postgres::connect(url, prefix, Default::default()).await?, prefix).await
 }
 
 pub(super) async fn my_source(url: &str, prefix: &str) -> anyhow::Result<MysqlOutbox> {
-    MysqlOutbox::start(mysql::connect(url, prefix).await?, prefix).await
+    MysqlOutbox::start(mysql::connect(url, prefix, Default::default()).await?, prefix).await
 }
 
 /// SQL that drops everything the store and the outbox create under `prefix`.

@@ -20,7 +20,8 @@ macro_rules! shared_suite {
             /// Opens `nodes` instances on one fresh prefix, all at once.
             async fn nodes(count: usize) -> Option<Vec<Subject>> {
                 let prefix = unique_prefix();
-                let opened = futures_util::future::join_all((0..count).map(|_| ($open)(prefix.clone(), KEEP_ALL))).await;
+                let opened =
+                    futures_util::future::join_all((0..count).map(|_| ($open)(prefix.clone(), KEEP_ALL))).await;
                 opened.into_iter().collect()
             }
 
@@ -131,10 +132,8 @@ pub(crate) async fn a_key_raced_from_two_nodes_is_stored_once(a: &Arc<dyn Store>
     const KEYS: u64 = 50;
     for k in 0..KEYS {
         let key = format!("race-{k}");
-        let (x, y) = tokio::join!(
-            a.append(keyed(to_room("race", "1"), &key)),
-            b.append(keyed(to_room("race", "2"), &key))
-        );
+        let (x, y) =
+            tokio::join!(a.append(keyed(to_room("race", "1"), &key)), b.append(keyed(to_room("race", "2"), &key)));
         let (x, y) = (x.unwrap(), y.unwrap());
         assert_eq!((&x.mid, x.seq), (&y.mid, y.seq), "key {key}");
         assert!(x.duplicate != y.duplicate, "exactly one of the two stored it: {x:?} {y:?}");
