@@ -20,6 +20,16 @@ pub enum Kind {
     Broadcast,
 }
 
+impl Kind {
+    /// The kind of the messages of `stream`.
+    pub fn of(stream: &crate::protocol::StreamId) -> Self {
+        match stream {
+            crate::protocol::StreamId::User(_) => Kind::Direct,
+            crate::protocol::StreamId::Room(_) => Kind::Room,
+        }
+    }
+}
+
 impl EncodeLabelValue for Kind {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         encoder.write_str(match self {

@@ -40,6 +40,40 @@ pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// How often the clock offset is sampled again.
 pub(crate) const CLOCK_EVERY: Duration = Duration::from_secs(10);
+
+/// What a SQL store does in the background: sample the database's clock and sweep expired rows.
+#[async_trait::async_trait]
+pub(crate) trait Maintained: Send + Sync + 'static {
+    /// Which database, for the log.
+    const DATABASE: &'static str;
+    fn closed(&self) -> bool;
+    fn prefix(&self) -> &str;
+    async fn sample_clock(&self, tries: usize) -> Result<(), sqlx::Error>;
+    async fn sweep(&self) -> Result<(), sqlx::Error>;
+}
+
+/// Samples the clock every [`CLOCK_EVERY`] and sweeps every [`SWEEP_EVERY`], for as long as the
+/// store lives and its pool is open.
+pub(crate) async fn maintain<M: Maintained>(store: std::sync::Weak<M>) {
+    let mut clock = tokio::time::interval(CLOCK_EVERY);
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    clock.tick().await;
+    sweep.tick().await;
+    loop {
+        let sweeping = tokio::select! {
+            _ = clock.tick() => false,
+            _ = sweep.tick() => true,
+        };
+        let Some(store) = store.upgrade() else { return };
+        if store.closed() {
+            return;
+        }
+        let outcome = if sweeping { store.sweep().await } else { store.sample_clock(1).await };
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e, prefix = %store.prefix(), sweeping, "{} store maintenance failed", M::DATABASE);
+        }
+    }
+}
 /// How often expired messages and idempotency keys are deleted.
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Rows one sweep statement deletes, so that a large backlog never holds locks for long.

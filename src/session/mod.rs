@@ -281,10 +281,7 @@ impl Session {
                         if !state.seen.insert(*seq) {
                             return None;
                         }
-                        match stream {
-                            StreamId::User(_) => Kind::Direct,
-                            StreamId::Room(_) => Kind::Room,
-                        }
+                        Kind::of(stream)
                     }
                 };
                 counts[kind as usize] += 1;
@@ -339,10 +336,7 @@ impl Session {
             let mut counts = [0u64; 3];
             let mut oldest = u64::MAX;
             for d in &released {
-                let kind = match &d.position {
-                    Some((StreamId::Room(_), _)) => Kind::Room,
-                    _ => Kind::Direct,
-                };
+                let kind = d.position.as_ref().map_or(Kind::Broadcast, |(stream, _)| Kind::of(stream));
                 counts[kind as usize] += 1;
                 oldest = oldest.min(d.ts());
             }
@@ -423,10 +417,7 @@ impl Session {
     /// Writes messages of `stream` read from the store in place of live deliveries the bus lost,
     /// counted (and their latency measured) like the live ones they replace.
     async fn write_recovered(&mut self, stream: &StreamId, backlog: Backlog) -> Result<(), Stop> {
-        let kind = match stream {
-            StreamId::User(_) => Kind::Direct,
-            StreamId::Room(_) => Kind::Room,
-        };
+        let kind = Kind::of(stream);
         let mut counts = [0u64; 3];
         counts[kind as usize] = backlog.frames.len() as u64;
         self.write(backlog.frames).await?;

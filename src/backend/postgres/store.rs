@@ -8,7 +8,7 @@
 //! passed. A direct message locks its two streams in name order, so alice→bob and bob→alice
 //! cannot deadlock; deadlocks and serialization failures are retried anyway.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgRow};
@@ -16,7 +16,7 @@ use sqlx::{AssertSqlSafe, Row, SqlStr};
 
 use super::{SERVER_MS, classify, schema};
 use crate::backend::redact;
-use crate::backend::sql::{self, Calls, LockOrder, MessageRow, Repeat, ServerClock, Suspicion};
+use crate::backend::sql::{self, Calls, Maintained as _, LockOrder, MessageRow, Repeat, ServerClock, Suspicion};
 use crate::protocol::{HistoryQuery, StreamId, UserId, now_ms};
 use crate::store::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError};
 
@@ -99,7 +99,7 @@ impl PostgresStore {
             .sample_clock(3)
             .await
             .map_err(|e| anyhow::anyhow!("--store {}: reading the database's clock: {e}", redact(url)))?;
-        tokio::spawn(maintain(Arc::downgrade(&inner)));
+        tokio::spawn(sql::maintain(Arc::downgrade(&inner)));
         Ok(Self { inner })
     }
 
@@ -132,29 +132,18 @@ impl PostgresStore {
     }
 }
 
-/// Samples the clock and sweeps, for as long as the store lives.
-async fn maintain(store: Weak<Inner>) {
-    let mut clock = tokio::time::interval(sql::CLOCK_EVERY);
-    let mut sweep = tokio::time::interval(sql::SWEEP_EVERY);
-    clock.tick().await;
-    sweep.tick().await;
-    loop {
-        let sweeping = tokio::select! {
-            _ = clock.tick() => false,
-            _ = sweep.tick() => true,
-        };
-        let Some(inner) = store.upgrade() else { return };
-        if inner.pool.is_closed() {
-            return;
-        }
-        let outcome = if sweeping { inner.sweep().await } else { inner.sample_clock(1).await };
-        if let Err(e) = outcome {
-            tracing::warn!(error = %e, prefix = %inner.prefix, sweeping, "postgres store maintenance failed");
-        }
-    }
-}
+#[async_trait]
+impl sql::Maintained for Inner {
+    const DATABASE: &'static str = "postgres";
 
-impl Inner {
+    fn closed(&self) -> bool {
+        self.pool.is_closed()
+    }
+
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     async fn sample_clock(&self, tries: usize) -> Result<(), sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         let mut samples = Vec::with_capacity(tries);
