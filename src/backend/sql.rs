@@ -21,7 +21,7 @@ use crate::outbox::{Older, OutboxRow};
 use crate::protocol::{RoomName, StreamId, UserId, now_ms};
 use crate::store::{Retention, StoreError};
 
-/// Most connections a store opens.
+/// Most connections a MySQL store opens (a PostgreSQL store opens one per append lane, and four).
 pub(crate) const MAX_CONNECTIONS: u32 = 16;
 /// Longest wait for the first connection at start-up.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,9 +142,14 @@ impl ServerClock {
         self.offset_ms.fetch_add(ms, Ordering::Relaxed);
     }
 
+    /// The database's time now, as estimated.
+    pub(crate) fn now(&self) -> i64 {
+        now_ms() as i64 + self.offset_ms.load(Ordering::Relaxed)
+    }
+
     /// The database time by which an append sent now must commit, or write nothing.
     pub(crate) fn write_deadline(&self) -> i64 {
-        now_ms() as i64 + self.offset_ms.load(Ordering::Relaxed) + WRITE_DEADLINE.as_millis() as i64
+        self.now() + WRITE_DEADLINE.as_millis() as i64
     }
 }
 

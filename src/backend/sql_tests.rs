@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::backend::mysql::MysqlStore;
 use crate::backend::postgres::PostgresStore;
-use crate::backend::sql::{MAX_CONNECTIONS, PING_IDLE_AFTER, ServerClock};
+use crate::backend::sql::{PING_IDLE_AFTER, ServerClock};
 use crate::protocol::{HistoryQuery, StreamId};
 use crate::store::tests::{KEEP_ALL, absent, mysql_url, postgres_url, room, seqs, to_room, unique_prefix};
 use crate::store::{Retention, Store, StoreError};
@@ -76,7 +76,7 @@ impl SqlStore for PostgresStore {
         })
     }
     async fn kill_connections(&self) {
-        let held = futures_util::future::join_all((0..MAX_CONNECTIONS).map(|_| self.pool().acquire())).await;
+        let held = futures_util::future::join_all((0..self.pool().options().get_max_connections()).map(|_| self.pool().acquire())).await;
         let mut pids = Vec::new();
         for mut conn in held.into_iter().flatten() {
             pids.push(sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&mut *conn).await.unwrap());
@@ -125,7 +125,7 @@ impl SqlStore for MysqlStore {
         })
     }
     async fn kill_connections(&self) {
-        let held = futures_util::future::join_all((0..MAX_CONNECTIONS).map(|_| self.pool().acquire())).await;
+        let held = futures_util::future::join_all((0..self.pool().options().get_max_connections()).map(|_| self.pool().acquire())).await;
         let mut ids = Vec::new();
         for mut conn in held.into_iter().flatten() {
             ids.push(sqlx::query_scalar::<_, u64>("SELECT CONNECTION_ID()").fetch_one(&mut *conn).await.unwrap());

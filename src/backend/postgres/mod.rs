@@ -6,6 +6,7 @@
 //! inside one transaction that holds an advisory lock on the prefix, so nodes starting together
 //! migrate once, one after the other, and a failed migration leaves nothing behind.
 
+mod batch;
 mod outbox;
 mod store;
 
@@ -110,7 +111,105 @@ BEGIN
     RETURN QUERY SELECT false, p_mid, v_seqs;
 END
 $fn$;
+"#, r#"
+-- Many appends in one statement and one transaction (group commit: one commit and one lock
+-- hold per stream for a whole batch). Message i is (p_mids[i], p_senders[i], …); its entries are
+-- the positions e of p_entry_messages holding i, in the order its seqs come back, and
+-- p_replies[i] is the entry whose seq its idempotency key remembers. Locks are taken keys first,
+-- then streams, each in byte order, so that batches from several nodes never deadlock; the
+-- single `append` above stays for nodes not yet upgraded and takes its locks the same way.
+CREATE FUNCTION {s}.append_batch(
+    p_deadline bigint, p_keep bigint, p_window bigint,
+    p_mids text[], p_senders text[], p_recipients text[], p_rooms text[], p_bodies text[],
+    p_ts bigint[], p_scopes text[], p_keys text[], p_replies int[],
+    p_entry_messages int[], p_entry_streams text[])
+RETURNS TABLE (o_message int, o_duplicate boolean, o_mid text, o_seqs bigint[])
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_now bigint := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+    v_duplicate boolean[] := array_fill(false, ARRAY[cardinality(p_mids)]);
+    v_message int;
+    v_stream text;
+    v_count bigint;
+    v_last bigint;
+    v_at int;
+    -- The batch's streams, in lock order, and the next seq of each.
+    v_streams text[] := '{}';
+    v_next bigint[] := '{}';
+    -- The rows to insert: stream, seq and message of each entry not answered as a duplicate.
+    v_row_streams text[] := '{}';
+    v_row_seqs bigint[] := '{}';
+    v_row_messages int[] := '{}';
+    v_keyed boolean := false;
+BEGIN
+    IF v_now > p_deadline THEN
+        RAISE EXCEPTION 'the append reached the database after its deadline' USING ERRCODE = 'SY001';
+    END IF;
+    FOR v_message IN
+        SELECT k.i::int FROM unnest(p_scopes, p_keys) WITH ORDINALITY AS k(scope, idem_key, i)
+        WHERE k.idem_key IS NOT NULL ORDER BY k.scope COLLATE "C", k.idem_key COLLATE "C"
+    LOOP
+        INSERT INTO {s}.idempotency AS i (scope, idem_key, mid, seq, expires_at)
+            VALUES (p_scopes[v_message], p_keys[v_message], p_mids[v_message], 0, v_now + p_window)
+            ON CONFLICT (scope, idem_key) DO UPDATE
+                SET mid = excluded.mid, seq = 0, expires_at = excluded.expires_at
+                WHERE i.expires_at <= v_now;
+        IF FOUND THEN
+            v_keyed := true;
+        ELSE
+            v_duplicate[v_message] := true;
+            RETURN QUERY SELECT v_message, true, i.mid, ARRAY[i.seq] FROM {s}.idempotency i
+                WHERE i.scope = p_scopes[v_message] AND i.idem_key = p_keys[v_message];
+        END IF;
+    END LOOP;
+    FOR v_stream, v_count IN
+        SELECT e.stream, count(*) FROM unnest(p_entry_streams, p_entry_messages) AS e(stream, message)
+        WHERE NOT v_duplicate[e.message] GROUP BY e.stream ORDER BY e.stream COLLATE "C"
+    LOOP
+        INSERT INTO {s}.streams AS st (stream, last_seq) VALUES (v_stream, v_count)
+            ON CONFLICT (stream) DO UPDATE SET last_seq = st.last_seq + v_count
+            RETURNING st.last_seq INTO v_last;
+        v_streams := v_streams || v_stream;
+        v_next := v_next || (v_last - v_count + 1);
+    END LOOP;
+    FOR v_at IN 1 .. coalesce(cardinality(p_entry_messages), 0) LOOP
+        v_message := p_entry_messages[v_at];
+        CONTINUE WHEN v_duplicate[v_message];
+        v_row_streams := v_row_streams || p_entry_streams[v_at];
+        v_row_messages := v_row_messages || v_message;
+        v_row_seqs := v_row_seqs || v_next[array_position(v_streams, p_entry_streams[v_at])];
+        v_next[array_position(v_streams, p_entry_streams[v_at])] :=
+            v_next[array_position(v_streams, p_entry_streams[v_at])] + 1;
+    END LOOP;
+    INSERT INTO {s}.messages (stream, seq, mid, sender, recipient, room, body, ts)
+        SELECT r.stream, r.seq, p_mids[r.message], p_senders[r.message], p_recipients[r.message],
+               p_rooms[r.message], p_bodies[r.message], p_ts[r.message]
+        FROM unnest(v_row_streams, v_row_seqs, v_row_messages) AS r(stream, seq, message);
+    FOR v_at IN 1 .. coalesce(cardinality(v_streams), 0) LOOP
+        IF v_next[v_at] - 1 > p_keep THEN
+            DELETE FROM {s}.messages m WHERE m.stream = v_streams[v_at] AND m.seq <= v_next[v_at] - 1 - p_keep;
+        END IF;
+    END LOOP;
+    IF v_keyed THEN
+        UPDATE {s}.idempotency i SET seq = a.seqs[p_replies[a.message]]
+            FROM (SELECT r.message, array_agg(r.seq ORDER BY r.entry) AS seqs
+                  FROM unnest(v_row_messages, v_row_seqs) WITH ORDINALITY AS r(message, seq, entry)
+                  GROUP BY r.message) a
+            WHERE p_keys[a.message] IS NOT NULL AND i.scope = p_scopes[a.message] AND i.idem_key = p_keys[a.message];
+    END IF;
+    -- Checked last, after every lock wait: past this point only the commit remains.
+    IF (extract(epoch FROM clock_timestamp()) * 1000)::bigint > p_deadline THEN
+        RAISE EXCEPTION 'the append reached the database after its deadline' USING ERRCODE = 'SY001';
+    END IF;
+    RETURN QUERY SELECT r.message, false, p_mids[r.message], array_agg(r.seq ORDER BY r.entry)
+        FROM unnest(v_row_messages, v_row_seqs) WITH ORDINALITY AS r(message, seq, entry)
+        GROUP BY r.message;
+END
+$fn$;
 "#];
+
+/// Connections a node opens: one per append lane, and a few for reads, cursors and the outbox.
+const POOL: u32 = batch::LANES as u32 + 4;
 
 /// The database's clock in ms.
 const SERVER_MS: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint";
@@ -128,7 +227,7 @@ pub(crate) async fn connect(url: &str, prefix: &str, suspicion: Arc<Suspicion>) 
         .await
         .map_err(|e| anyhow::anyhow!("--store {shown}: cannot reach PostgreSQL ({e})"))?;
     let pool = PgPoolOptions::new()
-        .max_connections(sql::MAX_CONNECTIONS)
+        .max_connections(POOL)
         .acquire_timeout(sql::ACQUIRE_TIMEOUT)
         .test_before_acquire(false)
         .before_acquire(move |conn, meta| {

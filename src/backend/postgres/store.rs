@@ -1,12 +1,13 @@
 //! The store in PostgreSQL (schema in `mod.rs`).
 //!
-//! An append is one call of the schema's `append` function: it claims the idempotency key, bumps
-//! each stream's `last_seq` with an upsert that holds the stream's row lock until the commit
-//! (appends to one stream wait for each other, so seqs are assigned once across every node, and a
-//! rolled-back append gives its seq back), inserts the rows, deletes what `--history-size` no
-//! longer keeps, and raises rather than commit once its deadline in the database's clock has
-//! passed. A direct message locks its two streams in name order, so alice→bob and bob→alice
-//! cannot deadlock; deadlocks and serialization failures are retried anyway.
+//! Appends go in batches (`batch.rs`), each one call of the schema's `append_batch` function: it
+//! claims the idempotency keys, bumps each stream's `last_seq` once for the whole batch with an
+//! upsert that holds the stream's row lock until the commit (appends to one stream wait for each
+//! other, so seqs are assigned once across every node, and a rolled-back batch gives its seqs
+//! back), inserts the rows, deletes what `--history-size` no longer keeps, and raises rather than
+//! commit once its deadline in the database's clock has passed. Keys and then streams are locked
+//! in byte order, so alice→bob and bob→alice cannot deadlock; deadlocks and serialization
+//! failures are retried anyway.
 
 use std::sync::Arc;
 
@@ -14,15 +15,16 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Row, SqlStr};
 
+use super::batch::Batcher;
 use super::{SERVER_MS, classify, schema};
 use crate::backend::redact;
-use crate::backend::sql::{self, Calls, Maintained as _, LockOrder, MessageRow, Repeat, ServerClock, Suspicion};
+use crate::backend::sql::{self, Calls, Maintained as _, MessageRow, Repeat, ServerClock, Suspicion};
 use crate::protocol::{HistoryQuery, StreamId, UserId, now_ms};
-use crate::store::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError};
+use crate::store::{AppendRequest, Appended, Retention, Slice, Store, StoreError};
 
 /// The statements, built once with the schema's name.
-struct Statements {
-    append: SqlStr,
+pub(super) struct Statements {
+    pub(super) append_batch: SqlStr,
     read_ascending: SqlStr,
     read_descending: SqlStr,
     cursor: SqlStr,
@@ -45,8 +47,9 @@ impl Statements {
             ))
         };
         Self {
-            append: statement(format!(
-                "SELECT o_duplicate, o_mid, o_seqs FROM {s}.append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+            append_batch: statement(format!(
+                "SELECT o_message, o_duplicate, o_mid, o_seqs \
+                 FROM {s}.append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
             )),
             read_ascending: read("seq > $2", "ASC"),
             read_descending: read("seq < $2", "DESC"),
@@ -69,14 +72,15 @@ impl Statements {
 
 pub(crate) struct PostgresStore {
     inner: Arc<Inner>,
+    appends: Batcher,
 }
 
-struct Inner {
-    pool: PgPool,
-    clock: ServerClock,
-    retention: Retention,
-    statements: Statements,
-    calls: Calls,
+pub(super) struct Inner {
+    pub(super) pool: PgPool,
+    pub(super) clock: ServerClock,
+    pub(super) retention: Retention,
+    pub(super) statements: Statements,
+    pub(super) calls: Calls,
     prefix: String,
 }
 
@@ -100,7 +104,8 @@ impl PostgresStore {
             .await
             .map_err(|e| anyhow::anyhow!("--store {}: reading the database's clock: {e}", redact(url)))?;
         tokio::spawn(sql::maintain(Arc::downgrade(&inner)));
-        Ok(Self { inner })
+        let appends = Batcher::start(inner.clone());
+        Ok(Self { inner, appends })
     }
 
     /// The store's pool, which the outbox shares.
@@ -197,47 +202,13 @@ fn read_row(row: &PgRow) -> Result<(i64, Option<MessageRow>), sqlx::Error> {
 #[async_trait]
 impl Store for PostgresStore {
     async fn append(&self, request: AppendRequest) -> Result<Appended, StoreError> {
-        let inner = &*self.inner;
         if request.entries.is_empty() {
             return Err(StoreError::Internal("append without entries".into()));
         }
-        let message = &request.message;
-        let order = LockOrder::new(request.entries.iter().map(|e| &e.stream));
-        let Some(&reply_position) = order.positions.get(request.reply_entry) else {
+        if request.reply_entry >= request.entries.len() {
             return Err(StoreError::Internal("the reply entry is not an entry".into()));
-        };
-        let (scope, key) = match &request.idempotency {
-            Some((scope, key)) => (Some(scope.as_str()), Some(key.as_str())),
-            None => (None, None),
-        };
-        let deadline = inner.clock.write_deadline();
-        let (duplicate, mid, seqs): (bool, String, Vec<i64>) = inner
-            .calls
-            .run("postgres append", Repeat::Unsafe, || {
-                sqlx::query_as(inner.statements.append.clone())
-                    .bind(deadline)
-                    .bind(&order.streams)
-                    .bind(reply_position as i32 + 1)
-                    .bind(&*message.mid)
-                    .bind(&*message.from)
-                    .bind(message.to.as_ref().map(UserId::as_str))
-                    .bind(message.room.as_ref().map(|r| r.as_str()))
-                    .bind(&*message.body)
-                    .bind(sql::bigint(message.ts))
-                    .bind(sql::bigint(inner.retention.max_messages))
-                    .bind(scope)
-                    .bind(key)
-                    .bind(IDEMPOTENCY_WINDOW_MS as i64)
-                    .fetch_one(&inner.pool)
-            })
-            .await?;
-        if duplicate {
-            let seq = seqs.first().map(|&s| s as u64).ok_or_else(|| sql::malformed("duplicate without seq"))?;
-            return Ok(Appended { mid: Arc::from(mid), seq, duplicate, seqs: Vec::new(), published: false });
         }
-        let seqs = order.entry_order(&seqs)?;
-        let seq = seqs[request.reply_entry];
-        Ok(Appended { mid: Arc::from(mid), seq, duplicate, seqs, published: false })
+        self.appends.append(request, self.inner.clock.write_deadline()).await
     }
 
     async fn read(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError> {

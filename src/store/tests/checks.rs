@@ -71,6 +71,28 @@ pub(crate) async fn a_repeated_key_stores_nothing(store: &dyn Store) {
     assert_eq!(store.read(&StreamId::User(user("bob")), HistoryQuery::Last { limit: 9 }).await.unwrap().last_seq, 1);
 }
 
+/// Appends raced on one store, 10 keys sent 4 times each among 20 unkeyed ones (a store that
+/// groups concurrent appends puts repeats of a key in one group): each key is stored once, its
+/// repeats answer the first's mid and seq, and the stream's seqs have no gap.
+pub(crate) async fn keys_raced_on_one_store_are_stored_once(store: &dyn Store) {
+    let appends = (0..60).map(|i| {
+        let request = to_room("raced", &i.to_string());
+        let request = if i % 3 == 0 { request } else { keyed(request, &format!("raced-{}", i % 10)) };
+        store.append(request)
+    });
+    let answers: Vec<Appended> = futures_util::future::join_all(appends).await.into_iter().map(Result::unwrap).collect();
+    let stored: Vec<&Appended> = answers.iter().filter(|a| !a.duplicate).collect();
+    let mut seqs: Vec<u64> = stored.iter().map(|a| a.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=30).collect::<Vec<_>>(), "20 unkeyed and 10 keys stored once each");
+    for duplicate in answers.iter().filter(|a| a.duplicate) {
+        let first = stored.iter().find(|a| a.mid == duplicate.mid).expect("a duplicate answers a stored mid");
+        assert_eq!(first.seq, duplicate.seq, "{duplicate:?}");
+    }
+    let read = store.read(&room("raced"), HistoryQuery::After { since: 0, limit: 100 }).await.unwrap();
+    assert_eq!((read.messages.len(), read.last_seq), (30, 30));
+}
+
 /// `--history-size` 5: the last 5 are kept, and seqs go on from the last one assigned.
 pub(crate) async fn retention_keeps_the_last_messages(store: &dyn Store) {
     for i in 1..=8 {

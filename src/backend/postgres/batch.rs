@@ -1,0 +1,275 @@
+//! Group commit: the appends a node makes at the same moment go to PostgreSQL together, as one
+//! call of the schema's `append_batch` function, so they share one transaction, one commit and
+//! one hold of each stream's row lock.
+//!
+//! Appends to one stream wait for each other's commit (that is what makes seqs gapless across
+//! nodes), so a stream takes about one commit per round trip: one append at a time, the number of
+//! messages a busy stream can take is the database's commit rate divided among them. A batch
+//! carries every append queued while the previous batches were in the database, so the busier the
+//! node, the more each commit carries, and a quiet node still sends each append on its own.
+//!
+//! Each append keeps its own deadline: a batch takes the earliest of its appends' deadlines, an
+//! append already past its own is answered `unavailable` without being sent, and the database
+//! rolls back a whole batch that reaches its commit too late, so nothing answered `unavailable`
+//! is ever stored. Two appends with the same idempotency key never share a batch (the second
+//! waits for the next), so the second is answered as the first one's duplicate.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Query;
+use sqlx::{Postgres, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::store::Inner;
+use crate::backend::sql::{self, Repeat};
+use crate::protocol::UserId;
+use crate::store::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, StoreError};
+
+/// Most appends one batch carries.
+const MAX_BATCH: usize = 64;
+/// Queues, each with one batch at a time in the database (holding one pooled connection).
+pub(super) const LANES: usize = 16;
+/// Appends that may wait in one lane; a caller beyond it waits for room.
+const LANE_DEPTH: usize = 1024;
+
+/// One queued append and where its answer goes.
+struct Pending {
+    request: AppendRequest,
+    /// In the database's clock.
+    deadline: i64,
+    reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+/// The node's side of the lanes.
+///
+/// An append goes to the lane of its first stream in lock order, so the appends to one stream
+/// (and to one pair of users) line up in one lane and share its batches, and lanes rarely wait
+/// for each other's locks: batches that held the same streams would only commit one after the
+/// other, carrying less each.
+pub(super) struct Batcher {
+    lanes: Vec<mpsc::Sender<Pending>>,
+}
+
+impl Batcher {
+    /// Starts one worker per lane; each stops once the batcher is dropped and its lane is empty.
+    pub(super) fn start(inner: Arc<Inner>) -> Self {
+        let lanes = (0..LANES)
+            .map(|_| {
+                let (lane, queue) = mpsc::channel(LANE_DEPTH);
+                tokio::spawn(work(inner.clone(), Lane { queue, held: VecDeque::new() }));
+                lane
+            })
+            .collect();
+        Self { lanes }
+    }
+
+    /// Queues `request` and waits for its batch to commit, within [`sql::CALL_TIMEOUT`] of now.
+    pub(super) async fn append(&self, request: AppendRequest, deadline: i64) -> Result<Appended, StoreError> {
+        let closed = || StoreError::Unavailable("postgres append: the store is closed".into());
+        let lane = &self.lanes[lane_of(&request)];
+        let answered = async {
+            let (reply, answer) = oneshot::channel();
+            lane.send(Pending { request, deadline, reply }).await.map_err(|_| closed())?;
+            answer.await.map_err(|_| closed())?
+        };
+        match tokio::time::timeout(sql::CALL_TIMEOUT, answered).await {
+            Ok(answer) => answer,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "postgres append: no answer within {} ms",
+                sql::CALL_TIMEOUT.as_millis()
+            ))),
+        }
+    }
+}
+
+/// The lane of the request's first stream in byte order (FNV-1a of its name).
+fn lane_of(request: &AppendRequest) -> usize {
+    let first = request.entries.iter().map(|e| e.stream.key()).min().unwrap_or_default();
+    let hash = first.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    (hash % LANES as u64) as usize
+}
+
+/// One lane's queue, and appends held back for its next batch.
+struct Lane {
+    queue: mpsc::Receiver<Pending>,
+    held: VecDeque<Pending>,
+}
+
+/// Runs the lane's batches one after the other, until its queue closes.
+async fn work(inner: Arc<Inner>, mut lane: Lane) {
+    while let Some(batch) = lane.next_batch(&inner).await {
+        if !batch.is_empty() {
+            run(&inner, batch).await;
+        }
+    }
+}
+
+impl Lane {
+    /// The appends for one batch: whatever is held back or queued, up to [`MAX_BATCH`], waiting
+    /// for the first if there is none. Appends already past their deadline are answered at once.
+    /// `None` once the queue is closed and empty.
+    async fn next_batch(&mut self, inner: &Inner) -> Option<Vec<Pending>> {
+        if self.held.is_empty() {
+            let first = self.queue.recv().await?;
+            self.held.push_back(first);
+        }
+        let now = inner.clock.now();
+        let mut batch = Vec::new();
+        let mut keys = HashSet::new();
+        let mut held = VecDeque::new();
+        let mut waiting = std::mem::take(&mut self.held);
+        while batch.len() < MAX_BATCH {
+            let pending = match waiting.pop_front() {
+                Some(pending) => pending,
+                None => match self.queue.try_recv() {
+                    Ok(pending) => pending,
+                    Err(_) => break,
+                },
+            };
+            if pending.deadline < now {
+                let late = "postgres append: waited past its deadline in the queue: nothing was stored";
+                let _ = pending.reply.send(Err(StoreError::Unavailable(late.into())));
+            } else if pending.request.idempotency.as_ref().is_some_and(|key| !keys.insert(key.clone())) {
+                held.push_back(pending);
+            } else {
+                batch.push(pending);
+            }
+        }
+        // What was held back goes first next time, in its order.
+        held.extend(waiting);
+        self.held = held;
+        Some(batch)
+    }
+}
+
+/// Sends one batch and answers each of its appends.
+async fn run(inner: &Inner, batch: Vec<Pending>) {
+    let deadline = batch.iter().map(|p| p.deadline).min().unwrap_or(i64::MIN);
+    let columns = Columns::of(&batch);
+    let rows = inner
+        .calls
+        .run("postgres append", Repeat::Unsafe, || columns.bind(inner, deadline).fetch_all(&inner.pool))
+        .await;
+    let mut answers: Vec<Option<Result<Appended, StoreError>>> = batch.iter().map(|_| None).collect();
+    match rows {
+        Ok(rows) => {
+            for row in &rows {
+                match answer(row, &batch) {
+                    Ok((index, appended)) => answers[index] = Some(appended),
+                    Err(e) => {
+                        tracing::error!(error = %e, "postgres append: unreadable answer");
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            for slot in &mut answers {
+                *slot = Some(Err(match &e {
+                    StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+                    StoreError::Internal(m) => StoreError::Internal(m.clone()),
+                }));
+            }
+        }
+    }
+    for (pending, answer) in batch.into_iter().zip(answers) {
+        let answer = answer.unwrap_or_else(|| Err(sql::malformed("no answer for an append of the batch")));
+        let _ = pending.reply.send(answer);
+    }
+}
+
+/// One row of `append_batch`'s answer: which append (1-based), whether it was a duplicate, its
+/// mid and its seqs in entry order.
+fn answer(row: &PgRow, batch: &[Pending]) -> Result<(usize, Result<Appended, StoreError>), sqlx::Error> {
+    let index = usize::try_from(row.try_get::<i32, _>(0)? - 1).unwrap_or(usize::MAX);
+    let Some(pending) = batch.get(index) else {
+        return Err(sqlx::Error::Protocol(format!("append_batch answered for append {index}")));
+    };
+    let duplicate: bool = row.try_get(1)?;
+    let mid: String = row.try_get(2)?;
+    let seqs: Vec<i64> = row.try_get(3)?;
+    let mid = Arc::from(mid);
+    let appended = if duplicate {
+        match seqs.first() {
+            Some(&seq) => Ok(Appended { mid, seq: seq as u64, duplicate, seqs: Vec::new(), published: false }),
+            None => Err(sql::malformed("duplicate without seq")),
+        }
+    } else if seqs.len() != pending.request.entries.len() {
+        Err(sql::malformed("a seq count that is not the entry count"))
+    } else {
+        let seqs: Vec<u64> = seqs.into_iter().map(|s| s as u64).collect();
+        let seq = seqs[pending.request.reply_entry];
+        Ok(Appended { mid, seq, duplicate, seqs, published: false })
+    };
+    Ok((index, appended))
+}
+
+/// A batch as the function's array parameters.
+struct Columns<'a> {
+    mids: Vec<&'a str>,
+    senders: Vec<&'a str>,
+    recipients: Vec<Option<&'a str>>,
+    rooms: Vec<Option<&'a str>>,
+    bodies: Vec<&'a str>,
+    ts: Vec<i64>,
+    scopes: Vec<Option<&'a str>>,
+    keys: Vec<Option<&'a str>>,
+    replies: Vec<i32>,
+    entry_messages: Vec<i32>,
+    entry_streams: Vec<String>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(batch: &'a [Pending]) -> Self {
+        let mut columns = Columns {
+            mids: Vec::with_capacity(batch.len()),
+            senders: Vec::with_capacity(batch.len()),
+            recipients: Vec::with_capacity(batch.len()),
+            rooms: Vec::with_capacity(batch.len()),
+            bodies: Vec::with_capacity(batch.len()),
+            ts: Vec::with_capacity(batch.len()),
+            scopes: Vec::with_capacity(batch.len()),
+            keys: Vec::with_capacity(batch.len()),
+            replies: Vec::with_capacity(batch.len()),
+            entry_messages: Vec::with_capacity(batch.len() * 2),
+            entry_streams: Vec::with_capacity(batch.len() * 2),
+        };
+        for (index, pending) in (1..).zip(batch) {
+            let request = &pending.request;
+            let message = &request.message;
+            columns.mids.push(&message.mid);
+            columns.senders.push(&message.from);
+            columns.recipients.push(message.to.as_ref().map(UserId::as_str));
+            columns.rooms.push(message.room.as_ref().map(|r| r.as_str()));
+            columns.bodies.push(&message.body);
+            columns.ts.push(sql::bigint(message.ts));
+            columns.scopes.push(request.idempotency.as_ref().map(|(scope, _)| scope.as_str()));
+            columns.keys.push(request.idempotency.as_ref().map(|(_, key)| key.as_str()));
+            columns.replies.push(request.reply_entry as i32 + 1);
+            for entry in &request.entries {
+                columns.entry_messages.push(index);
+                columns.entry_streams.push(entry.stream.key());
+            }
+        }
+        columns
+    }
+
+    fn bind<'q>(&'q self, inner: &Inner, deadline: i64) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(inner.statements.append_batch.clone())
+            .bind(deadline)
+            .bind(sql::bigint(inner.retention.max_messages))
+            .bind(IDEMPOTENCY_WINDOW_MS as i64)
+            .bind(&self.mids)
+            .bind(&self.senders)
+            .bind(&self.recipients)
+            .bind(&self.rooms)
+            .bind(&self.bodies)
+            .bind(&self.ts)
+            .bind(&self.scopes)
+            .bind(&self.keys)
+            .bind(&self.replies)
+            .bind(&self.entry_messages)
+            .bind(&self.entry_streams)
+    }
+}
