@@ -420,3 +420,20 @@ macro_rules! sql_suite {
 
 sql_suite!(postgres, PostgresStore);
 sql_suite!(mysql, MysqlStore);
+
+/// PostgreSQL connections get their lock and statement timeouts with `SET` once connected (not
+/// as startup options, which poolers refuse), every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_carry_their_timeouts() {
+    let Some(store) = open::<PostgresStore>(&unique_prefix(), KEEP_ALL).await else { return };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut conn = store.pool().acquire().await.unwrap();
+        let lock: String = sqlx::query_scalar("SHOW lock_timeout").fetch_one(&mut *conn).await.unwrap();
+        let statement: String = sqlx::query_scalar("SHOW statement_timeout").fetch_one(&mut *conn).await.unwrap();
+        assert_eq!((lock.as_str(), statement.as_str()), ("2s", "5s"));
+        held.push(conn);
+    }
+    drop(held);
+    store.drop_schema().await;
+}

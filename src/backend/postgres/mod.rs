@@ -211,6 +211,9 @@ $fn$;
 /// Connections a node opens: one per append lane, and a few for reads, cursors and the outbox.
 const POOL: u32 = batch::LANES as u32 + 4;
 
+/// What every connection sets once connected.
+const SESSION_TIMEOUTS: &str = "SET lock_timeout = 2000; SET statement_timeout = 5000";
+
 /// The database's clock in ms.
 const SERVER_MS: &str = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 
@@ -220,9 +223,7 @@ pub(crate) async fn connect(url: &str, prefix: &str, suspicion: Arc<Suspicion>) 
     let shown = super::redact(url);
     let options = PgConnectOptions::from_str(url)
         .map_err(|e| anyhow::anyhow!("--store {shown}: not a valid PostgreSQL URL ({e})"))?
-        .application_name(&format!("switchyard:{prefix}"))
-        // The server gives up on its own too: a stuck statement frees its connection and locks.
-        .options([("lock_timeout", "2000"), ("statement_timeout", "5000")]);
+        .application_name(&format!("switchyard:{prefix}"));
     sql::probe::<sqlx::PgConnection>(&options)
         .await
         .map_err(|e| anyhow::anyhow!("--store {shown}: cannot reach PostgreSQL ({e})"))?;
@@ -230,6 +231,15 @@ pub(crate) async fn connect(url: &str, prefix: &str, suspicion: Arc<Suspicion>) 
         .max_connections(POOL)
         .acquire_timeout(sql::ACQUIRE_TIMEOUT)
         .test_before_acquire(false)
+        // The server gives up on its own too: a stuck statement frees its connection and locks.
+        // Set once connected rather than as startup options, which connection poolers such as
+        // PgBouncer refuse.
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::raw_sql(SESSION_TIMEOUTS).execute(conn).await?;
+                Ok(())
+            })
+        })
         .before_acquire(move |conn, meta| {
             let ping = suspicion.ping_first(meta.idle_for);
             Box::pin(async move {
