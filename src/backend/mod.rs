@@ -35,10 +35,18 @@ use crate::store::{Retention, Store};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum StoreConfig {
     /// redb in `--data-dir`: a single node only.
-    Embedded { dir: PathBuf },
-    Redis { url: String },
-    Postgres { url: String },
-    Mysql { url: String },
+    Embedded {
+        dir: PathBuf,
+    },
+    Redis {
+        url: String,
+    },
+    Postgres {
+        url: String,
+    },
+    Mysql {
+        url: String,
+    },
 }
 
 /// How a node routes messages to the others.
@@ -46,7 +54,9 @@ pub(crate) enum StoreConfig {
 pub(crate) enum BusConfig {
     /// Every topic is local: a single node.
     Memory,
-    Redis { url: String },
+    Redis {
+        url: String,
+    },
 }
 
 /// Where a node records sessions and room membership, and the node registry.
@@ -54,7 +64,9 @@ pub(crate) enum BusConfig {
 pub(crate) enum PresenceConfig {
     /// In this process: a single node.
     Memory,
-    Redis { url: String },
+    Redis {
+        url: String,
+    },
 }
 
 /// The backend section of the configuration, validated.
@@ -185,8 +197,7 @@ impl BackendConfig {
                 redact(store_url)
             );
         }
-        let retention =
-            Retention { max_messages: args.history_size, ttl_ms: args.history_ttl.saturating_mul(1000) };
+        let retention = Retention { max_messages: args.history_size, ttl_ms: args.history_ttl.saturating_mul(1000) };
         if matches!(store, StoreConfig::Postgres { .. } | StoreConfig::Mysql { .. }) {
             sql::validate_prefix(&args.prefix)?;
         }

@@ -48,16 +48,16 @@ impl SqlStore for PostgresStore {
         PostgresStore::connect(url, prefix, retention).await
     }
     fn clock(&self) -> &ServerClock {
-        PostgresStore::clock(self)
+        &self.tables().clock
     }
     async fn sweep(&self) {
-        PostgresStore::sweep(self).await.unwrap()
+        self.tables().sweep().await.unwrap()
     }
     async fn drop_schema(&self) {
         PostgresStore::drop_schema(self).await.unwrap()
     }
     fn table(&self, name: &str) -> String {
-        format!("\"{}\".{name}", self.prefix())
+        format!("\"{}\".{name}", self.tables().prefix)
     }
     async fn count(&self, table: &str, filter: &str) -> i64 {
         let query = format!("SELECT count(*) FROM {} {filter}", self.table(table));
@@ -76,7 +76,10 @@ impl SqlStore for PostgresStore {
         })
     }
     async fn kill_connections(&self) {
-        let held = futures_util::future::join_all((0..self.pool().options().get_max_connections()).map(|_| self.pool().acquire())).await;
+        let held = futures_util::future::join_all(
+            (0..self.pool().options().get_max_connections()).map(|_| self.pool().acquire()),
+        )
+        .await;
         let mut pids = Vec::new();
         for mut conn in held.into_iter().flatten() {
             pids.push(sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&mut *conn).await.unwrap());
@@ -97,16 +100,16 @@ impl SqlStore for MysqlStore {
         MysqlStore::connect(url, prefix, retention).await
     }
     fn clock(&self) -> &ServerClock {
-        MysqlStore::clock(self)
+        &self.tables().clock
     }
     async fn sweep(&self) {
-        MysqlStore::sweep(self).await.unwrap()
+        self.tables().sweep().await.unwrap()
     }
     async fn drop_schema(&self) {
         MysqlStore::drop_schema(self).await.unwrap()
     }
     fn table(&self, name: &str) -> String {
-        format!("`{}_{name}`", self.prefix())
+        format!("`{}_{name}`", self.tables().prefix)
     }
     async fn count(&self, table: &str, filter: &str) -> i64 {
         let query = format!("SELECT COUNT(*) FROM {} {filter}", self.table(table));
@@ -125,7 +128,10 @@ impl SqlStore for MysqlStore {
         })
     }
     async fn kill_connections(&self) {
-        let held = futures_util::future::join_all((0..self.pool().options().get_max_connections()).map(|_| self.pool().acquire())).await;
+        let held = futures_util::future::join_all(
+            (0..self.pool().options().get_max_connections()).map(|_| self.pool().acquire()),
+        )
+        .await;
         let mut ids = Vec::new();
         for mut conn in held.into_iter().flatten() {
             ids.push(sqlx::query_scalar::<_, u64>("SELECT CONNECTION_ID()").fetch_one(&mut *conn).await.unwrap());
@@ -435,5 +441,5 @@ async fn postgres_connections_carry_their_timeouts() {
         held.push(conn);
     }
     drop(held);
-    store.drop_schema().await;
+    store.drop_schema().await.unwrap();
 }

@@ -170,7 +170,11 @@ impl Device {
     /// Connects and follows its streams; reports on `ready` once, then runs until the phase is
     /// `Over`. While draining it sends nothing new but still reconnects when its connection is
     /// lost, to send again what is unanswered and to catch up.
-    pub(super) async fn run(mut self, mut phase: watch::Receiver<Phase>, ready: tokio::sync::mpsc::UnboundedSender<bool>) -> DeviceLog {
+    pub(super) async fn run(
+        mut self,
+        mut phase: watch::Receiver<Phase>,
+        ready: tokio::sync::mpsc::UnboundedSender<bool>,
+    ) -> DeviceLog {
         let first = {
             let shared = self.shared.clone();
             let _permit = shared.gate.acquire().await.expect("open");
@@ -215,8 +219,8 @@ impl Device {
                 if *phase.borrow() == Phase::Over {
                     return self.log;
                 }
-                self.target = (self.target + 1 + self.rng.usize(..self.shared.targets.len() - 1))
-                    % self.shared.targets.len();
+                self.target =
+                    (self.target + 1 + self.rng.usize(..self.shared.targets.len() - 1)) % self.shared.targets.len();
                 match self.connect().await {
                     Ok(c) => break c,
                     Err(e) => {
@@ -233,7 +237,9 @@ impl Device {
     async fn connect(&mut self) -> Result<Conn, String> {
         let s = self.shared.clone();
         let user = s.user_name(self.user);
-        let mut conn = Conn::open(Protocol::Switchyard, &s.targets[self.target], s.addrs[self.target], &user, None, s.timeout).await?;
+        let mut conn =
+            Conn::open(Protocol::Switchyard, &s.targets[self.target], s.addrs[self.target], &user, None, s.timeout)
+                .await?;
         let resume = |mark: Option<&Watermark>| mark.map(Watermark::upto).unwrap_or(0);
         // A brand-new user's stream is empty, so the first sync may start at 0; the home room
         // is joined from its current seq (set-up happens before anything is published).

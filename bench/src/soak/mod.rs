@@ -252,7 +252,10 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<SoakReport> {
                 f.flush()?;
             }
             if !a.common.json && a.progress {
-                eprintln!("soak: {:.0} s, received {}, outstanding {}, rss {:?}", s.at_s, s.received, s.outstanding, s.rss_kib);
+                eprintln!(
+                    "soak: {:.0} s, received {}, outstanding {}, rss {:?}",
+                    s.at_s, s.received, s.outstanding, s.rss_kib
+                );
             }
             samples.push(s);
             next_sample += every;
@@ -263,7 +266,9 @@ pub async fn run(a: &SoakArgs) -> anyhow::Result<SoakReport> {
     phase_tx.send(Phase::Drain)?;
     let drain_end = now_us() + secs_us(a.drain);
     while now_us() < drain_end {
-        if shared.outstanding.load(Ordering::Relaxed) <= 0 && shared.received.load(Ordering::Relaxed) >= shared.expected() {
+        if shared.outstanding.load(Ordering::Relaxed) <= 0
+            && shared.received.load(Ordering::Relaxed) >= shared.expected()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -16,9 +16,11 @@ use redb::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage};
 use crate::message::Record;
 use crate::protocol::{HistoryQuery, StreamId, UserId, now_ms};
+use crate::store::{
+    AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage,
+};
 
 /// (stream, seq) → (accepted at ms, the message as a [`Record`]).
 const MESSAGES: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("records");
@@ -122,7 +124,12 @@ impl EmbeddedStore {
         rx.await.map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?
     }
 
-    fn read_blocking(db: &Database, stream_id: &StreamId, query: HistoryQuery, ttl_ms: u64) -> Result<Slice, StoreError> {
+    fn read_blocking(
+        db: &Database,
+        stream_id: &StreamId,
+        query: HistoryQuery,
+        ttl_ms: u64,
+    ) -> Result<Slice, StoreError> {
         let key = stream_id.key();
         let stream = key.as_str();
         let txn = db.begin_read().map_err(internal)?;
@@ -137,8 +144,12 @@ impl EmbeddedStore {
                 take_kept(stream_id, messages.range(from).map_err(internal)?, limit, cutoff)?
             }
             HistoryQuery::Before { before, limit } => {
-                let mut out =
-                    take_kept(stream_id, messages.range((stream, 0)..(stream, before)).map_err(internal)?.rev(), limit, cutoff)?;
+                let mut out = take_kept(
+                    stream_id,
+                    messages.range((stream, 0)..(stream, before)).map_err(internal)?.rev(),
+                    limit,
+                    cutoff,
+                )?;
                 out.reverse();
                 out
             }

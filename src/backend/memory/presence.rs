@@ -7,8 +7,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use crate::presence::{Presence, PresenceError, SessionInfo};
 use crate::bus::SessionId;
+use crate::presence::{Presence, PresenceError, SessionInfo};
 use crate::protocol::{RoomName, UserId};
 
 #[derive(Default)]

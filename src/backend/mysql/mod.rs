@@ -14,9 +14,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool};
 use sqlx::pool::PoolConnection;
-use sqlx::{AssertSqlSafe, Connection, MySql};
+use sqlx::{AssertSqlSafe, MySql};
 
 use super::sql::{self, Failure, Suspicion};
 
@@ -149,26 +149,8 @@ pub(crate) async fn connect(url: &str, prefix: &str, suspicion: Arc<Suspicion>) 
     sql::probe::<sqlx::MySqlConnection>(&options)
         .await
         .map_err(|e| anyhow::anyhow!("--store {shown}: cannot reach MySQL ({e})"))?;
-    let pool = MySqlPoolOptions::new()
-        .max_connections(sql::MAX_CONNECTIONS)
-        .acquire_timeout(sql::ACQUIRE_TIMEOUT)
-        .test_before_acquire(false)
-        .after_connect(|conn, _| {
-            // The server gives up on a lock wait on its own too, freeing the connection.
-            Box::pin(async move {
-                sqlx::raw_sql("SET SESSION innodb_lock_wait_timeout = 2").execute(conn).await.map(|_| ())
-            })
-        })
-        .before_acquire(move |conn, meta| {
-            let ping = suspicion.ping_first(meta.idle_for);
-            Box::pin(async move {
-                if ping {
-                    conn.ping().await?;
-                }
-                Ok(true)
-            })
-        })
-        .connect_with(options)
+    // The server gives up on a lock wait on its own too, freeing the connection.
+    let pool = sql::open_pool(options, sql::MAX_CONNECTIONS, "SET SESSION innodb_lock_wait_timeout = 2", suspicion)
         .await
         .map_err(|e| anyhow::anyhow!("--store {shown}: cannot reach MySQL ({e})"))?;
     let mut conn = pool.acquire().await.with_context(|| format!("--store {shown}: cannot reach MySQL"))?;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlPool, MySqlRow};
-use sqlx::{AssertSqlSafe, MySql, Row, SqlSafeStr, SqlStr, Transaction};
+use sqlx::{MySql, Row, SqlStr, Transaction};
 
 use super::migrate;
 use crate::backend::sql::claim_outbox;
@@ -67,7 +67,7 @@ struct Statements {
 
 impl Statements {
     fn new(prefix: &str) -> Self {
-        let statement = |text: String| AssertSqlSafe(Arc::<str>::from(text)).into_sql_str();
+        let statement = crate::backend::sql::statement;
         let (t, dead) = (format!("`{prefix}_outbox`"), format!("`{prefix}_outbox_dead`"));
         Self {
             claim: statement(format!(
@@ -142,9 +142,8 @@ fn older_row(row: &MySqlRow) -> Result<Older, sqlx::Error> {
 impl Outbox for MysqlOutbox {
     async fn claim(&self, limit: usize) -> Result<Claim, OutboxError> {
         let statements = (&self.sql.claim, &self.sql.older);
-        let (txn, rows, older) = claim_outbox(&self.pool, BEGIN, statements, limit, (outbox_row, older_row))
-            .await
-            .map_err(unavailable)?;
+        let (txn, rows, older) =
+            claim_outbox(&self.pool, BEGIN, statements, limit, (outbox_row, older_row)).await.map_err(unavailable)?;
         if !rows.is_empty() {
             self.poll_ms.store(POLL_MIN.as_millis() as u64, Ordering::Relaxed);
         }

@@ -19,11 +19,10 @@ use std::sync::Arc;
 
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
-use sqlx::{Postgres, Row};
+use sqlx::{Postgres, Row, SqlStr};
 use tokio::sync::{mpsc, oneshot};
 
-use super::store::Inner;
-use crate::backend::sql::{self, Repeat};
+use crate::backend::sql::{self, Appends, Repeat, Tables};
 use crate::protocol::UserId;
 use crate::store::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, StoreError};
 
@@ -48,13 +47,14 @@ struct Pending {
 /// (and to one pair of users) line up in one lane and share its batches, and lanes rarely wait
 /// for each other's locks: batches that held the same streams would only commit one after the
 /// other, carrying less each.
-pub(super) struct Batcher {
+pub(crate) struct Batcher {
     lanes: Vec<mpsc::Sender<Pending>>,
 }
 
 impl Batcher {
     /// Starts one worker per lane; each stops once the batcher is dropped and its lane is empty.
-    pub(super) fn start(inner: Arc<Inner>) -> Self {
+    pub(super) fn start(tables: Arc<Tables<Postgres>>, append_batch: SqlStr) -> Self {
+        let inner = Arc::new(Appender { tables, append_batch });
         let lanes = (0..LANES)
             .map(|_| {
                 let (lane, queue) = mpsc::channel(LANE_DEPTH);
@@ -64,9 +64,15 @@ impl Batcher {
             .collect();
         Self { lanes }
     }
+}
+
+#[async_trait::async_trait]
+impl Appends for Batcher {
+    type Database = Postgres;
 
     /// Queues `request` and waits for its batch to commit, within [`sql::CALL_TIMEOUT`] of now.
-    pub(super) async fn append(&self, request: AppendRequest, deadline: i64) -> Result<Appended, StoreError> {
+    async fn append(&self, tables: &Tables<Postgres>, request: AppendRequest) -> Result<Appended, StoreError> {
+        let deadline = tables.clock.write_deadline();
         let closed = || StoreError::Unavailable("postgres append: the store is closed".into());
         let lane = &self.lanes[lane_of(&request)];
         let answered = async {
@@ -84,11 +90,17 @@ impl Batcher {
     }
 }
 
-/// The lane of the request's first stream in byte order (FNV-1a of its name).
+/// What every lane's worker shares.
+struct Appender {
+    tables: Arc<Tables<Postgres>>,
+    /// The call of `append_batch`.
+    append_batch: SqlStr,
+}
+
+/// The lane of the request's first stream in byte order.
 fn lane_of(request: &AppendRequest) -> usize {
     let first = request.entries.iter().map(|e| e.stream.key()).min().unwrap_or_default();
-    let hash = first.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    (hash % LANES as u64) as usize
+    (sql::fnv1a(first.as_bytes()) % LANES as u64) as usize
 }
 
 /// One lane's queue, and appends held back for its next batch.
@@ -98,7 +110,7 @@ struct Lane {
 }
 
 /// Runs the lane's batches one after the other, until its queue closes.
-async fn work(inner: Arc<Inner>, mut lane: Lane) {
+async fn work(inner: Arc<Appender>, mut lane: Lane) {
     while let Some(batch) = lane.next_batch(&inner).await {
         if !batch.is_empty() {
             run(&inner, batch).await;
@@ -110,12 +122,12 @@ impl Lane {
     /// The appends for one batch: whatever is held back or queued, up to [`MAX_BATCH`], waiting
     /// for the first if there is none. Appends already past their deadline are answered at once.
     /// `None` once the queue is closed and empty.
-    async fn next_batch(&mut self, inner: &Inner) -> Option<Vec<Pending>> {
+    async fn next_batch(&mut self, inner: &Appender) -> Option<Vec<Pending>> {
         if self.held.is_empty() {
             let first = self.queue.recv().await?;
             self.held.push_back(first);
         }
-        let now = inner.clock.now();
+        let now = inner.tables.clock.now();
         let mut batch = Vec::new();
         let mut keys = HashSet::new();
         let mut held = VecDeque::new();
@@ -145,12 +157,13 @@ impl Lane {
 }
 
 /// Sends one batch and answers each of its appends.
-async fn run(inner: &Inner, batch: Vec<Pending>) {
+async fn run(inner: &Appender, batch: Vec<Pending>) {
     let deadline = batch.iter().map(|p| p.deadline).min().unwrap_or(i64::MIN);
     let columns = Columns::of(&batch);
-    let rows = inner
+    let tables = &inner.tables;
+    let rows = tables
         .calls
-        .run("postgres append", Repeat::Unsafe, || columns.bind(inner, deadline).fetch_all(&inner.pool))
+        .run("postgres append", Repeat::Unsafe, || columns.bind(inner, deadline).fetch_all(&tables.pool))
         .await;
     let mut answers: Vec<Option<Result<Appended, StoreError>>> = batch.iter().map(|_| None).collect();
     match rows {
@@ -255,10 +268,10 @@ impl<'a> Columns<'a> {
         columns
     }
 
-    fn bind<'q>(&'q self, inner: &Inner, deadline: i64) -> Query<'q, Postgres, PgArguments> {
-        sqlx::query(inner.statements.append_batch.clone())
+    fn bind<'q>(&'q self, inner: &Appender, deadline: i64) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(inner.append_batch.clone())
             .bind(deadline)
-            .bind(sql::bigint(inner.retention.max_messages))
+            .bind(sql::bigint(inner.tables.retention.max_messages))
             .bind(IDEMPOTENCY_WINDOW_MS as i64)
             .bind(&self.mids)
             .bind(&self.senders)

@@ -14,8 +14,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection};
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnectOptions, PgPool};
 
 use super::sql::{self, Failure, Suspicion};
 
@@ -28,7 +28,8 @@ pub(crate) use store::PostgresStore;
 const LATE: &str = "SY001";
 
 /// The schema, version by version. `{s}` stands for the quoted schema name.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE {s}.streams (
     stream text COLLATE "C" PRIMARY KEY,
     last_seq bigint NOT NULL
@@ -111,7 +112,8 @@ BEGIN
     RETURN QUERY SELECT false, p_mid, v_seqs;
 END
 $fn$;
-"#, r#"
+"#,
+    r#"
 -- Many appends in one statement and one transaction (group commit: one commit and one lock
 -- hold per stream for a whole batch). Message i is (p_mids[i], p_senders[i], …); its entries are
 -- the positions e of p_entry_messages holding i, in the order its seqs come back, and
@@ -206,7 +208,8 @@ BEGIN
         GROUP BY r.message;
 END
 $fn$;
-"#];
+"#,
+];
 
 /// Connections a node opens: one per append lane, and a few for reads, cursors and the outbox.
 const POOL: u32 = batch::LANES as u32 + 4;
@@ -227,29 +230,10 @@ pub(crate) async fn connect(url: &str, prefix: &str, suspicion: Arc<Suspicion>) 
     sql::probe::<sqlx::PgConnection>(&options)
         .await
         .map_err(|e| anyhow::anyhow!("--store {shown}: cannot reach PostgreSQL ({e})"))?;
-    let pool = PgPoolOptions::new()
-        .max_connections(POOL)
-        .acquire_timeout(sql::ACQUIRE_TIMEOUT)
-        .test_before_acquire(false)
-        // The server gives up on its own too: a stuck statement frees its connection and locks.
-        // Set once connected rather than as startup options, which connection poolers such as
-        // PgBouncer refuse.
-        .after_connect(|conn, _| {
-            Box::pin(async move {
-                sqlx::raw_sql(SESSION_TIMEOUTS).execute(conn).await?;
-                Ok(())
-            })
-        })
-        .before_acquire(move |conn, meta| {
-            let ping = suspicion.ping_first(meta.idle_for);
-            Box::pin(async move {
-                if ping {
-                    conn.ping().await?;
-                }
-                Ok(true)
-            })
-        })
-        .connect_with(options)
+    // The server gives up on its own too: a stuck statement frees its connection and locks. Set
+    // once connected rather than as startup options, which connection poolers such as PgBouncer
+    // refuse.
+    let pool = sql::open_pool(options, POOL, SESSION_TIMEOUTS, suspicion)
         .await
         .map_err(|e| anyhow::anyhow!("--store {shown}: cannot reach PostgreSQL ({e})"))?;
     migrate(&pool, prefix, "schema_version", MIGRATIONS)

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use sqlx::postgres::{PgListener, PgPool, PgRow};
-use sqlx::{AssertSqlSafe, Postgres, Row, SqlSafeStr, SqlStr, Transaction};
+use sqlx::{Postgres, Row, SqlStr, Transaction};
 use tokio::sync::Mutex;
 
 use super::{migrate, schema};
@@ -70,7 +70,7 @@ struct Statements {
 
 impl Statements {
     fn new(s: &str) -> Self {
-        let statement = |text: String| AssertSqlSafe(Arc::<str>::from(text)).into_sql_str();
+        let statement = crate::backend::sql::statement;
         Self {
             claim: statement(format!(
                 r#"SELECT id, to_user, to_room, body, sender, "key" FROM {s}.outbox
@@ -159,9 +159,8 @@ fn older_row(row: &PgRow) -> Result<Older, sqlx::Error> {
 impl Outbox for PostgresOutbox {
     async fn claim(&self, limit: usize) -> Result<Claim, OutboxError> {
         let statements = (&self.sql.claim, &self.sql.older);
-        let (txn, rows, older) = claim_outbox(&self.pool, BEGIN, statements, limit, (outbox_row, older_row))
-            .await
-            .map_err(unavailable)?;
+        let (txn, rows, older) =
+            claim_outbox(&self.pool, BEGIN, statements, limit, (outbox_row, older_row)).await.map_err(unavailable)?;
         Ok(Claim { rows, older, txn: Box::new(PgClaim { txn, sql: self.sql.clone() }) })
     }
 

@@ -80,7 +80,8 @@ pub(crate) async fn keys_raced_on_one_store_are_stored_once(store: &dyn Store) {
         let request = if i % 3 == 0 { request } else { keyed(request, &format!("raced-{}", i % 10)) };
         store.append(request)
     });
-    let answers: Vec<Appended> = futures_util::future::join_all(appends).await.into_iter().map(Result::unwrap).collect();
+    let answers: Vec<Appended> =
+        futures_util::future::join_all(appends).await.into_iter().map(Result::unwrap).collect();
     let stored: Vec<&Appended> = answers.iter().filter(|a| !a.duplicate).collect();
     let mut seqs: Vec<u64> = stored.iter().map(|a| a.seq).collect();
     seqs.sort_unstable();

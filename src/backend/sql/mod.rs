@@ -9,12 +9,16 @@
 //! node answered `unavailable` is never committed afterwards, however late a paused network
 //! delivers it.
 
+mod tables;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::SqlStr;
+
+pub(crate) use tables::{Appends, Statements, TableStore, Tables};
 
 use crate::message::{Message, StoredMessage};
 use crate::outbox::{Older, OutboxRow};
@@ -45,10 +49,10 @@ pub(crate) const CLOCK_EVERY: Duration = Duration::from_secs(10);
 #[async_trait::async_trait]
 pub(crate) trait Maintained: Send + Sync + 'static {
     /// Which database, for the log.
-    const DATABASE: &'static str;
+    fn database(&self) -> &'static str;
     fn closed(&self) -> bool;
     fn prefix(&self) -> &str;
-    async fn sample_clock(&self, tries: usize) -> Result<(), sqlx::Error>;
+    async fn sample_clock(&self) -> Result<(), sqlx::Error>;
     async fn sweep(&self) -> Result<(), sqlx::Error>;
 }
 
@@ -68,9 +72,9 @@ pub(crate) async fn maintain<M: Maintained>(store: std::sync::Weak<M>) {
         if store.closed() {
             return;
         }
-        let outcome = if sweeping { store.sweep().await } else { store.sample_clock(1).await };
+        let outcome = if sweeping { store.sweep().await } else { store.sample_clock().await };
         if let Err(e) = outcome {
-            tracing::warn!(error = %e, prefix = %store.prefix(), sweeping, "{} store maintenance failed", M::DATABASE);
+            tracing::warn!(error = %e, prefix = %store.prefix(), sweeping, "{} store maintenance failed", store.database());
         }
     }
 }
@@ -111,12 +115,53 @@ pub(crate) async fn probe<C: sqlx::Connection>(options: &C::Options) -> Result<(
     }
 }
 
+/// A statement whose text was built from a validated prefix, kept for the store's lifetime.
+pub(crate) fn statement(text: String) -> SqlStr {
+    sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(Arc::<str>::from(text)))
+}
+
+/// Opens a pool of at most `max` connections on `options`: each runs `setup` once connected,
+/// and is pinged before use when it was idle or its pool is suspect (see [`Suspicion`]).
+pub(crate) async fn open_pool<DB: sqlx::Database>(
+    options: <DB::Connection as sqlx::Connection>::Options,
+    max: u32,
+    setup: &'static str,
+    suspicion: Arc<Suspicion>,
+) -> Result<sqlx::Pool<DB>, sqlx::Error>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(max)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                sqlx::raw_sql(setup).execute(conn).await?;
+                Ok(())
+            })
+        })
+        .before_acquire(move |conn, meta| {
+            let ping = suspicion.ping_first(meta.idle_for);
+            Box::pin(async move {
+                if ping {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+        .connect_with(options)
+        .await
+}
+
 /// A number naming `prefix`'s migration lock, the same on every node (FNV-1a).
 pub(crate) fn lock_key(prefix: &str) -> i64 {
-    let hash = format!("switchyard-migrate:{prefix}")
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    hash as i64
+    fnv1a(format!("switchyard-migrate:{prefix}").as_bytes()) as i64
+}
+
+/// The FNV-1a hash of `bytes`: small, and the same on every node and every build.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// This node's estimate of the database's clock, so that write deadlines do not depend on the
