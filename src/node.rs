@@ -276,19 +276,14 @@ impl Node {
     /// sender's; answers the seq in the sender's stream (or the recipient's for a backend).
     pub async fn send_direct(&self, msg: DirectMessage) -> Result<Appended, ProtocolError> {
         let message = self.accept(msg.from.clone(), Some(msg.to.clone()), None, msg.body);
-        let recipient =
-            Entry { stream: StreamId::User(msg.to.clone()), topic: Topic::User(msg.to.clone()), exclude: None };
+        let recipient = Entry { stream: StreamId::User(msg.to.clone()), topic: Topic::User(msg.to.clone()), exclude: None };
         let (entries, reply_entry, scope) = match msg.sender {
             Some((sender, session)) if sender == msg.to => {
                 let own = Entry { exclude: session, ..recipient };
                 (vec![own], 0, format!("u:{sender}"))
             }
             Some((sender, session)) => {
-                let copy = Entry {
-                    stream: StreamId::User(sender.clone()),
-                    topic: Topic::User(sender.clone()),
-                    exclude: session,
-                };
+                let copy = Entry { stream: StreamId::User(sender.clone()), topic: Topic::User(sender.clone()), exclude: session };
                 (vec![recipient, copy], 1, format!("u:{sender}"))
             }
             None => (vec![recipient], 0, format!("api:{}", msg.from)),
@@ -314,8 +309,7 @@ impl Node {
             exclude: msg.sender.map(|(_, s)| s),
         };
         let idempotency = msg.key.map(|k| (scope, k));
-        let appended =
-            self.append(AppendRequest { message, entries: vec![entry], reply_entry: 0, idempotency }).await?;
+        let appended = self.append(AppendRequest { message, entries: vec![entry], reply_entry: 0, idempotency }).await?;
         if !appended.duplicate {
             self.metrics.messages_in.room.inc();
         }

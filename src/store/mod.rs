@@ -23,9 +23,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::bus::{SessionId, Topic};
-use crate::message::Message;
 pub use crate::message::StoredMessage;
+use crate::message::Message;
 use crate::protocol::{ErrorCode, HistoryQuery, ProtocolError, StreamId, UserId};
+
 
 /// Retention of every stream (`--history-size`, `--history-ttl`).
 #[derive(Clone, Copy, Debug)]

@@ -35,12 +35,12 @@ use redis::aio::ConnectionManager;
 use redis::{PushInfo, PushKind, Script, Value};
 use tokio::sync::{Notify, watch};
 
-use super::store::envelope_head;
+use crate::bus::{Bus, BusError, Delivery, Event, Notice, SessionId, Sink, Topic};
 use crate::backend::redis::RedisClock;
 use crate::backend::redis::keys::Keys;
-use crate::bus::{Bus, BusError, Delivery, Event, Notice, SessionId, Sink, Topic};
 use crate::metrics::Metrics;
 use crate::protocol::StreamId;
+use super::store::envelope_head;
 
 /// How long `subscribe` waits for Redis to confirm.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -19,15 +19,13 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
+use crate::store::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage};
+use crate::bus::SessionId;
 use super::RedisClock;
 use crate::backend::redis as cluster;
 use crate::backend::redis::keys::Keys;
-use crate::bus::SessionId;
 use crate::message::Record;
 use crate::protocol::{HistoryQuery, StreamId, UserId, now_ms};
-use crate::store::{
-    AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage,
-};
 
 /// KEYS: idempotency key, then (seq key, log key) per entry.
 /// ARGV: now, idempotency ttl, max messages, expiry cutoff, ttl, entry count, reply entry
@@ -194,8 +192,7 @@ impl Store for RedisStore {
         };
         let keys = 1 + 2 * request.entries.len();
         let n = request.entries.len();
-        let mut cmd =
-            cluster::evalsha(&self.append, keys, keys + 12 + 2 * n, ARGS_ROOM + ENTRY_ROOM * n + record.len());
+        let mut cmd = cluster::evalsha(&self.append, keys, keys + 12 + 2 * n, ARGS_ROOM + ENTRY_ROOM * n + record.len());
         cmd.arg(idem_key);
         for entry in &request.entries {
             cmd.arg(self.keys.seq(&entry.stream)).arg(self.keys.log(&entry.stream));
