@@ -2,11 +2,13 @@
 //! call of the schema's `append_batch` function, so they share one transaction, one commit and
 //! one hold of each stream's row lock.
 //!
-//! Appends to one stream wait for each other's commit (that is what makes seqs gapless across
-//! nodes), so a stream takes about one commit per round trip: one append at a time, the number of
-//! messages a busy stream can take is the database's commit rate divided among them. A batch
-//! carries every append queued while the previous batches were in the database, so the busier the
-//! node, the more each commit carries, and a quiet node still sends each append on its own.
+//! One writer per node sends the batches one after the other, as the embedded store's writer
+//! thread does: each batch carries every append queued while the previous one was in the
+//! database, so the busier the node, the more each commit carries, and a quiet node still sends
+//! each append on its own at once. Measured against 2, 4 and 16 writers each taking the appends
+//! of a share of the streams, one writer stored the most (BENCHMARKS.md): appends to one stream
+//! wait for each other's commit anyway, and a few large transactions cost the database less than
+//! many small ones.
 //!
 //! Each append keeps its own deadline: a batch takes the earliest of its appends' deadlines, an
 //! append already past its own is answered `unavailable` without being sent, and the database
@@ -27,11 +29,9 @@ use crate::protocol::UserId;
 use crate::store::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, StoreError};
 
 /// Most appends one batch carries.
-const MAX_BATCH: usize = 64;
-/// Queues, each with one batch at a time in the database (holding one pooled connection).
-pub(super) const LANES: usize = 16;
-/// Appends that may wait in one lane; a caller beyond it waits for room.
-const LANE_DEPTH: usize = 1024;
+const MAX_BATCH: usize = 256;
+/// Appends that may wait for the writer; a caller beyond it waits for room.
+const QUEUE: usize = 4096;
 
 /// One queued append and where its answer goes.
 struct Pending {
@@ -41,28 +41,18 @@ struct Pending {
     reply: oneshot::Sender<Result<Appended, StoreError>>,
 }
 
-/// The node's side of the lanes.
-///
-/// An append goes to the lane of its first stream in lock order, so the appends to one stream
-/// (and to one pair of users) line up in one lane and share its batches, and lanes rarely wait
-/// for each other's locks: batches that held the same streams would only commit one after the
-/// other, carrying less each.
+/// The node's side of the writer's queue.
 pub(crate) struct Batcher {
-    lanes: Vec<mpsc::Sender<Pending>>,
+    queue: mpsc::Sender<Pending>,
 }
 
 impl Batcher {
-    /// Starts one worker per lane; each stops once the batcher is dropped and its lane is empty.
+    /// Starts the writer, which stops once the batcher is dropped and its queue is empty.
     pub(super) fn start(tables: Arc<Tables<Postgres>>, append_batch: SqlStr) -> Self {
-        let inner = Arc::new(Appender { tables, append_batch });
-        let lanes = (0..LANES)
-            .map(|_| {
-                let (lane, queue) = mpsc::channel(LANE_DEPTH);
-                tokio::spawn(work(inner.clone(), Lane { queue, held: VecDeque::new() }));
-                lane
-            })
-            .collect();
-        Self { lanes }
+        let (queue, receiver) = mpsc::channel(QUEUE);
+        let writer = Writer { tables, append_batch, queue: receiver, held: VecDeque::new() };
+        tokio::spawn(writer.run());
+        Self { queue }
     }
 }
 
@@ -74,10 +64,9 @@ impl Appends for Batcher {
     async fn append(&self, tables: &Tables<Postgres>, request: AppendRequest) -> Result<Appended, StoreError> {
         let deadline = tables.clock.write_deadline();
         let closed = || StoreError::Unavailable("postgres append: the store is closed".into());
-        let lane = &self.lanes[lane_of(&request)];
         let answered = async {
             let (reply, answer) = oneshot::channel();
-            lane.send(Pending { request, deadline, reply }).await.map_err(|_| closed())?;
+            self.queue.send(Pending { request, deadline, reply }).await.map_err(|_| closed())?;
             answer.await.map_err(|_| closed())?
         };
         match tokio::time::timeout(sql::CALL_TIMEOUT, answered).await {
@@ -90,44 +79,35 @@ impl Appends for Batcher {
     }
 }
 
-/// What every lane's worker shares.
-struct Appender {
+/// The task that sends the batches.
+struct Writer {
     tables: Arc<Tables<Postgres>>,
     /// The call of `append_batch`.
     append_batch: SqlStr,
-}
-
-/// The lane of the request's first stream in byte order.
-fn lane_of(request: &AppendRequest) -> usize {
-    let first = request.entries.iter().map(|e| e.stream.key()).min().unwrap_or_default();
-    (sql::fnv1a(first.as_bytes()) % LANES as u64) as usize
-}
-
-/// One lane's queue, and appends held back for its next batch.
-struct Lane {
     queue: mpsc::Receiver<Pending>,
+    /// Appends held back for the next batch.
     held: VecDeque<Pending>,
 }
 
-/// Runs the lane's batches one after the other, until its queue closes.
-async fn work(inner: Arc<Appender>, mut lane: Lane) {
-    while let Some(batch) = lane.next_batch(&inner).await {
-        if !batch.is_empty() {
-            run(&inner, batch).await;
+impl Writer {
+    /// Runs the batches one after the other, until the queue closes.
+    async fn run(mut self) {
+        while let Some(batch) = self.next_batch().await {
+            if !batch.is_empty() {
+                run(&self.tables, &self.append_batch, batch).await;
+            }
         }
     }
-}
 
-impl Lane {
     /// The appends for one batch: whatever is held back or queued, up to [`MAX_BATCH`], waiting
     /// for the first if there is none. Appends already past their deadline are answered at once.
     /// `None` once the queue is closed and empty.
-    async fn next_batch(&mut self, inner: &Appender) -> Option<Vec<Pending>> {
+    async fn next_batch(&mut self) -> Option<Vec<Pending>> {
         if self.held.is_empty() {
             let first = self.queue.recv().await?;
             self.held.push_back(first);
         }
-        let now = inner.tables.clock.now();
+        let now = self.tables.clock.now();
         let mut batch = Vec::new();
         let mut keys = HashSet::new();
         let mut held = VecDeque::new();
@@ -157,13 +137,12 @@ impl Lane {
 }
 
 /// Sends one batch and answers each of its appends.
-async fn run(inner: &Appender, batch: Vec<Pending>) {
+async fn run(tables: &Tables<Postgres>, append_batch: &SqlStr, batch: Vec<Pending>) {
     let deadline = batch.iter().map(|p| p.deadline).min().unwrap_or(i64::MIN);
     let columns = Columns::of(&batch);
-    let tables = &inner.tables;
     let rows = tables
         .calls
-        .run("postgres append", Repeat::Unsafe, || columns.bind(inner, deadline).fetch_all(&tables.pool))
+        .run("postgres append", Repeat::Unsafe, || columns.bind(tables, append_batch, deadline).fetch_all(&tables.pool))
         .await;
     let mut answers: Vec<Option<Result<Appended, StoreError>>> = batch.iter().map(|_| None).collect();
     match rows {
@@ -268,10 +247,10 @@ impl<'a> Columns<'a> {
         columns
     }
 
-    fn bind<'q>(&'q self, inner: &Appender, deadline: i64) -> Query<'q, Postgres, PgArguments> {
-        sqlx::query(inner.append_batch.clone())
+    fn bind<'q>(&'q self, tables: &Tables<Postgres>, append_batch: &SqlStr, deadline: i64) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(append_batch.clone())
             .bind(deadline)
-            .bind(sql::bigint(inner.tables.retention.max_messages))
+            .bind(sql::bigint(tables.retention.max_messages))
             .bind(IDEMPOTENCY_WINDOW_MS as i64)
             .bind(&self.mids)
             .bind(&self.senders)

@@ -211,9 +211,6 @@ $fn$;
 "#,
 ];
 
-/// Connections a node opens: one per append lane, and a few for reads, cursors and the outbox.
-const POOL: u32 = batch::LANES as u32 + 4;
-
 /// What every connection sets once connected.
 const SESSION_TIMEOUTS: &str = "SET lock_timeout = 2000; SET statement_timeout = 5000";
 
@@ -233,7 +230,7 @@ pub(crate) async fn connect(url: &str, prefix: &str, suspicion: Arc<Suspicion>) 
     // The server gives up on its own too: a stuck statement frees its connection and locks. Set
     // once connected rather than as startup options, which connection poolers such as PgBouncer
     // refuse.
-    let pool = sql::open_pool(options, POOL, SESSION_TIMEOUTS, suspicion)
+    let pool = sql::open_pool(options, sql::MAX_CONNECTIONS, SESSION_TIMEOUTS, suspicion)
         .await
         .map_err(|e| anyhow::anyhow!("--store {shown}: cannot reach PostgreSQL ({e})"))?;
     migrate(&pool, prefix, "schema_version", MIGRATIONS)

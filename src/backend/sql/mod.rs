@@ -25,7 +25,7 @@ use crate::outbox::{Older, OutboxRow};
 use crate::protocol::{RoomName, StreamId, UserId, now_ms};
 use crate::store::{Retention, StoreError};
 
-/// Most connections a MySQL store opens (a PostgreSQL store opens one per append lane, and four).
+/// Most connections a store opens.
 pub(crate) const MAX_CONNECTIONS: u32 = 16;
 /// Longest wait for the first connection at start-up.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -160,7 +160,7 @@ pub(crate) fn lock_key(prefix: &str) -> i64 {
 }
 
 /// The FNV-1a hash of `bytes`: small, and the same on every node and every build.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
