@@ -65,7 +65,8 @@ pub fn is_late(e: &redis::RedisError) -> bool {
 }
 
 /// This node's estimate of Redis's clock, so that write deadlines do not depend on the clocks of
-/// the node and the Redis host agreeing. Sampled with `TIME` at start and every health check.
+/// the node and the Redis host agreeing. Sampled with `TIME` at start and every 10 s (and by
+/// the bus at every health check of its Redis).
 #[derive(Default)]
 pub struct RedisClock {
     /// Redis time minus local time, in ms.
@@ -135,8 +136,53 @@ impl Shared {
         let mut commands = commands(&client, url).await?;
         let clock = Arc::new(RedisClock::default());
         clock.sample(&mut commands).await?;
+        tokio::spawn(resample(Arc::downgrade(&clock), commands.clone(), CLOCK_EVERY));
         self.by_url.insert(url.to_owned(), (client.clone(), commands.clone(), clock.clone()));
         Ok((client, commands, clock))
+    }
+}
+
+/// How often every Redis a node uses has its clock sampled again (the bus's health check
+/// samples its own Redis every second besides), so that a store or presence on another Redis
+/// than the bus follows that server's clock too.
+const CLOCK_EVERY: Duration = Duration::from_secs(10);
+
+/// Samples `clock` every `every` on `conn`, for as long as some role holds the clock.
+async fn resample(clock: std::sync::Weak<RedisClock>, mut conn: ConnectionManager, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(clock) = clock.upgrade() else { return };
+        if let Ok(Err(e)) = tokio::time::timeout(every, clock.sample(&mut conn)).await {
+            tracing::debug!(error = %e, "sampling the redis clock failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A clock that went wrong (or a Redis host whose clock moved) is put right by the next
+    /// sample, and the sampling stops once no role holds the clock.
+    #[tokio::test]
+    async fn clocks_are_sampled_again() {
+        let url = crate::testing::redis_url();
+        let client = client(&url).unwrap();
+        let conn = match tokio::time::timeout(Duration::from_secs(3), commands(&client, &url)).await {
+            Ok(Ok(conn)) => conn,
+            other => return crate::testing::absent("redis clock", &format!("{:?}", other.map(|r| r.err()))).unwrap_or(()),
+        };
+        let clock = Arc::new(RedisClock::late_by(60_000));
+        let deadline_now = || crate::protocol::now_ms() + WRITE_DEADLINE.as_millis() as u64;
+        assert!(clock.write_deadline() + 30_000 < deadline_now(), "starts a minute wrong");
+        let sampler = tokio::spawn(resample(Arc::downgrade(&clock), conn, Duration::from_millis(50)));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let error = clock.write_deadline().abs_diff(deadline_now());
+        assert!(error < 1_000, "after a sample the estimate is off by {error} ms");
+        drop(clock);
+        tokio::time::timeout(Duration::from_secs(1), sampler).await.expect("sampling stops").unwrap();
     }
 }
 
