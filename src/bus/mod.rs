@@ -86,17 +86,16 @@ impl Delivery {
         Self { position, exclude, ts: message.ts, content: Content::Message(message), json: OnceLock::new() }
     }
 
-    /// A delivery of a [`Record`] received from a bus; `None` when the bytes are not one. It is
-    /// encoded here, since the hub needs the frame at once.
+    /// A delivery of a [`Record`] received from a bus; `None` when the bytes are not one. Its
+    /// frame is encoded when a session first needs it: a node often receives a message only for
+    /// the session that sent it (the sender's copy of a direct message), which never needs it.
     pub fn from_record(position: Option<(StreamId, u64)>, record: Bytes, exclude: Option<SessionId>) -> Option<Self> {
-        let stream = position.as_ref().map(|(stream, seq)| (stream, *seq));
-        let view = Record::view(stream.map(|(stream, _)| stream), &record)?;
-        let (ts, json) = (view.ts, encode_view(stream, view));
-        Some(Self { position, exclude, ts, content: Content::Record(record), json: OnceLock::from(json) })
+        let ts = Record::view(position.as_ref().map(|(stream, _)| stream), &record)?.ts;
+        Some(Self { position, exclude, ts, content: Content::Record(record), json: OnceLock::new() })
     }
 
-    /// The JSON `message` frame (PROTOCOL.md §4), encoded on first use. The hub asks for it once
-    /// before fanning out, so sessions only share it.
+    /// The JSON `message` frame (PROTOCOL.md §4), encoded on first use. The hub asks for it
+    /// before handing the delivery to the first session, so sessions only share it.
     pub fn json(&self) -> &Bytes {
         self.json.get_or_init(|| {
             let position = self.position.as_ref().map(|(stream, seq)| (stream, *seq));
