@@ -71,11 +71,11 @@ for _ in $(seq 1200); do
   sleep 0.1
 done
 sleep 2
-callgrind_control -z "$VG" >/dev/null
+callgrind_control -z "$VG" >/dev/null 2>&1
 before=$(delivered)
 sleep 8
 after=$(delivered)
-callgrind_control -d "$VG" >/dev/null
+callgrind_control -d "$VG" >/dev/null 2>&1
 wait "$BENCHPID" || { echo "callgrind.sh: the load generator failed" >&2; cat "$RUN.bench.txt" >&2; exit 1; }
 
 # The dump asked for is part 1 (`<file>.<pid>.1`); the whole run's comes at exit, unused.
