@@ -72,12 +72,28 @@ impl Record {
     /// The fields of a record of `stream` (`None`: a broadcast), borrowed from its bytes; `None`
     /// when they are not a record.
     pub fn view<'a>(stream: Option<&'a StreamId>, bytes: &'a [u8]) -> Option<MessageView<'a>> {
-        let newline = bytes.iter().position(|b| *b == b'\n')?;
+        // One pass over the head for its three spaces and its newline: a node parses every
+        // message it receives, and splitting the head field by field cost three times as much.
+        let mut ends = [0; 4];
+        let mut found = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            if b == b' ' || b == b'\n' {
+                *ends.get_mut(found)? = i;
+                found += 1;
+                if b == b'\n' {
+                    break;
+                }
+            }
+        }
+        let newline = ends[3];
+        if found != 4 || bytes[newline] != b'\n' {
+            return None;
+        }
         let head = std::str::from_utf8(&bytes[..newline]).ok()?;
         let body = &bytes[newline + 1..];
-        let mut fields = head.split(' ');
-        let (ts, mid, from, to) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
-        if fields.next().is_some() || mid.is_empty() || from.is_empty() {
+        let (ts, mid, from, to) =
+            (&head[..ends[0]], &head[ends[0] + 1..ends[1]], &head[ends[1] + 1..ends[2]], &head[ends[2] + 1..]);
+        if mid.is_empty() || from.is_empty() {
             return None;
         }
         let to = match to {
@@ -182,7 +198,17 @@ mod tests {
     #[test]
     fn malformed_records_are_refused() {
         let stream = StreamId::parse("user:bob").unwrap();
-        for bad in [&b"no newline"[..], b"1 m a\nbody", b"1 m a b c\nbody", b"x m a -\nbody", b"1 m a b!d\n{}"] {
+        let bad = [
+            &b"no newline"[..],
+            b"1 m a\nbody",
+            b"1 m a b c\nbody",
+            b"x m a -\nbody",
+            b"1 m a b!d\n{}",
+            b"1 m a b",
+            b"",
+            b"1  a -\n{}",
+        ];
+        for bad in bad {
             assert_eq!(Record::decode(Some(&stream), bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
     }
