@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::message::{Message, Record};
+use crate::message::{Layout, Message, Record};
 use crate::protocol::{RoomName, StreamId, UserId, encode_message, encode_view};
 
 pub use batch::Batcher;
@@ -78,7 +78,8 @@ pub struct Delivery {
 #[derive(Debug)]
 enum Content {
     Message(Message),
-    Record(Bytes),
+    /// A record, checked on receipt.
+    Record(Bytes, Layout),
 }
 
 impl Delivery {
@@ -90,8 +91,14 @@ impl Delivery {
     /// frame is encoded when a session first needs it: a node often receives a message only for
     /// the session that sent it (the sender's copy of a direct message), which never needs it.
     pub fn from_record(position: Option<(StreamId, u64)>, record: Bytes, exclude: Option<SessionId>) -> Option<Self> {
-        let ts = Record::view(position.as_ref().map(|(stream, _)| stream), &record)?.ts;
-        Some(Self { position, exclude, ts, content: Content::Record(record), json: OnceLock::new() })
+        let layout = Record::check(&record)?;
+        Some(Self {
+            position,
+            exclude,
+            ts: layout.ts(),
+            content: Content::Record(record, layout),
+            json: OnceLock::new(),
+        })
     }
 
     /// The JSON `message` frame (PROTOCOL.md §4), encoded on first use. The hub asks for it
@@ -101,8 +108,8 @@ impl Delivery {
             let position = self.position.as_ref().map(|(stream, seq)| (stream, *seq));
             match &self.content {
                 Content::Message(message) => encode_message(position, message),
-                Content::Record(record) => {
-                    let view = Record::view(position.map(|(stream, _)| stream), record);
+                Content::Record(record, layout) => {
+                    let view = Record::view_checked(position.map(|(stream, _)| stream), record, *layout);
                     encode_view(position, view.expect("checked when received"))
                 }
             }
@@ -113,7 +120,7 @@ impl Delivery {
     pub fn write_record(&self, out: &mut Vec<u8>) {
         match &self.content {
             Content::Message(message) => Record::write(out, message),
-            Content::Record(record) => out.extend_from_slice(record),
+            Content::Record(record, _) => out.extend_from_slice(record),
         }
     }
 
