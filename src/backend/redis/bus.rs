@@ -7,15 +7,13 @@
 //! `subscribe` returns only once Redis confirmed, which is what makes a catch-up read after it
 //! gapless.
 //!
-//! Incoming messages are decoded in the connection's push callback, on the connection's own
-//! task, and handed straight to the sink, which never blocks: there is no intermediate queue that
-//! could drop a burst, and no second task to wake per message. (A connection manager would
-//! forward every push through a channel to a task of its own: about 4,000 instructions per
-//! message, measured with callgrind. So the subscriber is a plain connection, and the
-//! subscription task reconnects it and subscribes again when it drops.) A health task pings Redis
-//! every second and reports readiness, and once Redis answers again after the subscriber
-//! connection was dropped, asks every session to catch up from the store, since messages
-//! published while the subscription was down are only in the streams.
+//! Incoming messages are decoded on the subscriber connection's own task (see `subscriber.rs`)
+//! and handed straight to the sink, which never blocks: there is no intermediate queue that could
+//! drop a burst, and no second task to wake per message. The subscription task connects the
+//! subscriber again when it drops, and subscribes again to every channel with local interest. A
+//! health task pings Redis every second and reports readiness, and once Redis answers again after
+//! the subscriber connection was dropped, asks every session to catch up from the store, since
+//! messages published while the subscription was down are only in the streams.
 //!
 //! Envelope of a published message: one header line, `\n`, then the payload.
 //! - `M <exclude session|-> <stream> <seq> <record>`: a stream message, where `<record>` is the
@@ -34,8 +32,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, PushInfo, PushKind, Script, Value};
+use redis::aio::ConnectionManager;
+use redis::Script;
 use tokio::sync::{Notify, watch};
 
 use crate::bus::{Bus, BusError, Delivery, Event, Notice, SessionId, Sink, Topic};
@@ -44,6 +42,8 @@ use crate::backend::redis::keys::Keys;
 use crate::metrics::Metrics;
 use crate::protocol::StreamId;
 use super::store::envelope_head;
+use super::RESPONSE_TIMEOUT;
+use super::subscriber::{Receiver, Subscriber};
 
 /// How long `subscribe` waits for Redis to confirm.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -82,7 +82,7 @@ struct Shared {
     lost: AtomicBool,
     /// The subscriber connection; `None` once it dropped, until the subscription task has
     /// connected again. Cloned out, never held across an `.await`.
-    subscriber: Mutex<Option<MultiplexedConnection>>,
+    subscriber: Mutex<Option<Subscriber>>,
     metrics: Arc<Metrics>,
 }
 
@@ -133,14 +133,13 @@ impl Shared {
     }
 
     /// Decodes one pub/sub message and delivers it locally.
-    fn on_message(&self, channel: &[u8], payload: Vec<u8>) {
+    fn on_message(&self, channel: &[u8], payload: Bytes) {
         self.metrics.bus_received.inc();
         let Some(topic) = std::str::from_utf8(channel).ok().and_then(|c| self.keys.topic(c)) else { return };
         let event = match payload.first() {
             Some(b'M') => Self::message(&topic, payload),
             Some(b'B') if payload.len() >= 2 => {
-                let record = Bytes::from(payload).slice(2..);
-                Delivery::from_record(None, record, None).map(|d| Event::Message(Arc::new(d)))
+                Delivery::from_record(None, payload.slice(2..), None).map(|d| Event::Message(Arc::new(d)))
             }
             _ => Self::control(payload),
         };
@@ -155,7 +154,7 @@ impl Shared {
     }
 
     /// `M <exclude> <stream> <seq> <record>`.
-    fn message(topic: &Topic, payload: Vec<u8>) -> Option<Event> {
+    fn message(topic: &Topic, payload: Bytes) -> Option<Event> {
         let mut at = 0;
         let mut field = || {
             let start = at;
@@ -167,14 +166,13 @@ impl Shared {
         let stream = stream_of(topic, stream)?;
         let seq = seq.parse().ok()?;
         let exclude = session_field(exclude);
-        let record = Bytes::from(payload).slice(at..);
+        let record = payload.slice(at..);
         Some(Event::Message(Arc::new(Delivery::from_record(Some((stream, seq)), record, exclude)?)))
     }
 
     /// The envelopes of pre-encoded frames and of disconnects.
-    fn control(payload: Vec<u8>) -> Option<Event> {
+    fn control(payload: Bytes) -> Option<Event> {
         let newline = payload.iter().position(|b| *b == b'\n')?;
-        let payload = Bytes::from(payload);
         let body = payload.slice(newline + 1..);
         let header = std::str::from_utf8(&payload[..newline]).ok()?;
         let mut fields = header.split(' ');
@@ -189,26 +187,14 @@ impl Shared {
         }
     }
 
-    fn on_push(&self, info: PushInfo) {
-        match info.kind {
-            PushKind::Message => {
-                let mut data = info.data.into_iter();
-                if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next())
-                {
-                    self.on_message(&channel, payload);
-                }
-            }
-            PushKind::Disconnection => {
-                self.lost.store(true, Ordering::Release);
-                if self.ready.swap(false, Ordering::AcqRel) {
-                    tracing::warn!("redis pub/sub connection lost; reconnecting");
-                }
-                // A connection says this once, as it ends; the subscription task connects anew.
-                self.subscriber.lock().unwrap_or_else(|p| p.into_inner()).take();
-                self.changed.notify_one();
-            }
-            _ => {}
+    /// The subscriber connection ended: the subscription task connects anew.
+    fn on_closed(&self) {
+        self.lost.store(true, Ordering::Release);
+        if self.ready.swap(false, Ordering::AcqRel) {
+            tracing::warn!("redis pub/sub connection lost; reconnecting");
         }
+        self.subscriber.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.changed.notify_one();
     }
 
     /// The channels to subscribe and to unsubscribe now; forgets channels nobody wants that were
@@ -223,13 +209,13 @@ impl Shared {
         (subscribe, unsubscribe)
     }
 
-    fn subscriber(&self) -> Option<MultiplexedConnection> {
+    fn subscriber(&self) -> Option<Subscriber> {
         self.subscriber.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Takes a new subscriber connection, on which nothing is subscribed yet: every channel with
     /// interest is pending again, and `subscribe` waits for it as for a new one.
-    fn reconnected(&self, conn: MultiplexedConnection) {
+    fn reconnected(&self, conn: Subscriber) {
         let mut interest = self.interest();
         interest.retain(|_, i| i.count > 0);
         for i in interest.values_mut() {
@@ -246,6 +232,23 @@ impl Shared {
                 i.active = subscribed;
                 i.ready.send_replace(subscribed);
             }
+        }
+    }
+}
+
+/// The subscriber's traffic, for the bus while it exists.
+struct Incoming(std::sync::Weak<Shared>);
+
+impl Receiver for Incoming {
+    fn message(&self, channel: &[u8], payload: Bytes) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.on_message(channel, payload);
+        }
+    }
+
+    fn closed(&self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.on_closed();
         }
     }
 }
@@ -270,19 +273,11 @@ impl RedisBus {
             subscriber: Mutex::new(None),
             metrics,
         });
-        let callback = {
-            let shared = Arc::downgrade(&shared);
-            move |info: PushInfo| -> Result<(), std::convert::Infallible> {
-                if let Some(shared) = shared.upgrade() {
-                    shared.on_push(info);
-                }
-                Ok(())
-            }
-        };
-        let config = crate::backend::redis::connection_config().set_push_sender(callback);
-        shared.reconnected(client.get_multiplexed_async_connection_with_config(&config).await?);
+        let incoming: Arc<dyn Receiver> = Arc::new(Incoming(Arc::downgrade(&shared)));
+        let info = client.get_connection_info().clone();
+        shared.reconnected(Subscriber::connect(&info, RESPONSE_TIMEOUT, incoming.clone()).await?);
         let bus = Self { shared: shared.clone(), publisher, clock, publish: Script::new(PUBLISH) };
-        tokio::spawn(manage_subscriptions(Arc::downgrade(&shared), shared.changed.clone(), client, config));
+        tokio::spawn(manage_subscriptions(Arc::downgrade(&shared), shared.changed.clone(), info, incoming));
         tokio::spawn(watch_health(Arc::downgrade(&shared), bus.publisher.clone(), bus.clock.clone()));
         bus.subscribe(&Topic::All).await.map_err(|e| anyhow::anyhow!("subscribing to broadcasts: {e}"))?;
         Ok(bus)
@@ -299,16 +294,16 @@ impl RedisBus {
 async fn manage_subscriptions(
     shared: std::sync::Weak<Shared>,
     changed: Arc<Notify>,
-    client: redis::Client,
-    config: AsyncConnectionConfig,
+    info: redis::ConnectionInfo,
+    incoming: Arc<dyn Receiver>,
 ) {
     let mut delay = RECONNECT_MIN;
     loop {
         let notified = changed.notified();
         let Some(strong) = shared.upgrade() else { return };
-        let Some(mut subscriber) = strong.subscriber() else {
+        let Some(subscriber) = strong.subscriber() else {
             drop(strong);
-            match client.get_multiplexed_async_connection_with_config(&config).await {
+            match Subscriber::connect(&info, RESPONSE_TIMEOUT, incoming.clone()).await {
                 Ok(conn) => {
                     let Some(strong) = shared.upgrade() else { return };
                     strong.reconnected(conn);
@@ -335,7 +330,7 @@ async fn manage_subscriptions(
             if !subscribe.is_empty() {
                 subscriber.subscribe(&subscribe).await?;
             }
-            Ok::<(), redis::RedisError>(())
+            Ok::<(), std::io::Error>(())
         }
         .await;
         let Some(strong) = shared.upgrade() else { return };
@@ -362,7 +357,7 @@ async fn watch_health(shared: std::sync::Weak<Shared>, mut publisher: Connection
         let Some(subscriber) = shared.upgrade().map(|shared| shared.subscriber()) else { return };
         let ok = sampled
             && match subscriber {
-                Some(mut conn) => ping(&mut conn).await,
+                Some(conn) => matches!(tokio::time::timeout(HEALTH_EVERY, conn.ping()).await, Ok(Ok(()))),
                 None => false,
             };
         let Some(shared) = shared.upgrade() else { return };
@@ -383,11 +378,6 @@ async fn watch_health(shared: std::sync::Weak<Shared>, mut publisher: Connection
             sink.deliver(&Topic::All, &Event::Resync);
         }
     }
-}
-
-async fn ping(conn: &mut MultiplexedConnection) -> bool {
-    let cmd = redis::cmd("PING");
-    matches!(tokio::time::timeout(HEALTH_EVERY, cmd.query_async::<String>(conn)).await, Ok(Ok(_)))
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {

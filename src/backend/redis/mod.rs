@@ -9,6 +9,7 @@ pub(crate) mod keys;
 pub(crate) mod presence;
 pub(crate) mod registry;
 pub(crate) mod store;
+mod subscriber;
 
 pub(crate) use bus::RedisBus;
 pub(crate) use keys::{Instance, Keys};
@@ -24,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{
-    AsyncConnectionConfig, Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, ProtocolVersion, RedisResult, Script, ServerErrorKind,
+    Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, ProtocolVersion, RedisResult, Script, ServerErrorKind,
 };
 
 /// Longest wait for one Redis reply.
@@ -103,13 +104,6 @@ pub fn client(url: &str) -> anyhow::Result<redis::Client> {
     let info = url.into_connection_info().map_err(|_| anyhow::anyhow!("{shown}: not a valid Redis URL"))?;
     let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
     Ok(redis::Client::open(info.set_redis_settings(settings))?)
-}
-
-/// Timeouts of a plain connection (the bus's subscriber), as a connection manager has them.
-pub fn connection_config() -> AsyncConnectionConfig {
-    AsyncConnectionConfig::new()
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
 }
 
 /// Timeouts and reconnection for every connection manager of a node.
