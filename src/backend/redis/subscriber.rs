@@ -67,8 +67,9 @@ impl Subscriber {
                 stream.write_all(&command(&auth)).await?;
                 loop {
                     if let Some((reply, used)) = Reply::read(&input)? {
+                        let outcome = reply.outcome(&input);
                         input.advance(used);
-                        return reply.outcome(&input);
+                        return outcome;
                     }
                     read(&mut stream, &mut input).await?;
                 }
@@ -267,7 +268,7 @@ impl Reply {
                             if len < 0 {
                                 continue;
                             }
-                            let end = at + len as usize;
+                            let end = at.checked_add(len as usize).ok_or_else(malformed)?;
                             if input.len() < end + 2 {
                                 return Ok(None);
                             }
@@ -425,5 +426,21 @@ mod tests {
         assert_eq!(messages, vec![(channel.clone().into_bytes(), Bytes::from(payload))], "larger than one read");
         subscriber.unsubscribe(&[channel]).await.unwrap();
         subscriber.ping().await.unwrap();
+    }
+
+    /// A refused sign-in fails the connect with Redis's answer (the test Redis has no password,
+    /// so any password is refused).
+    #[tokio::test]
+    async fn a_refused_sign_in_fails_the_connect() {
+        let url = crate::testing::redis_url().replacen("redis://", "redis://:not-the-password@", 1);
+        let info = crate::backend::redis::client(&url).unwrap().get_connection_info().clone();
+        assert!(info.redis_settings().password().is_some());
+        match Subscriber::connect(&info, Duration::from_secs(2), Arc::new(Seen::default())).await {
+            Ok(_) => panic!("signed in with a wrong password"),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                crate::testing::absent("redis subscriber", &format!("no Redis at {url}: {e}")).unwrap_or_default()
+            }
+            Err(e) => assert!(e.to_string().starts_with("redis: "), "{e}"),
+        }
     }
 }
