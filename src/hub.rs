@@ -238,15 +238,14 @@ impl Hub {
 impl Sink for Hub {
     fn deliver(&self, topic: &Topic, event: &Event) {
         match event {
-            Event::Message(delivery) => {
-                // Encoded here, once per node, so that sessions only share the bytes.
-                delivery.json();
-                self.each(topic, |h| {
-                    if delivery.exclude != Some(h.id) {
-                        h.push(Outbound::Message(delivery.clone()), &self.metrics);
-                    }
-                })
-            }
+            Event::Message(delivery) => self.each(topic, |h| {
+                if delivery.exclude != Some(h.id) {
+                    // Encoded here, once per node and only when someone takes it, so that
+                    // sessions only share the bytes.
+                    delivery.json();
+                    h.push(Outbound::Message(delivery.clone()), &self.metrics);
+                }
+            }),
             Event::Frames(notices) => {
                 let frames: Vec<_> = notices.iter().map(|n| (Arc::new(n.frame.clone()), n.exclude)).collect();
                 // Member by member, so that a session gets the whole batch in one wake-up.

@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::message::{Message, Record};
+use crate::message::{Layout, Message, Record};
 use crate::protocol::{RoomName, StreamId, UserId, encode_message, encode_view};
 
 pub use batch::Batcher;
@@ -78,7 +78,8 @@ pub struct Delivery {
 #[derive(Debug)]
 enum Content {
     Message(Message),
-    Record(Bytes),
+    /// A record, checked on receipt.
+    Record(Bytes, Layout),
 }
 
 impl Delivery {
@@ -86,24 +87,29 @@ impl Delivery {
         Self { position, exclude, ts: message.ts, content: Content::Message(message), json: OnceLock::new() }
     }
 
-    /// A delivery of a [`Record`] received from a bus; `None` when the bytes are not one. It is
-    /// encoded here, since the hub needs the frame at once.
+    /// A delivery of a [`Record`] received from a bus; `None` when the bytes are not one. Its
+    /// frame is encoded when a session first needs it: a node often receives a message only for
+    /// the session that sent it (the sender's copy of a direct message), which never needs it.
     pub fn from_record(position: Option<(StreamId, u64)>, record: Bytes, exclude: Option<SessionId>) -> Option<Self> {
-        let stream = position.as_ref().map(|(stream, seq)| (stream, *seq));
-        let view = Record::view(stream.map(|(stream, _)| stream), &record)?;
-        let (ts, json) = (view.ts, encode_view(stream, view));
-        Some(Self { position, exclude, ts, content: Content::Record(record), json: OnceLock::from(json) })
+        let layout = Record::check(&record)?;
+        Some(Self {
+            position,
+            exclude,
+            ts: layout.ts(),
+            content: Content::Record(record, layout),
+            json: OnceLock::new(),
+        })
     }
 
-    /// The JSON `message` frame (PROTOCOL.md §4), encoded on first use. The hub asks for it once
-    /// before fanning out, so sessions only share it.
+    /// The JSON `message` frame (PROTOCOL.md §4), encoded on first use. The hub asks for it
+    /// before handing the delivery to the first session, so sessions only share it.
     pub fn json(&self) -> &Bytes {
         self.json.get_or_init(|| {
             let position = self.position.as_ref().map(|(stream, seq)| (stream, *seq));
             match &self.content {
                 Content::Message(message) => encode_message(position, message),
-                Content::Record(record) => {
-                    let view = Record::view(position.map(|(stream, _)| stream), record);
+                Content::Record(record, layout) => {
+                    let view = Record::view_checked(position.map(|(stream, _)| stream), record, *layout);
                     encode_view(position, view.expect("checked when received"))
                 }
             }
@@ -114,7 +120,7 @@ impl Delivery {
     pub fn write_record(&self, out: &mut Vec<u8>) {
         match &self.content {
             Content::Message(message) => Record::write(out, message),
-            Content::Record(record) => out.extend_from_slice(record),
+            Content::Record(record, _) => out.extend_from_slice(record),
         }
     }
 

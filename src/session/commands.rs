@@ -280,7 +280,11 @@ impl Session {
         if !self.rooms.remove(room) {
             return Err(ProtocolError::new(ErrorCode::NotMember, format!("not a member of room {room}")));
         }
-        self.streams.remove(&StreamId::Room(room.clone()));
+        let stream = StreamId::Room(room.clone());
+        if let Some(repair) = &mut self.repair {
+            repair.held.remove(&stream);
+        }
+        self.streams.remove(&stream);
         self.node.leave(room, &self.info.user, self.info.session).await
     }
 

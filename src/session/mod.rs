@@ -40,7 +40,7 @@ use crate::protocol::{
 use crate::ws::{self, Incoming, WebSocket};
 
 use ratelimit::{RateLimiter, Verdict};
-use repair::{Held, REPAIR_RETRY, REPAIR_WAIT};
+use repair::{REPAIR_RETRY, REPAIR_WAIT, Repair};
 use seqset::SeqSet;
 
 /// Most queued frames written per flush.
@@ -58,8 +58,6 @@ struct StreamState {
     /// From which seq on it is owed every message live; a resync after a bus outage
     /// re-reads from here. `None` when unknown (nothing to resync).
     live_from: Option<u64>,
-    /// Live messages that arrived ahead of a gap (see `repair`); boxed, as it is rare.
-    held: Option<Box<Held>>,
 }
 
 impl StreamState {
@@ -72,6 +70,11 @@ impl StreamState {
             None => self.seen.first().map(|first| self.seen.next_missing(first)),
         }
     }
+}
+
+/// When the session's open gaps are due to be read from the store, if any are.
+fn repair_at(repair: &Option<Box<Repair>>) -> Option<Instant> {
+    repair.as_ref()?.at
 }
 
 /// Resolves at `at`; never when there is none (the branch is then disabled anyway).
@@ -100,8 +103,10 @@ struct Session {
     streams: HashMap<StreamId, StreamState>,
     limiter: RateLimiter,
     last_heard: Instant,
-    /// When to read the gaps still open in live delivery from the store (see `repair`).
-    repair_at: Option<Instant>,
+    /// The gaps open in live delivery: the messages held back and when to read what is missing
+    /// from the store (see `repair`). Boxed and kept apart from the streams, as it is rare: an
+    /// idle session pays one pointer for it.
+    repair: Option<Box<Repair>>,
 }
 
 /// Runs a session until it closes, then unregisters it.
@@ -131,7 +136,7 @@ pub fn run(node: Arc<Node>, ws: WebSocket, identity: Identity) -> impl Future<Ou
         rooms: HashSet::new(),
         streams: HashMap::new(),
         last_heard: now,
-        repair_at: None,
+        repair: None,
     };
     let span = tracing::debug_span!("session", id = %id, user = %session.info.user);
     async move {
@@ -162,7 +167,7 @@ impl Session {
         );
         let own = StreamId::User(self.info.user.clone());
         let live_from = self.node.last_seq(&own).await.ok();
-        self.streams.insert(own, StreamState { seen: SeqSet::default(), live_from, held: None });
+        self.streams.insert(own, StreamState { seen: SeqSet::default(), live_from });
         if let Err(stop) = self.write([welcome]).await {
             return stop;
         }
@@ -195,7 +200,9 @@ impl Session {
                     }
                 }
                 _ = ping.tick() => self.ping(ping_every).await,
-                _ = repair_due(self.repair_at), if self.repair_at.is_some() => Box::pin(self.repair()).await,
+                _ = repair_due(repair_at(&self.repair)), if repair_at(&self.repair).is_some() => {
+                    Box::pin(self.repair()).await
+                }
             };
             if let Err(stop) = step {
                 return stop;
@@ -250,7 +257,7 @@ impl Session {
         let (mut held, mut overflow) = (false, false);
         let mut counts = [0u64; 3];
         let mut oldest = u64::MAX;
-        let (me, streams) = (self.info.session, &mut self.streams);
+        let (me, streams, repair) = (self.info.session, &mut self.streams, &mut self.repair);
         let frames = batch.iter().filter_map(|item| match item {
             Outbound::Frame(frame) => Some(&frame[..]),
             Outbound::Resync => {
@@ -275,7 +282,8 @@ impl Session {
                         }
                         if state.next_owed().is_some_and(|next| *seq > next) {
                             held = true;
-                            overflow |= state.held.get_or_insert_default().hold(*seq, delivery);
+                            let waiting = repair.get_or_insert_default().held.entry(stream.clone()).or_default();
+                            overflow |= waiting.hold(*seq, delivery);
                             return None;
                         }
                         if !state.seen.insert(*seq) {
@@ -293,7 +301,7 @@ impl Session {
         batch.clear();
         self.wrote(pushed).await?;
         self.count_delivered(counts, oldest);
-        if held || self.repair_at.is_some() {
+        if held || self.repair.is_some() {
             self.release_held().await?;
             if overflow {
                 Box::pin(self.repair()).await?;
@@ -321,15 +329,21 @@ impl Session {
     /// Writes the held messages that are in order now; arms the repair timer for the gaps left.
     async fn release_held(&mut self) -> Result<(), Stop> {
         let mut released: Vec<Arc<Delivery>> = Vec::new();
-        let mut open = false;
-        for state in self.streams.values_mut() {
-            let Some(held) = &mut state.held else { continue };
-            let out = held.release(&mut state.seen, state.live_from);
-            released.extend(out);
-            if held.is_empty() {
-                state.held = None;
-            } else {
-                open = true;
+        if let Some(repair) = &mut self.repair {
+            let streams = &mut self.streams;
+            repair.held.retain(|stream, held| {
+                // A stream left meanwhile is owed nothing any more.
+                let Some(state) = streams.get_mut(stream) else { return false };
+                released.extend(held.release(&mut state.seen, state.live_from));
+                !held.is_empty()
+            });
+            repair.at = match (repair.held.is_empty(), repair.at) {
+                (true, _) => None,
+                (false, Some(at)) => Some(at),
+                (false, None) => Some(Instant::now() + REPAIR_WAIT),
+            };
+            if repair.at.is_none() {
+                self.repair = None;
             }
         }
         if !released.is_empty() {
@@ -344,23 +358,19 @@ impl Session {
             self.wrote(pushed).await?;
             self.count_delivered(counts, oldest);
         }
-        self.repair_at = match (open, self.repair_at) {
-            (false, _) => None,
-            (true, Some(at)) => Some(at),
-            (true, None) => Some(Instant::now() + REPAIR_WAIT),
-        };
         Ok(())
     }
 
     /// Reads from the store what is still missing before held messages, writes it, then the held
     /// messages it unblocked. A store that cannot be read is tried again after [`REPAIR_RETRY`].
     async fn repair(&mut self) -> Result<(), Stop> {
-        self.repair_at = None;
-        let gaps: Vec<(StreamId, u64)> = self
-            .streams
-            .iter()
-            .filter(|(_, state)| state.held.is_some())
-            .map(|(stream, state)| (stream.clone(), state.next_owed().unwrap_or(1) - 1))
+        let Some(repair) = &mut self.repair else { return Ok(()) };
+        repair.at = None;
+        let streams = &self.streams;
+        let gaps: Vec<(StreamId, u64)> = repair
+            .held
+            .keys()
+            .filter_map(|stream| Some((stream.clone(), streams.get(stream)?.next_owed().unwrap_or(1) - 1)))
             .collect();
         let mut failed = false;
         for (stream, had) in gaps {
@@ -381,7 +391,7 @@ impl Session {
         }
         self.release_held().await?;
         if failed {
-            self.repair_at = Some(Instant::now() + REPAIR_RETRY);
+            self.repair.get_or_insert_default().at = Some(Instant::now() + REPAIR_RETRY);
         }
         Ok(())
     }

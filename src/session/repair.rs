@@ -8,12 +8,15 @@
 //! already dropped by the session's [`SeqSet`](super::seqset::SeqSet). So each session gets every
 //! message of a stream it follows once and in seq order, whatever the bus did.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::seqset::SeqSet;
 use crate::bus::Delivery;
+use crate::protocol::StreamId;
 
 /// How long a session waits for the messages missing before a held one, before reading them
 /// from the store. Reorders within a node are microseconds; a bus that lost a message stays
@@ -24,6 +27,14 @@ pub(super) const REPAIR_RETRY: Duration = Duration::from_secs(1);
 /// Most messages held back per stream: beyond it the gap is repaired at once rather than
 /// waited for, so a session's memory stays bounded whatever the bus does.
 pub(super) const MAX_HELD: usize = 256;
+
+/// A session's open gaps: what each stream holds back, and when to read what is still missing.
+#[derive(Debug, Default)]
+pub(super) struct Repair {
+    pub held: HashMap<StreamId, Held>,
+    /// When to read the gaps still open from the store; `None` until that is due.
+    pub at: Option<Instant>,
+}
 
 /// Messages of one stream that arrived ahead of a gap, by seq.
 #[derive(Debug, Default)]

@@ -20,6 +20,8 @@ use super::transport::Transport;
 
 /// The smallest read; a frame known to be larger is read in one go.
 const READ_CHUNK: usize = 4096;
+/// The first read with nothing pending goes to the stack, this large (a client's command fits).
+const READ_PROBE: usize = 512;
 /// Frames per vectored write (two slices each, within every platform's `IOV_MAX`).
 const FRAMES_PER_WRITE: usize = 32;
 
@@ -214,10 +216,8 @@ impl<S: Transport> WebSocket<S> {
             self.input.drain(..parsed);
         }
         loop {
-            // Read first, wait after: the buffer reserved here is freed again if nothing came.
-            let room = self.decoder.wanted().saturating_sub(self.input.len()).max(READ_CHUNK);
-            self.input.reserve(room);
-            match self.io.try_read_buf(&mut self.input) {
+            // Read first, wait after: a buffer reserved here is freed again if nothing came.
+            match self.read_now() {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -229,6 +229,22 @@ impl<S: Transport> WebSocket<S> {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Reads what the stream has now. With no input buffer the read goes to the stack first and
+    /// only what came is copied: a session is woken for every delivery, and then usually finds
+    /// nothing to read, which this way costs no allocation. A larger frame is read on into the
+    /// buffer by the next call.
+    fn read_now(&mut self) -> io::Result<usize> {
+        if self.input.capacity() == 0 {
+            let mut probe = [0u8; READ_PROBE];
+            let n = self.io.try_read(&mut probe)?;
+            self.input.extend_from_slice(&probe[..n]);
+            return Ok(n);
+        }
+        let room = self.decoder.wanted().saturating_sub(self.input.len()).max(READ_CHUNK);
+        self.input.reserve(room);
+        self.io.try_read_buf(&mut self.input)
     }
 
     /// Decodes what the input holds, answering pings and the client's close frame.

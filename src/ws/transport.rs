@@ -11,10 +11,10 @@
 //!
 //! - `poll_read_ready`: ready at once while it holds decrypted bytes not yet handed out, else
 //!   the `TcpStream`'s readiness.
-//! - `try_read_buf`: reads TLS records from the `TcpStream` into a ciphertext buffer held only
-//!   while a record is incomplete (freed once it is empty, as the socket frees its input),
-//!   decrypts them in place with `process_tls_records` and appends the plaintext to `buf`;
-//!   `WouldBlock` when no whole record has arrived yet.
+//! - `try_read_buf` (and `try_read`, into a slice): reads TLS records from the `TcpStream` into
+//!   a ciphertext buffer held only while a record is incomplete (freed once it is empty, as the
+//!   socket frees its input), decrypts them in place with `process_tls_records` and appends the
+//!   plaintext to `buf`; `WouldBlock` when no whole record has arrived yet.
 //! - `try_write_vectored`: encrypts what fits into records with `encrypt` and writes them; the
 //!   ciphertext the `TcpStream` did not take is kept, and written before anything else, until
 //!   it drains, and counted as written so that the socket does not send it twice;
@@ -42,6 +42,10 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin {
     /// reserved), and answers how many bytes (0: the stream ended), or `WouldBlock`.
     fn try_read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize>;
 
+    /// Reads what can be read now into `buf`, as far as it holds, and answers how many bytes
+    /// (0: the stream ended), or `WouldBlock`.
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+
     /// Ready when a write may make progress; on `Pending`, wakes the task of the latest `cx`
     /// once that changes.
     fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
@@ -65,6 +69,11 @@ impl Transport for TcpStream {
     #[inline]
     fn try_read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
         TcpStream::try_read_buf(self, buf)
+    }
+
+    #[inline]
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        TcpStream::try_read(self, buf)
     }
 
     #[inline]

@@ -7,12 +7,13 @@
 //! `subscribe` returns only once Redis confirmed, which is what makes a catch-up read after it
 //! gapless.
 //!
-//! Incoming messages are decoded in the connection's push callback and handed straight to the
-//! sink, which never blocks: there is no intermediate queue that could drop a burst. The
-//! connection manager reconnects and re-subscribes by itself; a health task pings Redis every
-//! second and reports readiness, and once Redis answers again after the subscriber connection was
-//! dropped, asks every session to catch up from the store, since messages published while the
-//! subscription was down are only in the streams.
+//! Incoming messages are decoded on the subscriber connection's own task (see `subscriber.rs`)
+//! and handed straight to the sink, which never blocks: there is no intermediate queue that could
+//! drop a burst, and no second task to wake per message. The subscription task connects the
+//! subscriber again when it drops, and subscribes again to every channel with local interest. A
+//! health task pings Redis every second and reports readiness, and once Redis answers again after
+//! the subscriber connection was dropped, asks every session to catch up from the store, since
+//! messages published while the subscription was down are only in the streams.
 //!
 //! Envelope of a published message: one header line, `\n`, then the payload.
 //! - `M <exclude session|-> <stream> <seq> <record>`: a stream message, where `<record>` is the
@@ -32,7 +33,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
-use redis::{PushInfo, PushKind, Script, Value};
+use redis::Script;
 use tokio::sync::{Notify, watch};
 
 use crate::bus::{Bus, BusError, Delivery, Event, Notice, SessionId, Sink, Topic};
@@ -41,6 +42,8 @@ use crate::backend::redis::keys::Keys;
 use crate::metrics::Metrics;
 use crate::protocol::StreamId;
 use super::store::envelope_head;
+use super::RESPONSE_TIMEOUT;
+use super::subscriber::{Receiver, Subscriber};
 
 /// How long `subscribe` waits for Redis to confirm.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,6 +51,9 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// Most channels in one SUBSCRIBE or UNSUBSCRIBE.
 const BATCH: usize = 1000;
+/// The first and the longest wait between attempts to connect the subscriber again.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
 /// ARGV: channel, payload, deadline (ms, see [`crate::backend::redis::WRITE_DEADLINE`]). Publishes, or answers -1 and
 /// publishes nothing when Redis runs it after the deadline.
@@ -74,6 +80,9 @@ struct Shared {
     ready: AtomicBool,
     /// Set when the subscription may have missed messages; cleared by the catch-up it triggers.
     lost: AtomicBool,
+    /// The subscriber connection; `None` once it dropped, until the subscription task has
+    /// connected again. Cloned out, never held across an `.await`.
+    subscriber: Mutex<Option<Subscriber>>,
     metrics: Arc<Metrics>,
 }
 
@@ -124,14 +133,13 @@ impl Shared {
     }
 
     /// Decodes one pub/sub message and delivers it locally.
-    fn on_message(&self, channel: &[u8], payload: Vec<u8>) {
+    fn on_message(&self, channel: &[u8], payload: Bytes) {
         self.metrics.bus_received.inc();
         let Some(topic) = std::str::from_utf8(channel).ok().and_then(|c| self.keys.topic(c)) else { return };
         let event = match payload.first() {
             Some(b'M') => Self::message(&topic, payload),
             Some(b'B') if payload.len() >= 2 => {
-                let record = Bytes::from(payload).slice(2..);
-                Delivery::from_record(None, record, None).map(|d| Event::Message(Arc::new(d)))
+                Delivery::from_record(None, payload.slice(2..), None).map(|d| Event::Message(Arc::new(d)))
             }
             _ => Self::control(payload),
         };
@@ -146,7 +154,7 @@ impl Shared {
     }
 
     /// `M <exclude> <stream> <seq> <record>`.
-    fn message(topic: &Topic, payload: Vec<u8>) -> Option<Event> {
+    fn message(topic: &Topic, payload: Bytes) -> Option<Event> {
         let mut at = 0;
         let mut field = || {
             let start = at;
@@ -158,14 +166,13 @@ impl Shared {
         let stream = stream_of(topic, stream)?;
         let seq = seq.parse().ok()?;
         let exclude = session_field(exclude);
-        let record = Bytes::from(payload).slice(at..);
+        let record = payload.slice(at..);
         Some(Event::Message(Arc::new(Delivery::from_record(Some((stream, seq)), record, exclude)?)))
     }
 
     /// The envelopes of pre-encoded frames and of disconnects.
-    fn control(payload: Vec<u8>) -> Option<Event> {
+    fn control(payload: Bytes) -> Option<Event> {
         let newline = payload.iter().position(|b| *b == b'\n')?;
-        let payload = Bytes::from(payload);
         let body = payload.slice(newline + 1..);
         let header = std::str::from_utf8(&payload[..newline]).ok()?;
         let mut fields = header.split(' ');
@@ -180,23 +187,14 @@ impl Shared {
         }
     }
 
-    fn on_push(&self, info: PushInfo) {
-        match info.kind {
-            PushKind::Message => {
-                let mut data = info.data.into_iter();
-                if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next())
-                {
-                    self.on_message(&channel, payload);
-                }
-            }
-            PushKind::Disconnection => {
-                self.lost.store(true, Ordering::Release);
-                if self.ready.swap(false, Ordering::AcqRel) {
-                    tracing::warn!("redis pub/sub connection lost; reconnecting");
-                }
-            }
-            _ => {}
+    /// The subscriber connection ended: the subscription task connects anew.
+    fn on_closed(&self) {
+        self.lost.store(true, Ordering::Release);
+        if self.ready.swap(false, Ordering::AcqRel) {
+            tracing::warn!("redis pub/sub connection lost; reconnecting");
         }
+        self.subscriber.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.changed.notify_one();
     }
 
     /// The channels to subscribe and to unsubscribe now; forgets channels nobody wants that were
@@ -211,6 +209,22 @@ impl Shared {
         (subscribe, unsubscribe)
     }
 
+    fn subscriber(&self) -> Option<Subscriber> {
+        self.subscriber.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes a new subscriber connection, on which nothing is subscribed yet: every channel with
+    /// interest is pending again, and `subscribe` waits for it as for a new one.
+    fn reconnected(&self, conn: Subscriber) {
+        let mut interest = self.interest();
+        interest.retain(|_, i| i.count > 0);
+        for i in interest.values_mut() {
+            i.active = false;
+            i.ready.send_replace(false);
+        }
+        *self.subscriber.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+    }
+
     fn confirm(&self, channels: &[String], subscribed: bool) {
         let mut interest = self.interest();
         for channel in channels {
@@ -222,9 +236,26 @@ impl Shared {
     }
 }
 
+/// The subscriber's traffic, for the bus while it exists.
+struct Incoming(std::sync::Weak<Shared>);
+
+impl Receiver for Incoming {
+    fn message(&self, channel: &[u8], payload: Bytes) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.on_message(channel, payload);
+        }
+    }
+
+    fn closed(&self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.on_closed();
+        }
+    }
+}
+
 impl RedisBus {
-    /// Connects the subscriber (RESP3, re-subscribing by itself after reconnects) and starts the
-    /// subscription and health tasks. `publisher` is shared with the store.
+    /// Connects the subscriber (RESP3) and starts the subscription and health tasks. `publisher`
+    /// is shared with the store.
     pub async fn connect(
         client: redis::Client,
         publisher: ConnectionManager,
@@ -239,22 +270,15 @@ impl RedisBus {
             sink: OnceLock::new(),
             ready: AtomicBool::new(true),
             lost: AtomicBool::new(false),
+            subscriber: Mutex::new(None),
             metrics,
         });
-        let callback = {
-            let shared = Arc::downgrade(&shared);
-            move |info: PushInfo| -> Result<(), std::convert::Infallible> {
-                if let Some(shared) = shared.upgrade() {
-                    shared.on_push(info);
-                }
-                Ok(())
-            }
-        };
-        let config = crate::backend::redis::manager_config().set_push_sender(callback).set_automatic_resubscription();
-        let subscriber = ConnectionManager::new_with_config(client, config).await?;
+        let incoming: Arc<dyn Receiver> = Arc::new(Incoming(Arc::downgrade(&shared)));
+        let info = client.get_connection_info().clone();
+        shared.reconnected(Subscriber::connect(&info, RESPONSE_TIMEOUT, incoming.clone()).await?);
         let bus = Self { shared: shared.clone(), publisher, clock, publish: Script::new(PUBLISH) };
-        tokio::spawn(manage_subscriptions(Arc::downgrade(&shared), shared.changed.clone(), subscriber.clone()));
-        tokio::spawn(watch_health(Arc::downgrade(&shared), subscriber, bus.publisher.clone(), bus.clock.clone()));
+        tokio::spawn(manage_subscriptions(Arc::downgrade(&shared), shared.changed.clone(), info, incoming));
+        tokio::spawn(watch_health(Arc::downgrade(&shared), bus.publisher.clone(), bus.clock.clone()));
         bus.subscribe(&Topic::All).await.map_err(|e| anyhow::anyhow!("subscribing to broadcasts: {e}"))?;
         Ok(bus)
     }
@@ -265,15 +289,34 @@ impl RedisBus {
     }
 }
 
-/// Applies changes of interest, in order, in batches.
+/// Applies changes of interest, in order, in batches; connects the subscriber again when it
+/// dropped.
 async fn manage_subscriptions(
     shared: std::sync::Weak<Shared>,
     changed: Arc<Notify>,
-    mut subscriber: ConnectionManager,
+    info: redis::ConnectionInfo,
+    incoming: Arc<dyn Receiver>,
 ) {
+    let mut delay = RECONNECT_MIN;
     loop {
         let notified = changed.notified();
         let Some(strong) = shared.upgrade() else { return };
+        let Some(subscriber) = strong.subscriber() else {
+            drop(strong);
+            match Subscriber::connect(&info, RESPONSE_TIMEOUT, incoming.clone()).await {
+                Ok(conn) => {
+                    let Some(strong) = shared.upgrade() else { return };
+                    strong.reconnected(conn);
+                    delay = RECONNECT_MIN;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "connecting the redis subscriber failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RECONNECT_MAX);
+                }
+            }
+            continue;
+        };
         let (subscribe, unsubscribe) = strong.pending();
         drop(strong);
         if subscribe.is_empty() && unsubscribe.is_empty() {
@@ -287,7 +330,7 @@ async fn manage_subscriptions(
             if !subscribe.is_empty() {
                 subscriber.subscribe(&subscribe).await?;
             }
-            Ok::<(), redis::RedisError>(())
+            Ok::<(), std::io::Error>(())
         }
         .await;
         let Some(strong) = shared.upgrade() else { return };
@@ -306,17 +349,17 @@ async fn manage_subscriptions(
 }
 
 /// Pings Redis every second; flips readiness and, after an outage, asks sessions to catch up.
-async fn watch_health(
-    shared: std::sync::Weak<Shared>,
-    mut subscriber: ConnectionManager,
-    mut publisher: ConnectionManager,
-    clock: Arc<RedisClock>,
-) {
+async fn watch_health(shared: std::sync::Weak<Shared>, mut publisher: ConnectionManager, clock: Arc<RedisClock>) {
     let mut tick = tokio::time::interval(HEALTH_EVERY);
     loop {
         tick.tick().await;
         let sampled = matches!(tokio::time::timeout(HEALTH_EVERY, clock.sample(&mut publisher)).await, Ok(Ok(())));
-        let ok = sampled && ping(&mut subscriber).await;
+        let Some(subscriber) = shared.upgrade().map(|shared| shared.subscriber()) else { return };
+        let ok = sampled
+            && match subscriber {
+                Some(conn) => matches!(tokio::time::timeout(HEALTH_EVERY, conn.ping()).await, Ok(Ok(()))),
+                None => false,
+            };
         let Some(shared) = shared.upgrade() else { return };
         if !ok {
             // No `lost` here: a Redis that is only slow or frozen keeps the subscription, and
@@ -335,11 +378,6 @@ async fn watch_health(
             sink.deliver(&Topic::All, &Event::Resync);
         }
     }
-}
-
-async fn ping(conn: &mut ConnectionManager) -> bool {
-    let cmd = redis::cmd("PING");
-    matches!(tokio::time::timeout(HEALTH_EVERY, cmd.query_async::<String>(conn)).await, Ok(Ok(_)))
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {

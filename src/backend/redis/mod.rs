@@ -9,6 +9,7 @@ pub(crate) mod keys;
 pub(crate) mod presence;
 pub(crate) mod registry;
 pub(crate) mod store;
+mod subscriber;
 
 pub(crate) use bus::RedisBus;
 pub(crate) use keys::{Instance, Keys};
