@@ -24,6 +24,9 @@ struct Empty {}
 pub(super) struct Backlog {
     pub last: u64,
     pub truncated: bool,
+    /// A message after `since` that the session never had is no longer kept (retention or TTL
+    /// removed it first): a repair of live delivery cannot make the session whole.
+    pub expired: bool,
     pub frames: Vec<Bytes>,
     pub oldest: u64,
 }
@@ -259,6 +262,8 @@ impl Session {
             caught.truncated = true;
         }
         let state = self.stream(stream.clone());
+        let first_kept = caught.slice.messages.first().map_or(caught.slice.last_seq + 1, |m| m.seq);
+        let expired = !lost && state.seen.next_missing(since + 1) < first_kept;
         if lost {
             state.seen = SeqSet::default();
         }
@@ -273,7 +278,7 @@ impl Session {
                 encode_message(Some((&stream, m.seq)), &m.message)
             })
             .collect();
-        Ok(Backlog { last: caught.slice.last_seq, truncated: caught.truncated, frames, oldest })
+        Ok(Backlog { last: caught.slice.last_seq, truncated: caught.truncated, expired, frames, oldest })
     }
 
     async fn leave(&mut self, room: &RoomName) -> Result<(), ProtocolError> {

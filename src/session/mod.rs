@@ -425,13 +425,21 @@ impl Session {
     }
 
     /// Writes messages of `stream` read from the store in place of live deliveries the bus lost,
-    /// counted (and their latency measured) like the live ones they replace.
+    /// counted (and their latency measured) like the live ones they replace. When some of them
+    /// are no longer kept, the session cannot receive every message of the stream any more: it
+    /// is closed as a reader that fell behind (4003), after what it can still have, so that the
+    /// client resumes with `since` and is told `truncated`, instead of skipping them unawares.
     async fn write_recovered(&mut self, stream: &StreamId, backlog: Backlog) -> Result<(), Stop> {
         let kind = Kind::of(stream);
         let mut counts = [0u64; 3];
         counts[kind as usize] = backlog.frames.len() as u64;
         self.write(backlog.frames).await?;
         self.count_delivered(counts, backlog.oldest);
+        if backlog.expired {
+            tracing::info!(%stream, session = %self.info.session, "live messages expired before a repair could deliver them");
+            let reason = "too slow: messages expired before they could be delivered; resume with since";
+            return Err(Stop::Close(close::TOO_SLOW, Arc::from(reason)));
+        }
         Ok(())
     }
 

@@ -203,7 +203,7 @@ both_modes! {
 both_modes! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_reader_is_closed_with_4003_and_others_keep_receiving(mode) {
-        let node = TestNode::start_mode(mode, &["--outbound-queue", "16", "--rate-limit", "0", "--history-size", "100"]).await;
+        let node = TestNode::start_mode(mode, &["--outbound-queue", "64", "--rate-limit", "0", "--history-size", "1000"]).await;
         let mut alice = node.connect("alice").await;
         let mut slow = node.connect("bob").await;
         let mut carol = node.connect("carol").await;

@@ -37,3 +37,31 @@ async fn a_lossy_bus_loses_duplicates_and_reorders_nothing_that_clients_see() {
     drop((alice, bob, member));
     node.shutdown().await;
 }
+
+/// What the bus lost and retention removed before the session could read it back cannot be
+/// repaired: the session gets what is still kept, then is closed as a reader that fell behind
+/// (4003, announced), never left to skip the rest unawares; resuming with `since` says
+/// `truncated`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_expired_before_a_repair_close_the_session() {
+    let node = TestNode::start(&["--test-bus-faults", "drop=1", "--history-size", "3", "--rate-limit", "0"]).await;
+    let mut carol = node.connect("carol").await;
+    carol.ok(json!({"type":"join","room":"gone"})).await;
+    let mut alice = node.connect("alice").await;
+    alice.ok(json!({"type":"join","room":"gone"})).await;
+    assert_eq!(carol.next_frame().await["event"], "join");
+    for i in 1..=10 {
+        alice.ok(json!({"type":"publish","room":"gone","body":i})).await;
+    }
+    // Every live delivery was dropped; the loss is noticed and the room re-read: 8, 9 and 10
+    // are kept, 1 to 7 are not.
+    for seq in 8..=10 {
+        assert_eq!(carol.next_message().await["seq"], seq);
+    }
+    assert_eq!(carol.closed().await, (4003, Some(4003)));
+    let mut again = node.connect("carol").await;
+    let joined = again.ok(json!({"type":"join","room":"gone","since":0})).await;
+    assert_eq!((joined["seq"].as_u64(), joined["truncated"].as_bool()), (Some(10), Some(true)));
+    drop((alice, again));
+    node.shutdown().await;
+}
