@@ -2,7 +2,8 @@
 # Start N instances of one peer (the directory given) on consecutive ports, sharing one Redis.
 # Each peer's run.sh calls this with its directory, its node id prefix and its default port.
 #   usage: run-instances.sh DIR PREFIX DEFAULT_BASE_PORT [N]   (N defaults to 3)
-#   env:   BASE_PORT, REDIS_URL (default redis://127.0.0.1:6379), HOST
+#   env:   BASE_PORT, REDIS_URL (default redis://127.0.0.1:6379), HOST,
+#          PEER_BIN (a program to start per instance instead of `node server.js`)
 # Prints one "node=<NODE_ID> pid=<PID> port=<PORT>" line per instance, then "ready" once all
 # ports accept connections. Ctrl-C / SIGTERM stops them all. Instances that die (e.g. killed
 # by a benchmark) are not restarted; the script keeps running until signalled or all are gone.
@@ -13,7 +14,10 @@ BASE_PORT="${BASE_PORT:-$3}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 PREFIX="$2"
 
-[ -d node_modules ] || { echo "node_modules missing: run 'npm ci' in $(pwd)" >&2; exit 1; }
+PEER_BIN="${PEER_BIN:-}"
+if [ -z "$PEER_BIN" ]; then
+  [ -d node_modules ] || { echo "node_modules missing: run 'npm ci' in $(pwd)" >&2; exit 1; }
+fi
 # Raise the soft fd limit to the hard limit (idle benchmarks hold many sockets per process).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -31,7 +35,11 @@ trap "stop 0" INT TERM EXIT
 for ((i = 0; i < N; i++)); do
   port=$((BASE_PORT + i))
   id="$PREFIX-$((i + 1))"
-  PORT="$port" NODE_ID="$id" node server.js &
+  if [ -n "$PEER_BIN" ]; then
+    PORT="$port" NODE_ID="$id" "$PEER_BIN" &
+  else
+    PORT="$port" NODE_ID="$id" node server.js &
+  fi
   pids+=("$!")
   echo "node=$id pid=$! port=$port"
 done
