@@ -2,12 +2,14 @@
 // two instances of each peer on free ports, and drives them over raw WebSocket exactly as the
 // Rust load generator will (Socket.IO: Engine.IO v4 framing by hand, no socket.io-client).
 //
-//   node bench/peers/check.mjs [socketio] [ws-relay]     (default: both)
+//   node bench/peers/check.mjs [socketio] [ws-relay] [socketioxide]     (default: all three)
 //
 // Needs `npm ci` done in bench/peers/socketio and bench/peers/ws-relay (ws is loaded from the
-// latter), and `redis-server` on PATH. Exits non-zero on the first failed assertion.
+// latter), `redis-server` on PATH, and cargo for socketioxide (its build.sh builds the release
+// binary if missing). `socketioxide` speaks the same Socket.IO protocol and gets the same
+// assertions as `socketio`. Exits non-zero on the first failed assertion.
 
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { createRequire } from "node:module";
 import net from "node:net";
 import path from "node:path";
@@ -193,8 +195,11 @@ class RelayClient extends Client {
 
 // The same scenario for both peers: alice on node A; bob on nodes B and A (two sockets of one
 // user); carol on node B, not in the room.
+const SIO_KINDS = ["socketio", "socketioxide"];
+const KINDS = ["socketio", "ws-relay", "socketioxide"];
+
 async function scenario(kind, [portA, portB]) {
-  const sio = kind === "socketio";
+  const sio = SIO_KINDS.includes(kind);
   const mk = (name, port, user) => (sio ? new SioClient(name, port, user) : new RelayClient(name, port, user));
   const alice = mk("alice@A", portA, "alice");
   const bobB = mk("bob@B", portB, "bob");
@@ -208,9 +213,9 @@ async function scenario(kind, [portA, portB]) {
       const h = alice.handshake;
       assert(
         Array.isArray(h.upgrades) && h.upgrades.length === 0 && h.pingInterval > 0 && h.pingTimeout > 0,
-        `socketio: open packet ${JSON.stringify(h)}`,
+        `${kind}: open packet ${JSON.stringify(h)}`,
       );
-      assert(typeof alice.sid === "string" && alice.sid.length > 0, "socketio: 40 ack carries a sid");
+      assert(typeof alice.sid === "string" && alice.sid.length > 0, `${kind}: 40 ack carries a sid`);
     }
 
     // join
@@ -265,11 +270,11 @@ async function scenario(kind, [portA, portB]) {
       const mute = new SioClient("mute@A", portA, "mute", { answerPings: false });
       await mute.connect();
       await sleep(2500);
-      assert(alice.pings >= 2 && !alice.closed, `socketio: alice answered ${alice.pings} pings ("2" -> "3") and is still connected`);
-      assert(mute.closed, "socketio: a client that never answers pings is disconnected by the server");
+      assert(alice.pings >= 2 && !alice.closed, `${kind}: alice answered ${alice.pings} pings ("2" -> "3") and is still connected`);
+      assert(mute.closed, `${kind}: a client that never answers pings is disconnected by the server`);
       alice.emit("publish", { room: "r1", body: "after-pings" });
       const m = await bobB.event("message", (m) => m.body === "after-pings", "message after pings");
-      assert(m.from === "alice", "socketio: messages still flow after the heartbeat period");
+      assert(m.from === "alice", `${kind}: messages still flow after the heartbeat period`);
       mute.close();
     }
   } finally {
@@ -279,8 +284,8 @@ async function scenario(kind, [portA, portB]) {
 
 async function main() {
   const which = process.argv.slice(2);
-  const kinds = which.length ? which : ["socketio", "ws-relay"];
-  for (const k of kinds) if (!["socketio", "ws-relay"].includes(k)) throw new Error("unknown peer " + k);
+  const kinds = which.length ? which : KINDS;
+  for (const k of kinds) if (!KINDS.includes(k)) throw new Error("unknown peer " + k);
 
   const redisPort = await freePort();
   const redis = spawn("redis-server", ["--port", String(redisPort), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning"], { stdio: "ignore" });
@@ -294,7 +299,14 @@ async function main() {
     const ports = [await freePort(), await freePort()];
     const procs = ports.map((port, i) => {
       const env = { ...process.env, PORT: String(port), REDIS_URL, NODE_ID: `${kind}-${i + 1}`, HOST: "127.0.0.1" };
-      if (kind === "socketio") Object.assign(env, { SIO_PING_INTERVAL: "500", SIO_PING_TIMEOUT: "500" });
+      if (SIO_KINDS.includes(kind)) Object.assign(env, { SIO_PING_INTERVAL: "500", SIO_PING_TIMEOUT: "500" });
+      if (kind === "socketioxide") {
+        // build.sh builds the release binary if it is missing and prints its path.
+        const bin = execFileSync(path.join(HERE, kind, "build.sh"), { stdio: ["ignore", "pipe", "inherit"] })
+          .toString()
+          .trim();
+        return start(bin, [], { cwd: path.join(HERE, kind), env }, `${kind}-${i + 1}`);
+      }
       return start("node", ["server.js"], { cwd: path.join(HERE, kind), env }, `${kind}-${i + 1}`);
     });
     await Promise.all(procs.map((p, i) => waitPort(ports[i], p, `${kind}-${i + 1}`)));
