@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# bench/compare.sh [RUNS] — Switchyard (3 nodes) against Socket.IO + redis-adapter (3 instances)
-# and the ws + Redis relay (3 instances), same scenarios, same machine, same Redis, one session.
+# bench/compare.sh [RUNS] — Switchyard (3 nodes) against Socket.IO + redis-adapter (3 instances),
+# the ws + Redis relay (3 instances) and socketioxide + socketioxide-redis (3 instances), same
+# scenarios, same machine, same Redis, one session.
 #
-# Runs each scenario RUNS times (default 3) per system, interleaved (S, SIO, relay, S, ...) so
-# that drift on a shared machine hits all three alike, keeps every run's JSON under $OUT
+# Runs each scenario RUNS times (default 3) per system, interleaved (S, SIO, relay, SIOX, S, ...)
+# so that drift on a shared machine hits all four alike, keeps every run's JSON under $OUT
 # (default /tmp/switchyard-compare) and prints medians and the spread with bench/summarize.py.
 # Needs: release builds (cargo build --release -p switchyard -p switchyard-bench), node + npm
-# (npm ci in each peer directory), redis-server.
+# (npm ci in each peer directory), cargo (the socketioxide peer is built here if missing, see
+# bench/peers/socketioxide/build.sh), redis-server.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -21,10 +23,15 @@ rm -f "$OUT"/*.json
 for peer in socketio ws-relay; do
   [ -d "bench/peers/$peer/node_modules" ] || (cd "bench/peers/$peer" && npm ci --silent)
 done
+# Build before anything starts (a cold build takes minutes; start_peer waits 20 s).
+bench/peers/socketioxide/build.sh >/dev/null
 
 # shellcheck source=bench/redis.sh
 source bench/redis.sh
 PREFIX=cmp$$
+# socketioxide's adapter channels: $SIO_PREFIX-request#/#… (Socket.IO's are socket.io#/#…, the
+# relay's ws-relay), so no system sees another's traffic on the shared Redis.
+export SIO_PREFIX="$PREFIX-sioxide"
 
 SYP=""
 for n in 1 2 3; do
@@ -51,9 +58,12 @@ SIO=ws://127.0.0.1:3101,ws://127.0.0.1:3102,ws://127.0.0.1:3103
 start_peer ws-relay "$OUT/relay.log"
 RELP=$(peer_pids "$OUT/relay.log")
 REL=ws://127.0.0.1:3201,ws://127.0.0.1:3202,ws://127.0.0.1:3203
+start_peer socketioxide "$OUT/socketioxide.log"
+SIOXP=$(peer_pids "$OUT/socketioxide.log")
+SIOX=ws://127.0.0.1:3301,ws://127.0.0.1:3302,ws://127.0.0.1:3303
 for _ in $(seq 100); do curl -fs -o /dev/null http://127.0.0.1:9103/readyz && break; sleep 0.2; done
 
-# run NAME ARGS...: one scenario against all three, RUNS times, interleaved.
+# run NAME ARGS...: one scenario against all four, RUNS times, interleaved.
 run() {
   local name=$1
   shift
@@ -63,6 +73,8 @@ run() {
       >"$OUT/$name.socketio.$i.json"
     "$BENCH" "$@" --json --protocol relay --target "$REL" --pid "$RELP" --also-pid "$REDIS" \
       >"$OUT/$name.relay.$i.json"
+    "$BENCH" "$@" --json --protocol socketio --target "$SIOX" --pid "$SIOXP" --also-pid "$REDIS" \
+      >"$OUT/$name.socketioxide.$i.json"
   done
 }
 
