@@ -157,14 +157,15 @@ async fn shutdown_signal() -> &'static str {
 }
 
 fn main() {
+    // WARN and above from socketioxide / socketioxide-redis (they log dropped messages there).
+    tracing_subscriber::fmt().with_max_level(tracing_subscriber::filter::LevelFilter::WARN).with_ansi(false).init();
+
     // socketioxide runs every event handler in a task of its own (`tokio::spawn`). On tokio's
     // multi-thread runtime two events from one socket can then run out of order (the newest
     // spawned task takes the worker's LIFO slot, and other workers steal), so a publisher's
     // messages reach members reordered. The current-thread runtime runs spawned tasks in spawn
     // order, which keeps each sender's order, as in the Node peer (one thread per instance).
     // SIO_THREADS=N (N >= 1) uses the multi-thread runtime with N workers instead.
-    // WARN and above from socketioxide / socketioxide-redis (they log dropped messages there).
-    tracing_subscriber::fmt().with_max_level(tracing_subscriber::filter::LevelFilter::WARN).with_ansi(false).init();
     let threads: usize = std::env::var("SIO_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let runtime = if threads == 0 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
