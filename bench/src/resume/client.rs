@@ -132,6 +132,10 @@ pub(super) async fn client(
             }
         };
         log.ends.push((now_us(), ended));
+        // The dead connection's socket goes before a new one opens: held through the reconnect,
+        // every client of a storm would need two descriptors at once, and 15,000 of them ran
+        // the generator out (EMFILE), which counted as reconnect failures and backed off.
+        drop(conn);
         // Reconnect to the other nodes in turn, starting at a different one per client.
         let mut attempt = 0usize;
         loop {
