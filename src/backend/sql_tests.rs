@@ -39,32 +39,40 @@ trait SqlStore: Store + Sized + 'static {
     async fn kill_connections(&self);
 }
 
+/// The handles that every SQL store's tests implement the same way (the store's own `connect`
+/// and `drop_schema`, its tables' clock and sweep, counting rows and running a statement).
+macro_rules! handles_alike {
+    ($name:literal, $url:path) => {
+        const NAME: &'static str = $name;
+        fn url() -> String {
+            $url()
+        }
+        async fn connect(url: &str, prefix: &str, retention: Retention) -> anyhow::Result<Self> {
+            Self::connect(url, prefix, retention).await
+        }
+        fn clock(&self) -> &ServerClock {
+            &self.tables().clock
+        }
+        async fn sweep(&self) {
+            self.tables().sweep().await.unwrap()
+        }
+        async fn drop_schema(&self) {
+            Self::drop_schema(self).await.unwrap()
+        }
+        async fn count(&self, table: &str, filter: &str) -> i64 {
+            let query = format!("SELECT COUNT(*) FROM {} {filter}", self.table(table));
+            sqlx::query_scalar(AssertSqlSafe(query)).fetch_one(self.pool()).await.unwrap()
+        }
+        async fn execute(&self, statement: String) {
+            sqlx::raw_sql(AssertSqlSafe(statement)).execute(self.pool()).await.unwrap();
+        }
+    };
+}
+
 impl SqlStore for PostgresStore {
-    const NAME: &'static str = "postgres";
-    fn url() -> String {
-        postgres_url()
-    }
-    async fn connect(url: &str, prefix: &str, retention: Retention) -> anyhow::Result<Self> {
-        PostgresStore::connect(url, prefix, retention).await
-    }
-    fn clock(&self) -> &ServerClock {
-        &self.tables().clock
-    }
-    async fn sweep(&self) {
-        self.tables().sweep().await.unwrap()
-    }
-    async fn drop_schema(&self) {
-        PostgresStore::drop_schema(self).await.unwrap()
-    }
+    handles_alike!("postgres", postgres_url);
     fn table(&self, name: &str) -> String {
         format!("\"{}\".{name}", self.tables().prefix)
-    }
-    async fn count(&self, table: &str, filter: &str) -> i64 {
-        let query = format!("SELECT count(*) FROM {} {filter}", self.table(table));
-        sqlx::query_scalar(AssertSqlSafe(query)).fetch_one(self.pool()).await.unwrap()
-    }
-    async fn execute(&self, statement: String) {
-        sqlx::raw_sql(AssertSqlSafe(statement)).execute(self.pool()).await.unwrap();
     }
     async fn hold_stream(&self, stream: &str, hold: Duration) -> JoinHandle<()> {
         let mut tx = self.pool().begin().await.unwrap();
@@ -92,31 +100,9 @@ impl SqlStore for PostgresStore {
 }
 
 impl SqlStore for MysqlStore {
-    const NAME: &'static str = "mysql";
-    fn url() -> String {
-        mysql_url()
-    }
-    async fn connect(url: &str, prefix: &str, retention: Retention) -> anyhow::Result<Self> {
-        MysqlStore::connect(url, prefix, retention).await
-    }
-    fn clock(&self) -> &ServerClock {
-        &self.tables().clock
-    }
-    async fn sweep(&self) {
-        self.tables().sweep().await.unwrap()
-    }
-    async fn drop_schema(&self) {
-        MysqlStore::drop_schema(self).await.unwrap()
-    }
+    handles_alike!("mysql", mysql_url);
     fn table(&self, name: &str) -> String {
         format!("`{}_{name}`", self.tables().prefix)
-    }
-    async fn count(&self, table: &str, filter: &str) -> i64 {
-        let query = format!("SELECT COUNT(*) FROM {} {filter}", self.table(table));
-        sqlx::query_scalar(AssertSqlSafe(query)).fetch_one(self.pool()).await.unwrap()
-    }
-    async fn execute(&self, statement: String) {
-        sqlx::raw_sql(AssertSqlSafe(statement)).execute(self.pool()).await.unwrap();
     }
     async fn hold_stream(&self, stream: &str, hold: Duration) -> JoinHandle<()> {
         let mut tx = self.pool().begin().await.unwrap();

@@ -144,27 +144,19 @@ async fn run(tables: &Tables<Postgres>, append_batch: &SqlStr, batch: Vec<Pendin
         .calls
         .run("postgres append", Repeat::Unsafe, || columns.bind(tables, append_batch, deadline).fetch_all(&tables.pool))
         .await;
-    let mut answers: Vec<Option<Result<Appended, StoreError>>> = batch.iter().map(|_| None).collect();
-    match rows {
+    let answers: Vec<Option<Result<Appended, StoreError>>> = match rows {
+        Err(e) => vec![Some(Err(e)); batch.len()],
         Ok(rows) => {
+            let mut answers = vec![None; batch.len()];
             for row in &rows {
                 match answer(row, &batch) {
                     Ok((index, appended)) => answers[index] = Some(appended),
-                    Err(e) => {
-                        tracing::error!(error = %e, "postgres append: unreadable answer");
-                    }
+                    Err(e) => tracing::error!(error = %e, "postgres append: unreadable answer"),
                 }
             }
+            answers
         }
-        Err(e) => {
-            for slot in &mut answers {
-                *slot = Some(Err(match &e {
-                    StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-                    StoreError::Internal(m) => StoreError::Internal(m.clone()),
-                }));
-            }
-        }
-    }
+    };
     for (pending, answer) in batch.into_iter().zip(answers) {
         let answer = answer.unwrap_or_else(|| Err(sql::malformed("no answer for an append of the batch")));
         let _ = pending.reply.send(answer);
