@@ -141,7 +141,11 @@ mod tests {
             held.hold(seq, &at(seq));
         }
         seen.insert_range(1, 4);
-        assert_eq!(seqs(&held.release(&mut seen, Some(0))), Vec::<u64>::new(), "3 and 4 came another way; 5 is missing");
+        assert_eq!(
+            seqs(&held.release(&mut seen, Some(0))),
+            Vec::<u64>::new(),
+            "3 and 4 came another way; 5 is missing"
+        );
         seen.insert(5);
         assert_eq!(seqs(&held.release(&mut seen, Some(0))), [6]);
     }

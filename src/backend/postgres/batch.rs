@@ -239,7 +239,12 @@ impl<'a> Columns<'a> {
         columns
     }
 
-    fn bind<'q>(&'q self, tables: &Tables<Postgres>, append_batch: &SqlStr, deadline: i64) -> Query<'q, Postgres, PgArguments> {
+    fn bind<'q>(
+        &'q self,
+        tables: &Tables<Postgres>,
+        append_batch: &SqlStr,
+        deadline: i64,
+    ) -> Query<'q, Postgres, PgArguments> {
         sqlx::query(append_batch.clone())
             .bind(deadline)
             .bind(sql::bigint(tables.retention.max_messages))

@@ -173,7 +173,9 @@ mod tests {
         let client = client(&url).unwrap();
         let conn = match tokio::time::timeout(Duration::from_secs(3), commands(&client, &url)).await {
             Ok(Ok(conn)) => conn,
-            other => return crate::testing::absent("redis clock", &format!("{:?}", other.map(|r| r.err()))).unwrap_or(()),
+            other => {
+                return crate::testing::absent("redis clock", &format!("{:?}", other.map(|r| r.err()))).unwrap_or(());
+            }
         };
         let clock = Arc::new(RedisClock::late_by(60_000));
         let deadline_now = || crate::protocol::now_ms() + WRITE_DEADLINE.as_millis() as u64;

@@ -113,7 +113,9 @@ pub(super) async fn database(kind: Kind) -> Option<(String, Db)> {
     let shown = redact(&url);
     crate::testing::absent(
         &format!("outbox on {kind:?}"),
-        &format!("the test database {shown} is unreachable ({why}); set SWITCHYARD_TEST_POSTGRES / SWITCHYARD_TEST_MYSQL"),
+        &format!(
+            "the test database {shown} is unreachable ({why}); set SWITCHYARD_TEST_POSTGRES / SWITCHYARD_TEST_MYSQL"
+        ),
     )
 }
 
