@@ -13,6 +13,15 @@ use anyhow::{Context, bail};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+/// When the embedded store's writes reach the disk (`--data-sync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DataSync {
+    /// fsync before a message is acknowledged.
+    Always,
+    /// fsync at least every 200 ms, after acknowledging.
+    Periodic,
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "switchyard",
@@ -58,6 +67,13 @@ pub struct ServeArgs {
     /// Embedded storage of a single node
     #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = "./switchyard-data", value_name = "DIR")]
     pub data_dir: PathBuf,
+
+    /// When the embedded store's writes reach the disk. `always`: a message is acknowledged and
+    /// delivered only once it is on disk (fsync). `periodic`: once it is written, with an fsync
+    /// at least every 200 ms; a crash of the process or of the machine can lose the messages of
+    /// those last 200 ms (their seqs are then skipped, never reused)
+    #[arg(long, env = "SWITCHYARD_DATA_SYNC", value_enum, default_value_t = DataSync::Always, value_name = "WHEN")]
+    pub data_sync: DataSync,
 
     /// Run as a cluster member over this Redis, e.g. redis://127.0.0.1:6379/0: short for the same
     /// URL as --store, --bus and --presence, each of which beats it [default: none, single node]
@@ -167,7 +183,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_PING_INTERVAL", default_value_t = 25, value_name = "SECS")]
     pub ping_interval: u64,
 
-    /// Frames queued per session before a reader that does not keep up is closed (4003)
+    /// Items queued per session before a reader that does not keep up is closed (4003): a frame,
+    /// or up to 64 messages the node received together
     #[arg(long, env = "SWITCHYARD_OUTBOUND_QUEUE", default_value_t = 1024, value_name = "N")]
     pub outbound_queue: usize,
 

@@ -37,6 +37,7 @@ pub(crate) enum StoreConfig {
     /// redb in `--data-dir`: a single node only.
     Embedded {
         dir: PathBuf,
+        sync: crate::config::DataSync,
     },
     Redis {
         url: String,
@@ -158,7 +159,7 @@ impl BackendConfig {
         let bus_url = args.bus.as_deref().or(shorthand).unwrap_or("memory");
         let presence_url = args.presence.as_deref().or(shorthand).unwrap_or("memory");
         let store = match scheme(Role::Store, store_url)? {
-            Scheme::Embedded => StoreConfig::Embedded { dir: args.data_dir.clone() },
+            Scheme::Embedded => StoreConfig::Embedded { dir: args.data_dir.clone(), sync: args.data_sync },
             Scheme::Redis => StoreConfig::Redis { url: store_url.to_owned() },
             Scheme::Postgres => StoreConfig::Postgres { url: store_url.to_owned() },
             Scheme::Mysql => StoreConfig::Mysql { url: store_url.replacen("mariadb://", "mysql://", 1) },
@@ -247,7 +248,7 @@ pub(crate) async fn build(
     };
     let mut outbox: Option<Arc<dyn Outbox>> = None;
     let store: Arc<dyn Store> = match &config.store {
-        StoreConfig::Embedded { dir } => Arc::new(embedded::EmbeddedStore::open(dir, config.retention)?),
+        StoreConfig::Embedded { dir, sync } => Arc::new(embedded::EmbeddedStore::open(dir, config.retention, *sync)?),
         StoreConfig::Redis { url } => {
             let fused = config.bus == BusConfig::Redis { url: url.clone() };
             let (_, commands, clock) = redis.connect(url).await?;

@@ -107,7 +107,7 @@ pub(crate) fn body_of(stored: &StoredMessage) -> String {
 
 pub(crate) async fn open_embedded(_prefix: String, retention: Retention) -> Option<Subject> {
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path(), retention).unwrap();
+    let store = EmbeddedStore::open(dir.path(), retention, crate::config::DataSync::Always).unwrap();
     Some(Subject::new(Arc::new(store), async move { drop(dir) }))
 }
 

@@ -3,6 +3,7 @@
 
 use serde_json::json;
 
+use crate::procs::NodeProc;
 use crate::support::{TestNode, both_modes, metric};
 
 both_modes! {
@@ -43,6 +44,56 @@ both_modes! {
         offline.ok(json!({"type":"sync"})).await;
         offline.expect_silence(200).await;
     }
+}
+
+/// `--data-sync periodic` and a SIGKILL: what was acknowledged well before the kill (more than
+/// the 200 ms between fsyncs) is still there, and the streams go on after a gap, so that no seq
+/// a client may already hold (the last ones may be lost) is given to another message.
+#[tokio::test]
+async fn a_node_killed_under_periodic_sync_keeps_older_messages_and_never_reuses_a_seq() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let start = |name: &str| NodeProc::single(&data, dir.path().join(name), &["--data-sync", "periodic"]);
+    let mut node = start("first.log").await;
+    let mut alice = node.connect("alice").await;
+    for i in 1..=20 {
+        assert_eq!(alice.ok(json!({"type":"send","to":"bob","body":i})).await["seq"], i);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let mut last = 0;
+    for i in 21..=40 {
+        last = alice.ok(json!({"type":"send","to":"bob","body":i})).await["seq"].as_u64().unwrap();
+    }
+    assert_eq!(last, 40);
+    node.kill();
+    drop(alice);
+
+    let mut node = start("second.log").await;
+    let mut bob = node.connect("bob").await;
+    let synced = bob.ok(json!({"type":"sync","since":0})).await;
+    let kept = synced["seq"].as_u64().unwrap();
+    // Whatever the kill lost, the stream goes on after a gap (of 10,000 seqs).
+    assert!(kept > 10_000 + 20, "bob's stream ends at {kept}: its seqs should have moved past a gap");
+    for seq in 1..=20 {
+        let message = bob.next_message().await;
+        assert_eq!((message["seq"].as_u64(), message["body"].as_u64()), (Some(seq), Some(seq)));
+    }
+    let mut alice = node.connect("alice").await;
+    let next = alice.ok(json!({"type":"send","to":"bob","body":"after"})).await["seq"].as_u64().unwrap();
+    assert!(next > last, "seq {next} after the crash must not reuse one up to {last}");
+    drop((alice, bob));
+    node.kill();
+
+    // A clean shutdown leaves nothing to skip: the next start goes on without a gap.
+    let mut node = start("third.log").await;
+    let mut alice = node.connect("alice").await;
+    let before = alice.ok(json!({"type":"send","to":"bob","body":"before"})).await["seq"].as_u64().unwrap();
+    drop(alice);
+    node.terminate(std::time::Duration::from_secs(10)).await;
+    let node = start("fourth.log").await;
+    let mut alice = node.connect("alice").await;
+    let after = alice.ok(json!({"type":"send","to":"bob","body":"after"})).await["seq"].as_u64().unwrap();
+    assert_eq!(after, before + 1, "after a clean shutdown seqs go on with no gap");
 }
 
 both_modes! {

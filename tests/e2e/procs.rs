@@ -104,6 +104,18 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
+    /// A dev-mode single node on the embedded store in `data`, logging to `log`; `extra` are
+    /// more `serve` flags.
+    pub async fn single(data: &std::path::Path, log: PathBuf, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0", "--rate-limit", "0", "--data-dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(data.to_string_lossy().into_owned());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn("single".into(), args, log).await
+    }
+
     async fn spawn(id: String, args: Vec<String>, log: PathBuf) -> Self {
         let stderr = std::fs::File::create(&log).expect("node log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));

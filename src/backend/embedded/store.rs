@@ -1,14 +1,20 @@
 //! The single-node store: redb, an embedded, crash-safe B-tree in one file under `--data-dir`.
 //!
 //! All writes go through one thread that commits them in batches (group commit): each batch is
-//! one fsync'd transaction however many appends it holds, and an append is answered only after
-//! its batch committed, so nothing is published that a reader could not already read. Messages
+//! one transaction however many appends it holds, and an append is answered only after its batch
+//! committed, so nothing is published that a reader could not already read. With `--data-sync
+//! always` every commit is fsync'd before it is answered. With `periodic` the commits are not,
+//! and one at least every [`SYNC_EVERY`] (or every [`SYNC_GAP`]` / 2` stream entries) is: redb
+//! then keeps the earlier ones too. A crash loses the commits made since the last fsync; so
+//! that the seqs they took are never given to other messages (a client may have them), a store
+//! opened after such a crash moves every stream's last seq [`SYNC_GAP`] ahead, which the
+//! [`UNSYNCED`] file in the data directory tells. Messages
 //! are kept as [`Record`]s. Reads run on the blocking pool against consistent read transactions
 //! and never wait for the writer.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redb::{
@@ -16,6 +22,7 @@ use redb::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::DataSync;
 use crate::message::Record;
 use crate::protocol::{HistoryQuery, StreamId, UserId, now_ms};
 use crate::store::{
@@ -37,6 +44,14 @@ const IDEMPOTENCY: TableDefinition<(&str, &str), (u64, u64, &str)> = TableDefini
 const MAX_BATCH: usize = 512;
 /// How often expired messages and idempotency keys are removed.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// With `--data-sync periodic`, the longest a commit waits for its fsync.
+const SYNC_EVERY: Duration = Duration::from_millis(200);
+/// With `--data-sync periodic`, how far every stream's seq moves ahead after a crash: more than
+/// the stream entries the commits between two fsyncs can hold.
+const SYNC_GAP: u64 = 10_000;
+/// Present while the store may hold commits that were not fsync'd.
+const UNSYNCED: &str = "unsynced";
+
 /// How long a readiness probe waits for the writer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -44,6 +59,8 @@ enum WriteOp {
     Append(AppendRequest, oneshot::Sender<Result<Appended, StoreError>>),
     Ack(UserId, u64, oneshot::Sender<Result<(), StoreError>>),
     Sweep,
+    /// fsyncs what was committed without (`--data-sync periodic`).
+    Sync,
     /// Answers once the writer reaches it: proves the writer is alive and not stuck.
     Probe(oneshot::Sender<()>),
     /// Stops the writer; answers once it has released the database.
@@ -65,9 +82,44 @@ fn internal(e: impl std::fmt::Display) -> StoreError {
 /// old messages; the B-tree's inner pages of a store of several GiB fit in far less.
 const CACHE_BYTES: usize = 64 << 20;
 
+/// Sends `op()` to the writer every `every`, until the store is gone.
+fn tick(writer: &mpsc::Sender<WriteOp>, every: Duration, op: fn() -> WriteOp) {
+    let writer = writer.downgrade();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(writer) = writer.upgrade() else { break };
+            if writer.send(op()).await.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Moves every stream's last seq [`SYNC_GAP`] ahead; answers how many streams there are.
+fn skip_lost_seqs(streams: &mut Table<'_, &'static str, (u64, u64)>) -> Result<usize, redb::Error> {
+    let all: Vec<(String, (u64, u64))> =
+        streams.iter()?.map(|row| row.map(|(k, v)| (k.value().to_owned(), v.value()))).collect::<Result<_, _>>()?;
+    for (stream, (last, first)) in &all {
+        streams.insert(stream.as_str(), (last + SYNC_GAP, *first))?;
+    }
+    Ok(all.len())
+}
+
+/// Creates the [`UNSYNCED`] file and makes sure it is on disk before any commit goes unsynced.
+fn mark_unsynced(dir: &Path, unsynced: &Path) -> anyhow::Result<()> {
+    let file = std::fs::File::create(unsynced)
+        .map_err(|e| anyhow::anyhow!("--data-dir {}: cannot write {UNSYNCED}: {e}", dir.display()))?;
+    file.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir` and starts its writer thread.
-    pub fn open(dir: &Path, retention: Retention) -> anyhow::Result<Self> {
+    pub fn open(dir: &Path, retention: Retention, sync: DataSync) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("--data-dir {}: cannot create it: {e}", dir.display()))?;
         let path = dir.join("switchyard.redb");
@@ -75,35 +127,48 @@ impl EmbeddedStore {
             .set_cache_size(CACHE_BYTES)
             .create(&path)
             .map_err(|e| anyhow::anyhow!("--data-dir {}: cannot open {}: {e}", dir.display(), path.display()))?;
+        let unsynced = dir.join(UNSYNCED);
+        let crashed = unsynced.exists();
         {
             let txn = db.begin_write()?;
             txn.open_table(MESSAGES)?;
-            txn.open_table(STREAMS)?;
+            let mut streams = txn.open_table(STREAMS)?;
             txn.open_table(CURSORS)?;
             txn.open_table(IDEMPOTENCY)?;
             if txn.delete_table(OLD_MESSAGES)? {
                 tracing::warn!("dropped the history kept in the format of an earlier version; seqs go on");
             }
+            if crashed {
+                let moved = skip_lost_seqs(&mut streams)?;
+                tracing::warn!(
+                    streams = moved,
+                    gap = SYNC_GAP,
+                    "the store was not closed cleanly while --data-sync periodic: messages of its last moments may be lost; every stream's seqs go on after a gap"
+                );
+            }
+            drop(streams);
             txn.commit()?;
+        }
+        match sync {
+            DataSync::Periodic => mark_unsynced(dir, &unsynced)?,
+            DataSync::Always if crashed => std::fs::remove_file(&unsynced)?,
+            DataSync::Always => {}
         }
         let db = Arc::new(db);
         let (writer, rx) = mpsc::channel(4096);
-        let thread_db = db.clone();
-        std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || Writer { db: thread_db, retention }.run(rx))?;
-        let sweeper = writer.downgrade();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SWEEP_EVERY);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(writer) = sweeper.upgrade() else { break };
-                if writer.send(WriteOp::Sweep).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let state = Writer {
+            db: db.clone(),
+            retention,
+            sync,
+            unsynced: (sync == DataSync::Periodic).then_some(unsynced),
+            pending: 0,
+            synced: Instant::now(),
+        };
+        std::thread::Builder::new().name("store-writer".into()).spawn(move || state.run(rx))?;
+        tick(&writer, SWEEP_EVERY, || WriteOp::Sweep);
+        if sync == DataSync::Periodic {
+            tick(&writer, SYNC_EVERY, || WriteOp::Sync);
+        }
         Ok(Self { db: std::sync::RwLock::new(Some(db)), writer, retention })
     }
 
@@ -242,6 +307,13 @@ fn take_kept(
 struct Writer {
     db: Arc<Database>,
     retention: Retention,
+    sync: DataSync,
+    /// The [`UNSYNCED`] file, removed after the last fsync of a clean close (`periodic`).
+    unsynced: Option<std::path::PathBuf>,
+    /// Stream entries committed since the last fsync.
+    pending: u64,
+    /// When the last fsync was.
+    synced: Instant,
 }
 
 type MessagesTable<'t> = Table<'t, (&'static str, u64), (u64, &'static [u8])>;
@@ -282,7 +354,7 @@ struct Pending {
 }
 
 impl Writer {
-    fn run(self, mut rx: mpsc::Receiver<WriteOp>) {
+    fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut closing = None;
         while let Some(first) = rx.blocking_recv() {
@@ -301,19 +373,48 @@ impl Writer {
                 self.write_batch(&mut batch);
             }
             if let Some(reply) = closing {
-                drop(self);
+                self.close();
                 let _ = reply.send(());
                 return;
             }
         }
     }
 
-    fn write_batch(&self, batch: &mut Vec<WriteOp>) {
+    /// fsyncs what is committed and, that done, says the store holds nothing unsynced.
+    fn close(self) {
+        let Some(unsynced) = &self.unsynced else { return };
+        if let Err(e) = self.fsync() {
+            tracing::error!(error = %e, "the store's last fsync failed");
+        } else if let Err(e) = std::fs::remove_file(unsynced) {
+            tracing::error!(error = %e, "removing the store's unsynced mark failed");
+        }
+    }
+
+    /// An empty commit with an fsync, which makes the commits before it durable too.
+    fn fsync(&self) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(internal)?;
+        txn.set_durability(Durability::Immediate).map_err(internal)?;
+        txn.commit().map_err(internal)
+    }
+
+    /// Whether this commit is fsync'd.
+    fn durability(&self, asked: bool) -> Durability {
+        let due = asked || self.pending >= SYNC_GAP / 2 || self.synced.elapsed() >= SYNC_EVERY;
+        if self.sync == DataSync::Always || due { Durability::Immediate } else { Durability::None }
+    }
+
+    fn write_batch(&mut self, batch: &mut Vec<WriteOp>) {
         let mut appends: Vec<Pending> = Vec::new();
         let mut acks = Vec::new();
+        let asked = batch.iter().any(|op| matches!(op, WriteOp::Sync));
+        if asked && self.pending == 0 && batch.iter().all(|op| matches!(op, WriteOp::Sync)) {
+            batch.clear();
+            return;
+        }
+        let durability = self.durability(asked);
         let outcome = (|| -> Result<(), StoreError> {
             let mut txn = self.db.begin_write().map_err(internal)?;
-            txn.set_durability(Durability::Immediate).map_err(internal)?;
+            txn.set_durability(durability).map_err(internal)?;
             let mut tables = Tables::new(&txn);
             for op in batch.drain(..) {
                 match op {
@@ -332,6 +433,7 @@ impl Writer {
                         acks.push(reply);
                     }
                     WriteOp::Sweep => self.sweep(&mut tables)?,
+                    WriteOp::Sync => {}
                     WriteOp::Probe(reply) => {
                         let _ = reply.send(());
                     }
@@ -344,6 +446,13 @@ impl Writer {
             drop(tables);
             txn.commit().map_err(internal)
         })();
+        if outcome.is_ok() {
+            if matches!(durability, Durability::Immediate) {
+                (self.pending, self.synced) = (0, Instant::now());
+            } else {
+                self.pending += appends.iter().map(|p| p.result.seqs.len() as u64).sum::<u64>();
+            }
+        }
         match outcome {
             Ok(()) => {
                 for pending in appends {
