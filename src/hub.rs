@@ -28,6 +28,10 @@ const SHARDS: usize = 16;
 pub enum Outbound {
     /// A message with its stream position, filtered per session for duplicates.
     Message(Arc<Delivery>),
+    /// Messages of one topic that the node received together, in order, filtered like
+    /// `Message`. One queue slot, one wake-up and one socket write for all of them; at most
+    /// [`crate::bus::MAX_BURST`].
+    Messages(Arc<[Arc<Delivery>]>),
     /// Any other pre-encoded frame, behind an `Arc` so a queue slot stays pointer-sized.
     Frame(Arc<Bytes>),
     /// Catch up every stream from the store (see [`Event::Resync`]).
@@ -236,6 +240,24 @@ impl Hub {
 }
 
 impl Sink for Hub {
+    fn deliver_messages(&self, topic: &Topic, deliveries: &[Arc<Delivery>]) {
+        if let [delivery] = deliveries {
+            return self.deliver(topic, &Event::Message(delivery.clone()));
+        }
+        let mut burst: Option<Arc<[Arc<Delivery>]>> = None;
+        self.each(topic, |h| {
+            let burst = burst.get_or_insert_with(|| {
+                // Encoded once per node, as for one message, and only when someone takes them.
+                for delivery in deliveries {
+                    delivery.json();
+                }
+                deliveries.into()
+            });
+            // The session skips its own messages (it counts them as had).
+            h.push(Outbound::Messages(burst.clone()), &self.metrics);
+        });
+    }
+
     fn deliver(&self, topic: &Topic, event: &Event) {
         match event {
             Event::Message(delivery) => self.each(topic, |h| {
@@ -270,7 +292,8 @@ impl Sink for Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::Notice;
+    use crate::bus::{Bursts, Notice};
+    use crate::protocol::StreamId;
 
     fn frames(list: &[(&'static [u8], Option<u64>)]) -> Event {
         Event::Frames(
@@ -319,6 +342,51 @@ mod tests {
         assert!(hub.leave(&room, SessionId(1)));
         assert!(!hub.leave(&room, SessionId(1)), "not a member any more");
         assert!(hub.leave(&room, SessionId(2)));
+    }
+
+    #[tokio::test]
+    async fn messages_received_together_reach_each_member_as_one_item_sharing_the_bytes() {
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        let room = RoomName::parse("r").unwrap();
+        let (a, mut ra) = handle("a", 1, 1);
+        let (b, mut rb) = handle("b", 2, 1);
+        hub.join(&room, a);
+        hub.join(&room, b);
+        let stream = StreamId::Room(room.clone());
+        let burst: Vec<Arc<Delivery>> = (1..=3u64)
+            .map(|seq| {
+                let message = crate::message::Message {
+                    mid: Arc::from(format!("m{seq}")),
+                    from: Arc::from("a"),
+                    to: None,
+                    room: Some(room.clone()),
+                    body: Arc::from(seq.to_string()),
+                    ts: 0,
+                };
+                Arc::new(Delivery::new(Some((stream.clone(), seq)), message, Some(SessionId(1))))
+            })
+            .collect();
+        let mut bursts = Bursts::default();
+        let other = Topic::User(UserId::parse("z").unwrap());
+        for delivery in &burst {
+            bursts.push(&Topic::Room(room.clone()), delivery.clone(), &hub);
+            bursts.push(&other, delivery.clone(), &hub);
+        }
+        assert!(ra.try_recv().is_err(), "held until the read is whole");
+        bursts.flush(&hub);
+        // One queue slot each (the queues hold one), the sender's own included: it skips them.
+        for rx in [&mut ra, &mut rb] {
+            match rx.try_recv().unwrap() {
+                Outbound::Messages(got) => {
+                    let seqs: Vec<u64> = got.iter().map(|d| d.position.as_ref().unwrap().1).collect();
+                    assert_eq!(seqs, [1, 2, 3], "in order");
+                    for (got, sent) in got.iter().zip(&burst) {
+                        assert_eq!(got.json().as_ptr(), sent.json().as_ptr(), "the bytes are shared, not copied");
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
     }
 
     #[test]

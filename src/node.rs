@@ -43,6 +43,12 @@ pub struct DirectMessage {
     pub key: Option<String>,
 }
 
+/// A message ready to append: its request, and what it counts as once stored.
+pub struct Prepared {
+    pub request: AppendRequest,
+    kind: Kind,
+}
+
 /// A message to append to a room's stream.
 pub struct RoomMessage {
     pub from: Arc<str>,
@@ -252,16 +258,49 @@ impl Node {
     }
 
     /// Appends, then hands each committed entry to the bus (unless the store did, fused). A
-    /// publish that fails loses nothing: the message is stored, and sessions repair from the
-    /// store when the bus reports the loss or the stream's next message shows the gap.
+    /// failed publish is logged, not returned: the message is stored, and sessions repair from the
+    /// store.
     async fn append(&self, request: AppendRequest) -> Result<Appended, ProtocolError> {
         if self.store.publishes() {
             return Ok(self.store.append(request).await?);
         }
         let (message, entries) = (request.message.clone(), request.entries.clone());
         let appended = self.store.append(request).await?;
+        self.publish_stored(message, entries, &appended).await;
+        Ok(appended)
+    }
+
+    /// Appends messages a session sent back to back, together and in order (see
+    /// [`Store::append_all`]), each as [`Node::append`] would.
+    pub async fn append_all(&self, prepared: Vec<Prepared>) -> Vec<Result<Appended, ProtocolError>> {
+        let kinds: Vec<Kind> = prepared.iter().map(|p| p.kind).collect();
+        let requests: Vec<AppendRequest> = prepared.into_iter().map(|p| p.request).collect();
+        let copies: Vec<_> = match self.store.publishes() {
+            true => Vec::new(),
+            false => requests.iter().map(|r| (r.message.clone(), r.entries.clone())).collect(),
+        };
+        let results = self.store.append_all(requests).await;
+        let mut copies = copies.into_iter();
+        let mut answers = Vec::with_capacity(results.len());
+        for (result, kind) in results.into_iter().zip(kinds) {
+            let copy = copies.next();
+            answers.push(match result {
+                Ok(appended) => {
+                    if let Some((message, entries)) = copy {
+                        self.publish_stored(message, entries, &appended).await;
+                    }
+                    self.counted(kind, &appended);
+                    Ok(appended)
+                }
+                Err(e) => Err(e.into()),
+            });
+        }
+        answers
+    }
+
+    async fn publish_stored(&self, message: Message, entries: Vec<Entry>, appended: &Appended) {
         if appended.duplicate || appended.published {
-            return Ok(appended);
+            return;
         }
         for (entry, seq) in entries.into_iter().zip(&appended.seqs) {
             let delivery = Delivery::new(Some((entry.stream, *seq)), message.clone(), entry.exclude);
@@ -269,35 +308,61 @@ impl Node {
                 tracing::warn!(error = %e, "publishing a stored message failed; sessions repair from the store");
             }
         }
+    }
+
+    fn counted(&self, kind: Kind, appended: &Appended) {
+        if !appended.duplicate {
+            match kind {
+                Kind::Direct => self.metrics.messages_in.direct.inc(),
+                _ => self.metrics.messages_in.room.inc(),
+            };
+        }
+    }
+
+    /// Appends one prepared message, as [`Node::append`] would.
+    pub async fn append_one(&self, prepared: Prepared) -> Result<Appended, ProtocolError> {
+        let appended = self.append(prepared.request).await?;
+        self.counted(prepared.kind, &appended);
         Ok(appended)
     }
 
     /// Appends a direct message to the recipient's stream and, when a user sent it, to the
     /// sender's; answers the seq in the sender's stream (or the recipient's for a backend).
     pub async fn send_direct(&self, msg: DirectMessage) -> Result<Appended, ProtocolError> {
+        self.append_one(self.prepare_direct(msg)).await
+    }
+
+    /// The append of a direct message (see [`Node::send_direct`]).
+    pub fn prepare_direct(&self, msg: DirectMessage) -> Prepared {
         let message = self.accept(msg.from.clone(), Some(msg.to.clone()), None, msg.body);
-        let recipient = Entry { stream: StreamId::User(msg.to.clone()), topic: Topic::User(msg.to.clone()), exclude: None };
+        let recipient =
+            Entry { stream: StreamId::User(msg.to.clone()), topic: Topic::User(msg.to.clone()), exclude: None };
         let (entries, reply_entry, scope) = match msg.sender {
             Some((sender, session)) if sender == msg.to => {
                 let own = Entry { exclude: session, ..recipient };
                 (vec![own], 0, format!("u:{sender}"))
             }
             Some((sender, session)) => {
-                let copy = Entry { stream: StreamId::User(sender.clone()), topic: Topic::User(sender.clone()), exclude: session };
+                let copy = Entry {
+                    stream: StreamId::User(sender.clone()),
+                    topic: Topic::User(sender.clone()),
+                    exclude: session,
+                };
                 (vec![recipient, copy], 1, format!("u:{sender}"))
             }
             None => (vec![recipient], 0, format!("api:{}", msg.from)),
         };
         let idempotency = msg.key.map(|k| (scope, k));
-        let appended = self.append(AppendRequest { message, entries, reply_entry, idempotency }).await?;
-        if !appended.duplicate {
-            self.metrics.messages_in.direct.inc();
-        }
-        Ok(appended)
+        Prepared { request: AppendRequest { message, entries, reply_entry, idempotency }, kind: Kind::Direct }
     }
 
     /// Appends a message to a room's stream; every member but the publishing session gets it.
     pub async fn publish_room(&self, msg: RoomMessage) -> Result<Appended, ProtocolError> {
+        self.append_one(self.prepare_room(msg)).await
+    }
+
+    /// The append of a room message (see [`Node::publish_room`]).
+    pub fn prepare_room(&self, msg: RoomMessage) -> Prepared {
         let message = self.accept(msg.from.clone(), None, Some(msg.room.clone()), msg.body);
         let scope = match &msg.sender {
             Some((user, _)) => format!("u:{user}"),
@@ -309,11 +374,10 @@ impl Node {
             exclude: msg.sender.map(|(_, s)| s),
         };
         let idempotency = msg.key.map(|k| (scope, k));
-        let appended = self.append(AppendRequest { message, entries: vec![entry], reply_entry: 0, idempotency }).await?;
-        if !appended.duplicate {
-            self.metrics.messages_in.room.inc();
+        Prepared {
+            request: AppendRequest { message, entries: vec![entry], reply_entry: 0, idempotency },
+            kind: Kind::Room,
         }
-        Ok(appended)
     }
 
     /// Sends a message to every session connected now; it belongs to no stream.

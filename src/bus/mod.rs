@@ -158,6 +158,54 @@ pub trait Sink: Send + Sync {
     /// Hands `event` to the local sessions of `topic`. Never blocks: a session whose queue is
     /// full is closed as too slow rather than waited for.
     fn deliver(&self, topic: &Topic, event: &Event);
+
+    /// Hands messages of `topic` that arrived together to its local sessions, in order: a sink
+    /// that can gives each session all of them in one wake-up and one socket write. By default,
+    /// one by one.
+    fn deliver_messages(&self, topic: &Topic, deliveries: &[Arc<Delivery>]) {
+        for delivery in deliveries {
+            self.deliver(topic, &Event::Message(delivery.clone()));
+        }
+    }
+}
+
+/// Most messages of one topic handed on as one burst.
+pub const MAX_BURST: usize = 64;
+
+/// The messages a bus received together (in one read from its connection), grouped by topic in
+/// their order, until [`Bursts::flush`] hands each group to the sink at once. Order between
+/// topics is not kept, and need not be: it is kept per stream, and a stream has one topic.
+#[derive(Default)]
+pub struct Bursts {
+    groups: Vec<(Topic, Vec<Arc<Delivery>>)>,
+}
+
+impl Bursts {
+    /// Adds a message; a group that reaches [`MAX_BURST`] goes to `sink` at once.
+    pub fn push(&mut self, topic: &Topic, delivery: Arc<Delivery>, sink: &dyn Sink) {
+        let at = match self.groups.iter().position(|(t, _)| t == topic) {
+            Some(at) => at,
+            None => {
+                self.groups.push((topic.clone(), Vec::new()));
+                self.groups.len() - 1
+            }
+        };
+        let group = &mut self.groups[at].1;
+        group.push(delivery);
+        if group.len() >= MAX_BURST {
+            sink.deliver_messages(topic, group);
+            group.clear();
+        }
+    }
+
+    /// Hands every group to `sink`.
+    pub fn flush(&mut self, sink: &dyn Sink) {
+        for (topic, group) in self.groups.drain(..) {
+            if !group.is_empty() {
+                sink.deliver_messages(&topic, &group);
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error)]

@@ -7,13 +7,17 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use super::{SeqSet, Session, Stop, StreamState};
-use crate::node::{DirectMessage, RoomMessage, UserPresence};
+use tokio::time::Instant;
+
+use super::ratelimit::Verdict;
+use super::{SeqSet, Session, Stashed, Stop, StreamState};
+use crate::node::{DirectMessage, Prepared, RoomMessage, UserPresence};
 use crate::protocol::{
     Command, ErrorCode, HistoryQuery, PresenceQuery, ProtocolError, RoomName, StreamId, encode_error, encode_message,
-    encode_reply, write_message,
+    encode_reply, parse_command, write_message,
 };
 use crate::store::StoredMessage;
+use crate::ws::Incoming;
 
 #[derive(Serialize)]
 struct Empty {}
@@ -68,6 +72,9 @@ struct History {
     last_seq: u64,
 }
 
+/// Most `send` and `publish` commands appended together (see [`Session::pipeline`]).
+const PIPELINE: usize = 32;
+
 /// Most rooms the `presence` reply lists.
 const ROOM_PRESENCE_LIMIT: usize = 1000;
 
@@ -89,13 +96,8 @@ pub fn raw_list(stream: &StreamId, messages: &[StoredMessage]) -> Box<RawValue> 
 impl Session {
     pub(super) async fn execute(&mut self, id: Option<&RawValue>, command: Command) -> Result<(), Stop> {
         match command {
-            Command::Send { to, body, key } => {
-                let result = self.send(to, body, key).await;
-                self.answer(id, result).await
-            }
-            Command::Publish { room, body, key } => {
-                let result = self.publish(room, body, key).await;
-                self.answer(id, result).await
+            command @ (Command::Send { .. } | Command::Publish { .. }) => {
+                self.pipeline(id.map(ToOwned::to_owned), command).await
             }
             Command::Join { room, since } => match self.join(&room, since).await {
                 Ok((seq, truncated, backlog)) => {
@@ -155,44 +157,115 @@ impl Session {
         self.streams.entry(stream).or_default()
     }
 
-    async fn send(
-        &mut self,
-        to: crate::protocol::UserId,
-        body: Box<RawValue>,
-        key: Option<String>,
-    ) -> Result<Accepted, ProtocolError> {
-        let user = self.info.user.clone();
-        let msg = DirectMessage {
-            from: Arc::from(user.as_str()),
-            sender: Some((user.clone(), Some(self.info.session))),
-            to,
-            body: Arc::from(body.get()),
-            key,
-        };
-        let appended = self.node.send_direct(msg).await?;
-        self.stream(StreamId::User(user)).seen.insert(appended.seq);
-        Ok(Accepted { mid: appended.mid, seq: appended.seq })
+    /// Runs a `send` or `publish` together with those the client sent right behind it, as far
+    /// as they already arrived whole (none is waited for): their messages are appended together,
+    /// in order, each on its own, and the replies written together. The store then takes them in
+    /// one call and the nodes receive them together, so every member's socket gets them in one
+    /// write. The first frame that is not such a command is stashed for the loop.
+    pub(super) async fn pipeline(&mut self, id: Option<Box<RawValue>>, command: Command) -> Result<(), Stop> {
+        let next = self.ws.next_buffered();
+        if let Ok(None) = next {
+            // Alone, the common case: no vectors.
+            let result = match self.prepare(command) {
+                Ok((message, stream)) => self.node.append_one(message).await.map(|appended| {
+                    self.stream(stream).seen.insert(appended.seq);
+                    Accepted { mid: appended.mid, seq: appended.seq }
+                }),
+                Err(e) => Err(e),
+            };
+            return self.answer(id.as_deref(), result).await;
+        }
+        let mut next = Some(next);
+        let mut commands = vec![(id, command)];
+        while commands.len() < PIPELINE {
+            let frame = match next.take().unwrap_or_else(|| self.ws.next_buffered()) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    self.stash(Err(e), None);
+                    break;
+                }
+            };
+            let Incoming::Text(text) = &frame else {
+                self.stash(Ok(frame), None);
+                break;
+            };
+            let parsed = parse_command(text);
+            let Ok(command @ (Command::Send { .. } | Command::Publish { .. })) = parsed.command else {
+                self.stash(Ok(frame), None);
+                break;
+            };
+            self.last_heard = Instant::now();
+            match self.limiter.check(self.last_heard.into_std()) {
+                Verdict::Allow => commands.push((parsed.id, command)),
+                verdict => {
+                    self.stash(Ok(frame), Some(verdict));
+                    break;
+                }
+            }
+        }
+        let mut prepared = Vec::with_capacity(commands.len());
+        let mut checked = Vec::with_capacity(commands.len());
+        for (id, command) in commands {
+            match self.prepare(command) {
+                Ok((message, stream)) => {
+                    prepared.push(message);
+                    checked.push((id, Ok(stream)));
+                }
+                Err(e) => checked.push((id, Err(e))),
+            }
+        }
+        let mut appended = self.node.append_all(prepared).await.into_iter();
+        let mut replies = Vec::with_capacity(checked.len());
+        for (id, stream) in checked {
+            let result = stream.and_then(|stream| {
+                let appended = appended.next().expect("an answer per append")?;
+                self.stream(stream).seen.insert(appended.seq);
+                Ok(Accepted { mid: appended.mid, seq: appended.seq })
+            });
+            match (result, id) {
+                (Ok(fields), Some(id)) => replies.push(encode_reply(&id, fields)),
+                (Ok(_), None) => {}
+                (Err(e), id) => replies.push(encode_error(id.as_deref(), &e)),
+            }
+        }
+        self.write(replies).await
     }
 
-    async fn publish(
-        &mut self,
-        room: RoomName,
-        body: Box<RawValue>,
-        key: Option<String>,
-    ) -> Result<Accepted, ProtocolError> {
-        if !self.rooms.contains(&room) {
-            return Err(ProtocolError::new(ErrorCode::NotMember, format!("join room {room} before publishing to it")));
+    fn stash(&mut self, frame: Result<Incoming, crate::ws::Error>, verdict: Option<Verdict>) {
+        self.stashed = Some(Box::new(Stashed { frame, verdict }));
+    }
+
+    /// The append of a `send` or `publish`, and the stream whose seq the reply carries.
+    fn prepare(&self, command: Command) -> Result<(Prepared, StreamId), ProtocolError> {
+        let user = &self.info.user;
+        match command {
+            Command::Send { to, body, key } => {
+                let msg = DirectMessage {
+                    from: Arc::from(user.as_str()),
+                    sender: Some((user.clone(), Some(self.info.session))),
+                    to,
+                    body: Arc::from(body.get()),
+                    key,
+                };
+                Ok((self.node.prepare_direct(msg), StreamId::User(user.clone())))
+            }
+            Command::Publish { room, body, key } => {
+                if !self.rooms.contains(&room) {
+                    let text = format!("join room {room} before publishing to it");
+                    return Err(ProtocolError::new(ErrorCode::NotMember, text));
+                }
+                let msg = RoomMessage {
+                    from: Arc::from(user.as_str()),
+                    sender: Some((user.clone(), self.info.session)),
+                    room: room.clone(),
+                    body: Arc::from(body.get()),
+                    key,
+                };
+                Ok((self.node.prepare_room(msg), StreamId::Room(room)))
+            }
+            _ => Err(ProtocolError::bad_request("only send and publish are appended")),
         }
-        let msg = RoomMessage {
-            from: Arc::from(self.info.user.as_str()),
-            sender: Some((self.info.user.clone(), self.info.session)),
-            room: room.clone(),
-            body: Arc::from(body.get()),
-            key,
-        };
-        let appended = self.node.publish_room(msg).await?;
-        self.stream(StreamId::Room(room)).seen.insert(appended.seq);
-        Ok(Accepted { mid: appended.mid, seq: appended.seq })
     }
 
     /// Joins (or re-joins) a room and reads its backlog. Live messages already flow to the

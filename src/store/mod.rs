@@ -23,10 +23,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::bus::{SessionId, Topic};
-pub use crate::message::StoredMessage;
 use crate::message::Message;
+pub use crate::message::StoredMessage;
 use crate::protocol::{ErrorCode, HistoryQuery, ProtocolError, StreamId, UserId};
-
 
 /// Retention of every stream (`--history-size`, `--history-ttl`).
 #[derive(Clone, Copy, Debug)]
@@ -103,6 +102,17 @@ pub trait Store: Send + Sync {
     /// Stores the message in each entry's stream with that stream's next seq, all or nothing;
     /// answers the mid, the seq of `reply_entry` and every entry's seq (see the module contract).
     async fn append(&self, request: AppendRequest) -> Result<Appended, StoreError>;
+
+    /// Appends messages one sender sent back to back, in their order, each on its own (one may
+    /// fail and the next be stored), answering each. A store may send them together; by
+    /// default they go one after the other.
+    async fn append_all(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, StoreError>> {
+        let mut answers = Vec::with_capacity(requests.len());
+        for request in requests {
+            answers.push(self.append(request).await);
+        }
+        answers
+    }
 
     /// Reads the kept messages that `query` selects; expired ones are never returned.
     async fn read(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError>;

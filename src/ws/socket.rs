@@ -70,6 +70,15 @@ impl<S: Transport> WebSocket<S> {
         }
     }
 
+    /// The next message or control frame if the client already sent it whole: never reads
+    /// from the stream nor waits.
+    pub fn next_buffered(&mut self) -> Result<Option<Incoming>, Error> {
+        if self.close_received.is_some() {
+            return Ok(None);
+        }
+        self.parse()
+    }
+
     /// Writes text frames, one per payload, as far as the stream takes them now, in as few
     /// writes as it allows; the rest waits for [`flush`](Self::flush).
     pub fn push_text<'a>(&mut self, payloads: impl IntoIterator<Item = &'a [u8]>) -> io::Result<()> {

@@ -589,3 +589,35 @@ async fn improper_upgrade_requests_get_an_http_error_not_101() {
     assert!(head.starts_with("http/1.1 101") && head.contains("s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
     node.shutdown().await;
 }
+
+/// Publishes sent together (appended together, see `commands_sent_back_to_back_are_answered_in_order`)
+/// meet the rate limit one by one: the burst allowance is served, the rest refused in its place,
+/// and only what was served is delivered.
+#[tokio::test]
+async fn publishes_sent_together_meet_the_rate_limit_one_by_one() {
+    let node = TestNode::start(&["--rate-limit", "5", "--quiet-prefix", "q:"]).await;
+    let mut alice = node.connect("alice").await;
+    let mut bob = node.connect("bob").await;
+    alice.ok(json!({"type":"join","room":"q:limited"})).await;
+    bob.ok(json!({"type":"join","room":"q:limited"})).await;
+    // Two commands of the burst allowance went to the joins.
+    let burst: Vec<Value> = (1..=15).map(|id| json!({"type":"publish","room":"q:limited","body":id,"id":id})).collect();
+    alice.send_together(&burst).await;
+    let mut served = Vec::new();
+    for id in 1..=15 {
+        let answer = alice.next_frame().await;
+        assert_eq!(answer["id"], id, "one answer per command, in order: {answer}");
+        if answer["type"] == "reply" {
+            assert!(served.len() as u64 + 1 == answer["seq"].as_u64().unwrap(), "{answer}");
+            served.push(id);
+        } else {
+            assert_eq!(answer["code"], "rate_limited", "{answer}");
+        }
+    }
+    assert!((7..=10).contains(&served.len()), "the burst allowance (2N = 10, less the join) was served: {served:?}");
+    assert_eq!(served, (1..=served.len() as u64).collect::<Vec<_>>(), "the first ones were served");
+    for id in &served {
+        assert_eq!(bob.next_message().await["body"], *id);
+    }
+    bob.expect_silence(200).await;
+}

@@ -1,6 +1,6 @@
 //! Direct messages, multi-device, sync and ack, idempotency.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::support::{TestNode, both_modes};
 
@@ -198,5 +198,61 @@ both_modes! {
         assert_eq!(sync["truncated"], true, "message 1 expired");
         let m = bob.next_message().await;
         assert_eq!((m["seq"].as_u64(), m["body"].as_str()), (Some(2), Some("new")));
+    }
+}
+
+both_modes! {
+    /// Commands sent back to back, in one write, are appended together where they are `send`s
+    /// and `publish`es: each still gets its own answer, in the order sent, a refused one among
+    /// them and a command of another kind in its place, and the others receive every message
+    /// once, in order.
+    async fn commands_sent_back_to_back_are_answered_in_order(mode) {
+        let node = TestNode::start_mode(mode, &["--rate-limit", "0"]).await;
+        let mut alice = node.connect("alice").await;
+        let mut bob = node.next_member().connect("bob").await;
+        alice.ok(json!({"type":"join","room":"pipe"})).await;
+        bob.ok(json!({"type":"join","room":"pipe"})).await;
+        let mut frames: Vec<Value> = (1..=70).map(|i| json!({"type":"publish","room":"pipe","body":i,"id":i})).collect();
+        frames.insert(10, json!({"type":"publish","room":"elsewhere","body":"x","id":"not-member"}));
+        frames.insert(20, json!({"type":"history","stream":"room:pipe","limit":1,"id":"between"}));
+        frames.insert(30, json!({"type":"send","to":"bob","body":"dm","id":"dm"}));
+        frames.insert(40, json!({"type":"publish","room":"pipe","body":"no id"}));
+        alice.send_together(&frames).await;
+        let mut room_seq = 0;
+        for sent in &frames {
+            if sent["type"] == "publish" && sent["room"] == "pipe" {
+                room_seq += 1;
+            }
+            let Some(id) = sent.get("id") else { continue };
+            // Presence events (bob joining) may come between the answers.
+            let answer = loop {
+                let frame = alice.next_frame().await;
+                if frame["type"] != "presence" {
+                    break frame;
+                }
+            };
+            assert_eq!(&answer["id"], id, "answers come in the order sent: {answer}");
+            match id.as_str() {
+                Some("not-member") => assert_eq!(answer["code"], "not_member", "{answer}"),
+                Some("between") => assert_eq!(answer["type"], "reply", "{answer}"),
+                Some("dm") => assert_eq!(answer["seq"], 1, "{answer}"),
+                _ => {
+                    assert_eq!((&answer["type"], &answer["seq"]), (&json!("reply"), &json!(room_seq)), "{answer}");
+                }
+            }
+        }
+        assert_eq!(room_seq, 71);
+        let (mut room, mut direct) = (Vec::new(), Vec::new());
+        while room.len() + direct.len() < 72 {
+            let message = bob.next_message().await;
+            match message["room"].as_str() {
+                Some("pipe") => room.push(message["seq"].as_u64().unwrap()),
+                _ => direct.push(message["body"].clone()),
+            }
+        }
+        assert_eq!(room, (1..=71).collect::<Vec<u64>>(), "every room message once, in order");
+        assert_eq!(direct, [json!("dm")]);
+        bob.expect_silence(200).await;
+        alice.expect_silence(200).await;
     }
 }

@@ -467,6 +467,15 @@ impl Client {
         self.send_text(&value.to_string()).await;
     }
 
+    /// Sends `values` as frames back to back, flushed once, so that they reach the server
+    /// together (in one TCP write while they fit).
+    pub async fn send_together(&mut self, values: &[Value]) {
+        for value in values {
+            self.ws.feed(Message::text(value.to_string())).await.expect("send");
+        }
+        self.ws.flush().await.expect("flush");
+    }
+
     /// Sends `command` with a fresh id and waits for its reply or error; other frames that
     /// arrive meanwhile are kept for `next_frame`.
     pub async fn request(&mut self, mut command: Value) -> Value {

@@ -32,18 +32,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 use redis::Script;
+use redis::aio::ConnectionManager;
 use tokio::sync::{Notify, watch};
 
-use crate::bus::{Bus, BusError, Delivery, Event, Notice, SessionId, Sink, Topic};
+use super::RESPONSE_TIMEOUT;
+use super::store::envelope_head;
+use super::subscriber::{Published, Receiver, Subscriber};
 use crate::backend::redis::RedisClock;
 use crate::backend::redis::keys::Keys;
+use crate::bus::{Bursts, Bus, BusError, Delivery, Event, Notice, SessionId, Sink, Topic};
 use crate::metrics::Metrics;
 use crate::protocol::StreamId;
-use super::store::envelope_head;
-use super::RESPONSE_TIMEOUT;
-use super::subscriber::{Receiver, Subscriber};
 
 /// How long `subscribe` waits for Redis to confirm.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -132,10 +132,36 @@ impl Shared {
         self.interest.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Decodes one pub/sub message and delivers it locally.
-    fn on_message(&self, channel: &[u8], payload: Bytes) {
+    /// Decodes the pub/sub messages of one read and delivers them locally: a topic's messages
+    /// together (see [`Bursts`]), any other event after the messages before it.
+    fn on_messages(&self, read: &[Published]) {
+        let Some(sink) = self.sink.get() else { return };
+        if let [one] = read {
+            // Alone, the common case while traffic is light: no grouping.
+            if let Some((topic, event)) = self.decode(one) {
+                sink.deliver(&topic, &event);
+            }
+            return;
+        }
+        let mut bursts = Bursts::default();
+        for published in read {
+            match self.decode(published) {
+                Some((topic, Event::Message(delivery))) => bursts.push(&topic, delivery, &**sink),
+                Some((topic, event)) => {
+                    bursts.flush(&**sink);
+                    sink.deliver(&topic, &event);
+                }
+                None => {}
+            }
+        }
+        bursts.flush(&**sink);
+    }
+
+    /// One pub/sub message's topic and event; `None` (logged) when it is malformed.
+    fn decode(&self, published: &Published) -> Option<(Topic, Event)> {
         self.metrics.bus_received.inc();
-        let Some(topic) = std::str::from_utf8(channel).ok().and_then(|c| self.keys.topic(c)) else { return };
+        let topic = std::str::from_utf8(published.channel()).ok().and_then(|c| self.keys.topic(c))?;
+        let payload = published.payload();
         let event = match payload.first() {
             Some(b'M') => Self::message(&topic, payload),
             Some(b'B') if payload.len() >= 2 => {
@@ -143,14 +169,10 @@ impl Shared {
             }
             _ => Self::control(payload),
         };
-        match event {
-            Some(event) => {
-                if let Some(sink) = self.sink.get() {
-                    sink.deliver(&topic, &event);
-                }
-            }
-            None => tracing::warn!("malformed bus message dropped"),
+        if event.is_none() {
+            tracing::warn!("malformed bus message dropped");
         }
+        Some((topic, event?))
     }
 
     /// `M <exclude> <stream> <seq> <record>`.
@@ -240,9 +262,9 @@ impl Shared {
 struct Incoming(std::sync::Weak<Shared>);
 
 impl Receiver for Incoming {
-    fn message(&self, channel: &[u8], payload: Bytes) {
+    fn messages(&self, read: &[Published]) {
         if let Some(shared) = self.0.upgrade() {
-            shared.on_message(channel, payload);
+            shared.on_messages(read);
         }
     }
 

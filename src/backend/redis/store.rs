@@ -1,85 +1,108 @@
 //! The cluster store: streams in Redis, shared by every node (key layout in `keys.rs`).
 //!
-//! An append is one Lua script, so it is atomic per message: check the idempotency key, then for
-//! each entry bump the stream's seq and `XADD` the message's [`Record`] with the retention
-//! (`MAXLEN` for `--history-size`; for `--history-ttl`, up to 16 expired entries trimmed from the
-//! head, looked at only when the oldest one has expired, and that one only every
-//! [`AGE_CHECK_EVERY`]th seq). Redis runs scripts one at a time, so seqs are assigned once
-//! cluster-wide. When the bus is the same Redis (`fused`), the script also `PUBLISH`es each entry
-//! on its audience's channel: every subscriber then sees a stream's messages in seq order, and
-//! nothing is published that is not readable, with no second round trip. A message published while a node's
-//! subscription is down is not lost: it is in the stream, and sessions catch up by seq. A script
-//! that Redis reaches after its deadline (Redis was paused past the node's response timeout)
-//! writes nothing, so an append the node answered `unavailable` is never stored later.
+//! A node sends each append as a Lua script, and the appends made while its earlier scripts ran
+//! as one script together (see [`Appends`]). The script handles its messages one after the
+//! other, each atomically: check the idempotency key, then for each entry bump the stream's seq
+//! and `XADD` the message's [`Record`] with the retention (`MAXLEN ~` for `--history-size`,
+//! trimmed by whole stream nodes, reads skipping what is kept beyond it; for
+//! `--history-ttl`, up to 16 expired entries trimmed from the head, looked at only when the
+//! oldest one has expired, and that one only every [`AGE_CHECK_EVERY`]th seq). Redis runs
+//! scripts one at a time, so seqs are assigned once cluster-wide. When the bus is the same Redis
+//! (`fused`), the script also `PUBLISH`es each entry on its audience's channel: every subscriber
+//! then sees a stream's messages in seq order, and nothing is published that is not readable,
+//! with no second round trip. A message published while a node's subscription is down is not
+//! lost: it is in the stream, and sessions catch up by seq. A message that Redis reaches after
+//! its deadline (Redis was paused past the node's response timeout) is not written, so an
+//! append the node answered `unavailable` is never stored later.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
+use tokio::sync::oneshot;
 
-use crate::store::{AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage};
-use crate::bus::SessionId;
 use super::RedisClock;
 use crate::backend::redis as cluster;
 use crate::backend::redis::keys::Keys;
+use crate::bus::SessionId;
 use crate::message::Record;
 use crate::protocol::{HistoryQuery, StreamId, UserId, now_ms};
+use crate::store::{
+    AppendRequest, Appended, IDEMPOTENCY_WINDOW_MS, Retention, Slice, Store, StoreError, StoredMessage,
+};
 
-/// KEYS: idempotency key, then (seq key, log key) per entry.
-/// ARGV: now, idempotency ttl, max messages, expiry cutoff, ttl, entry count, reply entry
-/// (1-based), mid, keyed (1/0), deadline (ms, see [`crate::backend::redis::WRITE_DEADLINE`]), the
-/// message's record, publish (1/0), then (channel, envelope head) per entry. Answers one string:
-/// `0 <mid> <seq> <seq of each entry>…`, `1 <mid> <seq>` (the first append's answer) for a
-/// duplicate, or `2` without writing anything when Redis runs it after the deadline. One string
-/// rather than an array: the node's RESP parser (redis-rs) costs about 1,300 instructions per
-/// value it decodes, a twentieth of a direct message's cost on the node for an array of three.
+/// Appends a batch of messages, one after the other, as if each were a script of its own.
+///
+/// KEYS, per message: its idempotency key, then (seq key, log key) per entry.
+/// ARGV: now, idempotency ttl, max messages, expiry cutoff, ttl, publish (1/0), message count;
+/// then per message: deadline (ms, see [`crate::backend::redis::WRITE_DEADLINE`]), mid, keyed
+/// (1/0), the message's record, entry count, reply entry (1-based), then (channel, envelope head)
+/// per entry. Answers one line per message, in order: `0 <mid> <seq> <seq of each entry>…`,
+/// `1 <mid> <seq>` (the first append's answer) for a duplicate, or `2` without writing anything
+/// when Redis reaches the message after its deadline. Lines of one string rather than an array:
+/// the node's RESP parser (redis-rs) costs about 1,300 instructions per value it decodes, a
+/// twentieth of a direct message's cost on the node for an array of three.
 const APPEND: &str = r#"
 local t = redis.call('TIME')
-if t[1] * 1000 + math.floor(t[2] / 1000) > tonumber(ARGV[10]) then return '2' end
-local keyed = ARGV[9] == '1'
-if keyed then
-  local prev = redis.call('GET', KEYS[1])
-  if prev then return '1 ' .. prev end
-end
-local n = tonumber(ARGV[6])
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local cutoff = tonumber(ARGV[4])
-local reply_entry = tonumber(ARGV[7])
-local record = ARGV[11]
-local publish = ARGV[12] == '1'
-local reply = '0'
-local seqs = {}
-for i = 1, n do
-  local seqk, logk = KEYS[2 * i], KEYS[2 * i + 1]
-  local a = 12 + 2 * (i - 1)
-  local number = redis.call('INCR', seqk)
-  -- The seq as text once: Lua formats a number with sprintf at every concatenation.
-  local seq = tostring(number)
-  local id = '0-' .. seq
-  redis.call('XADD', logk, 'MAXLEN', ARGV[3], id, 'r', record, 't', ARGV[1])
-  -- 16 is AGE_CHECK_EVERY.
-  if number % 16 == 0 then
-    local first = redis.call('XRANGE', logk, '-', '+', 'COUNT', 1)[1]
-    if tonumber(first[2][4]) < cutoff then
-      -- Trim the expired head, at most 16 entries (as many as were appended since the last
-      -- look): up to the first unexpired entry, else up to the 17th, never past it.
-      local head = redis.call('XRANGE', logk, '-', '+', 'COUNT', 17)
-      local keep = head[17] and head[17][1] or id
-      for j = 1, math.min(16, #head) do
-        if tonumber(head[j][2][4]) >= cutoff then keep = head[j][1]; break end
+local publish = ARGV[6] == '1'
+local answers = {}
+local k, a = 1, 8
+for m = 1, tonumber(ARGV[7]) do
+  local keyed, record = ARGV[a + 2] == '1', ARGV[a + 3]
+  local n, reply_entry = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  local late = now > tonumber(ARGV[a])
+  local prev = keyed and not late and redis.call('GET', KEYS[k])
+  if late then
+    answers[m] = '2'
+  elseif prev then
+    answers[m] = '1 ' .. prev
+  else
+    local reply = '0'
+    local seqs = {}
+    for i = 1, n do
+      local seqk, logk = KEYS[k + 2 * i - 1], KEYS[k + 2 * i]
+      local number = redis.call('INCR', seqk)
+      -- The seq as text once: Lua formats a number with sprintf at every concatenation.
+      local seq = tostring(number)
+      local id = '0-' .. seq
+      -- Trimmed by whole nodes ('~'): exact trimming walked the stream's head on every append,
+      -- a fifth of Redis's time. Reads skip what lies beyond the last ARGV[3] seqs.
+      redis.call('XADD', logk, 'MAXLEN', '~', ARGV[3], id, 'r', record, 't', ARGV[1])
+      -- 16 is AGE_CHECK_EVERY.
+      if number % 16 == 0 then
+        local first = redis.call('XRANGE', logk, '-', '+', 'COUNT', 1)[1]
+        if tonumber(first[2][4]) < cutoff then
+          -- Trim the expired head, at most 16 entries (as many as were appended since the last
+          -- look): up to the first unexpired entry, else up to the 17th, never past it.
+          local head = redis.call('XRANGE', logk, '-', '+', 'COUNT', 17)
+          local keep = head[17] and head[17][1] or id
+          for j = 1, math.min(16, #head) do
+            if tonumber(head[j][2][4]) >= cutoff then keep = head[j][1]; break end
+          end
+          redis.call('XTRIM', logk, 'MINID', keep)
+        end
       end
-      redis.call('XTRIM', logk, 'MINID', keep)
+      redis.call('PEXPIRE', logk, ARGV[5])
+      if publish then
+        local c = a + 4 + 2 * i
+        redis.call('PUBLISH', ARGV[c], ARGV[c + 1] .. seq .. ' ' .. record)
+      end
+      if i == reply_entry then reply = seq end
+      seqs[i] = seq
     end
+    local answer = ARGV[a + 1] .. ' ' .. reply
+    if keyed then redis.call('SET', KEYS[k], answer, 'PX', ARGV[2]) end
+    answers[m] = '0 ' .. answer .. ' ' .. table.concat(seqs, ' ')
   end
-  redis.call('PEXPIRE', logk, ARGV[5])
-  if publish then redis.call('PUBLISH', ARGV[a + 1], ARGV[a + 2] .. seq .. ' ' .. record) end
-  if i == reply_entry then reply = seq end
-  seqs[i] = seq
+  k = k + 1 + 2 * n
+  a = a + 6 + 2 * n
 end
-local answer = ARGV[8] .. ' ' .. reply
-if keyed then redis.call('SET', KEYS[1], answer, 'PX', ARGV[2]) end
-return '0 ' .. answer .. ' ' .. table.concat(seqs, ' ')
+return table.concat(answers, '\n')
 "#;
 
 /// Every how many seqs of a stream an append looks for expired entries at its head. Looking
@@ -99,23 +122,111 @@ return 0
 "#
 );
 
-/// Bytes an append's arguments take beyond the record, and per entry: its keys, channel and
-/// envelope head.
-const ARGS_ROOM: usize = 256;
+/// Bytes an append's arguments take beyond the record, per batch and per message, and per
+/// entry: its keys, channel and envelope head.
+const ARGS_ROOM: usize = 128;
+const MESSAGE_ROOM: usize = 160;
 const ENTRY_ROOM: usize = 192;
+
+/// Most messages one append script carries.
+const MAX_BATCH: usize = 64;
+/// Most record bytes one append script carries (a message beyond it goes alone).
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Append scripts a node has in Redis at once. Appends made meanwhile wait and go together in
+/// the next one (see [`Appends`]).
+const IN_FLIGHT: usize = 2;
+/// Appends that may wait; beyond it an append is answered `unavailable` at once.
+const QUEUE: usize = 4096;
 
 /// How long `ready` waits for a PING.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct RedisStore {
     conn: ConnectionManager,
-    clock: Arc<RedisClock>,
     keys: Keys,
     retention: Retention,
     /// Whether the bus is this same Redis, so that the append script publishes.
     fused: bool,
-    append: Script,
+    clock: Arc<RedisClock>,
+    appends: Arc<Appends>,
     ack: Script,
+}
+
+/// One message to append.
+struct Item {
+    request: AppendRequest,
+    record: Vec<u8>,
+    /// In Redis's clock.
+    deadline: u64,
+}
+
+/// A waiting append and where its answer goes.
+struct Pending {
+    item: Item,
+    reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+/// How a node's appends reach Redis: at most [`IN_FLIGHT`] scripts at once. An append made
+/// while a slot is free and nobody waits is sent at once from the caller's own task, alone, so a
+/// quiet node pays nothing for batching. Otherwise it waits, and whoever frees a slot sends
+/// every waiting append (up to [`MAX_BATCH`]) as one script from a task of its own: a busy node
+/// pays Redis's cost of calling a script once for many messages, and its subscribers receive
+/// them together. The script appends the messages one after the other as separate scripts
+/// would, each with its own deadline and idempotency key, so a repeat of a key in the same batch
+/// is answered as the first one's duplicate. A waiting append is never sent by a caller's task,
+/// whose future may be dropped: only by a task that answers it.
+struct Appends {
+    conn: ConnectionManager,
+    keys: Keys,
+    retention: Retention,
+    fused: bool,
+    script: Script,
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    in_flight: usize,
+    waiting: VecDeque<Pending>,
+}
+
+impl Queue {
+    /// The next batch of waiting appends, oldest first.
+    fn batch(&mut self) -> Vec<Pending> {
+        let mut bytes = 0;
+        let mut batch = Vec::new();
+        while let Some(next) = self.waiting.front() {
+            let more = bytes + next.item.record.len();
+            if batch.len() == MAX_BATCH || (!batch.is_empty() && more > MAX_BATCH_BYTES) {
+                break;
+            }
+            bytes = more;
+            batch.push(self.waiting.pop_front().expect("there is a front"));
+        }
+        batch
+    }
+}
+
+/// Whether appends go now, from their caller's task, or wait for their answers, or find the
+/// queue full.
+enum Turn {
+    Now(Vec<Item>),
+    Wait(Vec<oneshot::Receiver<Result<Appended, StoreError>>>),
+    Full(usize),
+}
+
+/// A slot taken by an append sent from its caller's task: freed when that send ends or is
+/// dropped, handing it on to the appends waiting meanwhile.
+struct Slot(Arc<Appends>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+fn full() -> StoreError {
+    StoreError::Unavailable(format!("redis append: {QUEUE} appends already waiting"))
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -129,7 +240,240 @@ fn malformed(what: &str) -> StoreError {
 impl RedisStore {
     /// A store on `conn`; `fused` when the bus is the same Redis (see the module header).
     pub fn new(conn: ConnectionManager, clock: Arc<RedisClock>, keys: Keys, retention: Retention, fused: bool) -> Self {
-        Self { conn, clock, keys, retention, fused, append: Script::new(APPEND), ack: Script::new(ACK) }
+        let appends = Arc::new(Appends {
+            conn: conn.clone(),
+            keys: keys.clone(),
+            retention,
+            fused,
+            script: Script::new(APPEND),
+            queue: Mutex::new(Queue::default()),
+        });
+        Self { conn, keys, retention, fused, clock, appends, ack: Script::new(ACK) }
+    }
+}
+
+impl Appends {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends one message: [`Appends::append_all`] without its vectors, for the common case.
+    async fn append(self: &Arc<Self>, item: Item) -> Result<Appended, StoreError> {
+        let answer = {
+            let mut queue = self.queue();
+            if queue.in_flight < IN_FLIGHT && queue.waiting.is_empty() {
+                queue.in_flight += 1;
+                Ok(item)
+            } else if queue.waiting.len() >= QUEUE {
+                return Err(full());
+            } else {
+                let (reply, answer) = oneshot::channel();
+                queue.waiting.push_back(Pending { item, reply });
+                Err(answer)
+            }
+        };
+        match answer {
+            Ok(item) => {
+                let _slot = Slot(self.clone());
+                self.send([&item]).await.and_then(|answer| appended(&answer, self.fused))
+            }
+            Err(answer) => self.answer(answer, tokio::time::Instant::now() + super::RESPONSE_TIMEOUT).await,
+        }
+    }
+
+    /// Appends `items` in their order, together when they fit in one script.
+    async fn append_all(self: &Arc<Self>, items: Vec<Item>) -> Vec<Result<Appended, StoreError>> {
+        let waiting = match self.turn(items) {
+            Turn::Now(items) => {
+                let _slot = Slot(self.clone());
+                let mut answers = Vec::with_capacity(items.len());
+                for chunk in items.chunks(MAX_BATCH) {
+                    match self.send(chunk).await {
+                        Ok(answer) => answers.extend(lines(&answer, chunk.len(), self.fused)),
+                        Err(e) => answers.extend(chunk.iter().map(|_| Err(e.clone()))),
+                    }
+                }
+                return answers;
+            }
+            Turn::Wait(waiting) => waiting,
+            Turn::Full(n) => return vec![Err(full()); n],
+        };
+        // The connection's response timeout bounds the wait: the deadline Redis checks is
+        // shorter, so an append answered `unavailable` here is never stored later.
+        let until = tokio::time::Instant::now() + super::RESPONSE_TIMEOUT;
+        let mut answers = Vec::with_capacity(waiting.len());
+        for answer in waiting {
+            answers.push(self.answer(answer, until).await);
+        }
+        answers
+    }
+
+    /// Takes a slot for `items`, or queues them one after the other.
+    fn turn(&self, items: Vec<Item>) -> Turn {
+        let mut queue = self.queue();
+        if queue.in_flight < IN_FLIGHT && queue.waiting.is_empty() {
+            queue.in_flight += 1;
+            return Turn::Now(items);
+        }
+        if queue.waiting.len() + items.len() > QUEUE {
+            return Turn::Full(items.len());
+        }
+        let answers = items
+            .into_iter()
+            .map(|item| {
+                let (reply, answer) = oneshot::channel();
+                queue.waiting.push_back(Pending { item, reply });
+                answer
+            })
+            .collect();
+        Turn::Wait(answers)
+    }
+
+    async fn answer(
+        &self,
+        answer: oneshot::Receiver<Result<Appended, StoreError>>,
+        until: tokio::time::Instant,
+    ) -> Result<Appended, StoreError> {
+        let closed = || StoreError::Unavailable("redis append: the store is closed".into());
+        match tokio::time::timeout_at(until, answer).await {
+            Ok(answer) => answer.map_err(|_| closed())?,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "redis append: no answer within {} ms",
+                super::RESPONSE_TIMEOUT.as_millis()
+            ))),
+        }
+    }
+
+    /// Frees a slot, or hands it to a task that sends what waits.
+    fn release(self: &Arc<Self>) {
+        let mut queue = self.queue();
+        if queue.waiting.is_empty() {
+            queue.in_flight -= 1;
+            return;
+        }
+        let batch = queue.batch();
+        drop(queue);
+        tokio::spawn(self.clone().drain(batch));
+    }
+
+    /// Sends batches of waiting appends while there are any, then frees its slot.
+    async fn drain(self: Arc<Self>, mut batch: Vec<Pending>) {
+        loop {
+            let answer = self.send(batch.iter().map(|p| &p.item)).await;
+            answer_each(batch, answer, self.fused);
+            let mut queue = self.queue();
+            if queue.waiting.is_empty() {
+                queue.in_flight -= 1;
+                return;
+            }
+            batch = queue.batch();
+        }
+    }
+
+    /// Runs the append script on `items`; its answer, one line per item.
+    async fn send<'a>(&self, items: impl IntoIterator<Item = &'a Item> + Clone) -> Result<String, StoreError> {
+        let command = self.command(items);
+        let mut conn = self.conn.clone();
+        cluster::eval(&mut conn, &self.script, &command).await.map_err(unavailable)
+    }
+
+    fn command<'a>(&self, items: impl IntoIterator<Item = &'a Item> + Clone) -> redis::Cmd {
+        let (mut count, mut entries, mut bytes) = (0, 0, 0);
+        for item in items.clone() {
+            count += 1;
+            entries += item.request.entries.len();
+            bytes += item.record.len();
+        }
+        let keys = count + 2 * entries;
+        let args = keys + 7 + 6 * count + 2 * entries;
+        let room = ARGS_ROOM + MESSAGE_ROOM * count + ENTRY_ROOM * entries + bytes;
+        let mut cmd = cluster::evalsha(&self.script, keys, args, room);
+        for item in items.clone() {
+            let request = &item.request;
+            match &request.idempotency {
+                Some((scope, key)) => cmd.arg(self.keys.idempotency(scope, key)),
+                None => cmd.arg(self.keys.idempotency("-", "-")),
+            };
+            for entry in &request.entries {
+                cmd.arg(self.keys.seq(&entry.stream)).arg(self.keys.log(&entry.stream));
+            }
+        }
+        let now = now_ms();
+        cmd.arg(now)
+            .arg(IDEMPOTENCY_WINDOW_MS)
+            .arg(self.retention.max_messages)
+            .arg(now.saturating_sub(self.retention.ttl_ms))
+            .arg(self.retention.ttl_ms)
+            .arg(if self.fused { "1" } else { "0" })
+            .arg(count);
+        for item in items {
+            let request = &item.request;
+            cmd.arg(item.deadline)
+                .arg(&*request.message.mid)
+                .arg(if request.idempotency.is_some() { "1" } else { "0" })
+                .arg(&item.record[..])
+                .arg(request.entries.len())
+                .arg(request.reply_entry + 1);
+            for entry in &request.entries {
+                if self.fused {
+                    cmd.arg(self.keys.channel(&entry.topic)).arg(envelope_head(entry.exclude, &entry.stream));
+                } else {
+                    cmd.arg("").arg("");
+                }
+            }
+        }
+        cmd
+    }
+}
+
+impl RedisStore {
+    /// One read of `stream`: the stream's last seq and the page `query` asks for, without the
+    /// entries the append's trimming left beyond `--history-size` or `--history-ttl`.
+    async fn read_once(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError> {
+        let log = self.keys.log(stream);
+        let mut pipe = redis::pipe();
+        pipe.atomic().get(self.keys.seq(stream));
+        let (limit, reverse) = match query {
+            HistoryQuery::After { since, limit } => {
+                // Read past the expired entries the append may not have trimmed yet.
+                let count = limit.max(1) + AGE_CHECK_EVERY;
+                pipe.cmd("XRANGE").arg(&log).arg(format!("(0-{since}")).arg("+").arg("COUNT").arg(count);
+                (limit, false)
+            }
+            HistoryQuery::Before { before, limit } if before > 1 => {
+                pipe.cmd("XREVRANGE").arg(&log).arg(format!("(0-{before}")).arg("-").arg("COUNT").arg(limit.max(1));
+                (limit, true)
+            }
+            HistoryQuery::Before { .. } => (0, false),
+            HistoryQuery::Last { limit } => {
+                pipe.cmd("XREVRANGE").arg(&log).arg("+").arg("-").arg("COUNT").arg(limit.max(1));
+                (limit, true)
+            }
+        };
+        let mut conn = self.conn.clone();
+        let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let range = if replies.len() > 1 { replies.pop() } else { None };
+        let last_seq: Option<u64> =
+            redis::from_redis_value(replies.pop().ok_or_else(|| malformed("seq"))?).map_err(|_| malformed("seq"))?;
+        let last_seq = last_seq.unwrap_or(0);
+        let cutoff = now_ms().saturating_sub(self.retention.ttl_ms);
+        let window = last_seq.saturating_sub(self.retention.max_messages);
+        let mut messages: Vec<StoredMessage> = match (range, limit) {
+            (Some(range), 1..) => entries(range)?
+                .into_iter()
+                .filter(|(seq, ts, _)| *ts >= cutoff && *seq > window)
+                .take(limit)
+                .map(|(seq, _, record)| {
+                    let message = Record::decode(Some(stream), &record).ok_or_else(|| malformed("record"))?;
+                    Ok(StoredMessage { seq, message })
+                })
+                .collect::<Result<_, StoreError>>()?,
+            _ => Vec::new(),
+        };
+        if reverse {
+            messages.reverse();
+        }
+        Ok(Slice { messages, last_seq })
     }
 }
 
@@ -179,107 +523,81 @@ fn entries(value: Value) -> Result<Vec<(u64, u64, Vec<u8>)>, StoreError> {
         .collect()
 }
 
+/// Answers each append of a batch from its line of the script's answer (see [`APPEND`]), or
+/// all of them with the batch's error.
+fn answer_each(batch: Vec<Pending>, answer: Result<String, StoreError>, fused: bool) {
+    let outcomes: Vec<Result<Appended, StoreError>> = match answer {
+        Ok(answer) => lines(&answer, batch.len(), fused),
+        Err(e) => vec![Err(e); batch.len()],
+    };
+    for (pending, outcome) in batch.into_iter().zip(outcomes) {
+        let _ = pending.reply.send(outcome);
+    }
+}
+
+/// The outcome of each of `count` appends, from the lines of the script's answer.
+fn lines(answer: &str, count: usize, fused: bool) -> Vec<Result<Appended, StoreError>> {
+    let mut lines = answer.split('\n');
+    (0..count)
+        .map(|_| match lines.next() {
+            Some(line) => appended(line, fused),
+            None => Err(malformed("append answer: a line short")),
+        })
+        .collect()
+}
+
+/// One message's line of the append script's answer.
+fn appended(line: &str, fused: bool) -> Result<Appended, StoreError> {
+    let mut fields = line.split(' ');
+    let duplicate = match fields.next() {
+        Some("0") => false,
+        Some("1") => true,
+        Some("2") => {
+            return Err(StoreError::Unavailable(
+                "redis reached the append after its deadline: nothing was stored".into(),
+            ));
+        }
+        _ => return Err(malformed("append answer")),
+    };
+    let mid = fields.next().ok_or_else(|| malformed("append answer"))?;
+    let seq = fields.next().and_then(|s| s.parse().ok()).ok_or_else(|| malformed("append seq"))?;
+    let seqs = fields.map(str::parse).collect::<Result<Vec<u64>, _>>().map_err(|_| malformed("append seqs"))?;
+    Ok(Appended { mid: Arc::from(mid), seq, duplicate, seqs, published: fused && !duplicate })
+}
+
 #[async_trait]
 impl Store for RedisStore {
     async fn append(&self, request: AppendRequest) -> Result<Appended, StoreError> {
         if request.entries.is_empty() {
             return Err(StoreError::Internal("append without entries".into()));
         }
-        let mid = request.message.mid.clone();
         let record = Record::encode(&request.message);
-        let now = now_ms();
-        let idem_key = match &request.idempotency {
-            Some((scope, key)) => self.keys.idempotency(scope, key),
-            None => self.keys.idempotency("-", "-"),
-        };
-        let keys = 1 + 2 * request.entries.len();
-        let n = request.entries.len();
-        let mut cmd = cluster::evalsha(&self.append, keys, keys + 12 + 2 * n, ARGS_ROOM + ENTRY_ROOM * n + record.len());
-        cmd.arg(idem_key);
-        for entry in &request.entries {
-            cmd.arg(self.keys.seq(&entry.stream)).arg(self.keys.log(&entry.stream));
+        self.appends.append(Item { request, record, deadline: self.clock.write_deadline() }).await
+    }
+
+    async fn append_all(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, StoreError>> {
+        if requests.iter().any(|r| r.entries.is_empty()) {
+            return requests.iter().map(|_| Err(StoreError::Internal("append without entries".into()))).collect();
         }
-        cmd.arg(now)
-            .arg(IDEMPOTENCY_WINDOW_MS)
-            .arg(self.retention.max_messages)
-            .arg(now.saturating_sub(self.retention.ttl_ms))
-            .arg(self.retention.ttl_ms)
-            .arg(request.entries.len())
-            .arg(request.reply_entry + 1)
-            .arg(&*mid)
-            .arg(if request.idempotency.is_some() { "1" } else { "0" })
-            .arg(self.clock.write_deadline())
-            .arg(&record[..])
-            .arg(if self.fused { "1" } else { "0" });
-        for entry in &request.entries {
-            if self.fused {
-                cmd.arg(self.keys.channel(&entry.topic)).arg(envelope_head(entry.exclude, &entry.stream));
-            } else {
-                cmd.arg("").arg("");
-            }
-        }
-        let mut conn = self.conn.clone();
-        let answer: String = cluster::eval(&mut conn, &self.append, &cmd).await.map_err(unavailable)?;
-        let mut fields = answer.split(' ');
-        let duplicate = match fields.next() {
-            Some("0") => false,
-            Some("1") => true,
-            Some("2") => {
-                return Err(StoreError::Unavailable(
-                    "redis reached the append after its deadline: nothing was stored".into(),
-                ));
-            }
-            _ => return Err(malformed("append answer")),
-        };
-        let mid = fields.next().ok_or_else(|| malformed("append answer"))?;
-        let seq = fields.next().and_then(|s| s.parse().ok()).ok_or_else(|| malformed("append seq"))?;
-        let seqs = fields.map(str::parse).collect::<Result<Vec<u64>, _>>().map_err(|_| malformed("append seqs"))?;
-        Ok(Appended { mid: Arc::from(mid), seq, duplicate, seqs, published: self.fused && !duplicate })
+        let deadline = self.clock.write_deadline();
+        let items = requests
+            .into_iter()
+            .map(|request| Item { record: Record::encode(&request.message), request, deadline })
+            .collect();
+        self.appends.append_all(items).await
     }
 
     async fn read(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError> {
-        let log = self.keys.log(stream);
-        let mut pipe = redis::pipe();
-        pipe.atomic().get(self.keys.seq(stream));
-        let (limit, reverse) = match query {
-            HistoryQuery::After { since, limit } => {
-                // Read past the expired entries the append may not have trimmed yet.
-                let count = limit.max(1) + AGE_CHECK_EVERY;
-                pipe.cmd("XRANGE").arg(&log).arg(format!("(0-{since}")).arg("+").arg("COUNT").arg(count);
-                (limit, false)
+        let slice = self.read_once(stream, query).await?;
+        // Entries kept beyond `--history-size` (the append trims by whole nodes) were skipped:
+        // a page cut by them is read again from the first seq still in the window.
+        if let HistoryQuery::After { since, limit } = query {
+            let window = slice.last_seq.saturating_sub(self.retention.max_messages);
+            if since < window && slice.messages.len() < limit {
+                return self.read_once(stream, HistoryQuery::After { since: window, limit }).await;
             }
-            HistoryQuery::Before { before, limit } if before > 1 => {
-                pipe.cmd("XREVRANGE").arg(&log).arg(format!("(0-{before}")).arg("-").arg("COUNT").arg(limit.max(1));
-                (limit, true)
-            }
-            HistoryQuery::Before { .. } => (0, false),
-            HistoryQuery::Last { limit } => {
-                pipe.cmd("XREVRANGE").arg(&log).arg("+").arg("-").arg("COUNT").arg(limit.max(1));
-                (limit, true)
-            }
-        };
-        let mut conn = self.conn.clone();
-        let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        let range = if replies.len() > 1 { replies.pop() } else { None };
-        let last_seq: Option<u64> =
-            redis::from_redis_value(replies.pop().ok_or_else(|| malformed("seq"))?).map_err(|_| malformed("seq"))?;
-        let cutoff = now_ms().saturating_sub(self.retention.ttl_ms);
-        let mut messages: Vec<StoredMessage> = match (range, limit) {
-            (Some(range), 1..) => entries(range)?
-                .into_iter()
-                .filter(|(_, ts, _)| *ts >= cutoff)
-                .take(limit)
-                .map(|(seq, _, record)| {
-                    let message = Record::decode(Some(stream), &record).ok_or_else(|| malformed("record"))?;
-                    Ok(StoredMessage { seq, message })
-                })
-                .collect::<Result<_, StoreError>>()?,
-            _ => Vec::new(),
-        };
-        if reverse {
-            messages.reverse();
         }
-        Ok(Slice { messages, last_seq: last_seq.unwrap_or(0) })
+        Ok(slice)
     }
 
     async fn cursor(&self, user: &UserId) -> Result<u64, StoreError> {

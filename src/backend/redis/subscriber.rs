@@ -27,10 +27,28 @@ const READ_SIZE: usize = 16 * 1024;
 
 /// Where the subscriber's traffic goes.
 pub(crate) trait Receiver: Send + Sync + 'static {
-    /// A message published on `channel`. Called on the connection's task: it must not block.
-    fn message(&self, channel: &[u8], payload: Bytes);
+    /// The messages published on the channels of one read from the connection, in order.
+    /// Called on the connection's task: it must not block.
+    fn messages(&self, read: &[Published]);
     /// The connection ended (it is not called when the owner drops the subscriber).
     fn closed(&self);
+}
+
+/// A message as received: the frame it came in, and where its channel and payload are in it.
+pub(crate) struct Published {
+    frame: Bytes,
+    channel: std::ops::Range<usize>,
+    payload: std::ops::Range<usize>,
+}
+
+impl Published {
+    pub(crate) fn channel(&self) -> &[u8] {
+        &self.frame[self.channel.clone()]
+    }
+
+    pub(crate) fn payload(&self) -> Bytes {
+        self.frame.slice(self.payload.clone())
+    }
 }
 
 /// A handle on the connection; its task ends when every handle is dropped.
@@ -208,10 +226,22 @@ fn take_replies(
     waiting: &mut VecDeque<(usize, oneshot::Sender<io::Result<()>>)>,
     to: &dyn Receiver,
 ) -> io::Result<()> {
+    let mut read = Vec::new();
+    let outcome = take_each(input, waiting, &mut read);
+    if !read.is_empty() {
+        to.messages(&read);
+    }
+    outcome
+}
+
+fn take_each(
+    input: &mut BytesMut,
+    waiting: &mut VecDeque<(usize, oneshot::Sender<io::Result<()>>)>,
+    read: &mut Vec<Published>,
+) -> io::Result<()> {
     while let Some((reply, used)) = Reply::read(input)? {
         if let Some((channel, payload)) = reply.message(input) {
-            let frame = input.split_to(used).freeze();
-            to.message(&frame[channel], frame.slice(payload));
+            read.push(Published { frame: input.split_to(used).freeze(), channel, payload });
             continue;
         }
         let outcome = reply.outcome(input);
@@ -333,8 +363,9 @@ mod tests {
     }
 
     impl Receiver for Seen {
-        fn message(&self, channel: &[u8], payload: Bytes) {
-            self.messages.lock().unwrap().push((channel.to_vec(), payload));
+        fn messages(&self, read: &[Published]) {
+            let mut messages = self.messages.lock().unwrap();
+            messages.extend(read.iter().map(|m| (m.channel().to_vec(), m.payload())));
         }
 
         fn closed(&self) {}
