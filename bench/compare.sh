@@ -6,6 +6,7 @@
 # Runs each scenario RUNS times (default 3) per system, interleaved (S, SIO, relay, SIOX, S, ...)
 # so that drift on a shared machine hits all four alike, keeps every run's JSON under $OUT
 # (default /tmp/switchyard-compare) and prints medians and the spread with bench/summarize.py.
+# $SERVER and $BENCH name other builds of the server and the generator.
 # Needs: release builds (cargo build --release -p switchyard -p switchyard-bench), node + npm
 # (npm ci in each peer directory), cargo (the socketioxide peer is built here if missing, see
 # bench/peers/socketioxide/build.sh), redis-server.
@@ -14,17 +15,21 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 RUNS=${1:-3}
 OUT=${OUT:-/tmp/switchyard-compare}
+# $SYSTEMS picks the systems by name (default: all four).
+SYSTEMS=${SYSTEMS:-switchyard socketio relay socketioxide}
+has() { [[ " $SYSTEMS " == *" $1 "* ]]; }
 PORT=${REDIS_PORT:-6391}
-BENCH=target/release/switchyard-bench
-SERVER=target/release/switchyard
+BENCH=${BENCH:-target/release/switchyard-bench}
+SERVER=${SERVER:-target/release/switchyard}
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
 
 for peer in socketio ws-relay; do
+  has "${peer/ws-/}" || continue
   [ -d "bench/peers/$peer/node_modules" ] || (cd "bench/peers/$peer" && npm ci --silent)
 done
 # Build before anything starts (a cold build takes minutes; start_peer waits 20 s).
-bench/peers/socketioxide/build.sh >/dev/null
+if has socketioxide; then bench/peers/socketioxide/build.sh >/dev/null; fi
 
 # shellcheck source=bench/redis.sh
 source bench/redis.sh
@@ -52,14 +57,20 @@ start_peer() {
   grep -q '^ready' "$log" || { echo "compare.sh: $dir did not start" >&2; cat "$log" >&2; exit 1; }
 }
 peer_pids() { grep '^node=' "$1" | grep -o 'pid=[0-9]*' | cut -d= -f2 | paste -sd,; }
-start_peer socketio "$OUT/socketio.log"
-SIOP=$(peer_pids "$OUT/socketio.log")
+if has socketio; then
+  start_peer socketio "$OUT/socketio.log"
+  SIOP=$(peer_pids "$OUT/socketio.log")
+fi
 SIO=ws://127.0.0.1:3101,ws://127.0.0.1:3102,ws://127.0.0.1:3103
-start_peer ws-relay "$OUT/relay.log"
-RELP=$(peer_pids "$OUT/relay.log")
+if has relay; then
+  start_peer ws-relay "$OUT/relay.log"
+  RELP=$(peer_pids "$OUT/relay.log")
+fi
 REL=ws://127.0.0.1:3201,ws://127.0.0.1:3202,ws://127.0.0.1:3203
-start_peer socketioxide "$OUT/socketioxide.log"
-SIOXP=$(peer_pids "$OUT/socketioxide.log")
+if has socketioxide; then
+  start_peer socketioxide "$OUT/socketioxide.log"
+  SIOXP=$(peer_pids "$OUT/socketioxide.log")
+fi
 SIOX=ws://127.0.0.1:3301,ws://127.0.0.1:3302,ws://127.0.0.1:3303
 for _ in $(seq 100); do curl -fs -o /dev/null http://127.0.0.1:9103/readyz && break; sleep 0.2; done
 
@@ -68,13 +79,21 @@ run() {
   local name=$1
   shift
   for i in $(seq "$RUNS"); do
-    "$BENCH" "$@" --json --target "$SY" --pid "$SYP" --also-pid "$REDIS" >"$OUT/$name.switchyard.$i.json"
-    "$BENCH" "$@" --json --protocol socketio --target "$SIO" --pid "$SIOP" --also-pid "$REDIS" \
-      >"$OUT/$name.socketio.$i.json"
-    "$BENCH" "$@" --json --protocol relay --target "$REL" --pid "$RELP" --also-pid "$REDIS" \
-      >"$OUT/$name.relay.$i.json"
-    "$BENCH" "$@" --json --protocol socketio --target "$SIOX" --pid "$SIOXP" --also-pid "$REDIS" \
-      >"$OUT/$name.socketioxide.$i.json"
+    if has switchyard; then
+      "$BENCH" "$@" --json --target "$SY" --pid "$SYP" --also-pid "$REDIS" >"$OUT/$name.switchyard.$i.json"
+    fi
+    if has socketio; then
+      "$BENCH" "$@" --json --protocol socketio --target "$SIO" --pid "$SIOP" --also-pid "$REDIS" \
+        >"$OUT/$name.socketio.$i.json"
+    fi
+    if has relay; then
+      "$BENCH" "$@" --json --protocol relay --target "$REL" --pid "$RELP" --also-pid "$REDIS" \
+        >"$OUT/$name.relay.$i.json"
+    fi
+    if has socketioxide; then
+      "$BENCH" "$@" --json --protocol socketio --target "$SIOX" --pid "$SIOXP" --also-pid "$REDIS" \
+        >"$OUT/$name.socketioxide.$i.json"
+    fi
   done
 }
 

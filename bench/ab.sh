@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# bench/ab.sh OLD_BIN_DIR NEW_BIN_DIR [RUNS] — an old build of Switchyard against a new one, 3
+# nodes each on one private Redis, the scenarios of bench/compare.sh, interleaved (old, new,
+# old, ...) so that drift on a shared machine hits both alike: the "no regression" check.
+#
+# A BIN_DIR holds release builds of `switchyard` and `switchyard-bench` (the new dir's generator
+# drives both). Keeps every run's JSON under $OUT (default /tmp/switchyard-ab) and prints medians
+# and spread with bench/summarize.py; systems are named `old` and `new`. $SCENARIOS picks
+# scenarios by name (default: fanout-rate fanout-flat direct-rate; direct-flat, 100 pairs flat out, is there too).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+OLD=${1:?usage: bench/ab.sh OLD_BIN_DIR NEW_BIN_DIR [RUNS]}
+NEW=${2:?usage: bench/ab.sh OLD_BIN_DIR NEW_BIN_DIR [RUNS]}
+RUNS=${3:-3}
+OUT=${OUT:-/tmp/switchyard-ab}
+PORT=${REDIS_PORT:-6394}
+SCENARIOS=${SCENARIOS:-fanout-rate fanout-flat direct-rate}
+BENCH=$NEW/switchyard-bench
+mkdir -p "$OUT"
+rm -f "$OUT"/*.json
+
+# shellcheck source=bench/redis.sh
+source bench/redis.sh
+
+# start NAME BIN_DIR BASE_PORT: 3 nodes with their own key prefix; sets TARGET_<NAME>, PIDS_<NAME>.
+start() {
+  local name=$1 dir=$2 base=$3 list="" targets=""
+  for n in 1 2 3; do
+    "$dir/switchyard" serve --redis "redis://127.0.0.1:$PORT/0" --redis-prefix "ab$$$name" --rate-limit 0 \
+      --listen "127.0.0.1:$((base + n))" --node-id "$name-$n" --data-dir "$(mktemp -d)" --log-format json \
+      >"$OUT/$name$n.log" 2>&1 &
+    pids+=("$!")
+    list="$list${list:+,}$!"
+    targets="$targets${targets:+,}ws://127.0.0.1:$((base + n))"
+  done
+  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$((base + 3))/readyz" && break; sleep 0.2; done
+  printf -v "PIDS_$name" %s "$list"
+  printf -v "TARGET_$name" %s "$targets"
+}
+start old "$OLD" 9110
+start new "$NEW" 9120
+
+run() {
+  local name=$1
+  shift
+  [[ " $SCENARIOS " == *" $name "* ]] || return 0
+  for i in $(seq "$RUNS"); do
+    "$BENCH" "$@" --json --target "$TARGET_old" --pid "$PIDS_old" --also-pid "$REDIS" >"$OUT/$name.old.$i.json"
+    "$BENCH" "$@" --json --target "$TARGET_new" --pid "$PIDS_new" --also-pid "$REDIS" >"$OUT/$name.new.$i.json"
+  done
+}
+
+run fanout-rate fanout --rooms 10 --members 100 --rate 1000
+run fanout-flat fanout --rooms 10 --members 100 --rate 0 --window 4
+run direct-rate direct --pairs 100 --rate 5000
+run direct-flat direct --pairs 100 --rate 0 --window 4
+python3 bench/summarize.py "$OUT"
