@@ -234,6 +234,26 @@ impl Store for EmbeddedStore {
         self.submit(|tx| WriteOp::Append(request, tx)).await
     }
 
+    /// Queued for the writer one after the other before any answer is awaited, so that they
+    /// share a commit (and its fsync) as far as the writer's batch goes.
+    async fn append_all(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, StoreError>> {
+        let stopped = || StoreError::Unavailable("the store writer has stopped".into());
+        let mut answers = Vec::with_capacity(requests.len());
+        for request in requests {
+            let (tx, rx) = oneshot::channel();
+            let sent = self.writer.send(WriteOp::Append(request, tx)).await;
+            answers.push(sent.map(|()| rx));
+        }
+        let mut results = Vec::with_capacity(answers.len());
+        for answer in answers {
+            results.push(match answer {
+                Ok(rx) => rx.await.unwrap_or_else(|_| Err(stopped())),
+                Err(_) => Err(stopped()),
+            });
+        }
+        results
+    }
+
     async fn read(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError> {
         let db = self.db()?;
         let stream = stream.clone();
