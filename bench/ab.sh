@@ -23,23 +23,10 @@ rm -f "$OUT"/*.json
 # shellcheck source=bench/redis.sh
 source bench/redis.sh
 
-# start NAME BIN_DIR BASE_PORT: 3 nodes with their own key prefix; sets TARGET_<NAME>, PIDS_<NAME>.
-start() {
-  local name=$1 dir=$2 base=$3 list="" targets=""
-  for n in 1 2 3; do
-    "$dir/switchyard" serve --redis "redis://127.0.0.1:$PORT/0" --redis-prefix "ab$$$name" --rate-limit 0 \
-      --listen "127.0.0.1:$((base + n))" --node-id "$name-$n" --data-dir "$(mktemp -d)" --log-format json \
-      >"$OUT/$name$n.log" 2>&1 &
-    pids+=("$!")
-    list="$list${list:+,}$!"
-    targets="$targets${targets:+,}ws://127.0.0.1:$((base + n))"
-  done
-  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$((base + 3))/readyz" && break; sleep 0.2; done
-  printf -v "PIDS_$name" %s "$list"
-  printf -v "TARGET_$name" %s "$targets"
-}
-start old "$OLD" 9110
-start new "$NEW" 9120
+# shellcheck source=bench/nodes.sh
+source bench/nodes.sh
+start_nodes old "$OLD/switchyard" 9110 "ab$$old"
+start_nodes new "$NEW/switchyard" 9120 "ab$$new"
 
 run() {
   local name=$1

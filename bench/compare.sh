@@ -38,15 +38,11 @@ PREFIX=cmp$$
 # relay's ws-relay), so no system sees another's traffic on the shared Redis.
 export SIO_PREFIX="$PREFIX-sioxide"
 
-SYP=""
-for n in 1 2 3; do
-  "$SERVER" serve --redis "redis://127.0.0.1:$PORT/0" --redis-prefix "$PREFIX" --rate-limit 0 \
-    --listen "127.0.0.1:910$n" --node-id "node-$n" --data-dir "$(mktemp -d)" --log-format json \
-    >"$OUT/node$n.log" 2>&1 &
-  pids+=("$!")
-  SYP="$SYP${SYP:+,}$!"
-done
-SY=ws://127.0.0.1:9101,ws://127.0.0.1:9102,ws://127.0.0.1:9103
+# shellcheck source=bench/nodes.sh
+source bench/nodes.sh
+start_nodes node "$SERVER" 9100 "$PREFIX"
+SY=$TARGET_node
+SYP=$PIDS_node
 
 # A peer's launcher prints "node=... pid=P port=..." per instance, then "ready".
 start_peer() {

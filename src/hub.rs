@@ -315,6 +315,17 @@ mod tests {
         (Arc::new(SessionHandle::new(info, tx)), rx)
     }
 
+    /// A hub with sessions 1 (user a) and 2 (user b), each with a queue of `cap`, in room `r`.
+    fn room_of_two(cap: usize) -> (Hub, RoomName, mpsc::Receiver<Outbound>, mpsc::Receiver<Outbound>) {
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        let room = RoomName::parse("r").unwrap();
+        let (a, ra) = handle("a", 1, cap);
+        let (b, rb) = handle("b", 2, cap);
+        hub.join(&room, a);
+        hub.join(&room, b);
+        (hub, room, ra, rb)
+    }
+
     #[tokio::test]
     async fn fans_out_one_frame_and_skips_the_sender() {
         let hub = Hub::new(Arc::new(Metrics::new()));
@@ -346,12 +357,7 @@ mod tests {
 
     #[tokio::test]
     async fn messages_received_together_reach_each_member_as_one_item_sharing_the_bytes() {
-        let hub = Hub::new(Arc::new(Metrics::new()));
-        let room = RoomName::parse("r").unwrap();
-        let (a, mut ra) = handle("a", 1, 1);
-        let (b, mut rb) = handle("b", 2, 1);
-        hub.join(&room, a);
-        hub.join(&room, b);
+        let (hub, room, mut ra, mut rb) = room_of_two(1);
         let stream = StreamId::Room(room.clone());
         let burst: Vec<Arc<Delivery>> = (1..=3u64)
             .map(|seq| {
@@ -428,12 +434,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_of_frames_reaches_each_member_in_order_but_the_one_it_excludes() {
-        let hub = Hub::new(Arc::new(Metrics::new()));
-        let room = RoomName::parse("r").unwrap();
-        let (a, mut ra) = handle("a", 1, 4);
-        let (b, mut rb) = handle("b", 2, 4);
-        hub.join(&room, a);
-        hub.join(&room, b);
+        let (hub, room, mut ra, mut rb) = room_of_two(4);
         hub.deliver(&Topic::Room(room), &frames(&[(b"a joined", Some(1)), (b"b joined", Some(2)), (b"c left", None)]));
         fn received(rx: &mut mpsc::Receiver<Outbound>) -> Vec<Bytes> {
             std::iter::from_fn(|| match rx.try_recv().ok()? {
