@@ -114,11 +114,11 @@ impl SessionHandle {
     }
 }
 
-type Members = HashMap<SessionId, Arc<SessionHandle>>;
+type Members = HashMap<SessionId, Arc<SessionHandle>, foldhash::fast::RandomState>;
 
 struct Index<K> {
     shards: Box<[RwLock<HashMap<K, Members>>]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl<K: Hash + Eq + Clone> Index<K> {
