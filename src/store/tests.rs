@@ -191,6 +191,7 @@ macro_rules! store_suite {
             check!(bodies_come_back_verbatim, RETENTION);
             check!(a_repeated_key_stores_nothing, RETENTION);
             check!(keys_raced_on_one_store_are_stored_once, KEEP_ALL);
+            check!(appends_sent_together_are_stored_in_order, KEEP_ALL);
             check!(retention_keeps_the_last_messages, RETENTION);
             check!(reads_answer_ascending_slices, RETENTION);
             check!(a_stream_never_written_is_empty, RETENTION);

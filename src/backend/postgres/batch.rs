@@ -63,20 +63,66 @@ impl Appends for Batcher {
     /// Queues `request` and waits for its batch to commit, within [`sql::CALL_TIMEOUT`] of now.
     async fn append(&self, tables: &Tables<Postgres>, request: AppendRequest) -> Result<Appended, StoreError> {
         let deadline = tables.clock.write_deadline();
-        let closed = || StoreError::Unavailable("postgres append: the store is closed".into());
-        let answered = async {
-            let (reply, answer) = oneshot::channel();
-            self.queue.send(Pending { request, deadline, reply }).await.map_err(|_| closed())?;
-            answer.await.map_err(|_| closed())?
-        };
-        match tokio::time::timeout(sql::CALL_TIMEOUT, answered).await {
-            Ok(answer) => answer,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "postgres append: no answer within {} ms",
-                sql::CALL_TIMEOUT.as_millis()
-            ))),
-        }
+        let until = tokio::time::Instant::now() + sql::CALL_TIMEOUT;
+        let answer = self.queue_one(request, deadline, until).await;
+        answered(answer, until).await
     }
+
+    /// Queues every request before awaiting any answer, so that they go in the same batch as far
+    /// as it reaches.
+    async fn append_all(
+        &self,
+        tables: &Tables<Postgres>,
+        requests: Vec<AppendRequest>,
+    ) -> Vec<Result<Appended, StoreError>> {
+        let deadline = tables.clock.write_deadline();
+        let until = tokio::time::Instant::now() + sql::CALL_TIMEOUT;
+        let mut queued = Vec::with_capacity(requests.len());
+        for request in requests {
+            queued.push(self.queue_one(request, deadline, until).await);
+        }
+        let mut answers = Vec::with_capacity(queued.len());
+        for answer in queued {
+            answers.push(answered(answer, until).await);
+        }
+        answers
+    }
+}
+
+type Answer = oneshot::Receiver<Result<Appended, StoreError>>;
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("postgres append: the store is closed".into())
+}
+
+impl Batcher {
+    /// Queues one append for the writer, waiting for room until `until`; where its answer will
+    /// come.
+    async fn queue_one(
+        &self,
+        request: AppendRequest,
+        deadline: i64,
+        until: tokio::time::Instant,
+    ) -> Result<Answer, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        match tokio::time::timeout_at(until, self.queue.send(Pending { request, deadline, reply })).await {
+            Ok(sent) => sent.map_err(|_| closed())?,
+            Err(_) => return Err(late()),
+        }
+        Ok(answer)
+    }
+}
+
+/// The answer of a queued append, waited for until `until`.
+async fn answered(answer: Result<Answer, StoreError>, until: tokio::time::Instant) -> Result<Appended, StoreError> {
+    match tokio::time::timeout_at(until, answer?).await {
+        Ok(answer) => answer.map_err(|_| closed())?,
+        Err(_) => Err(late()),
+    }
+}
+
+fn late() -> StoreError {
+    StoreError::Unavailable(format!("postgres append: no answer within {} ms", sql::CALL_TIMEOUT.as_millis()))
 }
 
 /// The task that sends the batches.

@@ -55,6 +55,31 @@ pub(crate) trait Appends: Send + Sync + 'static {
     type Database: Dialect;
     /// Appends a request whose entries and reply entry were checked.
     async fn append(&self, tables: &Tables<Self::Database>, request: AppendRequest) -> Result<Appended, StoreError>;
+
+    /// Appends checked requests in their order (see [`Store::append_all`]); by default one after
+    /// the other.
+    async fn append_all(
+        &self,
+        tables: &Tables<Self::Database>,
+        requests: Vec<AppendRequest>,
+    ) -> Vec<Result<Appended, StoreError>> {
+        let mut answers = Vec::with_capacity(requests.len());
+        for request in requests {
+            answers.push(self.append(tables, request).await);
+        }
+        answers
+    }
+}
+
+/// Refuses a request without entries or whose reply entry is not one of them.
+fn check(request: &AppendRequest) -> Result<(), StoreError> {
+    if request.entries.is_empty() {
+        return Err(StoreError::Internal("append without entries".into()));
+    }
+    if request.reply_entry >= request.entries.len() {
+        return Err(StoreError::Internal("the reply entry is not an entry".into()));
+    }
+    Ok(())
 }
 
 /// A SQL store: its tables, and its way of appending.
@@ -90,13 +115,15 @@ where
     for<'q> &'q str: Encode<'q, A::Database> + Type<A::Database>,
 {
     async fn append(&self, request: AppendRequest) -> Result<Appended, StoreError> {
-        if request.entries.is_empty() {
-            return Err(StoreError::Internal("append without entries".into()));
-        }
-        if request.reply_entry >= request.entries.len() {
-            return Err(StoreError::Internal("the reply entry is not an entry".into()));
-        }
+        check(&request)?;
         self.appends.append(&self.tables, request).await
+    }
+
+    async fn append_all(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, StoreError>> {
+        if let Some(Err(e)) = requests.iter().map(check).find(Result::is_err) {
+            return requests.iter().map(|_| Err(e.clone())).collect();
+        }
+        self.appends.append_all(&self.tables, requests).await
     }
 
     async fn read(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError> {

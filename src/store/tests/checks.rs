@@ -94,6 +94,27 @@ pub(crate) async fn keys_raced_on_one_store_are_stored_once(store: &dyn Store) {
     assert_eq!((read.messages.len(), read.last_seq), (30, 30));
 }
 
+/// Appends sent together (a client's back-to-back commands) are stored in their order, each
+/// answered on its own: a key repeated among them is the first one's duplicate, and a direct
+/// message among room messages gets its seq in each of its streams.
+pub(crate) async fn appends_sent_together_are_stored_in_order(store: &dyn Store) {
+    let mut requests: Vec<AppendRequest> = (1..=80).map(|i| to_room("together", &i.to_string())).collect();
+    requests[3] = keyed(to_room("together", "keyed"), "together-1");
+    requests[5] = keyed(to_room("together", "again"), "together-1");
+    requests[7] = direct("alice", "bob", "\"dm\"");
+    let answers: Vec<Appended> = store.append_all(requests).await.into_iter().map(Result::unwrap).collect();
+    assert_eq!(answers.len(), 80);
+    assert!(answers[5].duplicate && answers[5].mid == answers[3].mid && answers[5].seq == answers[3].seq);
+    assert_eq!(answers[7].seqs, vec![1, 1], "the direct message's seq in bob's and alice's streams");
+    let room_seqs: Vec<u64> =
+        answers.iter().enumerate().filter(|(i, _)| *i != 5 && *i != 7).map(|(_, a)| a.seq).collect();
+    assert_eq!(room_seqs, (1..=78).collect::<Vec<u64>>(), "stored in the order sent, once each");
+    let read = store.read(&room("together"), HistoryQuery::After { since: 0, limit: 100 }).await.unwrap();
+    let bodies: Vec<String> = read.messages.iter().map(body_of).collect();
+    assert_eq!((bodies[2].as_str(), bodies[3].as_str(), bodies[4].as_str()), ("3", "keyed", "5"));
+    assert_eq!(read.last_seq, 78);
+}
+
 /// `--history-size` 5: the last 5 are kept, and seqs go on from the last one assigned. A page
 /// read from before them starts at the first one kept, however many older messages a store
 /// that trims lazily still holds (Redis trims by whole stream nodes).
