@@ -128,6 +128,15 @@ impl Decoder {
         Self { parsed: 0, wanted: 0, unmasked: 0, checked: 0, message: None, max_payload }
     }
 
+    /// Whether the next frame in `input` starts a whole data message (text or binary, FIN set)
+    /// outside any fragmented one: decoding it has no side effect on the connection, unlike a
+    /// ping or a close, which are answered as they are decoded.
+    pub(crate) fn next_is_whole_data(&self, input: &[u8]) -> bool {
+        let Some(&first) = input.get(self.parsed) else { return false };
+        let (fin, opcode) = (first & 0x80 != 0, first & 0x0f);
+        self.message.is_none() && fin && matches!(opcode, OP_TEXT | OP_BINARY)
+    }
+
     /// How many bytes of input the frame under way needs in all, counted from the first byte
     /// not parsed (0 when none is under way).
     #[inline]

@@ -70,10 +70,13 @@ impl<S: Transport> WebSocket<S> {
         }
     }
 
-    /// The next message or control frame if the client already sent it whole: never reads
-    /// from the stream nor waits.
+    /// The next data message if the client already sent it whole and nothing else comes first:
+    /// never reads from the stream nor waits, and leaves control frames (a close is answered
+    /// as it is decoded, which would go out ahead of replies still to write) to [`next`].
+    ///
+    /// [`next`]: Self::next
     pub fn next_buffered(&mut self) -> Result<Option<Incoming>, Error> {
-        if self.close_received.is_some() {
+        if self.close_received.is_some() || !self.decoder.next_is_whole_data(&self.input) {
             return Ok(None);
         }
         self.parse()

@@ -256,3 +256,23 @@ both_modes! {
         alice.expect_silence(200).await;
     }
 }
+
+/// Commands sent together with the close frame are all answered before the server's close:
+/// gathering commands sent back to back never reads past a control frame.
+#[tokio::test]
+async fn commands_sent_with_the_close_frame_are_answered_before_it() {
+    use futures_util::SinkExt;
+    let node = TestNode::start(&["--quiet-prefix", "q:"]).await;
+    let mut alice = node.connect("alice").await;
+    alice.ok(json!({"type":"join","room":"q:closing"})).await;
+    for id in 1..=5 {
+        let publish = json!({"type":"publish","room":"q:closing","body":id,"id":id});
+        alice.ws.feed(tokio_websockets::Message::text(publish.to_string())).await.unwrap();
+    }
+    alice.ws.feed(tokio_websockets::Message::close(None, "")).await.unwrap();
+    alice.ws.flush().await.unwrap();
+    for id in 1..=5 {
+        let answer = alice.next_frame().await;
+        assert_eq!((&answer["id"], &answer["seq"]), (&json!(id), &json!(id)), "{answer}");
+    }
+}
