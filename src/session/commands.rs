@@ -94,48 +94,46 @@ pub fn raw_list(stream: &StreamId, messages: &[StoredMessage]) -> Box<RawValue> 
 }
 
 impl Session {
-    pub(super) async fn execute(&mut self, id: Option<&RawValue>, command: Command) -> Result<(), Stop> {
+    pub(super) async fn execute(&mut self, id: Option<Box<RawValue>>, command: Command) -> Result<(), Stop> {
         match command {
-            command @ (Command::Send { .. } | Command::Publish { .. }) => {
-                self.pipeline(id.map(ToOwned::to_owned), command).await
-            }
+            command @ (Command::Send { .. } | Command::Publish { .. }) => self.pipeline(id, command).await,
             Command::Join { room, since } => match self.join(&room, since).await {
                 Ok((seq, truncated, backlog)) => {
-                    self.answer(id, Ok(Joined { room: &room, seq, truncated })).await?;
+                    self.answer(id.as_deref(), Ok(Joined { room: &room, seq, truncated })).await?;
                     self.write(backlog).await
                 }
-                Err(e) => self.answer::<Empty>(id, Err(e)).await,
+                Err(e) => self.answer::<Empty>(id.as_deref(), Err(e)).await,
             },
             Command::Sync { since } => match self.sync(since).await {
                 Ok((seq, truncated, backlog)) => {
-                    self.answer(id, Ok(Synced { seq, truncated })).await?;
+                    self.answer(id.as_deref(), Ok(Synced { seq, truncated })).await?;
                     self.write(backlog).await
                 }
-                Err(e) => self.answer::<Empty>(id, Err(e)).await,
+                Err(e) => self.answer::<Empty>(id.as_deref(), Err(e)).await,
             },
             Command::Leave { room } => {
                 let result = self.leave(&room).await.map(|()| Empty {});
-                self.answer(id, result).await
+                self.answer(id.as_deref(), result).await
             }
             Command::Ack { seq } => {
                 let result = self.node.ack(&self.info.user, seq).await.map(|()| Empty {});
-                self.answer(id, result).await
+                self.answer(id.as_deref(), result).await
             }
             Command::Presence(PresenceQuery::Users(users)) => {
                 let result = self.node.user_presence(&users).await;
                 let result =
                     result.map(|list| UsersPresence { users: users.iter().map(|u| u.as_str()).zip(list).collect() });
-                self.answer(id, result).await
+                self.answer(id.as_deref(), result).await
             }
             Command::Presence(PresenceQuery::Room(room)) => {
                 let result = self.room_presence(&room).await;
-                self.answer(id, result).await
+                self.answer(id.as_deref(), result).await
             }
             Command::History { stream, query } => {
                 let result = self.history(&stream, query).await;
-                self.answer(id, result).await
+                self.answer(id.as_deref(), result).await
             }
-            Command::Ping => self.answer(id, Ok(Empty {})).await,
+            Command::Ping => self.answer(id.as_deref(), Ok(Empty {})).await,
         }
     }
 
@@ -167,10 +165,7 @@ impl Session {
         if let Ok(None) = next {
             // Alone, the common case: no vectors.
             let result = match self.prepare(command) {
-                Ok((message, stream)) => self.node.append_one(message).await.map(|appended| {
-                    self.stream(stream).seen.insert(appended.seq);
-                    Accepted { mid: appended.mid, seq: appended.seq }
-                }),
+                Ok((message, stream)) => self.node.append_one(message).await.map(|a| self.accepted(stream, a)),
                 Err(e) => Err(e),
             };
             return self.answer(id.as_deref(), result).await;
@@ -220,8 +215,7 @@ impl Session {
         for (id, stream) in checked {
             let result = stream.and_then(|stream| {
                 let appended = appended.next().expect("an answer per append")?;
-                self.stream(stream).seen.insert(appended.seq);
-                Ok(Accepted { mid: appended.mid, seq: appended.seq })
+                Ok(self.accepted(stream, appended))
             });
             match (result, id) {
                 (Ok(fields), Some(id)) => replies.push(encode_reply(&id, fields)),
@@ -230,6 +224,12 @@ impl Session {
             }
         }
         self.write(replies).await
+    }
+
+    /// The reply to a stored `send` or `publish`, whose seq in `stream` the session now has.
+    fn accepted(&mut self, stream: StreamId, appended: crate::store::Appended) -> Accepted {
+        self.stream(stream).seen.insert(appended.seq);
+        Accepted { mid: appended.mid, seq: appended.seq }
     }
 
     fn stash(&mut self, frame: Result<Incoming, crate::ws::Error>, verdict: Option<Verdict>) {

@@ -34,8 +34,8 @@ use crate::metrics::Kind;
 use crate::node::Node;
 use crate::presence::SessionInfo;
 use crate::protocol::{
-    Command, ErrorCode, ProtocolError, RoomName, StreamId, close, encode_disconnect, encode_error, encode_welcome,
-    now_ms, parse_command,
+    ErrorCode, ProtocolError, RoomName, StreamId, close, encode_disconnect, encode_error, encode_welcome, now_ms,
+    parse_command,
 };
 use crate::ws::{self, Incoming, WebSocket};
 
@@ -305,8 +305,7 @@ impl Session {
         };
         let frame = parse_command(&text);
         match frame.command {
-            Ok(command @ (Command::Send { .. } | Command::Publish { .. })) => self.pipeline(frame.id, command).await,
-            Ok(command) => self.execute(frame.id.as_deref(), command).await,
+            Ok(command) => self.execute(frame.id, command).await,
             Err(e) => self.write([encode_error(frame.id.as_deref(), &e)]).await,
         }
     }

@@ -97,6 +97,20 @@ impl From<StoreError> for ProtocolError {
     }
 }
 
+/// Appends `requests` one after the other with `append`, answering each: the way of a store
+/// that has no better one for appends sent together.
+pub async fn one_by_one<F, Fut>(requests: Vec<AppendRequest>, mut append: F) -> Vec<Result<Appended, StoreError>>
+where
+    F: FnMut(AppendRequest) -> Fut,
+    Fut: Future<Output = Result<Appended, StoreError>>,
+{
+    let mut answers = Vec::with_capacity(requests.len());
+    for request in requests {
+        answers.push(append(request).await);
+    }
+    answers
+}
+
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Stores the message in each entry's stream with that stream's next seq, all or nothing;
@@ -107,11 +121,7 @@ pub trait Store: Send + Sync {
     /// fail and the next be stored), answering each. A store may send them together; by
     /// default they go one after the other.
     async fn append_all(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, StoreError>> {
-        let mut answers = Vec::with_capacity(requests.len());
-        for request in requests {
-            answers.push(self.append(request).await);
-        }
-        answers
+        one_by_one(requests, |request| self.append(request)).await
     }
 
     /// Reads the kept messages that `query` selects; expired ones are never returned.

@@ -74,6 +74,10 @@ pub struct EmbeddedStore {
     retention: Retention,
 }
 
+fn stopped() -> StoreError {
+    StoreError::Unavailable("the store writer has stopped".into())
+}
+
 fn internal(e: impl std::fmt::Display) -> StoreError {
     StoreError::Internal(e.to_string())
 }
@@ -185,8 +189,8 @@ impl EmbeddedStore {
         op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.writer.send(op(tx)).await.map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?;
-        rx.await.map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?
+        self.writer.send(op(tx)).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     fn read_blocking(
@@ -237,7 +241,6 @@ impl Store for EmbeddedStore {
     /// Queued for the writer one after the other before any answer is awaited, so that they
     /// share a commit (and its fsync) as far as the writer's batch goes.
     async fn append_all(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, StoreError>> {
-        let stopped = || StoreError::Unavailable("the store writer has stopped".into());
         let mut answers = Vec::with_capacity(requests.len());
         for request in requests {
             let (tx, rx) = oneshot::channel();

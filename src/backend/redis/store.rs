@@ -142,13 +142,9 @@ const QUEUE: usize = 4096;
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct RedisStore {
-    conn: ConnectionManager,
-    keys: Keys,
-    retention: Retention,
-    /// Whether the bus is this same Redis, so that the append script publishes.
-    fused: bool,
-    clock: Arc<RedisClock>,
+    /// The connection, keys, retention and fusion the reads share with the appends.
     appends: Arc<Appends>,
+    clock: Arc<RedisClock>,
     ack: Script,
 }
 
@@ -179,6 +175,7 @@ struct Appends {
     conn: ConnectionManager,
     keys: Keys,
     retention: Retention,
+    /// Whether the bus is this same Redis, so that the append script publishes.
     fused: bool,
     script: Script,
     queue: Mutex<Queue>,
@@ -191,6 +188,20 @@ struct Queue {
 }
 
 impl Queue {
+    /// Takes a slot when one is free and nobody waits: the caller then sends its appends itself.
+    fn take_slot(&mut self) -> bool {
+        let free = self.in_flight < IN_FLIGHT && self.waiting.is_empty();
+        self.in_flight += usize::from(free);
+        free
+    }
+
+    /// Queues `item`; where its answer will come.
+    fn enqueue(&mut self, item: Item) -> oneshot::Receiver<Result<Appended, StoreError>> {
+        let (reply, answer) = oneshot::channel();
+        self.waiting.push_back(Pending { item, reply });
+        answer
+    }
+
     /// The next batch of waiting appends, oldest first.
     fn batch(&mut self) -> Vec<Pending> {
         let mut bytes = 0;
@@ -241,14 +252,63 @@ impl RedisStore {
     /// A store on `conn`; `fused` when the bus is the same Redis (see the module header).
     pub fn new(conn: ConnectionManager, clock: Arc<RedisClock>, keys: Keys, retention: Retention, fused: bool) -> Self {
         let appends = Arc::new(Appends {
-            conn: conn.clone(),
-            keys: keys.clone(),
+            conn,
+            keys,
             retention,
             fused,
             script: Script::new(APPEND),
             queue: Mutex::new(Queue::default()),
         });
-        Self { conn, keys, retention, fused, clock, appends, ack: Script::new(ACK) }
+        Self { appends, clock, ack: Script::new(ACK) }
+    }
+
+    /// One read of `stream`: the stream's last seq and the page `query` asks for, without the
+    /// entries the append's trimming left beyond `--history-size` or `--history-ttl`.
+    async fn read_once(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError> {
+        let log = self.appends.keys.log(stream);
+        let mut pipe = redis::pipe();
+        pipe.atomic().get(self.appends.keys.seq(stream));
+        let (limit, reverse) = match query {
+            HistoryQuery::After { since, limit } => {
+                // Read past the expired entries the append may not have trimmed yet.
+                let count = limit.max(1) + AGE_CHECK_EVERY;
+                pipe.cmd("XRANGE").arg(&log).arg(format!("(0-{since}")).arg("+").arg("COUNT").arg(count);
+                (limit, false)
+            }
+            HistoryQuery::Before { before, limit } if before > 1 => {
+                pipe.cmd("XREVRANGE").arg(&log).arg(format!("(0-{before}")).arg("-").arg("COUNT").arg(limit.max(1));
+                (limit, true)
+            }
+            HistoryQuery::Before { .. } => (0, false),
+            HistoryQuery::Last { limit } => {
+                pipe.cmd("XREVRANGE").arg(&log).arg("+").arg("-").arg("COUNT").arg(limit.max(1));
+                (limit, true)
+            }
+        };
+        let mut conn = self.appends.conn.clone();
+        let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let range = if replies.len() > 1 { replies.pop() } else { None };
+        let last_seq: Option<u64> =
+            redis::from_redis_value(replies.pop().ok_or_else(|| malformed("seq"))?).map_err(|_| malformed("seq"))?;
+        let last_seq = last_seq.unwrap_or(0);
+        let cutoff = now_ms().saturating_sub(self.appends.retention.ttl_ms);
+        let window = last_seq.saturating_sub(self.appends.retention.max_messages);
+        let mut messages: Vec<StoredMessage> = match (range, limit) {
+            (Some(range), 1..) => entries(range)?
+                .into_iter()
+                .filter(|(seq, ts, _)| *ts >= cutoff && *seq > window)
+                .take(limit)
+                .map(|(seq, _, record)| {
+                    let message = Record::decode(Some(stream), &record).ok_or_else(|| malformed("record"))?;
+                    Ok(StoredMessage { seq, message })
+                })
+                .collect::<Result<_, StoreError>>()?,
+            _ => Vec::new(),
+        };
+        if reverse {
+            messages.reverse();
+        }
+        Ok(Slice { messages, last_seq })
     }
 }
 
@@ -261,15 +321,12 @@ impl Appends {
     async fn append(self: &Arc<Self>, item: Item) -> Result<Appended, StoreError> {
         let answer = {
             let mut queue = self.queue();
-            if queue.in_flight < IN_FLIGHT && queue.waiting.is_empty() {
-                queue.in_flight += 1;
+            if queue.take_slot() {
                 Ok(item)
             } else if queue.waiting.len() >= QUEUE {
                 return Err(full());
             } else {
-                let (reply, answer) = oneshot::channel();
-                queue.waiting.push_back(Pending { item, reply });
-                Err(answer)
+                Err(queue.enqueue(item))
             }
         };
         match answer {
@@ -311,22 +368,13 @@ impl Appends {
     /// Takes a slot for `items`, or queues them one after the other.
     fn turn(&self, items: Vec<Item>) -> Turn {
         let mut queue = self.queue();
-        if queue.in_flight < IN_FLIGHT && queue.waiting.is_empty() {
-            queue.in_flight += 1;
+        if queue.take_slot() {
             return Turn::Now(items);
         }
         if queue.waiting.len() + items.len() > QUEUE {
             return Turn::Full(items.len());
         }
-        let answers = items
-            .into_iter()
-            .map(|item| {
-                let (reply, answer) = oneshot::channel();
-                queue.waiting.push_back(Pending { item, reply });
-                answer
-            })
-            .collect();
-        Turn::Wait(answers)
+        Turn::Wait(items.into_iter().map(|item| queue.enqueue(item)).collect())
     }
 
     async fn answer(
@@ -423,57 +471,6 @@ impl Appends {
             }
         }
         cmd
-    }
-}
-
-impl RedisStore {
-    /// One read of `stream`: the stream's last seq and the page `query` asks for, without the
-    /// entries the append's trimming left beyond `--history-size` or `--history-ttl`.
-    async fn read_once(&self, stream: &StreamId, query: HistoryQuery) -> Result<Slice, StoreError> {
-        let log = self.keys.log(stream);
-        let mut pipe = redis::pipe();
-        pipe.atomic().get(self.keys.seq(stream));
-        let (limit, reverse) = match query {
-            HistoryQuery::After { since, limit } => {
-                // Read past the expired entries the append may not have trimmed yet.
-                let count = limit.max(1) + AGE_CHECK_EVERY;
-                pipe.cmd("XRANGE").arg(&log).arg(format!("(0-{since}")).arg("+").arg("COUNT").arg(count);
-                (limit, false)
-            }
-            HistoryQuery::Before { before, limit } if before > 1 => {
-                pipe.cmd("XREVRANGE").arg(&log).arg(format!("(0-{before}")).arg("-").arg("COUNT").arg(limit.max(1));
-                (limit, true)
-            }
-            HistoryQuery::Before { .. } => (0, false),
-            HistoryQuery::Last { limit } => {
-                pipe.cmd("XREVRANGE").arg(&log).arg("+").arg("-").arg("COUNT").arg(limit.max(1));
-                (limit, true)
-            }
-        };
-        let mut conn = self.conn.clone();
-        let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        let range = if replies.len() > 1 { replies.pop() } else { None };
-        let last_seq: Option<u64> =
-            redis::from_redis_value(replies.pop().ok_or_else(|| malformed("seq"))?).map_err(|_| malformed("seq"))?;
-        let last_seq = last_seq.unwrap_or(0);
-        let cutoff = now_ms().saturating_sub(self.retention.ttl_ms);
-        let window = last_seq.saturating_sub(self.retention.max_messages);
-        let mut messages: Vec<StoredMessage> = match (range, limit) {
-            (Some(range), 1..) => entries(range)?
-                .into_iter()
-                .filter(|(seq, ts, _)| *ts >= cutoff && *seq > window)
-                .take(limit)
-                .map(|(seq, _, record)| {
-                    let message = Record::decode(Some(stream), &record).ok_or_else(|| malformed("record"))?;
-                    Ok(StoredMessage { seq, message })
-                })
-                .collect::<Result<_, StoreError>>()?,
-            _ => Vec::new(),
-        };
-        if reverse {
-            messages.reverse();
-        }
-        Ok(Slice { messages, last_seq })
     }
 }
 
@@ -592,7 +589,7 @@ impl Store for RedisStore {
         // Entries kept beyond `--history-size` (the append trims by whole nodes) were skipped:
         // a page cut by them is read again from the first seq still in the window.
         if let HistoryQuery::After { since, limit } = query {
-            let window = slice.last_seq.saturating_sub(self.retention.max_messages);
+            let window = slice.last_seq.saturating_sub(self.appends.retention.max_messages);
             if since < window && slice.messages.len() < limit {
                 return self.read_once(stream, HistoryQuery::After { since: window, limit }).await;
             }
@@ -601,22 +598,22 @@ impl Store for RedisStore {
     }
 
     async fn cursor(&self, user: &UserId) -> Result<u64, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.appends.conn.clone();
         let cursor: Option<u64> =
-            redis::cmd("GET").arg(self.keys.cursor(user)).query_async(&mut conn).await.map_err(unavailable)?;
+            redis::cmd("GET").arg(self.appends.keys.cursor(user)).query_async(&mut conn).await.map_err(unavailable)?;
         Ok(cursor.unwrap_or(0))
     }
 
     async fn ack(&self, user: &UserId, seq: u64) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.appends.conn.clone();
         let mut cmd = cluster::evalsha(&self.ack, 1, 3, 96);
-        cmd.arg(self.keys.cursor(user)).arg(self.clock.write_deadline()).arg(seq);
+        cmd.arg(self.appends.keys.cursor(user)).arg(self.clock.write_deadline()).arg(seq);
         let _: i64 = cluster::eval(&mut conn, &self.ack, &cmd).await.map_err(unavailable)?;
         Ok(())
     }
 
     async fn ready(&self) -> bool {
-        let mut conn = self.conn.clone();
+        let mut conn = self.appends.conn.clone();
         let ping = redis::cmd("PING");
         matches!(tokio::time::timeout(PING_TIMEOUT, ping.query_async::<String>(&mut conn)).await, Ok(Ok(_)))
     }
@@ -624,7 +621,7 @@ impl Store for RedisStore {
     async fn close(&self) {}
 
     fn publishes(&self) -> bool {
-        self.fused
+        self.appends.fused
     }
 }
 

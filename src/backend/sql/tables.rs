@@ -63,11 +63,7 @@ pub(crate) trait Appends: Send + Sync + 'static {
         tables: &Tables<Self::Database>,
         requests: Vec<AppendRequest>,
     ) -> Vec<Result<Appended, StoreError>> {
-        let mut answers = Vec::with_capacity(requests.len());
-        for request in requests {
-            answers.push(self.append(tables, request).await);
-        }
-        answers
+        crate::store::one_by_one(requests, |request| self.append(tables, request)).await
     }
 }
 
