@@ -11,6 +11,7 @@
 
 mod batch;
 pub(crate) mod chaos;
+pub(crate) mod envelope;
 #[cfg(test)]
 mod tests;
 

@@ -15,35 +15,24 @@
 //! the subscriber connection was dropped, asks every session to catch up from the store, since
 //! messages published while the subscription was down are only in the streams.
 //!
-//! Envelope of a published message: one header line, `\n`, then the payload.
-//! - `M <exclude session|-> <stream> <seq> <record>`: a stream message, where `<record>` is the
-//!   message's [`Record`] (its own head line, then the body); written by the node, or by the
-//!   store's script when store and bus are the same Redis
-//! - `B <record>`: a broadcast
-//! - `N <exclude session|->:<length> …`: pre-encoded frames (presence events), one field per
-//!   frame in order; the payload is the frames back to back
-//! - `D <code> <except session|->`: close the sessions of a user; the payload is the reason
+//! The payload of a published message is its [`envelope`](crate::bus::envelope).
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use redis::Script;
 use redis::aio::ConnectionManager;
 use tokio::sync::{Notify, watch};
 
 use super::RESPONSE_TIMEOUT;
-use super::store::envelope_head;
 use super::subscriber::{Published, Receiver, Subscriber};
 use crate::backend::redis::RedisClock;
 use crate::backend::redis::keys::Keys;
-use crate::bus::{Bursts, Bus, BusError, Delivery, Event, Notice, SessionId, Sink, Topic};
+use crate::bus::{Bursts, Bus, BusError, Event, Sink, Topic, envelope};
 use crate::metrics::Metrics;
-use crate::protocol::StreamId;
 
 /// How long `subscribe` waits for Redis to confirm.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -93,40 +82,6 @@ pub struct RedisBus {
     publish: Script,
 }
 
-fn session_field(s: &str) -> Option<SessionId> {
-    u64::from_str_radix(s, 16).ok().map(SessionId)
-}
-
-/// The stream a message names. The store publishes a stream's messages on the channel of the
-/// same name, so the topic's already validated name is shared rather than checked and copied again.
-fn stream_of(topic: &Topic, text: &str) -> Option<StreamId> {
-    match topic {
-        Topic::User(user) if text.strip_prefix("user:") == Some(user.as_str()) => Some(StreamId::User(user.clone())),
-        Topic::Room(room) if text.strip_prefix("room:") == Some(room.as_str()) => Some(StreamId::Room(room.clone())),
-        _ => StreamId::parse(text).ok(),
-    }
-}
-
-/// The frames of an `N` envelope: `fields` are its `<exclude>:<length>` fields, `body` its payload.
-fn parse_notices(fields: &str, body: &Bytes) -> Option<Vec<Notice>> {
-    let mut at = 0;
-    let notices = fields
-        .split_whitespace()
-        .map(|field| {
-            let (exclude, len) = field.split_once(':')?;
-            let end = at + len.parse::<usize>().ok()?;
-            let frame = (end <= body.len()).then(|| body.slice(at..end))?;
-            at = end;
-            Some(Notice { frame, exclude: session_field(exclude) })
-        })
-        .collect::<Option<Vec<_>>>()?;
-    (at == body.len()).then_some(notices)
-}
-
-fn session_text(s: Option<SessionId>) -> String {
-    s.map_or_else(|| "-".to_owned(), |s| s.to_string())
-}
-
 impl Shared {
     fn interest(&self) -> std::sync::MutexGuard<'_, HashMap<String, Interest>> {
         self.interest.lock().unwrap_or_else(|p| p.into_inner())
@@ -161,52 +116,11 @@ impl Shared {
     fn decode(&self, published: &Published) -> Option<(Topic, Event)> {
         self.metrics.bus_received.inc();
         let topic = std::str::from_utf8(published.channel()).ok().and_then(|c| self.keys.topic(c))?;
-        let payload = published.payload();
-        let event = match payload.first() {
-            Some(b'M') => Self::message(&topic, payload),
-            Some(b'B') if payload.len() >= 2 => {
-                Delivery::from_record(None, payload.slice(2..), None).map(|d| Event::Message(Arc::new(d)))
-            }
-            _ => Self::control(payload),
-        };
+        let event = envelope::decode(&topic, published.payload());
         if event.is_none() {
             tracing::warn!("malformed bus message dropped");
         }
         Some((topic, event?))
-    }
-
-    /// `M <exclude> <stream> <seq> <record>`.
-    fn message(topic: &Topic, payload: Bytes) -> Option<Event> {
-        let mut at = 0;
-        let mut field = || {
-            let start = at;
-            let len = payload[start..].iter().position(|b| *b == b' ')?;
-            at = start + len + 1;
-            std::str::from_utf8(&payload[start..start + len]).ok()
-        };
-        let (_, exclude, stream, seq) = (field()?, field()?, field()?, field()?);
-        let stream = stream_of(topic, stream)?;
-        let seq = seq.parse().ok()?;
-        let exclude = session_field(exclude);
-        let record = payload.slice(at..);
-        Some(Event::Message(Arc::new(Delivery::from_record(Some((stream, seq)), record, exclude)?)))
-    }
-
-    /// The envelopes of pre-encoded frames and of disconnects.
-    fn control(payload: Bytes) -> Option<Event> {
-        let newline = payload.iter().position(|b| *b == b'\n')?;
-        let body = payload.slice(newline + 1..);
-        let header = std::str::from_utf8(&payload[..newline]).ok()?;
-        let mut fields = header.split(' ');
-        match (fields.next(), fields.next(), fields.next()) {
-            (Some("N"), ..) => parse_notices(&header[1..], &body).map(Event::Frames),
-            (Some("D"), Some(code), Some(except)) => {
-                let code = code.parse().ok()?;
-                let reason = Arc::from(String::from_utf8_lossy(&body).as_ref());
-                Some(Event::Disconnect { code, reason, except: session_field(except) })
-            }
-            _ => None,
-        }
     }
 
     /// The subscriber connection ended: the subscription task connects anew.
@@ -453,37 +367,7 @@ impl Bus for RedisBus {
     }
 
     async fn publish(&self, topic: Topic, event: Event) -> Result<(), BusError> {
-        let payload = match &event {
-            Event::Message(d) => {
-                let mut payload = match &d.position {
-                    None => b"B ".to_vec(),
-                    Some((stream, seq)) => {
-                        let mut head = envelope_head(d.exclude, stream);
-                        head.extend_from_slice(itoa::Buffer::new().format(*seq).as_bytes());
-                        head.push(b' ');
-                        head
-                    }
-                };
-                d.write_record(&mut payload);
-                payload
-            }
-            Event::Frames(notices) => {
-                let mut header = String::from("N");
-                for n in notices {
-                    let _ = write!(header, " {}:{}", session_text(n.exclude), n.frame.len());
-                }
-                header.push('\n');
-                let mut payload = header.into_bytes();
-                notices.iter().for_each(|n| payload.extend_from_slice(&n.frame));
-                payload
-            }
-            Event::Disconnect { code, except, reason } => {
-                let mut payload = format!("D {code} {}\n", session_text(*except)).into_bytes();
-                payload.extend_from_slice(reason.as_bytes());
-                payload
-            }
-            Event::Resync => return Ok(()),
-        };
+        let Some(payload) = envelope::encode(&event) else { return Ok(()) };
         let mut conn = self.publisher.clone();
         let channel = self.shared.keys.channel(&topic);
         let deadline = self.clock.write_deadline();
@@ -498,21 +382,5 @@ impl Bus for RedisBus {
 
     async fn ready(&self) -> bool {
         self.shared.ready.load(Ordering::Acquire)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn notices_are_split_by_their_lengths() {
-        let body = Bytes::from_static(b"{\"a\":1}{}x");
-        let notices = parse_notices(" 00000000000000ff:7 -:2 -:1", &body).unwrap();
-        let frames: Vec<&[u8]> = notices.iter().map(|n| &n.frame[..]).collect();
-        assert_eq!(frames, [&b"{\"a\":1}"[..], b"{}", b"x"]);
-        assert_eq!(notices.iter().map(|n| n.exclude).collect::<Vec<_>>(), [Some(SessionId(255)), None, None]);
-        assert!(parse_notices(" -:7 -:5", &body).is_none(), "longer than the payload");
-        assert!(parse_notices(" -:7", &body).is_none(), "shorter than the payload");
     }
 }

@@ -27,7 +27,6 @@ use tokio::sync::oneshot;
 use super::RedisClock;
 use crate::backend::redis as cluster;
 use crate::backend::redis::keys::Keys;
-use crate::bus::SessionId;
 use crate::message::Record;
 use crate::protocol::{HistoryQuery, StreamId, UserId, now_ms};
 use crate::store::{
@@ -464,7 +463,8 @@ impl Appends {
                 .arg(request.reply_entry + 1);
             for entry in &request.entries {
                 if self.fused {
-                    cmd.arg(self.keys.channel(&entry.topic)).arg(envelope_head(entry.exclude, &entry.stream));
+                    cmd.arg(self.keys.channel(&entry.topic))
+                        .arg(crate::bus::envelope::message_head(entry.exclude, &entry.stream));
                 } else {
                     cmd.arg("").arg("");
                 }
@@ -472,23 +472,6 @@ impl Appends {
         }
         cmd
     }
-}
-
-/// The envelope head a subscriber decodes (see `bus/redis.rs`): `M <exclude> <stream> `,
-/// followed by the seq, a space and the record.
-pub(crate) fn envelope_head(exclude: Option<SessionId>, stream: &StreamId) -> Vec<u8> {
-    let (kind, name) = stream.parts();
-    let mut head = Vec::with_capacity(24 + kind.len() + name.len());
-    head.extend_from_slice(b"M ");
-    match exclude {
-        Some(session) => head.extend_from_slice(&session.hex()),
-        None => head.push(b'-'),
-    }
-    head.push(b' ');
-    head.extend_from_slice(kind.as_bytes());
-    head.extend_from_slice(name.as_bytes());
-    head.push(b' ');
-    head
 }
 
 /// Parses `XRANGE`/`XREVRANGE` entries into (seq, ts, record).
@@ -622,19 +605,5 @@ impl Store for RedisStore {
 
     fn publishes(&self) -> bool {
         self.appends.fused
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn envelope_head_names_the_excluded_session_and_the_stream() {
-        let stream = StreamId::parse("room:a:b").unwrap();
-        assert_eq!(envelope_head(None, &stream), b"M - room:a:b ");
-        let head = envelope_head(Some(SessionId(0xff)), &StreamId::parse("user:bob").unwrap());
-        assert_eq!(head, format!("M {} user:bob ", SessionId(0xff)).as_bytes());
-        assert_eq!(head, b"M 00000000000000ff user:bob ");
     }
 }
