@@ -12,6 +12,7 @@
 mod batch;
 pub(crate) mod chaos;
 pub(crate) mod envelope;
+pub(crate) mod interest;
 #[cfg(test)]
 mod tests;
 

@@ -17,7 +17,6 @@
 //!
 //! The payload of a published message is its [`envelope`](crate::bus::envelope).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -25,12 +24,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Script;
 use redis::aio::ConnectionManager;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use super::RESPONSE_TIMEOUT;
 use super::subscriber::{Published, Receiver, Subscriber};
 use crate::backend::redis::RedisClock;
 use crate::backend::redis::keys::Keys;
+use crate::bus::interest::Interests;
 use crate::bus::{Bursts, Bus, BusError, Event, Sink, Topic, envelope};
 use crate::metrics::Metrics;
 
@@ -52,19 +52,10 @@ if t[1] * 1000 + math.floor(t[2] / 1000) > tonumber(ARGV[3]) then return -1 end
 return redis.call('PUBLISH', ARGV[1], ARGV[2])
 ";
 
-struct Interest {
-    /// Local sessions interested in the channel.
-    count: usize,
-    /// Whether Redis confirmed the subscription.
-    active: bool,
-    ready: watch::Sender<bool>,
-}
-
 /// State shared with the push callback and the background tasks.
 struct Shared {
     keys: Keys,
-    interest: Mutex<HashMap<String, Interest>>,
-    changed: Arc<Notify>,
+    interests: Interests,
     sink: OnceLock<Arc<dyn Sink>>,
     ready: AtomicBool,
     /// Set when the subscription may have missed messages; cleared by the catch-up it triggers.
@@ -83,10 +74,6 @@ pub struct RedisBus {
 }
 
 impl Shared {
-    fn interest(&self) -> std::sync::MutexGuard<'_, HashMap<String, Interest>> {
-        self.interest.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Decodes the pub/sub messages of one read and delivers them locally: a topic's messages
     /// together (see [`Bursts`]), any other event after the messages before it.
     fn on_messages(&self, read: &[Published]) {
@@ -130,19 +117,7 @@ impl Shared {
             tracing::warn!("redis pub/sub connection lost; reconnecting");
         }
         self.subscriber.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.changed.notify_one();
-    }
-
-    /// The channels to subscribe and to unsubscribe now; forgets channels nobody wants that were
-    /// never subscribed.
-    fn pending(&self) -> (Vec<String>, Vec<String>) {
-        let mut interest = self.interest();
-        interest.retain(|_, i| i.count > 0 || i.active);
-        let subscribe =
-            interest.iter().filter(|(_, i)| i.count > 0 && !i.active).map(|(c, _)| c.clone()).take(BATCH).collect();
-        let unsubscribe =
-            interest.iter().filter(|(_, i)| i.count == 0 && i.active).map(|(c, _)| c.clone()).take(BATCH).collect();
-        (subscribe, unsubscribe)
+        self.interests.changed().notify_one();
     }
 
     fn subscriber(&self) -> Option<Subscriber> {
@@ -152,23 +127,8 @@ impl Shared {
     /// Takes a new subscriber connection, on which nothing is subscribed yet: every channel with
     /// interest is pending again, and `subscribe` waits for it as for a new one.
     fn reconnected(&self, conn: Subscriber) {
-        let mut interest = self.interest();
-        interest.retain(|_, i| i.count > 0);
-        for i in interest.values_mut() {
-            i.active = false;
-            i.ready.send_replace(false);
-        }
+        self.interests.reset();
         *self.subscriber.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
-    }
-
-    fn confirm(&self, channels: &[String], subscribed: bool) {
-        let mut interest = self.interest();
-        for channel in channels {
-            if let Some(i) = interest.get_mut(channel) {
-                i.active = subscribed;
-                i.ready.send_replace(subscribed);
-            }
-        }
     }
 }
 
@@ -201,8 +161,7 @@ impl RedisBus {
     ) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared {
             keys,
-            interest: Mutex::new(HashMap::new()),
-            changed: Arc::new(Notify::new()),
+            interests: Interests::default(),
             sink: OnceLock::new(),
             ready: AtomicBool::new(true),
             lost: AtomicBool::new(false),
@@ -213,7 +172,7 @@ impl RedisBus {
         let info = client.get_connection_info().clone();
         shared.reconnected(Subscriber::connect(&info, RESPONSE_TIMEOUT, incoming.clone()).await?);
         let bus = Self { shared: shared.clone(), publisher, clock, publish: Script::new(PUBLISH) };
-        tokio::spawn(manage_subscriptions(Arc::downgrade(&shared), shared.changed.clone(), info, incoming));
+        tokio::spawn(manage_subscriptions(Arc::downgrade(&shared), shared.interests.changed(), info, incoming));
         tokio::spawn(watch_health(Arc::downgrade(&shared), bus.publisher.clone(), bus.clock.clone()));
         bus.subscribe(&Topic::All).await.map_err(|e| anyhow::anyhow!("subscribing to broadcasts: {e}"))?;
         Ok(bus)
@@ -253,7 +212,7 @@ async fn manage_subscriptions(
             }
             continue;
         };
-        let (subscribe, unsubscribe) = strong.pending();
+        let (subscribe, unsubscribe) = strong.interests.pending(BATCH);
         drop(strong);
         if subscribe.is_empty() && unsubscribe.is_empty() {
             notified.await;
@@ -272,8 +231,8 @@ async fn manage_subscriptions(
         let Some(strong) = shared.upgrade() else { return };
         match result {
             Ok(()) => {
-                strong.confirm(&unsubscribe, false);
-                strong.confirm(&subscribe, true);
+                strong.interests.confirm(&unsubscribe, false);
+                strong.interests.confirm(&subscribe, true);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "redis subscription change failed; retrying");
@@ -323,46 +282,18 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
 impl Drop for RedisBus {
     /// Wakes the subscription task so that it sees the bus is gone and ends.
     fn drop(&mut self) {
-        self.shared.changed.notify_one();
+        self.shared.interests.changed().notify_one();
     }
 }
 
 #[async_trait]
 impl Bus for RedisBus {
     async fn subscribe(&self, topic: &Topic) -> Result<(), BusError> {
-        let channel = self.shared.keys.channel(topic);
-        let mut ready = {
-            let mut interest = self.shared.interest();
-            let entry = interest.entry(channel).or_insert_with(|| Interest {
-                count: 0,
-                active: false,
-                ready: watch::channel(false).0,
-            });
-            entry.count += 1;
-            if entry.active {
-                return Ok(());
-            }
-            entry.ready.subscribe()
-        };
-        self.shared.changed.notify_one();
-        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, ready.wait_for(|subscribed| *subscribed)).await {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(BusError::Unavailable("redis did not confirm the subscription in time".into())),
-        }
+        self.shared.interests.add(self.shared.keys.channel(topic), SUBSCRIBE_TIMEOUT, "redis").await
     }
 
     async fn unsubscribe(&self, topic: &Topic) -> Result<(), BusError> {
-        let channel = self.shared.keys.channel(topic);
-        let idle = {
-            let mut interest = self.shared.interest();
-            interest.get_mut(&channel).is_some_and(|i| {
-                i.count = i.count.saturating_sub(1);
-                i.count == 0
-            })
-        };
-        if idle {
-            self.shared.changed.notify_one();
-        }
+        self.shared.interests.remove(&self.shared.keys.channel(topic));
         Ok(())
     }
 
