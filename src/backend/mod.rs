@@ -11,6 +11,7 @@
 pub(crate) mod embedded;
 pub(crate) mod memory;
 pub(crate) mod mysql;
+pub(crate) mod nats;
 pub(crate) mod postgres;
 pub(crate) mod redis;
 pub(crate) mod sql;
@@ -46,6 +47,10 @@ pub(crate) enum StoreConfig {
         url: String,
     },
     Mysql {
+        url: String,
+    },
+    /// JetStream.
+    Nats {
         url: String,
     },
 }
@@ -110,6 +115,7 @@ enum Scheme {
     Redis,
     Postgres,
     Mysql,
+    Nats,
     /// Part of the contract, built by a later release.
     Later(&'static str),
 }
@@ -125,7 +131,7 @@ fn scheme(role: Role, url: &str) -> anyhow::Result<Scheme> {
         "memory" => Scheme::Memory,
         "redis" | "rediss" | "unix" | "redis+unix" => Scheme::Redis,
         "redis+cluster" | "rediss+cluster" => Scheme::Later("Redis Cluster"),
-        "nats" | "tls" => Scheme::Later("NATS"),
+        "nats" | "tls" => Scheme::Nats,
         "amqp" | "amqps" => Scheme::Later("RabbitMQ"),
         "postgres" | "postgresql" => Scheme::Postgres,
         "mysql" | "mariadb" => Scheme::Mysql,
@@ -163,23 +169,26 @@ impl BackendConfig {
             Scheme::Redis => StoreConfig::Redis { url: store_url.to_owned() },
             Scheme::Postgres => StoreConfig::Postgres { url: store_url.to_owned() },
             Scheme::Mysql => StoreConfig::Mysql { url: store_url.replacen("mariadb://", "mysql://", 1) },
+            Scheme::Nats => StoreConfig::Nats { url: store_url.to_owned() },
             other => return Err(unsupported(Role::Store, store_url, other)),
         };
         let bus = match scheme(Role::Bus, bus_url)? {
             Scheme::Memory => BusConfig::Memory,
             Scheme::Redis => BusConfig::Redis { url: bus_url.to_owned() },
+            Scheme::Nats => return Err(unsupported(Role::Bus, bus_url, Scheme::Later("NATS"))),
             other => return Err(unsupported(Role::Bus, bus_url, other)),
         };
         let presence = match scheme(Role::Presence, presence_url)? {
             Scheme::Memory => PresenceConfig::Memory,
             Scheme::Redis => PresenceConfig::Redis { url: presence_url.to_owned() },
+            Scheme::Nats => return Err(unsupported(Role::Presence, presence_url, Scheme::Later("NATS"))),
             other => return Err(unsupported(Role::Presence, presence_url, other)),
         };
         if bus != BusConfig::Memory {
             if matches!(store, StoreConfig::Embedded { .. }) {
                 bail!(
                     "--store embedded keeps history on this machine only, but --bus {} makes this node a \
-                     cluster member: give --store a shared server (redis://…, postgres://…, mysql://…)",
+                     cluster member: give --store a shared server (redis://…, postgres://…, mysql://…, nats://…)",
                     redact(bus_url)
                 );
             }
@@ -271,6 +280,12 @@ pub(crate) async fn build(
             }
             Arc::new(store)
         }
+        StoreConfig::Nats { url } => {
+            let client = nats::connect(url).await?;
+            let replicas = nats::replicas(&client);
+            let store = nats::NatsStore::open(client, &config.prefix, config.retention, replicas).await;
+            Arc::new(store.with_context(|| format!("--store {}: opening its JetStream stream", redact(url)))?)
+        }
     };
     let (presence, registry): (Arc<dyn Presence>, Arc<dyn Registry>) = match &config.presence {
         PresenceConfig::Memory => {
@@ -343,6 +358,8 @@ mod tests {
         assert_eq!(c.store, StoreConfig::Postgres { url: "postgres://u:p@db/app".into() });
         let c = config(&["--redis", "redis://r/0", "--store", "mariadb://root@db/app"]).unwrap();
         assert_eq!(c.store, StoreConfig::Mysql { url: "mysql://root@db/app".into() });
+        let c = config(&["--redis", "redis://r/0", "--store", "nats://a:4222,b:4222"]).unwrap();
+        assert_eq!(c.store, StoreConfig::Nats { url: "nats://a:4222,b:4222".into() });
     }
 
     #[test]

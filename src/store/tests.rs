@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::*;
 use crate::backend::embedded::EmbeddedStore;
 use crate::backend::mysql::MysqlStore;
+use crate::backend::nats::NatsStore;
 use crate::backend::postgres::PostgresStore;
 use crate::backend::redis::{Keys, RedisClock, RedisStore};
 use crate::bus::{SessionId, Topic};
@@ -150,6 +151,23 @@ pub(crate) fn mysql_url() -> String {
     std::env::var("SWITCHYARD_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
 }
 
+/// `SWITCHYARD_TEST_NATS`, else the NATS (with JetStream) on the default port.
+pub(crate) fn nats_url() -> String {
+    std::env::var("SWITCHYARD_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+pub(crate) async fn open_nats(prefix: String, retention: Retention) -> Option<Subject> {
+    let url = nats_url();
+    let options = async_nats::ConnectOptions::new().connection_timeout(std::time::Duration::from_secs(3));
+    let client = match options.connect(url.as_str()).await {
+        Ok(client) => client,
+        Err(e) => return absent("nats store", &format!("no NATS at {url}: {e}")),
+    };
+    let store = Arc::new(NatsStore::open(client, &prefix, retention, 1).await.expect("JetStream answers"));
+    let owner = store.clone();
+    Some(Subject::new(store, async move { owner.destroy().await }))
+}
+
 pub(crate) async fn open_postgres(prefix: String, retention: Retention) -> Option<Subject> {
     let store = match PostgresStore::connect(&postgres_url(), &prefix, retention).await {
         Ok(store) => Arc::new(store),
@@ -207,7 +225,9 @@ store_suite!(redis, open_redis);
 store_suite!(redis_fused, open_redis_fused);
 store_suite!(postgres, open_postgres);
 store_suite!(mysql, open_mysql);
+store_suite!(nats, open_nats);
 
 shared::shared_suite!(redis_shared, open_redis);
 shared::shared_suite!(postgres_shared, open_postgres);
 shared::shared_suite!(mysql_shared, open_mysql);
+shared::shared_suite!(nats_shared, open_nats);
