@@ -476,6 +476,8 @@ enum Frozen {
     Postgres,
     /// The MySQL (MariaDB) store, likewise.
     Mysql,
+    /// The NATS JetStream store, likewise.
+    Nats,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -506,6 +508,28 @@ async fn mysql_store_pause_is_never_silent() {
     let proxy = FaultProxy::start(crate::sql_server::mysql_addr());
     let store = crate::sql_server::mysql_url_via(proxy.addr());
     pause_is_never_silent(Frozen::Mysql, cluster, proxy, Some(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_store_pause_is_never_silent() {
+    let Some(nats) = machine_nats() else { return };
+    let Some(cluster) = Cluster::start("natspause") else { return };
+    let proxy = FaultProxy::start(nats);
+    let store = format!("nats://{}", proxy.addr());
+    pause_is_never_silent(Frozen::Nats, cluster, proxy, Some(store)).await;
+}
+
+/// The machine's NATS with JetStream (`SWITCHYARD_TEST_NATS_ADDR`, default 127.0.0.1:4222), or
+/// `None` after printing why (a failure under `CI=true`).
+fn machine_nats() -> Option<std::net::SocketAddr> {
+    let addr = std::env::var("SWITCHYARD_TEST_NATS_ADDR").unwrap_or_else(|_| "127.0.0.1:4222".into());
+    let addr: std::net::SocketAddr = addr.parse().expect("SWITCHYARD_TEST_NATS_ADDR is host:port");
+    if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok() {
+        return Some(addr);
+    }
+    assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "no NATS at {addr}: CI must start nats-server -js");
+    eprintln!("SKIP: no NATS at {addr}, so this NATS test cannot run");
+    None
 }
 
 /// While a backend the cluster needs is frozen (connections open, nothing answered), every node
@@ -563,7 +587,7 @@ async fn pause_is_never_silent(frozen: Frozen, cluster: Cluster, proxy: FaultPro
     let (status, body) = broadcast.expect("the API answers while the backend is paused");
     match frozen {
         Frozen::Redis => assert_eq!((status, &body["error"]["code"]), (503, &json!("unavailable")), "{body}"),
-        Frozen::Postgres | Frozen::Mysql => {
+        Frozen::Postgres | Frozen::Mysql | Frozen::Nats => {
             assert_eq!(status, 200, "{body}");
             let got = bob.next_message().await;
             assert_eq!((got["stream"].as_str(), &got["body"]), (Some("broadcast"), &json!("during-broadcast")));
