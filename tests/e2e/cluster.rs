@@ -24,7 +24,7 @@ const BUS: &str = "switchyard_bus_messages_received_total";
 
 /// The next text frame read from the socket itself, or `None` when nothing came within `wait`
 /// or the connection ended (its node died). For clients with nothing buffered by `request`.
-async fn frame_within(client: &mut Client, wait: Duration) -> Option<Value> {
+pub(crate) async fn frame_within(client: &mut Client, wait: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let message = tokio::time::timeout_at(deadline, client.ws.next()).await.ok()??.ok()?;
@@ -457,7 +457,7 @@ async fn no_loss_when_a_node_dies_room() {
 
 /// Sends `command` with an id and waits up to `wait` for its answer; answers it and how long it
 /// took. Other frames that arrive meanwhile fail the test.
-async fn answer_within(client: &mut Client, mut command: Value, wait: Duration) -> (Value, Duration) {
+pub(crate) async fn answer_within(client: &mut Client, mut command: Value, wait: Duration) -> (Value, Duration) {
     let id = format!("w{}", fastrand::u32(..));
     command["id"] = json!(id);
     let sent = Instant::now();

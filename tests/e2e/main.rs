@@ -12,6 +12,7 @@ mod cli;
 mod cluster;
 mod limits;
 mod messaging;
+mod nats_cluster;
 mod openapi;
 mod operations;
 mod outbox;

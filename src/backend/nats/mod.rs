@@ -47,7 +47,39 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
     let options =
         async_nats::ConnectOptions::new().name("switchyard").connection_timeout(CONNECT_TIMEOUT).max_reconnects(None);
-    options.connect(url).await.with_context(|| format!("connecting to NATS at {}", super::redact(url)))
+    let redacted = super::redact(url);
+    let servers = servers(url).with_context(|| format!("{redacted}: not a NATS URL"))?;
+    options.connect(servers).await.with_context(|| format!("connecting to NATS at {redacted}"))
+}
+
+/// Each server of a URL that names several (`nats://u:p@a:1,b:2`), with the scheme and the
+/// credentials, which async-nats wants on each.
+fn servers(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    let (scheme, rest) = url.split_once("://").context("no scheme")?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let (credentials, hosts) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    hosts
+        .split(',')
+        .map(|host| Ok(format!("{scheme}://{credentials}{host}").parse::<async_nats::ServerAddr>()?))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_server_of_a_url_gets_the_scheme_and_the_credentials() {
+        let servers = servers("nats://u:p@a:1,b:2").unwrap();
+        let hosts: Vec<(String, u16)> = servers.iter().map(|s| (s.host().to_owned(), s.port())).collect();
+        assert_eq!(hosts, [("a".to_owned(), 1), ("b".to_owned(), 2)]);
+        assert!(servers.iter().all(|s| s.has_user_pass()));
+        assert!(servers("127.0.0.1:4222").is_err());
+    }
 }
 
 /// Copies of each stream and bucket: 3 when the NATS cluster has at least 3 servers, else 1.

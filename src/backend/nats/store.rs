@@ -62,6 +62,8 @@ const WRITE_DEADLINE: Duration = Duration::from_millis(1500);
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// An acknowledgement slower than this may be of a void message: the message is read back.
 const SLOW_ACK: Duration = Duration::from_millis(1000);
+/// How long an append waits for a stream without a leader to have one again.
+const LEADERLESS_FOR: Duration = Duration::from_secs(5);
 /// How often a node samples JetStream's clock.
 const CLOCK_EVERY: Duration = Duration::from_secs(5);
 /// How many times an append reads the stream's end again after losing a race for it.
@@ -338,6 +340,8 @@ impl NatsStore {
         let _turn = self.stripe(stream).lock().await;
         let mut generation = 0;
         let mut id = base.to_owned();
+        let give_up = tokio::time::Instant::now() + LEADERLESS_FOR;
+        let mut pause = Duration::from_millis(25);
         for _ in 0..RACES {
             let head = match self.cached_head(stream) {
                 Some(head) => head,
@@ -360,6 +364,13 @@ impl NatsStore {
                 Ok(Err(e)) if matches!(e.kind(), PublishErrorKind::WrongLastSequence) => {
                     // Another node appended meanwhile: read the end again.
                     self.remember(stream, None);
+                    continue;
+                }
+                Ok(Err(e)) if matches!(e.kind(), PublishErrorKind::StreamNotFound) && sent < give_up => {
+                    // No server serves the stream right now (its replicas are electing a
+                    // leader after one died): nothing was stored, so it is sent again.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(400));
                     continue;
                 }
                 Ok(Err(e)) if !matches!(e.kind(), PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe) => {
