@@ -1,11 +1,12 @@
 //! What the conformance suites share: unique prefixes, the rule for absent servers, and a Redis
-//! for one test whose nodes share presence and the registry as a cluster's nodes do.
+//! and a NATS for one test whose nodes share presence and the registry as a cluster's nodes do.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
+use crate::backend::nats::{Buckets, Instance as NatsInstance, NatsPresence, NatsRegistry, kv};
 use crate::backend::redis::{Instance, Keys, RedisClock, RedisPresence, RedisRegistry};
 
 /// A prefix no other test uses.
@@ -116,5 +117,92 @@ impl TestRedis {
         if !keys.is_empty() {
             let _: () = redis::cmd("DEL").arg(keys).query_async(&mut self.conn.clone()).await.unwrap();
         }
+    }
+}
+
+/// Presence and registry buckets on NATS for one test, under a prefix no other test uses, whose
+/// nodes share them as a cluster's nodes do; [`TestNats::finish`] deletes them.
+pub(crate) struct TestNats {
+    pub(crate) buckets: Buckets,
+    /// When its nodes count an instance dead.
+    dead_after: Duration,
+    /// The registries of the nodes made so far, to keep the live ones fresh in [`TestNats::kill`].
+    registries: Mutex<Vec<(Arc<str>, Weak<NatsRegistry>)>>,
+}
+
+/// One node's presence and registry on a [`TestNats`], sharing one instance as a node does.
+pub(crate) struct NatsNode {
+    pub(crate) presence: Arc<NatsPresence>,
+    pub(crate) registry: Arc<NatsRegistry>,
+}
+
+impl TestNats {
+    /// Opens the buckets on the test NATS, whose nodes count an instance dead after `dead_after`;
+    /// `None` (see [`absent`]) when NATS is unreachable.
+    pub(crate) async fn start(test: &str, dead_after: Duration) -> Option<Self> {
+        let url = crate::store::tests::nats_url();
+        let options = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(3));
+        let client = match options.connect(url.as_str()).await {
+            Ok(client) => client,
+            Err(e) => return absent(test, &format!("no NATS at {url}: {e}")),
+        };
+        let buckets = Buckets::open(client, &unique_prefix(), 1).await.expect("JetStream answers");
+        Some(Self { buckets, dead_after, registries: Mutex::new(Vec::new()) })
+    }
+
+    /// A new process of node `id`: its presence and registry share one instance.
+    pub(crate) fn node(&self, id: &str) -> NatsNode {
+        let (buckets, instance) = (self.buckets.clone(), Arc::new(NatsInstance::new(Arc::from(id))));
+        let registry = Arc::new(NatsRegistry::new(buckets.clone(), instance.clone(), self.dead_after));
+        self.registries.lock().unwrap().push((Arc::from(id), Arc::downgrade(&registry)));
+        NatsNode { presence: Arc::new(NatsPresence::new(buckets, instance, self.dead_after)), registry }
+    }
+
+    /// Lets every instance of node `id` die: waits until their last heartbeat is older than the
+    /// dead-after time (the server's clock judges, and it cannot be moved), while every other node
+    /// that heart-beat before heart-beats again.
+    pub(crate) async fn kill(&self, id: &str) {
+        let prefix = format!("n.{}=40", crate::backend::nats::keys::token(id));
+        assert!(self.keys_left().await.iter().any(|k| k.starts_with(&prefix)), "{id} never heart-beat");
+        tokio::time::sleep(self.dead_after + Duration::from_millis(300)).await;
+        let others: Vec<Arc<NatsRegistry>> = {
+            let registries = self.registries.lock().unwrap();
+            registries.iter().filter(|(node, _)| &**node != id).filter_map(|(_, r)| r.upgrade()).collect()
+        };
+        for registry in others {
+            registry.beat_again().await;
+        }
+    }
+
+    /// Every key of both buckets.
+    pub(crate) async fn keys_left(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        for bucket in [&self.buckets.presence, &self.buckets.nodes] {
+            let listing = kv::Listing::start(bucket, ">", false).await.unwrap();
+            keys.extend(listing.all().await.unwrap().1.into_iter().map(|listed| listed.key));
+        }
+        keys.sort();
+        keys
+    }
+
+    /// The messages both buckets' streams hold, delete markers included.
+    pub(crate) async fn messages_left(&self) -> u64 {
+        let mut messages = 0;
+        for bucket in [&self.buckets.presence, &self.buckets.nodes] {
+            messages += bucket.stream.clone().info().await.unwrap().state.messages;
+        }
+        messages
+    }
+
+    /// Removes every key, as a NATS that restarted empty would have.
+    pub(crate) async fn flush(&self) {
+        for bucket in [&self.buckets.presence, &self.buckets.nodes] {
+            kv::purge(bucket, ">").await.unwrap();
+        }
+    }
+
+    /// Deletes the buckets.
+    pub(crate) async fn finish(self) {
+        self.buckets.destroy().await;
     }
 }

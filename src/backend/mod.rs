@@ -73,6 +73,10 @@ pub(crate) enum PresenceConfig {
     Redis {
         url: String,
     },
+    /// JetStream key-value buckets.
+    Nats {
+        url: String,
+    },
 }
 
 /// The backend section of the configuration, validated.
@@ -181,7 +185,7 @@ impl BackendConfig {
         let presence = match scheme(Role::Presence, presence_url)? {
             Scheme::Memory => PresenceConfig::Memory,
             Scheme::Redis => PresenceConfig::Redis { url: presence_url.to_owned() },
-            Scheme::Nats => return Err(unsupported(Role::Presence, presence_url, Scheme::Later("NATS"))),
+            Scheme::Nats => PresenceConfig::Nats { url: presence_url.to_owned() },
             other => return Err(unsupported(Role::Presence, presence_url, other)),
         };
         if bus != BusConfig::Memory {
@@ -195,7 +199,7 @@ impl BackendConfig {
             if presence == PresenceConfig::Memory {
                 bail!(
                     "--presence memory keeps sessions in this process only, but --bus {} makes this node a \
-                     cluster member: give --presence a shared server (redis://…)",
+                     cluster member: give --presence a shared server (redis://…, nats://…)",
                     redact(bus_url)
                 );
             }
@@ -299,6 +303,15 @@ pub(crate) async fn build(
             let presence = redis::RedisPresence::new(commands.clone(), clock.clone(), keys.clone(), instance.clone());
             (Arc::new(presence), Arc::new(redis::RedisRegistry::new(commands, clock, keys, instance)))
         }
+        PresenceConfig::Nats { url } => {
+            let client = nats::connect(url).await?;
+            let replicas = nats::replicas(&client);
+            let buckets = nats::Buckets::open(client, &config.prefix, replicas).await;
+            let buckets = buckets.with_context(|| format!("--presence {}: opening its buckets", redact(url)))?;
+            let instance = Arc::new(nats::Instance::new(node_id));
+            let presence = nats::NatsPresence::new(buckets.clone(), instance.clone(), nats::DEAD_AFTER);
+            (Arc::new(presence), Arc::new(nats::NatsRegistry::new(buckets, instance, nats::DEAD_AFTER)))
+        }
     };
     Ok(Backends { store, bus, presence, registry, outbox })
 }
@@ -360,6 +373,17 @@ mod tests {
         assert_eq!(c.store, StoreConfig::Mysql { url: "mysql://root@db/app".into() });
         let c = config(&["--redis", "redis://r/0", "--store", "nats://a:4222,b:4222"]).unwrap();
         assert_eq!(c.store, StoreConfig::Nats { url: "nats://a:4222,b:4222".into() });
+    }
+
+    #[test]
+    fn presence_may_be_on_nats_while_the_nats_bus_and_shorthand_are_not_built_yet() {
+        let c = config(&["--redis", "redis://r/0", "--presence", "nats://u:p@a:4222,b:4222"]).unwrap();
+        assert_eq!(c.presence, PresenceConfig::Nats { url: "nats://u:p@a:4222,b:4222".into() });
+        assert_eq!(c.bus, BusConfig::Redis { url: "redis://r/0".into() });
+        let e = refusal(&["--bus", "nats://u:secret@n:4222", "--presence", "nats://n:4222"]);
+        assert!(e.starts_with("--bus") && e.ends_with("NATS is not built yet") && !e.contains("secret"), "{e}");
+        let e = refusal(&["--bus", "redis://r/0", "--store", "redis://r/0"]);
+        assert!(e.contains("nats://…"), "the refusal names NATS presence: {e}");
     }
 
     #[test]

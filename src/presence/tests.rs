@@ -1,18 +1,21 @@
 //! One presence suite for every backend, each check its own test per backend (see
-//! `presence_suite!`): the in-process presence, and Redis (`SWITCHYARD_TEST_REDIS`, default
-//! 127.0.0.1:6379) with a unique prefix per test, removed at the end. Without a reachable Redis its
-//! tests are skipped with a printed reason, except under `CI=true`, where they fail. Then what only
-//! a shared Redis shows: two nodes on one prefix, very large rooms, late writes. The node registry,
-//! which reaps presence, has its own suite (`crate::registry`).
+//! `presence_suite!`): the in-process presence, Redis (`SWITCHYARD_TEST_REDIS`, default
+//! 127.0.0.1:6379) and NATS key-value buckets (`SWITCHYARD_TEST_NATS`, default
+//! nats://127.0.0.1:4222), with a unique prefix per test, removed at the end. Without a reachable
+//! server its tests are skipped with a printed reason, except under `CI=true`, where they fail.
+//! Then what only a shared server shows: two nodes on one prefix, very large rooms, late writes
+//! (Redis), racing writers and erased keys (NATS). The node registry, which reaps presence, has
+//! its own suite (`crate::registry`).
 
 use std::sync::Arc;
 
 use super::{Presence, PresenceError, SessionInfo};
 use crate::backend::memory::MemoryPresence;
+use crate::backend::nats::DEAD_AFTER;
 use crate::backend::redis::RedisClock;
 use crate::bus::SessionId;
 use crate::protocol::{RoomName, UserId};
-use crate::testing::TestRedis;
+use crate::testing::{TestNats, TestRedis};
 
 pub(crate) mod checks;
 
@@ -35,10 +38,11 @@ pub(crate) fn info(user_id: &str, session: u64, node: &str) -> SessionInfo {
     }
 }
 
-/// A presence under test and the Redis whose keys it removes afterwards.
+/// A presence under test and the Redis keys or NATS buckets it removes afterwards.
 pub(crate) struct Subject {
     pub(crate) presence: Arc<dyn Presence>,
     redis: Option<TestRedis>,
+    nats: Option<TestNats>,
 }
 
 impl Subject {
@@ -46,17 +50,26 @@ impl Subject {
         if let Some(redis) = self.redis {
             redis.flush().await;
         }
+        if let Some(nats) = self.nats {
+            nats.finish().await;
+        }
     }
 }
 
 pub(crate) async fn open_memory() -> Option<Subject> {
-    Some(Subject { presence: Arc::new(MemoryPresence::new()), redis: None })
+    Some(Subject { presence: Arc::new(MemoryPresence::new()), redis: None, nats: None })
 }
 
 pub(crate) async fn open_redis() -> Option<Subject> {
     let redis = TestRedis::start("redis presence").await?;
     let presence = Arc::new(redis.node("n1").presence);
-    Some(Subject { presence, redis: Some(redis) })
+    Some(Subject { presence, redis: Some(redis), nats: None })
+}
+
+pub(crate) async fn open_nats() -> Option<Subject> {
+    let nats = TestNats::start("nats presence", DEAD_AFTER).await?;
+    let presence = nats.node("n1").presence;
+    Some(Subject { presence, redis: None, nats: Some(nats) })
 }
 
 /// One test per check of [`checks`] for the backend that `$open` (an async
@@ -90,6 +103,7 @@ macro_rules! presence_suite {
 
 presence_suite!(memory, open_memory);
 presence_suite!(redis, open_redis);
+presence_suite!(nats, open_nats);
 
 /// What only presence shared through Redis shows.
 mod redis_shared {
@@ -161,5 +175,105 @@ mod redis_shared {
         assert_eq!(on_time.room(&lobby, 10).await.unwrap(), (1, vec![alice.clone()]), "the late leave did nothing");
         assert_eq!(on_time.session_counts(&[alice]).await.unwrap(), vec![1], "the late disconnect did nothing");
         redis.flush().await;
+    }
+}
+
+/// What only presence shared through NATS shows.
+mod nats_shared {
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::backend::nats::{keys, kv};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_share_sessions_and_count_a_user_once_per_room() {
+        let Some(nats) = TestNats::start("nats presence, two nodes", DEAD_AFTER).await else { return };
+        let (a, b) = (nats.node("node-a").presence, nats.node("node-b").presence);
+        let (lobby, alice) = (room("lobby"), user("alice"));
+        a.connect(&info("alice", 1, "node-a")).await.unwrap();
+        b.connect(&info("alice", 2, "node-b")).await.unwrap();
+        for p in [&a, &b] {
+            let nodes: Vec<String> = p.sessions(&alice).await.unwrap().iter().map(|s| s.node.to_string()).collect();
+            assert_eq!(nodes, ["node-a", "node-b"]);
+            assert_eq!(p.session_counts(std::slice::from_ref(&alice)).await.unwrap(), vec![2]);
+        }
+
+        assert!(a.join(&lobby, &alice, SessionId(1)).await.unwrap());
+        assert!(!b.join(&lobby, &alice, SessionId(2)).await.unwrap(), "already in via node A");
+        assert_eq!(b.room(&lobby, 10).await.unwrap(), (1, vec![alice.clone()]));
+        assert!(!a.leave(&lobby, &alice, SessionId(1)).await.unwrap(), "still in via node B");
+        assert!(b.leave(&lobby, &alice, SessionId(2)).await.unwrap());
+        assert_eq!(a.room(&lobby, 10).await.unwrap(), (0, vec![]));
+
+        a.disconnect(&info("alice", 1, "node-a")).await.unwrap();
+        assert_eq!(b.session_counts(std::slice::from_ref(&alice)).await.unwrap(), vec![1]);
+        nats.finish().await;
+    }
+
+    /// Sessions of one user joining one room on two nodes at once: exactly one join brings the
+    /// user in and exactly one leave takes them out, whoever wins each race.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_joins_and_leaves_enter_and_leave_once() {
+        let Some(nats) = TestNats::start("nats presence, races", DEAD_AFTER).await else { return };
+        let (a, b) = (nats.node("node-a").presence, nats.node("node-b").presence);
+        let (lobby, alice) = (room("lobby"), user("alice"));
+        let nodes = [&a, &b];
+        let joins = futures_util::future::join_all((1..=20u64).map(|i| {
+            let node = nodes[i as usize % 2];
+            let (lobby, alice) = (lobby.clone(), alice.clone());
+            async move { node.join(&lobby, &alice, SessionId(i)).await.unwrap() }
+        }));
+        assert_eq!(joins.await.iter().filter(|entered| **entered).count(), 1, "one join entered");
+        assert_eq!(a.room(&lobby, 10).await.unwrap(), (1, vec![alice.clone()]));
+        let leaves = futures_util::future::join_all((1..=20u64).map(|i| {
+            let node = nodes[i as usize % 2];
+            let (lobby, alice) = (lobby.clone(), alice.clone());
+            async move { node.leave(&lobby, &alice, SessionId(i)).await.unwrap() }
+        }));
+        assert_eq!(leaves.await.iter().filter(|left| **left).count(), 1, "one leave left");
+        assert_eq!(b.room(&lobby, 10).await.unwrap(), (0, vec![]));
+        nats.finish().await;
+    }
+
+    /// Keys that empty are erased, index and data alike: no delete markers pile up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_is_left_and_disconnected_leaves_nothing_behind() {
+        let Some(nats) = TestNats::start("nats presence, erasing", DEAD_AFTER).await else { return };
+        let p = nats.node("n1").presence;
+        let (lobby, alice) = (room("lobby.main"), user("alice"));
+        for round in 0..3 {
+            p.connect(&info("alice", 1, "n1")).await.unwrap();
+            assert!(p.join(&lobby, &alice, SessionId(1)).await.unwrap(), "round {round}");
+            assert!(!nats.keys_left().await.is_empty());
+            assert!(p.leave(&lobby, &alice, SessionId(1)).await.unwrap());
+            p.disconnect(&info("alice", 1, "n1")).await.unwrap();
+        }
+        assert_eq!(nats.keys_left().await, Vec::<String>::new());
+        assert_eq!(nats.messages_left().await, 0, "no delete markers");
+        nats.finish().await;
+    }
+
+    /// A room is listed exactly however large: its count and its first ids in sort order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_room_answers_its_count_and_its_first_ids() {
+        let Some(nats) = TestNats::start("nats presence, large room", DEAD_AFTER).await else { return };
+        let big = room("big");
+        let n = 3_000;
+        futures_util::stream::iter(0..n)
+            .map(|i| {
+                let key = keys::membership(&big, &user(&format!("u{i:05}")));
+                let bucket = &nats.buckets.presence;
+                async move { kv::put(bucket, &key, "[\"0000000000000001\"]".into()).await.unwrap() }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await;
+        let p = nats.node("n1").presence;
+        let (count, first) = p.room(&big, 100).await.unwrap();
+        assert_eq!(count, n);
+        let expected: Vec<UserId> = (0..100).map(|i| user(&format!("u{i:05}"))).collect();
+        assert_eq!(first, expected);
+        assert_eq!(p.room(&room("bi"), 10).await.unwrap(), (0, vec![]), "a room whose name starts another's");
+        nats.finish().await;
     }
 }

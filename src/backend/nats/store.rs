@@ -99,7 +99,7 @@ fn kv_key(name: &str) -> String {
 
 /// A prefix as part of a JetStream stream or bucket name, which allow `A-Z a-z 0-9 - _` only:
 /// every other byte, and `_` itself, as `_XX`, so that no two prefixes share a name.
-fn name_part(prefix: &str) -> String {
+pub(crate) fn name_part(prefix: &str) -> String {
     let mut out = String::with_capacity(prefix.len() + 8);
     for b in prefix.bytes() {
         match b {
