@@ -147,20 +147,6 @@ fn servers(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_server_of_a_url_gets_the_scheme_and_the_credentials() {
-        let servers = servers("nats://u:p@a:1,b:2").unwrap();
-        let hosts: Vec<(String, u16)> = servers.iter().map(|s| (s.host().to_owned(), s.port())).collect();
-        assert_eq!(hosts, [("a".to_owned(), 1), ("b".to_owned(), 2)]);
-        assert!(servers.iter().all(|s| s.has_user_pass()));
-        assert!(servers("127.0.0.1:4222").is_err());
-    }
-}
-
 /// Copies of each stream and bucket: 3 when the NATS cluster has at least 3 servers, else 1.
 pub(crate) fn replicas(client: &async_nats::Client) -> usize {
     if client.server_info().connect_urls.len() >= 3 { 3 } else { 1 }
@@ -189,6 +175,15 @@ pub(crate) async fn dead_instances(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_server_of_a_url_gets_the_scheme_and_the_credentials() {
+        let parsed = servers("nats://u:p@a:1,b:2").unwrap();
+        let hosts: Vec<(String, u16)> = parsed.iter().map(|s| (s.host().to_owned(), s.port())).collect();
+        assert_eq!(hosts, [("a".to_owned(), 1), ("b".to_owned(), 2)]);
+        assert!(parsed.iter().all(|s| s.has_user_pass()));
+        assert!(servers("127.0.0.1:4222").is_err());
+    }
 
     /// A bucket of the same name that forbids deleting messages (made by hand, say) is refused at
     /// start-up with what to do, not found out by the first leave.
