@@ -193,6 +193,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_TEST_BUS_FAULTS", value_name = "SPEC", hide = true)]
     pub test_bus_faults: Option<String>,
 
+    /// Tests only: messages held per NATS subscription before the client drops new ones (a
+    /// small value makes the slow-consumer drop that the NATS bus must repair)
+    #[arg(long, env = "SWITCHYARD_TEST_NATS_SUBSCRIPTION_CAPACITY", value_name = "N", hide = true)]
+    pub test_nats_subscription_capacity: Option<usize>,
+
     /// Log format
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -328,6 +333,9 @@ fn validate(cli: &Cli) -> anyhow::Result<()> {
     args.validate()
 }
 
+/// The smallest `--max-message-size`.
+pub(crate) const MIN_MESSAGE_SIZE: usize = 256;
+
 /// A byte a prefix may hold: one that every backend takes in a key, subject, schema or table name.
 fn prefix_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
@@ -379,8 +387,8 @@ impl ServeArgs {
         if self.history_ttl == 0 {
             bail!("--history-ttl must be at least 1 second");
         }
-        if self.max_message_size < 256 {
-            bail!("--max-message-size must be at least 256 bytes");
+        if self.max_message_size < MIN_MESSAGE_SIZE {
+            bail!("--max-message-size must be at least {MIN_MESSAGE_SIZE} bytes");
         }
         if self.ping_interval == 0 {
             bail!("--ping-interval must be at least 1 second");
@@ -390,6 +398,9 @@ impl ServeArgs {
         }
         if self.max_connections == Some(0) {
             bail!("--max-connections must be at least 1");
+        }
+        if self.test_nats_subscription_capacity == Some(0) {
+            bail!("--test-nats-subscription-capacity must be at least 1");
         }
         Ok(())
     }

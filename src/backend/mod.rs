@@ -3,7 +3,8 @@
 //! talks to. The node registry lives where presence does (`--presence`): it reaps presence.
 //!
 //! One folder per backend holds its implementations, one file per concept, beside the plumbing
-//! they share (`redis/mod.rs`: connections and the clock; `redis/keys.rs`: every key). A role's
+//! they share (`redis/mod.rs`: connections and the clock; `redis/keys.rs`: every key;
+//! `nats/mod.rs`: the client and its supervision; `nats/subjects.rs`: every subject). A role's
 //! URL is checked here at start-up, and a combination that cannot hold the contract is refused
 //! with a message naming the role to change. URLs may carry credentials: only [`redact`]ed
 //! forms are ever printed.
@@ -11,6 +12,7 @@
 pub(crate) mod embedded;
 pub(crate) mod memory;
 pub(crate) mod mysql;
+pub(crate) mod nats;
 pub(crate) mod postgres;
 pub(crate) mod redis;
 pub(crate) mod sql;
@@ -58,6 +60,10 @@ pub(crate) enum BusConfig {
     Redis {
         url: String,
     },
+    /// Core NATS (`nats://`, `tls://`).
+    Nats {
+        url: String,
+    },
 }
 
 /// Where a node records sessions and room membership, and the node registry.
@@ -83,6 +89,11 @@ pub(crate) struct BackendConfig {
     pub faults: Option<Faults>,
     /// Consume the outbox table of the store's database (`--outbox`, docs/outbox.md).
     pub outbox: bool,
+    /// Largest frame or API message (`--max-message-size`): a bus must carry its message.
+    pub max_message_size: usize,
+    /// Messages held per NATS subscription before the client drops new ones (tests only, see
+    /// `--test-nats-subscription-capacity`).
+    pub nats_subscription_capacity: Option<usize>,
 }
 
 /// The role a URL is given for, to name it in messages.
@@ -110,6 +121,7 @@ enum Scheme {
     Redis,
     Postgres,
     Mysql,
+    Nats,
     /// Part of the contract, built by a later release.
     Later(&'static str),
 }
@@ -125,7 +137,7 @@ fn scheme(role: Role, url: &str) -> anyhow::Result<Scheme> {
         "memory" => Scheme::Memory,
         "redis" | "rediss" | "unix" | "redis+unix" => Scheme::Redis,
         "redis+cluster" | "rediss+cluster" => Scheme::Later("Redis Cluster"),
-        "nats" | "tls" => Scheme::Later("NATS"),
+        "nats" | "tls" => Scheme::Nats,
         "amqp" | "amqps" => Scheme::Later("RabbitMQ"),
         "postgres" | "postgresql" => Scheme::Postgres,
         "mysql" | "mariadb" => Scheme::Mysql,
@@ -137,6 +149,12 @@ fn scheme(role: Role, url: &str) -> anyhow::Result<Scheme> {
 fn unsupported(role: Role, url: &str, what: Scheme) -> anyhow::Error {
     match what {
         Scheme::Later(name) => anyhow::anyhow!("{} {}: {name} is not built yet", role.flag(), redact(url)),
+        Scheme::Nats => anyhow::anyhow!(
+            "{} {}: NATS is not built yet for the {} role (only for --bus)",
+            role.flag(),
+            redact(url),
+            role.name()
+        ),
         _ => anyhow::anyhow!("{} {}: this backend cannot hold the {} role", role.flag(), redact(url), role.name()),
     }
 }
@@ -152,7 +170,11 @@ impl BackendConfig {
     /// single-node default; then checks that the combination can hold the contract.
     pub(crate) fn from_args(args: &ServeArgs) -> anyhow::Result<Self> {
         if let Some(url) = &args.nats {
-            bail!("--nats {}: NATS is not built yet", redact(url));
+            bail!(
+                "--nats {}: NATS is not built yet as store and presence; give --bus {0} with --store and --presence \
+                 on another server (e.g. redis://…)",
+                redact(url)
+            );
         }
         let shorthand = args.redis.as_deref();
         let store_url = args.store.as_deref().or(shorthand).unwrap_or("embedded");
@@ -168,6 +190,7 @@ impl BackendConfig {
         let bus = match scheme(Role::Bus, bus_url)? {
             Scheme::Memory => BusConfig::Memory,
             Scheme::Redis => BusConfig::Redis { url: bus_url.to_owned() },
+            Scheme::Nats => BusConfig::Nats { url: bus_url.to_owned() },
             other => return Err(unsupported(Role::Bus, bus_url, other)),
         };
         let presence = match scheme(Role::Presence, presence_url)? {
@@ -202,8 +225,21 @@ impl BackendConfig {
         if matches!(store, StoreConfig::Postgres { .. } | StoreConfig::Mysql { .. }) {
             sql::validate_prefix(&args.prefix)?;
         }
+        if matches!(bus, BusConfig::Nats { .. }) {
+            nats::validate_prefix(&args.prefix)?;
+        }
         let faults = args.test_bus_faults.as_deref().map(Faults::parse).transpose()?;
-        Ok(Self { store, bus, presence, prefix: args.prefix.clone(), retention, faults, outbox: args.outbox })
+        Ok(Self {
+            store,
+            bus,
+            presence,
+            prefix: args.prefix.clone(),
+            retention,
+            faults,
+            outbox: args.outbox,
+            max_message_size: args.max_message_size,
+            nats_subscription_capacity: args.test_nats_subscription_capacity,
+        })
     }
 }
 
@@ -242,6 +278,20 @@ pub(crate) async fn build(
             let (client, commands, clock) = redis.connect(url).await?;
             let keys = redis::Keys::new(&config.prefix);
             let bus = redis::RedisBus::connect(client, commands, clock, keys, metrics).await?;
+            bus.attach(sink);
+            Arc::new(bus)
+        }
+        BusConfig::Nats { url } => {
+            let options = nats::NatsOptions {
+                name: format!("switchyard {node_id}"),
+                subscription_capacity: config.nats_subscription_capacity,
+            };
+            let connection = nats::Nats::connect(url, &config.prefix, &options).await;
+            let connection = connection.with_context(|| format!("--bus {}", redact(url)))?;
+            connection.check_payload(config.max_message_size).with_context(|| format!("--bus {}", redact(url)))?;
+            let subjects = nats::Subjects::new(&config.prefix);
+            let bus = nats::NatsBus::connect(connection, subjects, metrics).await;
+            let bus = bus.with_context(|| format!("--bus {}", redact(url)))?;
             bus.attach(sink);
             Arc::new(bus)
         }
@@ -358,7 +408,6 @@ mod tests {
         for (args, role) in [
             (&["--bus", "amqp://guest:pw@mq:5672"][..], "--bus"),
             (&["--redis", "redis+cluster://a:1,b:2"][..], "--store"),
-            (&["--nats", "nats://n:4222"][..], "--nats"),
         ] {
             let e = refusal(args);
             assert!(e.starts_with(role) && e.ends_with("is not built yet"), "{e}");
@@ -370,6 +419,37 @@ mod tests {
         assert!(e.contains("--presence") && e.contains("cannot hold the presence role"), "{e}");
         let e = refusal(&["--bus", "localhost:6379"]);
         assert!(e.contains("--bus") && e.contains("not a URL"), "{e}");
+    }
+
+    #[test]
+    fn nats_is_a_bus_and_not_yet_a_store_or_presence() {
+        let shared = ["--store", "redis://r/0", "--presence", "redis://r/0"];
+        for url in ["nats://u:pw@n:4222", "nats://a:1,b:2", "tls://n:4222", "NATS://n:4222"] {
+            let c = config(&[&shared[..], &["--bus", url]].concat()).unwrap();
+            assert_eq!(c.bus, BusConfig::Nats { url: url.into() });
+        }
+        let c = config(&["--redis", "redis://r/0", "--bus", "nats://n:4222"]).unwrap();
+        assert_eq!(
+            (c.bus, c.store),
+            (BusConfig::Nats { url: "nats://n:4222".into() }, StoreConfig::Redis { url: "redis://r/0".into() })
+        );
+        for (args, role) in [
+            (&["--store", "nats://u:secret-pw@n:4222"][..], "--store"),
+            (&["--redis", "redis://r/0", "--presence", "tls://u:secret-pw@n:4222"][..], "--presence"),
+        ] {
+            let e = refusal(args);
+            assert!(e.starts_with(role) && e.contains("NATS is not built yet") && e.contains("only for --bus"), "{e}");
+            assert!(!e.contains("secret-pw"), "credentials printed: {e}");
+        }
+        let e = refusal(&["--nats", "nats://u:secret-pw@n:4222"]);
+        assert!(e.starts_with("--nats") && e.contains("not built yet") && e.contains("--bus"), "{e}");
+        assert!(!e.contains("secret-pw"), "credentials printed: {e}");
+        let e = refusal(&["--bus", "nats://n:4222", "--presence", "redis://r/0"]);
+        assert!(e.starts_with("--store embedded"), "a NATS bus makes a cluster member: {e}");
+        let e = refusal(&[&shared[..], &["--bus", "nats://n:4222", "--test-nats-subscription-capacity", "0"]].concat());
+        assert!(e.contains("--test-nats-subscription-capacity"), "{e}");
+        let c = config(&[&shared[..], &["--bus", "nats://n:4222", "--test-nats-subscription-capacity", "8"]].concat());
+        assert_eq!(c.unwrap().nats_subscription_capacity, Some(8));
     }
 
     #[test]
