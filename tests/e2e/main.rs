@@ -13,6 +13,7 @@ mod cli;
 mod cluster;
 mod limits;
 mod messaging;
+mod nats;
 mod openapi;
 mod operations;
 mod outbox;
