@@ -125,11 +125,12 @@ impl Shared {
         }
     }
 
+    /// Records readiness; `why` says what failed when not ready.
     fn set_ready(&self, ready: bool, why: &str) {
         if self.ready.swap(ready, Ordering::AcqRel) != ready {
             match ready {
                 true => tracing::info!(server = %self.nats.url(), "nats answers again: ready"),
-                false => tracing::warn!(server = %self.nats.url(), "nats {why}: not ready"),
+                false => tracing::warn!(server = %self.nats.url(), error = why, "nats cannot route: not ready"),
             }
         }
     }
@@ -176,6 +177,8 @@ async fn manage_subscriptions(shared: Weak<Shared>, nats: Nats, changed: Arc<Not
     // Subscribed, but not confirmed yet: `Interests` forgets such a name when its last session
     // goes, so its reader is stopped here.
     let mut unconfirmed: Vec<String> = Vec::new();
+    // Whether the last batch failed, so that an outage is logged once, not at every retry.
+    let mut failing = false;
     loop {
         let notified = changed.notified();
         let Some(strong) = shared.upgrade() else { return };
@@ -233,9 +236,14 @@ async fn manage_subscriptions(shared: Weak<Shared>, nats: Nats, changed: Arc<Not
                 // The round trip shows every subscription made before it on the server.
                 strong.interests.confirm(&subscribe, true);
                 strong.interests.confirm(&std::mem::take(&mut unconfirmed), true);
+                if std::mem::take(&mut failing) {
+                    tracing::info!("nats subscriptions confirmed again");
+                }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "nats subscriptions not confirmed; retrying");
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(error = %e, "nats subscriptions not confirmed; retrying");
+                }
                 unconfirmed.extend(subscribe.into_iter().filter(|name| readers.contains_key(name)));
                 unconfirmed.sort_unstable();
                 unconfirmed.dedup();
@@ -277,7 +285,7 @@ async fn supervise(shared: Weak<Shared>, nats: Nats) {
         seen = now;
         let answered = match now.connected {
             true => nats.round_trip(HEALTH_EVERY).await,
-            false => Err("is disconnected".to_owned()),
+            false => Err("nats is disconnected".to_owned()),
         };
         let Some(shared) = shared.upgrade() else { return };
         match answered {

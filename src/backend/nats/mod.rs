@@ -167,8 +167,8 @@ impl Nats {
     }
 
     /// Returns once the server has processed everything this client sent before the call, or
-    /// fails after `timeout`. A message to the connection's own subject comes back after them;
-    /// one lost to a reconnect or a full buffer is sent again.
+    /// fails after `timeout`, or at once while disconnected. A message to the connection's own
+    /// subject comes back after them; one lost to a reconnect or a full buffer is sent again.
     pub(crate) async fn round_trip(&self, timeout: Duration) -> Result<(), String> {
         let inner = &self.inner;
         // Any token from here on was sent after what the caller sent before (see `read_round_trips`).
@@ -177,6 +177,11 @@ impl Nats {
         let mut returned = inner.returned.clone();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            // Nothing comes back before a reconnect, and what is sent meanwhile fills the
+            // client's command queue.
+            if inner.client.connection_state() != State::Connected {
+                return Err("nats is disconnected".into());
+            }
             let sending = inner.client.publish(inner.ping.clone(), token.to_string().into());
             match tokio::time::timeout_at(deadline, sending).await {
                 Ok(Ok(())) => {}
