@@ -80,7 +80,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_REDIS", value_name = "URL", hide_env_values = true)]
     pub redis: Option<String>,
 
-    /// Run as a cluster member over this NATS with JetStream (not built yet) [default: none]
+    /// Run as a cluster member over this NATS with JetStream (not built yet: give --bus
+    /// nats://HOST:PORT with --store and --presence on another server) [default: none]
     #[arg(long, env = "SWITCHYARD_NATS", value_name = "URL", hide_env_values = true)]
     pub nats: Option<String>,
 
@@ -89,8 +90,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_STORE", value_name = "URL", hide_env_values = true)]
     pub store: Option<String>,
 
-    /// How messages and events are routed between nodes: memory (a single node) or
-    /// redis://HOST:PORT/DB; anything but memory makes the node a cluster member [default: memory]
+    /// How messages and events are routed between nodes: memory (a single node),
+    /// redis://HOST:PORT/DB or nats://HOST:PORT[,HOST:PORT…] (tls:// for TLS); anything but memory
+    /// makes the node a cluster member [default: memory]
     #[arg(long, env = "SWITCHYARD_BUS", value_name = "URL", hide_env_values = true)]
     pub bus: Option<String>,
 
@@ -99,7 +101,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_PRESENCE", value_name = "URL", hide_env_values = true)]
     pub presence: Option<String>,
 
-    /// Prefix of every key, channel, schema or table this cluster creates, so that several
+    /// Prefix of every key, channel, subject, schema or table this cluster creates, so that several
     /// clusters (and tests) can share one server (alias: --redis-prefix, SWITCHYARD_REDIS_PREFIX)
     #[arg(
         long,
