@@ -80,7 +80,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_REDIS", value_name = "URL", hide_env_values = true)]
     pub redis: Option<String>,
 
-    /// Run as a cluster member over this NATS with JetStream (not built yet) [default: none]
+    /// Run as a cluster member over this NATS with JetStream (not built yet: give --bus
+    /// nats://HOST:PORT with --store and --presence on another server) [default: none]
     #[arg(long, env = "SWITCHYARD_NATS", value_name = "URL", hide_env_values = true)]
     pub nats: Option<String>,
 
@@ -89,8 +90,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_STORE", value_name = "URL", hide_env_values = true)]
     pub store: Option<String>,
 
-    /// How messages and events are routed between nodes: memory (a single node) or
-    /// redis://HOST:PORT/DB; anything but memory makes the node a cluster member [default: memory]
+    /// How messages and events are routed between nodes: memory (a single node),
+    /// redis://HOST:PORT/DB or nats://HOST:PORT[,HOST:PORT…] (tls:// for TLS); anything but memory
+    /// makes the node a cluster member [default: memory]
     #[arg(long, env = "SWITCHYARD_BUS", value_name = "URL", hide_env_values = true)]
     pub bus: Option<String>,
 
@@ -99,7 +101,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_PRESENCE", value_name = "URL", hide_env_values = true)]
     pub presence: Option<String>,
 
-    /// Prefix of every key, channel, schema or table this cluster creates, so that several
+    /// Prefix of every key, channel, subject, schema or table this cluster creates, so that several
     /// clusters (and tests) can share one server (alias: --redis-prefix, SWITCHYARD_REDIS_PREFIX)
     #[arg(
         long,
@@ -192,6 +194,11 @@ pub struct ServeArgs {
     /// (e.g. drop=0.1,dup=0.1,delay=0.3,max-delay=50), to prove that sessions repair
     #[arg(long, env = "SWITCHYARD_TEST_BUS_FAULTS", value_name = "SPEC", hide = true)]
     pub test_bus_faults: Option<String>,
+
+    /// Tests only: messages held per NATS subscription before the client drops new ones (a
+    /// small value makes the slow-consumer drop that the NATS bus must repair)
+    #[arg(long, env = "SWITCHYARD_TEST_NATS_SUBSCRIPTION_CAPACITY", value_name = "N", hide = true)]
+    pub test_nats_subscription_capacity: Option<usize>,
 
     /// Log format
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -328,6 +335,9 @@ fn validate(cli: &Cli) -> anyhow::Result<()> {
     args.validate()
 }
 
+/// The smallest `--max-message-size`.
+pub(crate) const MIN_MESSAGE_SIZE: usize = 256;
+
 /// A byte a prefix may hold: one that every backend takes in a key, subject, schema or table name.
 fn prefix_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
@@ -379,8 +389,8 @@ impl ServeArgs {
         if self.history_ttl == 0 {
             bail!("--history-ttl must be at least 1 second");
         }
-        if self.max_message_size < 256 {
-            bail!("--max-message-size must be at least 256 bytes");
+        if self.max_message_size < MIN_MESSAGE_SIZE {
+            bail!("--max-message-size must be at least {MIN_MESSAGE_SIZE} bytes");
         }
         if self.ping_interval == 0 {
             bail!("--ping-interval must be at least 1 second");
@@ -390,6 +400,9 @@ impl ServeArgs {
         }
         if self.max_connections == Some(0) {
             bail!("--max-connections must be at least 1");
+        }
+        if self.test_nats_subscription_capacity == Some(0) {
+            bail!("--test-nats-subscription-capacity must be at least 1");
         }
         Ok(())
     }

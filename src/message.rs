@@ -42,7 +42,7 @@ pub struct Record;
 
 impl Record {
     /// Room for the head of a record: a time, a mid and two names.
-    const HEAD: usize = 64 + 2 * 128;
+    pub(crate) const HEAD: usize = 64 + 2 * 128;
 
     /// Appends the record of `message` to `out`.
     pub fn write(out: &mut Vec<u8>, message: &Message) {

@@ -110,10 +110,13 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// Sessions closed because their outbound queue was full.
     pub outbound_dropped: Counter,
-    /// Messages this node received from the cluster bus (Redis pub/sub).
+    /// Messages this node received from the cluster bus (Redis pub/sub, NATS).
     pub bus_received: Counter,
     /// Gaps in a session's live delivery read from the store (the bus lost or delayed a message).
     pub repairs: Counter,
+    /// Times the bus may have lost messages (a reconnect, a full subscription buffer) and asked
+    /// every session to catch up from the store.
+    pub bus_resyncs: Counter,
     /// Outbox rows this node consumed: appended (or found already appended) and deleted.
     pub outbox_delivered: Counter,
     /// Outbox rows this node moved to the dead-letter table because they can never be delivered.
@@ -141,6 +144,7 @@ impl Metrics {
         let outbound_dropped = Counter::default();
         let bus_received = Counter::default();
         let repairs = Counter::default();
+        let bus_resyncs = Counter::default();
         let outbox_delivered = Counter::default();
         let outbox_dead_letters = Counter::default();
         let rejected = Family::<ReasonLabel, Counter>::default();
@@ -172,6 +176,11 @@ impl Metrics {
             repairs.clone(),
         );
         registry.register(
+            "bus_resyncs",
+            "Times the bus may have lost messages (a reconnect, a full subscription buffer) and every session caught up from the store",
+            bus_resyncs.clone(),
+        );
+        registry.register(
             "outbox_delivered",
             "Outbox rows this node delivered and deleted (docs/outbox.md)",
             outbox_delivered.clone(),
@@ -193,6 +202,7 @@ impl Metrics {
             outbound_dropped,
             bus_received,
             repairs,
+            bus_resyncs,
             outbox_delivered,
             outbox_dead_letters,
             rejected,

@@ -1,5 +1,6 @@
-//! What the conformance suites share: unique prefixes, the rule for absent servers, and a Redis
-//! and a NATS for one test whose nodes share presence and the registry as a cluster's nodes do.
+//! What the conformance suites share: unique prefixes, the rule for absent servers, where the
+//! test servers are, and a Redis and a NATS for one test whose nodes share presence and the
+//! registry as a cluster's nodes do.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -24,6 +25,11 @@ pub(crate) fn absent<T>(test: &str, why: &str) -> Option<T> {
 /// `SWITCHYARD_TEST_REDIS`, else the Redis on the default port.
 pub(crate) fn redis_url() -> String {
     std::env::var("SWITCHYARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// `SWITCHYARD_TEST_NATS`, else the NATS on the default port.
+pub(crate) fn nats_url() -> String {
+    std::env::var("SWITCHYARD_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
 /// A Redis for one test: a connection, a sampled clock and a prefix no other test uses.

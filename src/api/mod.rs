@@ -50,8 +50,12 @@ fn bad(message: impl Into<String>) -> ApiError {
     ApiError(ProtocolError::bad_request(message))
 }
 
+/// How much longer than `--max-message-size` a request body may be: room for the JSON around the
+/// message's body (`from`, `key`).
+pub(crate) const REQUEST_SLACK: usize = 4096;
+
 pub fn router(node: Arc<Node>) -> Router {
-    let body_limit = node.config.max_message_size + 4096;
+    let body_limit = node.config.max_message_size + REQUEST_SLACK;
     let v1 = Router::new()
         .route("/users/{user}/messages", post(user_message))
         .route("/rooms/{room}/messages", post(room_message))

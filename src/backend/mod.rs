@@ -3,7 +3,8 @@
 //! talks to. The node registry lives where presence does (`--presence`): it reaps presence.
 //!
 //! One folder per backend holds its implementations, one file per concept, beside the plumbing
-//! they share (`redis/mod.rs`: connections and the clock; `redis/keys.rs`: every key). A role's
+//! they share (`redis/mod.rs`: connections and the clock; `redis/keys.rs`: every key;
+//! `nats/mod.rs`: the client and its supervision; `nats/subjects.rs`: every subject). A role's
 //! URL is checked here at start-up, and a combination that cannot hold the contract is refused
 //! with a message naming the role to change. URLs may carry credentials: only [`redact`]ed
 //! forms are ever printed.
@@ -63,6 +64,10 @@ pub(crate) enum BusConfig {
     Redis {
         url: String,
     },
+    /// Core NATS (`nats://`, `tls://`).
+    Nats {
+        url: String,
+    },
 }
 
 /// Where a node records sessions and room membership, and the node registry.
@@ -92,6 +97,11 @@ pub(crate) struct BackendConfig {
     pub faults: Option<Faults>,
     /// Consume the outbox table of the store's database (`--outbox`, docs/outbox.md).
     pub outbox: bool,
+    /// Largest frame or API message (`--max-message-size`): a bus must carry its message.
+    pub max_message_size: usize,
+    /// Messages held per NATS subscription before the client drops new ones (tests only, see
+    /// `--test-nats-subscription-capacity`).
+    pub nats_subscription_capacity: Option<usize>,
 }
 
 /// The role a URL is given for, to name it in messages.
@@ -161,10 +171,12 @@ impl BackendConfig {
     /// Reads the backend flags: each role's own flag, else the `--redis` shorthand, else the
     /// single-node default; then checks that the combination can hold the contract.
     pub(crate) fn from_args(args: &ServeArgs) -> anyhow::Result<Self> {
-        if let Some(url) = &args.nats {
-            bail!("--nats {}: NATS is not built yet", redact(url));
+        if args.redis.is_some() && args.nats.is_some() {
+            bail!(
+                "--redis and --nats each name every backend role: give one of them, and --store, --bus or --presence for a role on another server"
+            );
         }
-        let shorthand = args.redis.as_deref();
+        let shorthand = args.redis.as_deref().or(args.nats.as_deref());
         let store_url = args.store.as_deref().or(shorthand).unwrap_or("embedded");
         let bus_url = args.bus.as_deref().or(shorthand).unwrap_or("memory");
         let presence_url = args.presence.as_deref().or(shorthand).unwrap_or("memory");
@@ -179,7 +191,7 @@ impl BackendConfig {
         let bus = match scheme(Role::Bus, bus_url)? {
             Scheme::Memory => BusConfig::Memory,
             Scheme::Redis => BusConfig::Redis { url: bus_url.to_owned() },
-            Scheme::Nats => return Err(unsupported(Role::Bus, bus_url, Scheme::Later("NATS"))),
+            Scheme::Nats => BusConfig::Nats { url: bus_url.to_owned() },
             other => return Err(unsupported(Role::Bus, bus_url, other)),
         };
         let presence = match scheme(Role::Presence, presence_url)? {
@@ -215,8 +227,21 @@ impl BackendConfig {
         if matches!(store, StoreConfig::Postgres { .. } | StoreConfig::Mysql { .. }) {
             sql::validate_prefix(&args.prefix)?;
         }
+        if matches!(bus, BusConfig::Nats { .. }) {
+            nats::validate_prefix(&args.prefix)?;
+        }
         let faults = args.test_bus_faults.as_deref().map(Faults::parse).transpose()?;
-        Ok(Self { store, bus, presence, prefix: args.prefix.clone(), retention, faults, outbox: args.outbox })
+        Ok(Self {
+            store,
+            bus,
+            presence,
+            prefix: args.prefix.clone(),
+            retention,
+            faults,
+            outbox: args.outbox,
+            max_message_size: args.max_message_size,
+            nats_subscription_capacity: args.test_nats_subscription_capacity,
+        })
     }
 }
 
@@ -245,6 +270,7 @@ pub(crate) async fn build(
         None => sink,
     };
     let mut redis = redis::Shared::default();
+    let mut nats = NatsClients::default();
     let bus: Arc<dyn Bus> = match &config.bus {
         BusConfig::Memory => {
             let bus = memory::MemoryBus::new();
@@ -255,6 +281,15 @@ pub(crate) async fn build(
             let (client, commands, clock) = redis.connect(url).await?;
             let keys = redis::Keys::new(&config.prefix);
             let bus = redis::RedisBus::connect(client, commands, clock, keys, metrics).await?;
+            bus.attach(sink);
+            Arc::new(bus)
+        }
+        BusConfig::Nats { url } => {
+            let connection = nats.connect(url, config, &node_id, "--bus").await?;
+            connection.check_payload(config.max_message_size).with_context(|| format!("--bus {}", redact(url)))?;
+            let subjects = nats::Subjects::new(&config.prefix);
+            let bus = nats::NatsBus::connect(connection, subjects, metrics).await;
+            let bus = bus.with_context(|| format!("--bus {}", redact(url)))?;
             bus.attach(sink);
             Arc::new(bus)
         }
@@ -285,7 +320,7 @@ pub(crate) async fn build(
             Arc::new(store)
         }
         StoreConfig::Nats { url } => {
-            let client = nats::connect(url).await?;
+            let client = nats.connect(url, config, &node_id, "--store").await?.client().clone();
             let replicas = nats::replicas(&client);
             let store = nats::NatsStore::open(client, &config.prefix, config.retention, replicas).await;
             Arc::new(store.with_context(|| format!("--store {}: opening its JetStream stream", redact(url)))?)
@@ -304,7 +339,7 @@ pub(crate) async fn build(
             (Arc::new(presence), Arc::new(redis::RedisRegistry::new(commands, clock, keys, instance)))
         }
         PresenceConfig::Nats { url } => {
-            let client = nats::connect(url).await?;
+            let client = nats.connect(url, config, &node_id, "--presence").await?.client().clone();
             let replicas = nats::replicas(&client);
             let buckets = nats::Buckets::open(client, &config.prefix, replicas).await;
             let buckets = buckets.with_context(|| format!("--presence {}: opening its buckets", redact(url)))?;
@@ -314,6 +349,35 @@ pub(crate) async fn build(
         }
     };
     Ok(Backends { store, bus, presence, registry, outbox })
+}
+
+/// The NATS clients of a node being built: one per URL, shared by the roles on it.
+#[derive(Default)]
+struct NatsClients {
+    clients: Vec<(String, nats::Nats)>,
+}
+
+impl NatsClients {
+    /// The client of `url`, connected on first use; `flag` names the role in errors.
+    async fn connect(
+        &mut self,
+        url: &str,
+        config: &BackendConfig,
+        node_id: &str,
+        flag: &str,
+    ) -> anyhow::Result<nats::Nats> {
+        if let Some((_, client)) = self.clients.iter().find(|(u, _)| u == url) {
+            return Ok(client.clone());
+        }
+        let options = nats::NatsOptions {
+            name: format!("switchyard {node_id}"),
+            subscription_capacity: config.nats_subscription_capacity,
+        };
+        let client = nats::Nats::connect(url, &config.prefix, &options).await;
+        let client = client.with_context(|| format!("{flag} {}", redact(url)))?;
+        self.clients.push((url.to_owned(), client.clone()));
+        Ok(client)
+    }
 }
 
 /// `url` with any password (and user) replaced, for logs and error messages.
@@ -376,12 +440,19 @@ mod tests {
     }
 
     #[test]
-    fn presence_may_be_on_nats_while_the_nats_bus_and_shorthand_are_not_built_yet() {
+    fn the_nats_shorthand_fills_every_role_and_nats_takes_each_role_alone() {
+        let c = config(&["--nats", "nats://u:p@a:4222,b:4222"]).unwrap();
+        let url = "nats://u:p@a:4222,b:4222".to_owned();
+        assert_eq!(c.store, StoreConfig::Nats { url: url.clone() });
+        assert_eq!(c.bus, BusConfig::Nats { url: url.clone() });
+        assert_eq!(c.presence, PresenceConfig::Nats { url });
+        let c = config(&["--nats", "nats://n:4222", "--store", "postgres://u:p@db/app"]).unwrap();
+        assert_eq!(c.store, StoreConfig::Postgres { url: "postgres://u:p@db/app".into() });
         let c = config(&["--redis", "redis://r/0", "--presence", "nats://u:p@a:4222,b:4222"]).unwrap();
         assert_eq!(c.presence, PresenceConfig::Nats { url: "nats://u:p@a:4222,b:4222".into() });
         assert_eq!(c.bus, BusConfig::Redis { url: "redis://r/0".into() });
-        let e = refusal(&["--bus", "nats://u:secret@n:4222", "--presence", "nats://n:4222"]);
-        assert!(e.starts_with("--bus") && e.ends_with("NATS is not built yet") && !e.contains("secret"), "{e}");
+        let e = refusal(&["--nats", "nats://u:secret-pw@n:4222", "--redis", "redis://r/0"]);
+        assert!(e.contains("--redis and --nats") && !e.contains("secret-pw"), "{e}");
         let e = refusal(&["--bus", "redis://r/0", "--store", "redis://r/0"]);
         assert!(e.contains("nats://…"), "the refusal names NATS presence: {e}");
     }
@@ -399,7 +470,6 @@ mod tests {
         for (args, role) in [
             (&["--bus", "amqp://guest:pw@mq:5672"][..], "--bus"),
             (&["--redis", "redis+cluster://a:1,b:2"][..], "--store"),
-            (&["--nats", "nats://n:4222"][..], "--nats"),
         ] {
             let e = refusal(args);
             assert!(e.starts_with(role) && e.ends_with("is not built yet"), "{e}");
@@ -411,6 +481,26 @@ mod tests {
         assert!(e.contains("--presence") && e.contains("cannot hold the presence role"), "{e}");
         let e = refusal(&["--bus", "localhost:6379"]);
         assert!(e.contains("--bus") && e.contains("not a URL"), "{e}");
+    }
+
+    #[test]
+    fn nats_is_a_bus_beside_other_servers() {
+        let shared = ["--store", "redis://r/0", "--presence", "redis://r/0"];
+        for url in ["nats://u:pw@n:4222", "nats://a:1,b:2", "tls://n:4222", "NATS://n:4222"] {
+            let c = config(&[&shared[..], &["--bus", url]].concat()).unwrap();
+            assert_eq!(c.bus, BusConfig::Nats { url: url.into() });
+        }
+        let c = config(&["--redis", "redis://r/0", "--bus", "nats://n:4222"]).unwrap();
+        assert_eq!(
+            (c.bus, c.store),
+            (BusConfig::Nats { url: "nats://n:4222".into() }, StoreConfig::Redis { url: "redis://r/0".into() })
+        );
+        let e = refusal(&["--bus", "nats://n:4222", "--presence", "redis://r/0"]);
+        assert!(e.starts_with("--store embedded"), "a NATS bus makes a cluster member: {e}");
+        let e = refusal(&[&shared[..], &["--bus", "nats://n:4222", "--test-nats-subscription-capacity", "0"]].concat());
+        assert!(e.contains("--test-nats-subscription-capacity"), "{e}");
+        let c = config(&[&shared[..], &["--bus", "nats://n:4222", "--test-nats-subscription-capacity", "8"]].concat());
+        assert_eq!(c.unwrap().nats_subscription_capacity, Some(8));
     }
 
     #[test]

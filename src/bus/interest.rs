@@ -113,6 +113,11 @@ impl Interests {
         }
     }
 
+    /// Whether a local session wants `name`.
+    pub(crate) fn wanted(&self, name: &str) -> bool {
+        self.names().get(name).is_some_and(|i| i.count > 0)
+    }
+
     /// Whether the server has `name` (tests).
     #[cfg(test)]
     pub(crate) fn active(&self, name: &str) -> bool {
@@ -142,6 +147,7 @@ mod tests {
         interests.remove("a");
         assert_eq!(interests.pending(10), (vec![], vec![]), "one interest is left");
         interests.remove("a");
+        assert!(!interests.wanted("a") && interests.active("a"));
         assert_eq!(interests.pending(10), (vec![], vec!["a".to_owned()]));
         interests.confirm(&["a".to_owned()], false);
         assert_eq!(interests.pending(10), (vec![], vec![]), "forgotten");

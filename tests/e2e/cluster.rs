@@ -86,11 +86,11 @@ async fn pipeline(
     (answers.into_iter().map(|a| a.expect("answered")).collect(), others)
 }
 
-fn seq(frame: &Value) -> u64 {
+pub(crate) fn seq(frame: &Value) -> u64 {
     frame["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {frame}"))
 }
 
-fn ms(d: Duration) -> u128 {
+pub(crate) fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
 
@@ -257,7 +257,7 @@ async fn routing_goes_only_where_needed() {
 }
 
 /// Polls `check` every 100 ms until it holds; answers how long that took, or panics after `limit`.
-async fn until<F, Fut>(what: &str, start: Instant, limit: Duration, mut check: F) -> Duration
+pub(crate) async fn until<F, Fut>(what: &str, start: Instant, limit: Duration, mut check: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

@@ -1,6 +1,7 @@
 //! End-to-end tests: real nodes on port 0, real WebSocket clients, as PROTOCOL.md describes.
 
 mod fault_proxy;
+mod nats_server;
 mod procs;
 mod redis_server;
 mod support;
@@ -12,6 +13,7 @@ mod cli;
 mod cluster;
 mod limits;
 mod messaging;
+mod nats;
 mod nats_cluster;
 mod openapi;
 mod operations;

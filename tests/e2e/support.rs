@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_websockets::{ClientBuilder, MaybeTlsStream, Message, WebSocketStream};
 
+use crate::nats_server::NatsServer;
 use crate::redis_server::RedisServer;
 
 /// How long a test waits for a frame that must come.
@@ -36,6 +37,9 @@ pub enum Mode {
     /// A [`Mode::Cluster`] whose store is PostgreSQL: messages in the database, routed through
     /// Redis (the "write to the database first, then publish" design).
     ClusterPostgres,
+    /// A [`Mode::Cluster`] whose bus is a private `nats-server` (`--bus nats://…`); store and
+    /// presence stay on the private Redis.
+    ClusterNatsBus,
 }
 
 /// The faults of [`Mode::Faulty`].
@@ -49,12 +53,12 @@ impl Mode {
 }
 
 /// Writes one end-to-end test once and runs it in every deployment: the body becomes
-/// `name::single`, `name::cluster`, `name::faulty_bus`, `name::postgres` and
-/// `name::cluster_postgres`, each called with its [`Mode`].
+/// `name::single`, `name::cluster`, `name::faulty_bus`, `name::postgres`,
+/// `name::cluster_postgres` and `name::cluster_nats_bus`, each called with its [`Mode`].
 /// Optional, in this order: doc comments, `#[tokio::test(...)]` arguments for every variant, and
 /// `#[cluster_ignore = "cluster: why"]`, which ignores the cluster variants only (a known server
-/// bug, named in the reason). Without Redis (outside CI) the cluster variant prints SKIP and
-/// passes.
+/// bug, named in the reason). Without Redis (or NATS, for its variant) outside CI, a cluster
+/// variant prints SKIP and passes.
 macro_rules! both_modes {
     (
         $(#[doc = $doc:literal])*
@@ -104,6 +108,14 @@ macro_rules! both_modes {
                     body($crate::support::Mode::ClusterPostgres).await;
                 }
             }
+
+            #[tokio::test($($($flavor)*)?)]
+            $(#[ignore = $reason])?
+            async fn cluster_nats_bus() {
+                if $crate::redis_server::available() && $crate::nats_server::available() {
+                    body($crate::support::Mode::ClusterNatsBus).await;
+                }
+            }
         }
     };
 }
@@ -122,9 +134,10 @@ pub struct TestNode {
     args: Vec<String>,
     next_client: AtomicUsize,
     next_request: AtomicUsize,
-    /// The private Redis of a cluster, kept alive for the test; declared last, so dropped (and
-    /// killed) after the nodes that use it.
+    /// The private Redis and NATS of a cluster, kept alive for the test; declared last, so
+    /// dropped (and killed) after the nodes that use them.
     _redis: Option<RedisServer>,
+    _nats: Option<NatsServer>,
 }
 
 impl TestNode {
@@ -149,7 +162,7 @@ impl TestNode {
                 args.extend(["--prefix".into(), prefix]);
                 None
             }
-            Mode::Cluster | Mode::Faulty | Mode::ClusterPostgres => {
+            Mode::Cluster | Mode::Faulty | Mode::ClusterPostgres | Mode::ClusterNatsBus => {
                 let redis = RedisServer::start_checked().expect("redis-server for a cluster test");
                 args.extend(["--redis".into(), redis.url(), "--prefix".into(), prefix]);
                 if mode == Mode::Faulty {
@@ -157,6 +170,14 @@ impl TestNode {
                 }
                 Some(redis)
             }
+        };
+        let nats = match mode {
+            Mode::ClusterNatsBus => {
+                let nats = NatsServer::start().expect("nats-server for a NATS bus test");
+                args.extend(["--bus".into(), nats.url()]);
+                Some(nats)
+            }
+            _ => None,
         };
         let servers = Self::start_servers(mode, &dir, &args).await;
         Self {
@@ -168,6 +189,7 @@ impl TestNode {
             next_client: AtomicUsize::new(0),
             next_request: AtomicUsize::new(0),
             _redis: redis,
+            _nats: nats,
         }
     }
 

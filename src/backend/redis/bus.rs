@@ -270,6 +270,7 @@ async fn watch_health(shared: std::sync::Weak<Shared>, mut publisher: Connection
         if shared.lost.swap(false, Ordering::AcqRel)
             && let Some(sink) = shared.sink.get()
         {
+            shared.metrics.bus_resyncs.inc();
             sink.deliver(&Topic::All, &Event::Resync);
         }
     }
