@@ -40,6 +40,9 @@ pub enum Mode {
     /// A [`Mode::Cluster`] whose bus is a private `nats-server` (`--bus nats://…`); store and
     /// presence stay on the private Redis.
     ClusterNatsBus,
+    /// [`CLUSTER_SIZE`] nodes on a private `nats-server` alone (`--nats nats://…`): history in
+    /// JetStream, the bus on core NATS, presence and the registry in key-value buckets.
+    ClusterNats,
 }
 
 /// The faults of [`Mode::Faulty`].
@@ -54,7 +57,8 @@ impl Mode {
 
 /// Writes one end-to-end test once and runs it in every deployment: the body becomes
 /// `name::single`, `name::cluster`, `name::faulty_bus`, `name::postgres`,
-/// `name::cluster_postgres` and `name::cluster_nats_bus`, each called with its [`Mode`].
+/// `name::cluster_postgres`, `name::cluster_nats_bus` and `name::cluster_nats`, each called with
+/// its [`Mode`].
 /// Optional, in this order: doc comments, `#[tokio::test(...)]` arguments for every variant, and
 /// `#[cluster_ignore = "cluster: why"]`, which ignores the cluster variants only (a known server
 /// bug, named in the reason). Without Redis (or NATS, for its variant) outside CI, a cluster
@@ -116,6 +120,14 @@ macro_rules! both_modes {
                     body($crate::support::Mode::ClusterNatsBus).await;
                 }
             }
+
+            #[tokio::test($($($flavor)*)?)]
+            $(#[ignore = $reason])?
+            async fn cluster_nats() {
+                if $crate::nats_server::available() {
+                    body($crate::support::Mode::ClusterNats).await;
+                }
+            }
         }
     };
 }
@@ -157,14 +169,14 @@ impl TestNode {
             args.extend(["--store".into(), crate::sql_server::postgres_url()]);
         }
         let redis = match mode {
-            Mode::Single => None,
+            Mode::Single | Mode::ClusterNats => None,
             Mode::Postgres => {
-                args.extend(["--prefix".into(), prefix]);
+                args.extend(["--prefix".into(), prefix.clone()]);
                 None
             }
             Mode::Cluster | Mode::Faulty | Mode::ClusterPostgres | Mode::ClusterNatsBus => {
                 let redis = RedisServer::start_checked().expect("redis-server for a cluster test");
-                args.extend(["--redis".into(), redis.url(), "--prefix".into(), prefix]);
+                args.extend(["--redis".into(), redis.url(), "--prefix".into(), prefix.clone()]);
                 if mode == Mode::Faulty {
                     args.extend(["--test-bus-faults".into(), BUS_FAULTS.into()]);
                 }
@@ -175,6 +187,11 @@ impl TestNode {
             Mode::ClusterNatsBus => {
                 let nats = NatsServer::start().expect("nats-server for a NATS bus test");
                 args.extend(["--bus".into(), nats.url()]);
+                Some(nats)
+            }
+            Mode::ClusterNats => {
+                let nats = NatsServer::start().expect("nats-server for a NATS test");
+                args.extend(["--nats".into(), nats.url(), "--prefix".into(), prefix]);
                 Some(nats)
             }
             _ => None,

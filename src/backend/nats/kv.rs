@@ -29,6 +29,8 @@ use futures_util::StreamExt;
 const RACES: usize = 64;
 /// Keys delivered per request of a listing.
 const PAGE: usize = 256;
+/// How long the server may take to fill one page of a listing before it sends what it has.
+const PAGE_WAIT: Duration = Duration::from_millis(250);
 /// Longest wait for one page of a listing.
 const PAGE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the server keeps a listing's consumer that its node forgot to delete.
@@ -157,7 +159,10 @@ impl Listing {
             return Ok(None);
         }
         let filter = self.consumer.cached_info().config.filter_subject.clone();
-        let fetching = self.consumer.fetch().max_messages(PAGE).messages();
+        // A bounded wait rather than a fetch: a 2.9 server can count as pending what a listing
+        // filtered on last-per-subject will not deliver (keys whose message was erased), and then
+        // answers a fetch with nothing at all, where the wait ends by itself.
+        let fetching = self.consumer.batch().max_messages(PAGE).expires(PAGE_WAIT).messages();
         let mut batch = match tokio::time::timeout(PAGE_TIMEOUT, fetching).await {
             Ok(batch) => batch.map_err(|e| failed("listing", &filter, e))?,
             Err(_) => return Err(failed("listing", &filter, "timed out")),
@@ -170,15 +175,20 @@ impl Listing {
                 Err(_) => return Err(failed("listing", &filter, "timed out")),
             };
             let info = message.info().map_err(|e| failed("listing", &filter, e))?;
-            let Some(key) = message.subject.strip_prefix(self.bucket.prefix.as_str()) else { continue };
-            if kv_operation(&message) != Operation::Put {
-                continue;
+            let key = message.subject.strip_prefix(self.bucket.prefix.as_str());
+            if let Some(key) = key.filter(|_| kv_operation(&message) == Operation::Put) {
+                page.push(Listed {
+                    key: key.to_owned(),
+                    written_ms: epoch_ms(info.published),
+                    value: message.payload.clone(),
+                });
             }
-            page.push(Listed {
-                key: key.to_owned(),
-                written_ms: epoch_ms(info.published),
-                value: message.payload.clone(),
-            });
+            if info.pending == 0 {
+                // Nothing is left after it. A 2.9 server does not always end a fetch that it
+                // could not fill, so the listing does not wait for that.
+                self.done = true;
+                return Ok(Some(page));
+            }
         }
         // A page that is not full was the last: the fetch ends early when nothing is left.
         self.done = page.len() < PAGE;

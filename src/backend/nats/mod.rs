@@ -380,10 +380,40 @@ fn bucket_config(bucket: &str, replicas: usize, max_age: Duration) -> Config {
 
 /// Creates the stream of `config` unless it exists, and opens it as a bucket; an existing one
 /// must allow deleting messages if `config` does.
+/// Opens the stream of `config`, creating it when missing, and returns once JetStream serves
+/// direct gets on it. Nodes that start together race to create it, and a stream just created
+/// answers its direct gets only a moment later ("no responders"): both are tried again for up to
+/// [`CREATE_FOR`].
+pub(crate) async fn ensure_stream(js: &js::Context, config: Config) -> anyhow::Result<js::stream::Stream> {
+    use js::stream::DirectGetErrorKind;
+    let deadline = tokio::time::Instant::now() + CREATE_FOR;
+    let probe = config.subjects.first().map(|s| s.replace('>', "probe")).unwrap_or_default();
+    let stream = loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(stream) => break stream,
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    loop {
+        match stream.direct_get_last_for_subject(probe.as_str()).await {
+            Ok(_) => return Ok(stream),
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(stream),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                anyhow::bail!("stream {} does not answer direct gets: {e}", config.name)
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// How long opening a stream may take at start-up (see [`ensure_stream`]).
+const CREATE_FOR: Duration = Duration::from_secs(10);
+
 async fn open_bucket(js: &js::Context, config: Config) -> anyhow::Result<nats_kv::Store> {
     let bucket = config.name.strip_prefix("KV_").unwrap_or(&config.name).to_owned();
     let erasable = !config.deny_delete;
-    let stream = js.get_or_create_stream(config).await?;
+    let stream = ensure_stream(js, config).await?;
     if erasable && stream.cached_info().config.deny_delete {
         anyhow::bail!(
             "the key-value bucket {bucket} exists but forbids deleting messages, which presence needs: \

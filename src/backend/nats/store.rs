@@ -253,11 +253,12 @@ impl NatsStore {
                 let info = existing.info().await?;
                 if info.config.max_messages_per_subject != config.max_messages_per_subject {
                     tracing::info!(stream = %layout.messages, "setting the per-stream history to --history-size");
-                    js.update_stream(stream::Config { num_replicas: info.config.num_replicas, ..config }).await?;
+                    js.update_stream(stream::Config { num_replicas: info.config.num_replicas, ..config.clone() })
+                        .await?;
                 }
-                existing
+                super::ensure_stream(&js, stream::Config { num_replicas: info.config.num_replicas, ..config }).await?
             }
-            Err(_) => js.get_or_create_stream(config).await?,
+            Err(_) => super::ensure_stream(&js, config).await?,
         };
         let cursors = super::bucket(&js, &layout.cursors, replicas, Duration::ZERO).await?;
         let clock = Arc::new(NatsClock::default());
