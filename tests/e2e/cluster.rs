@@ -516,7 +516,14 @@ async fn nats_store_pause_is_never_silent() {
     let Some(cluster) = Cluster::start("natspause") else { return };
     let proxy = FaultProxy::start(nats);
     let store = format!("nats://{}", proxy.addr());
+    let prefix = cluster.prefix.clone();
     pause_is_never_silent(Frozen::Nats, cluster, proxy, Some(store)).await;
+    // The machine's NATS outlives the test: its stream and bucket go.
+    let client = async_nats::connect(nats.to_string()).await.expect("NATS answers");
+    let js = async_nats::jetstream::new(client);
+    for stream in [format!("{prefix}_messages"), format!("KV_{prefix}_cursors")] {
+        js.delete_stream(&stream).await.unwrap_or_else(|e| panic!("deleting {stream}: {e}"));
+    }
 }
 
 /// The machine's NATS with JetStream (`SWITCHYARD_TEST_NATS_ADDR`, default 127.0.0.1:4222), or
