@@ -1,5 +1,5 @@
-//! What the conformance suites share: unique prefixes, the rule for absent servers, and a Redis
-//! for one test whose nodes share presence and the registry as a cluster's nodes do.
+//! What the conformance suites share: unique prefixes, the rule for absent servers, the test
+//! servers' URLs, and a Redis for one test whose nodes share presence and the registry as a cluster's nodes do.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +23,11 @@ pub(crate) fn absent<T>(test: &str, why: &str) -> Option<T> {
 /// `SWITCHYARD_TEST_REDIS`, else the Redis on the default port.
 pub(crate) fn redis_url() -> String {
     std::env::var("SWITCHYARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// `SWITCHYARD_TEST_AMQP`, else the RabbitMQ on the default port as guest.
+pub(crate) fn amqp_url() -> String {
+    std::env::var("SWITCHYARD_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// A Redis for one test: a connection, a sampled clock and a prefix no other test uses.

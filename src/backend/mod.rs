@@ -3,11 +3,13 @@
 //! talks to. The node registry lives where presence does (`--presence`): it reaps presence.
 //!
 //! One folder per backend holds its implementations, one file per concept, beside the plumbing
-//! they share (`redis/mod.rs`: connections and the clock; `redis/keys.rs`: every key). A role's
+//! they share (`redis/mod.rs`: connections and the clock; `redis/keys.rs`: every key;
+//! `amqp/mod.rs`: RabbitMQ's names and limits). A role's
 //! URL is checked here at start-up, and a combination that cannot hold the contract is refused
 //! with a message naming the role to change. URLs may carry credentials: only [`redact`]ed
 //! forms are ever printed.
 
+pub(crate) mod amqp;
 pub(crate) mod embedded;
 pub(crate) mod memory;
 pub(crate) mod mysql;
@@ -58,6 +60,10 @@ pub(crate) enum BusConfig {
     Redis {
         url: String,
     },
+    /// RabbitMQ: a topic exchange, a queue per node.
+    Amqp {
+        url: String,
+    },
 }
 
 /// Where a node records sessions and room membership, and the node registry.
@@ -83,6 +89,8 @@ pub(crate) struct BackendConfig {
     pub faults: Option<Faults>,
     /// Consume the outbox table of the store's database (`--outbox`, docs/outbox.md).
     pub outbox: bool,
+    /// The largest message a node accepts (`--max-message-size`), which the bus must carry.
+    pub max_message_size: usize,
 }
 
 /// The role a URL is given for, to name it in messages.
@@ -110,6 +118,7 @@ enum Scheme {
     Redis,
     Postgres,
     Mysql,
+    Amqp,
     /// Part of the contract, built by a later release.
     Later(&'static str),
 }
@@ -126,7 +135,7 @@ fn scheme(role: Role, url: &str) -> anyhow::Result<Scheme> {
         "redis" | "rediss" | "unix" | "redis+unix" => Scheme::Redis,
         "redis+cluster" | "rediss+cluster" => Scheme::Later("Redis Cluster"),
         "nats" | "tls" => Scheme::Later("NATS"),
-        "amqp" | "amqps" => Scheme::Later("RabbitMQ"),
+        "amqp" | "amqps" => Scheme::Amqp,
         "postgres" | "postgresql" => Scheme::Postgres,
         "mysql" | "mariadb" => Scheme::Mysql,
         other => bail!("{} {}: unknown scheme `{other}`", role.flag(), redact(url)),
@@ -168,6 +177,12 @@ impl BackendConfig {
         let bus = match scheme(Role::Bus, bus_url)? {
             Scheme::Memory => BusConfig::Memory,
             Scheme::Redis => BusConfig::Redis { url: bus_url.to_owned() },
+            Scheme::Amqp => {
+                amqp::validate_url(bus_url)?;
+                amqp::validate_prefix(&args.prefix)?;
+                amqp::validate_message_size(args.max_message_size)?;
+                BusConfig::Amqp { url: bus_url.to_owned() }
+            }
             other => return Err(unsupported(Role::Bus, bus_url, other)),
         };
         let presence = match scheme(Role::Presence, presence_url)? {
@@ -203,7 +218,16 @@ impl BackendConfig {
             sql::validate_prefix(&args.prefix)?;
         }
         let faults = args.test_bus_faults.as_deref().map(Faults::parse).transpose()?;
-        Ok(Self { store, bus, presence, prefix: args.prefix.clone(), retention, faults, outbox: args.outbox })
+        Ok(Self {
+            store,
+            bus,
+            presence,
+            prefix: args.prefix.clone(),
+            retention,
+            faults,
+            outbox: args.outbox,
+            max_message_size: args.max_message_size,
+        })
     }
 }
 
@@ -242,6 +266,12 @@ pub(crate) async fn build(
             let (client, commands, clock) = redis.connect(url).await?;
             let keys = redis::Keys::new(&config.prefix);
             let bus = redis::RedisBus::connect(client, commands, clock, keys, metrics).await?;
+            bus.attach(sink);
+            Arc::new(bus)
+        }
+        BusConfig::Amqp { url } => {
+            let names = amqp::Names::new(&config.prefix);
+            let bus = amqp::AmqpBus::connect(url, names, &node_id, config.max_message_size, metrics).await?;
             bus.attach(sink);
             Arc::new(bus)
         }
@@ -355,11 +385,9 @@ mod tests {
 
     #[test]
     fn later_schemes_are_not_built_yet_and_unknown_ones_are_unknown() {
-        for (args, role) in [
-            (&["--bus", "amqp://guest:pw@mq:5672"][..], "--bus"),
-            (&["--redis", "redis+cluster://a:1,b:2"][..], "--store"),
-            (&["--nats", "nats://n:4222"][..], "--nats"),
-        ] {
+        for (args, role) in
+            [(&["--redis", "redis+cluster://a:1,b:2"][..], "--store"), (&["--nats", "nats://n:4222"][..], "--nats")]
+        {
             let e = refusal(args);
             assert!(e.starts_with(role) && e.ends_with("is not built yet"), "{e}");
             assert!(!e.contains("secret") && !e.contains(":pw@"), "credentials printed: {e}");
@@ -370,6 +398,33 @@ mod tests {
         assert!(e.contains("--presence") && e.contains("cannot hold the presence role"), "{e}");
         let e = refusal(&["--bus", "localhost:6379"]);
         assert!(e.contains("--bus") && e.contains("not a URL"), "{e}");
+    }
+
+    #[test]
+    fn rabbitmq_is_a_bus_only_and_its_limits_are_checked_at_start_up() {
+        let url = "amqp://guest:pw@mq:5672/%2f";
+        let c = config(&["--bus", url, "--store", "redis://r/0", "--presence", "redis://r/0"]).unwrap();
+        assert_eq!(c.bus, BusConfig::Amqp { url: url.into() });
+        let c = config(&["--redis", "redis://r/0", "--bus", url, "--store", "postgres://u:p@db/app"]).unwrap();
+        assert_eq!(
+            (c.bus, c.store),
+            (BusConfig::Amqp { url: url.into() }, StoreConfig::Postgres { url: "postgres://u:p@db/app".into() })
+        );
+        for (flag, role) in [("--store", "store"), ("--presence", "presence")] {
+            let e = refusal(&["--redis", "redis://r/0", flag, url]);
+            assert!(e.starts_with(flag) && e.contains(&format!("cannot hold the {role} role")), "{e}");
+            assert!(!e.contains(":pw@"), "credentials printed: {e}");
+        }
+        let e = refusal(&["--bus", url, "--presence", "redis://r/0"]);
+        assert!(e.starts_with("--store embedded") && !e.contains(":pw@"), "{e}");
+        let shared = ["--redis", "redis://r/0", "--bus"];
+        let e = refusal(&[&shared[..], &["amqps://guest:pw@mq:5671/%2f"]].concat());
+        assert!(e.contains("amqps") && e.contains("not built yet") && !e.contains(":pw@"), "{e}");
+        let e = refusal(&[&shared[..], &[url, "--prefix", "amq"]].concat());
+        assert!(e.contains("--prefix amq"), "{e}");
+        let e = refusal(&[&shared[..], &[url, "--max-message-size", "134217728"]].concat());
+        assert!(e.contains("lower --max-message-size to at most 134209536"), "{e}");
+        assert!(config(&[&shared[..], &[url, "--max-message-size", "134209536"]].concat()).is_ok());
     }
 
     #[test]
