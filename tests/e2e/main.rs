@@ -1,5 +1,6 @@
 //! End-to-end tests: real nodes on port 0, real WebSocket clients, as PROTOCOL.md describes.
 
+mod amqp_server;
 mod fault_proxy;
 mod procs;
 mod redis_server;

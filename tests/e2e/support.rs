@@ -36,6 +36,9 @@ pub enum Mode {
     /// A [`Mode::Cluster`] whose store is PostgreSQL: messages in the database, routed through
     /// Redis (the "write to the database first, then publish" design).
     ClusterPostgres,
+    /// A [`Mode::Cluster`] whose bus is the machine's RabbitMQ (see `amqp_server.rs`); store and
+    /// presence stay on the private Redis.
+    ClusterAmqp,
 }
 
 /// The faults of [`Mode::Faulty`].
@@ -49,12 +52,12 @@ impl Mode {
 }
 
 /// Writes one end-to-end test once and runs it in every deployment: the body becomes
-/// `name::single`, `name::cluster`, `name::faulty_bus`, `name::postgres` and
-/// `name::cluster_postgres`, each called with its [`Mode`].
+/// `name::single`, `name::cluster`, `name::faulty_bus`, `name::postgres`, `name::cluster_postgres`
+/// and `name::cluster_amqp`, each called with its [`Mode`].
 /// Optional, in this order: doc comments, `#[tokio::test(...)]` arguments for every variant, and
 /// `#[cluster_ignore = "cluster: why"]`, which ignores the cluster variants only (a known server
-/// bug, named in the reason). Without Redis (outside CI) the cluster variant prints SKIP and
-/// passes.
+/// bug, named in the reason). Without Redis, PostgreSQL or RabbitMQ (outside CI) a variant that
+/// needs it prints SKIP and passes.
 macro_rules! both_modes {
     (
         $(#[doc = $doc:literal])*
@@ -104,6 +107,14 @@ macro_rules! both_modes {
                     body($crate::support::Mode::ClusterPostgres).await;
                 }
             }
+
+            #[tokio::test($($($flavor)*)?)]
+            $(#[ignore = $reason])?
+            async fn cluster_amqp() {
+                if $crate::redis_server::available() && $crate::amqp_server::available() {
+                    body($crate::support::Mode::ClusterAmqp).await;
+                }
+            }
         }
     };
 }
@@ -149,11 +160,14 @@ impl TestNode {
                 args.extend(["--prefix".into(), prefix]);
                 None
             }
-            Mode::Cluster | Mode::Faulty | Mode::ClusterPostgres => {
+            Mode::Cluster | Mode::Faulty | Mode::ClusterPostgres | Mode::ClusterAmqp => {
                 let redis = RedisServer::start_checked().expect("redis-server for a cluster test");
                 args.extend(["--redis".into(), redis.url(), "--prefix".into(), prefix]);
                 if mode == Mode::Faulty {
                     args.extend(["--test-bus-faults".into(), BUS_FAULTS.into()]);
+                }
+                if mode == Mode::ClusterAmqp {
+                    args.extend(["--bus".into(), crate::amqp_server::amqp_url()]);
                 }
                 Some(redis)
             }
