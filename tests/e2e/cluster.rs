@@ -24,7 +24,7 @@ const BUS: &str = "switchyard_bus_messages_received_total";
 
 /// The next text frame read from the socket itself, or `None` when nothing came within `wait`
 /// or the connection ended (its node died). For clients with nothing buffered by `request`.
-async fn frame_within(client: &mut Client, wait: Duration) -> Option<Value> {
+pub(crate) async fn frame_within(client: &mut Client, wait: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let message = tokio::time::timeout_at(deadline, client.ws.next()).await.ok()??.ok()?;
@@ -38,7 +38,7 @@ async fn frame_within(client: &mut Client, wait: Duration) -> Option<Value> {
 }
 
 /// The `message` frames that arrive within `wait` of each other, presence events skipped.
-async fn messages_within(client: &mut Client, wait: Duration) -> Vec<Value> {
+pub(crate) async fn messages_within(client: &mut Client, wait: Duration) -> Vec<Value> {
     let mut out = Vec::new();
     while let Some(frame) = frame_within(client, wait).await {
         if frame["type"] == "message" {
@@ -52,7 +52,7 @@ async fn messages_within(client: &mut Client, wait: Duration) -> Vec<Value> {
 
 /// Sends `commands` with at most `window` unanswered; answers the replies (or errors) in command
 /// order and every other frame that arrived meanwhile, in arrival order.
-async fn pipeline(
+pub(crate) async fn pipeline(
     client: &mut Client,
     commands: Vec<Value>,
     window: usize,
@@ -86,11 +86,11 @@ async fn pipeline(
     (answers.into_iter().map(|a| a.expect("answered")).collect(), others)
 }
 
-fn seq(frame: &Value) -> u64 {
+pub(crate) fn seq(frame: &Value) -> u64 {
     frame["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {frame}"))
 }
 
-fn ms(d: Duration) -> u128 {
+pub(crate) fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
 
@@ -207,6 +207,12 @@ async fn seqs_are_assigned_once_cluster_wide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_goes_only_where_needed() {
     let Some(cluster) = Cluster::start("route") else { return };
+    routes_only_where_needed(cluster).await;
+}
+
+/// A direct message reaches only the node of its recipient, a room message only the nodes of its
+/// members, a broadcast every node, as the bus's receive counter of each node shows.
+pub(crate) async fn routes_only_where_needed(cluster: Cluster) {
     let (a, b, c) = (cluster.node("a").await, cluster.node("b").await, cluster.node("c").await);
     let mut target = a.connect("target").await;
     let mut member_a = a.connect("member-a").await;
@@ -257,7 +263,7 @@ async fn routing_goes_only_where_needed() {
 }
 
 /// Polls `check` every 100 ms until it holds; answers how long that took, or panics after `limit`.
-async fn until<F, Fut>(what: &str, start: Instant, limit: Duration, mut check: F) -> Duration
+pub(crate) async fn until<F, Fut>(what: &str, start: Instant, limit: Duration, mut check: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

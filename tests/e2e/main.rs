@@ -6,6 +6,7 @@ mod procs;
 mod redis_server;
 mod support;
 
+mod amqp;
 mod api;
 mod auth;
 mod authz;

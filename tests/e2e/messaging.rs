@@ -276,3 +276,35 @@ async fn commands_sent_with_the_close_frame_are_answered_before_it() {
         assert_eq!((&answer["id"], &answer["seq"]), (&json!(id), &json!(id)), "{answer}");
     }
 }
+
+both_modes! {
+    /// Names may hold dots, which some buses use as separators (RabbitMQ's routing keys, NATS
+    /// subjects): `a.b` is one user and one room, never `a` and `b`.
+    async fn names_with_dots_are_one_name(mode) {
+        let node = TestNode::start_mode(mode, &[]).await;
+        let mut dotted = node.connect("a.b").await;
+        let mut a = node.connect("a").await;
+        let mut b = node.connect("b").await;
+        let mut sender = node.connect("sender").await;
+        for (client, room) in [(&mut dotted, "x.y"), (&mut a, "x"), (&mut b, "y")] {
+            client.ok(json!({"type":"join","room":room})).await;
+        }
+        sender.ok(json!({"type":"send","to":"a.b","body":"to a.b"})).await;
+        sender.ok(json!({"type":"send","to":"a","body":"to a"})).await;
+        let (status, _) = node.http("POST", "/api/v1/rooms/x.y/messages", Some(r#"{"body":"in x.y"}"#), None).await;
+        assert_eq!(status, 200);
+        let (status, _) = node.http("POST", "/api/v1/rooms/y/messages", Some(r#"{"body":"in y"}"#), None).await;
+        assert_eq!(status, 200);
+
+        let got = |m: Value| (m["stream"].as_str().unwrap_or_default().to_owned(), m["body"].clone());
+        assert_eq!(got(dotted.next_message().await), ("user:a.b".to_owned(), json!("to a.b")));
+        assert_eq!(got(dotted.next_message().await), ("room:x.y".to_owned(), json!("in x.y")));
+        assert_eq!(got(a.next_message().await), ("user:a".to_owned(), json!("to a")));
+        assert_eq!(got(b.next_message().await), ("room:y".to_owned(), json!("in y")));
+        for client in [&mut dotted, &mut a, &mut b] {
+            client.expect_silence(300).await;
+        }
+        drop((dotted, a, b, sender));
+        node.shutdown().await;
+    }
+}
