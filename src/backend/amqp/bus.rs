@@ -390,7 +390,8 @@ async fn supervise(shared: Weak<Shared>, changed: Arc<Notify>, mut opened: Optio
         }
         tokio::spawn(consume(shared.clone(), link.clone(), consumer, events));
         manage(&shared, &link, &changed).await;
-        link.fail("the bus was dropped");
+        // Broken already, and logged where it broke, unless the bus was dropped: stop its consumer.
+        let _ = link.broken.send_replace(true);
         let Some(shared) = shared.upgrade() else { return };
         shared.set_link(None);
         shared.lost.store(true, Ordering::Release);

@@ -79,7 +79,11 @@ impl Names {
         if name.contains('.') {
             return None;
         }
-        let name = name.replace('%', ".");
+        // Read for every message a node receives: most names have no dot to restore.
+        let name = match name.contains('%') {
+            true => std::borrow::Cow::Owned(name.replace('%', ".")),
+            false => std::borrow::Cow::Borrowed(name),
+        };
         match kind {
             "u" => UserId::parse(&name).ok().map(Topic::User),
             "r" => RoomName::parse(&name).ok().map(Topic::Room),
