@@ -250,6 +250,28 @@ async fn routing_over_rabbitmq_goes_only_where_needed() {
     crate::cluster::routes_only_where_needed(cluster.with_bus(amqp_url())).await;
 }
 
+/// History in PostgreSQL, presence in Redis, routing through RabbitMQ: what alice sends on one
+/// node reaches the clients on both, once and in order, and the history of either node has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_store_with_a_rabbitmq_bus() {
+    if !crate::amqp_server::available() || !crate::sql_server::postgres_available() {
+        return;
+    }
+    let Some(cluster) = Cluster::start("amqppg") else { return };
+    let cluster = cluster.with_sql_prefix().with_bus(amqp_url());
+    let store = crate::sql_server::postgres_url();
+    let n1 = cluster.node_with("n1", &["--store", &store]).await;
+    let n2 = cluster.node_with("n2", &["--store", &store]).await;
+    let mut parties = Parties::join(&n1, &n2).await;
+    let mut acked = Acked::default();
+    acked.send(&mut parties.alice, 20).await;
+    acked.all_received(&mut parties).await;
+    let history = n2.ok("GET", "/api/v1/rooms/steady/history", None).await;
+    let kept: Vec<(u64, Value)> =
+        history["messages"].as_array().expect("messages").iter().map(|m| (seq(m), m["body"].clone())).collect();
+    assert_eq!(kept, acked.room, "the room's history in PostgreSQL");
+}
+
 /// A `--max-message-size` whose messages RabbitMQ would refuse is refused at start-up, with the
 /// limit to change and without the URL's password.
 #[test]
