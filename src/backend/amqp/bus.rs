@@ -240,39 +240,37 @@ impl Shared {
     /// Decodes the deliveries of one read and hands them to the sink: a topic's messages
     /// together (see [`Bursts`]), any other event after the messages before it. Answers the
     /// consumer's error, if the read ended with one.
-    fn on_deliveries(&self, read: Vec<lapin::Result<lapin::message::Delivery>>) -> Result<(), lapin::Error> {
-        let mut deliveries = Vec::with_capacity(read.len());
+    fn on_deliveries(&self, mut read: Vec<lapin::Result<lapin::message::Delivery>>) -> Result<(), lapin::Error> {
+        let Some(sink) = self.sink.get() else {
+            return read.into_iter().find_map(Result::err).map_or(Ok(()), Err);
+        };
+        if read.len() == 1 {
+            // Alone, the common case while traffic is light: no grouping.
+            if let Some((topic, event)) = self.decode(read.pop().expect("one")?) {
+                sink.deliver(&topic, &event);
+            }
+            return Ok(());
+        }
+        let mut bursts = Bursts::default();
         let mut failed = None;
         for delivery in read {
-            match delivery {
-                Ok(delivery) => deliveries.push(delivery),
+            let delivery = match delivery {
+                Ok(delivery) => delivery,
                 Err(e) => {
                     failed = Some(e);
                     break;
                 }
-            }
-        }
-        if let Some(sink) = self.sink.get() {
-            if deliveries.len() == 1 {
-                // Alone, the common case while traffic is light: no grouping.
-                if let Some((topic, event)) = self.decode(deliveries.pop().expect("one")) {
+            };
+            match self.decode(delivery) {
+                Some((topic, Event::Message(delivery))) => bursts.push(&topic, delivery, &**sink),
+                Some((topic, event)) => {
+                    bursts.flush(&**sink);
                     sink.deliver(&topic, &event);
                 }
-            } else {
-                let mut bursts = Bursts::default();
-                for delivery in deliveries {
-                    match self.decode(delivery) {
-                        Some((topic, Event::Message(delivery))) => bursts.push(&topic, delivery, &**sink),
-                        Some((topic, event)) => {
-                            bursts.flush(&**sink);
-                            sink.deliver(&topic, &event);
-                        }
-                        None => {}
-                    }
-                }
-                bursts.flush(&**sink);
+                None => {}
             }
         }
+        bursts.flush(&**sink);
         failed.map_or(Ok(()), Err)
     }
 
