@@ -212,6 +212,10 @@ both_modes! {
         let mut bob = node.next_member().connect("bob").await;
         alice.ok(json!({"type":"join","room":"pipe"})).await;
         bob.ok(json!({"type":"join","room":"pipe"})).await;
+        // Bob's join may reach alice's node after his reply (RabbitMQ confirms a publish and
+        // delivers it concurrently): wait for it, or it could follow her last answer.
+        let joined = alice.next_frame().await;
+        assert_eq!((joined["event"].as_str(), joined["user"].as_str()), (Some("join"), Some("bob")), "{joined}");
         let mut frames: Vec<Value> = (1..=70).map(|i| json!({"type":"publish","room":"pipe","body":i,"id":i})).collect();
         frames.insert(10, json!({"type":"publish","room":"elsewhere","body":"x","id":"not-member"}));
         frames.insert(20, json!({"type":"history","stream":"room:pipe","limit":1,"id":"between"}));
