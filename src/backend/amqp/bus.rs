@@ -62,6 +62,11 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
 /// Most messages a node's queue holds before the broker drops its oldest.
 const QUEUE_LIMIT: i64 = 100_000;
+/// How often start-up opens a new link when the exchange vanished under the first.
+const START_TRIES: usize = 5;
+/// AMQP reply codes: an exchange that does not exist; a message over the broker's size limit.
+const NOT_FOUND: u16 = 404;
+const PRECONDITION_FAILED: u16 = 406;
 /// The routing key of health probes: bound by no queue (keys of topics have a `.` or are `all`).
 const PROBE_KEY: &str = "probe";
 
@@ -311,8 +316,20 @@ impl AmqpBus {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let shown = redact(url);
-        let opened = Link::open(url, node, &names).await.map_err(|e| anyhow::anyhow!("--bus {shown}: {e}"))?;
-        check_size(&opened.link, max_message_size).await.map_err(|e| anyhow::anyhow!("--bus {shown}: {e}"))?;
+        let mut tries = 0;
+        let opened = loop {
+            let opened = Link::open(url, node, &names).await.map_err(|e| anyhow::anyhow!("--bus {shown}: {e}"))?;
+            match check_size(&opened.link, max_message_size).await {
+                Ok(()) => break opened,
+                // The nodes that held the exchange stopped as this one declared it (a cluster
+                // restarted at once): declared again, it stays while this node's queue is bound.
+                Err(Refused::Failed(ref e)) if code(e) == Some(NOT_FOUND) && tries < START_TRIES => {
+                    tries += 1;
+                    tokio::time::sleep(RECONNECT_MIN).await;
+                }
+                Err(e) => anyhow::bail!("--bus {shown}: {}", size_refusal(e, max_message_size)),
+            }
+        };
         let shared = Arc::new(Shared {
             url: url.to_owned(),
             node: node.to_owned(),
@@ -340,17 +357,31 @@ impl AmqpBus {
 
 /// Publishes one message as large as the largest a node sends, to learn whether the broker takes
 /// it: RabbitMQ's `max_message_size` may be set below its default, and no AMQP method reads it.
-async fn check_size(link: &Link, max_message_size: usize) -> Result<(), String> {
+async fn check_size(link: &Link, max_message_size: usize) -> Result<(), Refused> {
     let size = max_message_size + ENVELOPE_ROOM;
     let wait = PUBLISH_TIMEOUT + Duration::from_secs((size >> 24) as u64);
-    match link.publish(PROBE_KEY, &vec![0; size], wait).await {
-        Ok(()) => Ok(()),
-        Err(Refused::Failed(e)) => Err(format!(
+    link.publish(PROBE_KEY, &vec![0; size], wait).await
+}
+
+/// Why the broker did not take the message of [`check_size`], for the start-up error.
+fn size_refusal(refused: Refused, max_message_size: usize) -> String {
+    let size = max_message_size + ENVELOPE_ROOM;
+    match refused {
+        Refused::Failed(e) if code(&e) == Some(PRECONDITION_FAILED) => format!(
             "RabbitMQ refused a bus message of {size} bytes, the largest that --max-message-size {max_message_size} \
              makes ({e}): raise RabbitMQ's max_message_size or lower --max-message-size"
-        )),
-        Err(Refused::Nack) => Err("RabbitMQ did not take a test message (nack)".to_owned()),
-        Err(Refused::Late) => Err("RabbitMQ did not confirm a test message in time".to_owned()),
+        ),
+        Refused::Failed(e) => format!("publishing a test message of {size} bytes failed: {e}"),
+        Refused::Nack => "RabbitMQ did not take a test message (nack)".to_owned(),
+        Refused::Late => "RabbitMQ did not confirm a test message in time".to_owned(),
+    }
+}
+
+/// The AMQP reply code with which the broker closed a channel or the connection.
+fn code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(error) => Some(error.get_id()),
+        _ => None,
     }
 }
 
@@ -546,7 +577,65 @@ impl Bus for AmqpBus {
 mod tests {
     use super::*;
     use crate::backend::amqp::RABBITMQ_MAX_MESSAGE;
+    use crate::bus::Notice;
+    use crate::protocol::UserId;
     use crate::testing::{absent, amqp_url, unique_prefix};
+
+    /// Records the frames and the catch-ups it is handed.
+    #[derive(Default)]
+    struct Seen {
+        frames: Mutex<Vec<Bytes>>,
+        resyncs: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Sink for Seen {
+        fn deliver(&self, _: &Topic, event: &Event) {
+            match event {
+                Event::Frames(notices) => self.frames.lock().unwrap().extend(notices.iter().map(|n| n.frame.clone())),
+                Event::Resync => {
+                    self.resyncs.fetch_add(1, Ordering::SeqCst);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The exchange deleted under a live bus (by an operator, or by the last node of a cluster
+    /// leaving): the next probe fails, and the supervisor makes a new link that declares it and
+    /// binds every key with interest again, then asks sessions to catch up.
+    #[tokio::test]
+    async fn a_bus_whose_exchange_vanished_declares_it_again_and_catches_up() {
+        let (url, prefix) = (amqp_url(), unique_prefix());
+        let bus = match AmqpBus::connect(&url, Names::new(&prefix), "vanish", 65_536, Arc::new(Metrics::new())).await {
+            Ok(bus) => bus,
+            Err(e) => {
+                return absent("rabbitmq bus", &format!("no RabbitMQ at {}: {e:#}", redact(&url))).unwrap_or_default();
+            }
+        };
+        let seen = Arc::new(Seen::default());
+        bus.attach(seen.clone());
+        let alice = Topic::User(UserId::parse("alice").unwrap());
+        bus.subscribe(&alice).await.unwrap();
+        assert!(bus.ready().await);
+
+        let operator = crate::backend::amqp::connect(&url, "operator").await.unwrap();
+        let channel = operator.create_channel().await.unwrap();
+        let exchange = ShortString::from(Names::new(&prefix).exchange());
+        channel.exchange_delete(exchange, lapin::options::ExchangeDeleteOptions::default()).await.unwrap();
+        eventually("the bus caught up after its new link", || seen.resyncs.load(Ordering::SeqCst) == 1).await;
+        assert!(bus.ready().await);
+        let frame = Bytes::from_static(b"after");
+        bus.publish(alice.clone(), Event::Frames(vec![Notice { frame: frame.clone(), exclude: None }])).await.unwrap();
+        eventually("alice's key is bound again", || seen.frames.lock().unwrap().contains(&frame)).await;
+    }
 
     /// RabbitMQ's own limit, read by publishing: one byte over it is refused at start-up with a
     /// message naming both limits (start-up checks keep `--max-message-size` below it, so this is
