@@ -80,24 +80,27 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_REDIS", value_name = "URL", hide_env_values = true)]
     pub redis: Option<String>,
 
-    /// Run as a cluster member over this NATS with JetStream (not built yet: give --bus
-    /// nats://HOST:PORT with --store and --presence on another server) [default: none]
+    /// Run as a cluster member over this NATS with JetStream, e.g. nats://127.0.0.1:4222 (several
+    /// servers comma-separated): short for the same URL as --store, --bus and --presence, each of
+    /// which beats it [default: none]
     #[arg(long, env = "SWITCHYARD_NATS", value_name = "URL", hide_env_values = true)]
     pub nats: Option<String>,
 
     /// Where streams, read cursors and idempotency keys are kept: embedded (in --data-dir, a
-    /// single node only) or redis://HOST:PORT/DB [default: embedded]
+    /// single node only), redis://HOST:PORT/DB, postgres://…, mysql://… or nats://HOST:PORT
+    /// (JetStream) [default: embedded]
     #[arg(long, env = "SWITCHYARD_STORE", value_name = "URL", hide_env_values = true)]
     pub store: Option<String>,
 
     /// How messages and events are routed between nodes: memory (a single node),
-    /// redis://HOST:PORT/DB or nats://HOST:PORT[,HOST:PORT…] (tls:// for TLS); anything but memory
+    /// redis://HOST:PORT/DB, nats://HOST:PORT[,HOST:PORT…] (tls:// for TLS) or amqp://… (RabbitMQ);
+    /// anything but memory
     /// makes the node a cluster member [default: memory]
     #[arg(long, env = "SWITCHYARD_BUS", value_name = "URL", hide_env_values = true)]
     pub bus: Option<String>,
 
-    /// Where sessions, room membership and the node registry are kept: memory (a single node) or
-    /// redis://HOST:PORT/DB [default: memory]
+    /// Where sessions, room membership and the node registry are kept: memory (a single node),
+    /// redis://HOST:PORT/DB or nats://HOST:PORT (JetStream key-value) [default: memory]
     #[arg(long, env = "SWITCHYARD_PRESENCE", value_name = "URL", hide_env_values = true)]
     pub presence: Option<String>,
 

@@ -110,7 +110,7 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// Sessions closed because their outbound queue was full.
     pub outbound_dropped: Counter,
-    /// Messages this node received from the cluster bus (Redis pub/sub, NATS).
+    /// Messages this node received from the cluster bus (Redis pub/sub, NATS, a RabbitMQ queue).
     pub bus_received: Counter,
     /// Gaps in a session's live delivery read from the store (the bus lost or delayed a message).
     pub repairs: Counter,

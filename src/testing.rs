@@ -32,6 +32,11 @@ pub(crate) fn nats_url() -> String {
     std::env::var("SWITCHYARD_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
+/// `SWITCHYARD_TEST_AMQP`, else the RabbitMQ on the default port as guest.
+pub(crate) fn amqp_url() -> String {
+    std::env::var("SWITCHYARD_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
 /// A Redis for one test: a connection, a sampled clock and a prefix no other test uses.
 pub(crate) struct TestRedis {
     pub(crate) conn: ConnectionManager,

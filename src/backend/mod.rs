@@ -4,11 +4,13 @@
 //!
 //! One folder per backend holds its implementations, one file per concept, beside the plumbing
 //! they share (`redis/mod.rs`: connections and the clock; `redis/keys.rs`: every key;
-//! `nats/mod.rs`: the client and its supervision; `nats/subjects.rs`: every subject). A role's
+//! `nats/mod.rs`: the client and its supervision; `nats/subjects.rs`: every subject;
+//! `amqp/mod.rs`: RabbitMQ's names and limits). A role's
 //! URL is checked here at start-up, and a combination that cannot hold the contract is refused
 //! with a message naming the role to change. URLs may carry credentials: only [`redact`]ed
 //! forms are ever printed.
 
+pub(crate) mod amqp;
 pub(crate) mod embedded;
 pub(crate) mod memory;
 pub(crate) mod mysql;
@@ -66,6 +68,10 @@ pub(crate) enum BusConfig {
     },
     /// Core NATS (`nats://`, `tls://`).
     Nats {
+        url: String,
+    },
+    /// RabbitMQ: a topic exchange, a queue per node.
+    Amqp {
         url: String,
     },
 }
@@ -130,6 +136,7 @@ enum Scheme {
     Postgres,
     Mysql,
     Nats,
+    Amqp,
     /// Part of the contract, built by a later release.
     Later(&'static str),
 }
@@ -146,7 +153,7 @@ fn scheme(role: Role, url: &str) -> anyhow::Result<Scheme> {
         "redis" | "rediss" | "unix" | "redis+unix" => Scheme::Redis,
         "redis+cluster" | "rediss+cluster" => Scheme::Later("Redis Cluster"),
         "nats" | "tls" => Scheme::Nats,
-        "amqp" | "amqps" => Scheme::Later("RabbitMQ"),
+        "amqp" | "amqps" => Scheme::Amqp,
         "postgres" | "postgresql" => Scheme::Postgres,
         "mysql" | "mariadb" => Scheme::Mysql,
         other => bail!("{} {}: unknown scheme `{other}`", role.flag(), redact(url)),
@@ -192,6 +199,12 @@ impl BackendConfig {
             Scheme::Memory => BusConfig::Memory,
             Scheme::Redis => BusConfig::Redis { url: bus_url.to_owned() },
             Scheme::Nats => BusConfig::Nats { url: bus_url.to_owned() },
+            Scheme::Amqp => {
+                amqp::validate_url(bus_url)?;
+                amqp::validate_prefix(&args.prefix)?;
+                amqp::validate_message_size(args.max_message_size)?;
+                BusConfig::Amqp { url: bus_url.to_owned() }
+            }
             other => return Err(unsupported(Role::Bus, bus_url, other)),
         };
         let presence = match scheme(Role::Presence, presence_url)? {
@@ -290,6 +303,12 @@ pub(crate) async fn build(
             let subjects = nats::Subjects::new(&config.prefix);
             let bus = nats::NatsBus::connect(connection, subjects, metrics).await;
             let bus = bus.with_context(|| format!("--bus {}", redact(url)))?;
+            bus.attach(sink);
+            Arc::new(bus)
+        }
+        BusConfig::Amqp { url } => {
+            let names = amqp::Names::new(&config.prefix);
+            let bus = amqp::AmqpBus::connect(url, names, &node_id, config.max_message_size, metrics).await?;
             bus.attach(sink);
             Arc::new(bus)
         }
@@ -467,10 +486,7 @@ mod tests {
 
     #[test]
     fn later_schemes_are_not_built_yet_and_unknown_ones_are_unknown() {
-        for (args, role) in [
-            (&["--bus", "amqp://guest:pw@mq:5672"][..], "--bus"),
-            (&["--redis", "redis+cluster://a:1,b:2"][..], "--store"),
-        ] {
+        for (args, role) in [(&["--redis", "redis+cluster://a:1,b:2"][..], "--store")] {
             let e = refusal(args);
             assert!(e.starts_with(role) && e.ends_with("is not built yet"), "{e}");
             assert!(!e.contains("secret") && !e.contains(":pw@"), "credentials printed: {e}");
@@ -501,6 +517,33 @@ mod tests {
         assert!(e.contains("--test-nats-subscription-capacity"), "{e}");
         let c = config(&[&shared[..], &["--bus", "nats://n:4222", "--test-nats-subscription-capacity", "8"]].concat());
         assert_eq!(c.unwrap().nats_subscription_capacity, Some(8));
+    }
+
+    #[test]
+    fn rabbitmq_is_a_bus_only_and_its_limits_are_checked_at_start_up() {
+        let url = "amqp://guest:pw@mq:5672/%2f";
+        let c = config(&["--bus", url, "--store", "redis://r/0", "--presence", "redis://r/0"]).unwrap();
+        assert_eq!(c.bus, BusConfig::Amqp { url: url.into() });
+        let c = config(&["--redis", "redis://r/0", "--bus", url, "--store", "postgres://u:p@db/app"]).unwrap();
+        assert_eq!(
+            (c.bus, c.store),
+            (BusConfig::Amqp { url: url.into() }, StoreConfig::Postgres { url: "postgres://u:p@db/app".into() })
+        );
+        for (flag, role) in [("--store", "store"), ("--presence", "presence")] {
+            let e = refusal(&["--redis", "redis://r/0", flag, url]);
+            assert!(e.starts_with(flag) && e.contains(&format!("cannot hold the {role} role")), "{e}");
+            assert!(!e.contains(":pw@"), "credentials printed: {e}");
+        }
+        let e = refusal(&["--bus", url, "--presence", "redis://r/0"]);
+        assert!(e.starts_with("--store embedded") && !e.contains(":pw@"), "{e}");
+        let shared = ["--redis", "redis://r/0", "--bus"];
+        let e = refusal(&[&shared[..], &["amqps://guest:pw@mq:5671/%2f"]].concat());
+        assert!(e.contains("amqps") && e.contains("not built yet") && !e.contains(":pw@"), "{e}");
+        let e = refusal(&[&shared[..], &[url, "--prefix", "amq"]].concat());
+        assert!(e.contains("--prefix amq"), "{e}");
+        let e = refusal(&[&shared[..], &[url, "--max-message-size", "134217728"]].concat());
+        assert!(e.contains("lower --max-message-size to at most 134209536"), "{e}");
+        assert!(config(&[&shared[..], &[url, "--max-message-size", "134209536"]].concat()).is_ok());
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! One bus suite for every backend, each check its own test per backend (see `bus_suite!`): the
 //! memory bus (one node), the Redis bus (`SWITCHYARD_TEST_REDIS`, default 127.0.0.1:6379) and the
 //! NATS bus (`SWITCHYARD_TEST_NATS`, default nats://127.0.0.1:4222), two instances on one server
-//! with a unique prefix per test being two nodes. Without a reachable server a backend's tests
-//! are skipped with a printed reason, except under `CI=true`, where they fail.
+//! with a unique prefix per test being two nodes, and the RabbitMQ bus
+//! (`SWITCHYARD_TEST_AMQP`, default guest on 127.0.0.1:5672), likewise. Without a reachable server
+//! a backend's tests are skipped with a printed reason, except under `CI=true`, where they fail.
 //!
 //! Each node's sink records what it receives. That a node did *not* receive an event is shown by
 //! a fence: a broadcast published after it by the same node, which every node receives; a bus
 //! that delivers one publisher's events to a node in publish order (the memory bus calls the sink
 //! at once; Redis keeps one publisher's order on a subscriber connection; NATS on one connection,
 //! and the reader tasks of a node's subscriptions are woken in that order on the tests'
-//! one-thread runtime) can no longer deliver the earlier event once the fence arrived.
+//! one-thread runtime; RabbitMQ one channel's order into each queue) can no longer deliver the earlier event once the fence arrived.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,11 +19,13 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::*;
+use crate::backend::amqp::AmqpBus;
 use crate::backend::memory::MemoryBus;
 use crate::backend::nats::{Nats, NatsBus, NatsOptions, Subjects};
+use crate::backend::redact;
 use crate::backend::redis::{Keys, RedisBus, RedisClock};
 use crate::metrics::Metrics;
-use crate::testing::{absent, nats_url, redis_url, unique_prefix};
+use crate::testing::{absent, amqp_url, nats_url, redis_url, unique_prefix};
 
 pub(crate) mod checks;
 
@@ -158,6 +161,24 @@ pub(crate) async fn open_nats(prefix: String) -> Option<Vec<BusNode>> {
     Some(nodes)
 }
 
+/// Two nodes: two RabbitMQ buses, each with its own connection and queue, under one prefix.
+pub(crate) async fn open_amqp(prefix: String) -> Option<Vec<BusNode>> {
+    let url = amqp_url();
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        let names = crate::backend::amqp::Names::new(&prefix);
+        let metrics = Arc::new(Metrics::new());
+        let bus = match AmqpBus::connect(&url, names, &format!("{prefix}-{i}"), 65_536, metrics).await {
+            Ok(bus) => bus,
+            Err(e) => return absent("rabbitmq bus", &format!("no RabbitMQ at {}: {e:#}", redact(&url))),
+        };
+        let sink = Arc::new(Recorder::default());
+        bus.attach(sink.clone());
+        nodes.push(BusNode { bus: Arc::new(bus), sink });
+    }
+    Some(nodes)
+}
+
 /// One test per check of [`checks`] for the backend that `$open` (an async
 /// `fn(prefix) -> Option<Vec<BusNode>>`, the nodes of one cluster) opens.
 macro_rules! bus_suite {
@@ -189,3 +210,4 @@ macro_rules! bus_suite {
 bus_suite!(memory, open_memory);
 bus_suite!(redis, open_redis);
 bus_suite!(nats, open_nats);
+bus_suite!(amqp, open_amqp);

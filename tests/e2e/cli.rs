@@ -6,7 +6,8 @@ use std::process::{Child, Command, Stdio};
 
 use crate::support::raw_http;
 
-fn binary() -> Command {
+/// The `switchyard` binary, with none of the test's `SWITCHYARD_` environment.
+pub(crate) fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
     for (key, _) in std::env::vars() {
         if key.starts_with("SWITCHYARD_") {

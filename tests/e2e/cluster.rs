@@ -38,7 +38,7 @@ pub(crate) async fn frame_within(client: &mut Client, wait: Duration) -> Option<
 }
 
 /// The `message` frames that arrive within `wait` of each other, presence events skipped.
-async fn messages_within(client: &mut Client, wait: Duration) -> Vec<Value> {
+pub(crate) async fn messages_within(client: &mut Client, wait: Duration) -> Vec<Value> {
     let mut out = Vec::new();
     while let Some(frame) = frame_within(client, wait).await {
         if frame["type"] == "message" {
@@ -52,7 +52,7 @@ async fn messages_within(client: &mut Client, wait: Duration) -> Vec<Value> {
 
 /// Sends `commands` with at most `window` unanswered; answers the replies (or errors) in command
 /// order and every other frame that arrived meanwhile, in arrival order.
-async fn pipeline(
+pub(crate) async fn pipeline(
     client: &mut Client,
     commands: Vec<Value>,
     window: usize,
@@ -207,6 +207,12 @@ async fn seqs_are_assigned_once_cluster_wide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_goes_only_where_needed() {
     let Some(cluster) = Cluster::start("route") else { return };
+    routes_only_where_needed(cluster).await;
+}
+
+/// A direct message reaches only the node of its recipient, a room message only the nodes of its
+/// members, a broadcast every node, as the bus's receive counter of each node shows.
+pub(crate) async fn routes_only_where_needed(cluster: Cluster) {
     let (a, b, c) = (cluster.node("a").await, cluster.node("b").await, cluster.node("c").await);
     let mut target = a.connect("target").await;
     let mut member_a = a.connect("member-a").await;

@@ -1,11 +1,13 @@
 //! End-to-end tests: real nodes on port 0, real WebSocket clients, as PROTOCOL.md describes.
 
+mod amqp_server;
 mod fault_proxy;
 mod nats_server;
 mod procs;
 mod redis_server;
 mod support;
 
+mod amqp;
 mod api;
 mod auth;
 mod authz;

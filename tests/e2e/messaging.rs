@@ -212,6 +212,10 @@ both_modes! {
         let mut bob = node.next_member().connect("bob").await;
         alice.ok(json!({"type":"join","room":"pipe"})).await;
         bob.ok(json!({"type":"join","room":"pipe"})).await;
+        // Bob's join may reach alice's node after his reply (RabbitMQ confirms a publish and
+        // delivers it concurrently): wait for it, or it could follow her last answer.
+        let joined = alice.next_frame().await;
+        assert_eq!((joined["event"].as_str(), joined["user"].as_str()), (Some("join"), Some("bob")), "{joined}");
         let mut frames: Vec<Value> = (1..=70).map(|i| json!({"type":"publish","room":"pipe","body":i,"id":i})).collect();
         frames.insert(10, json!({"type":"publish","room":"elsewhere","body":"x","id":"not-member"}));
         frames.insert(20, json!({"type":"history","stream":"room:pipe","limit":1,"id":"between"}));
@@ -274,5 +278,39 @@ async fn commands_sent_with_the_close_frame_are_answered_before_it() {
     for id in 1..=5 {
         let answer = alice.next_frame().await;
         assert_eq!((&answer["id"], &answer["seq"]), (&json!(id), &json!(id)), "{answer}");
+    }
+}
+
+both_modes! {
+    /// Names may hold dots, which some buses use as separators (RabbitMQ's routing keys, NATS
+    /// subjects): `a.b` is one user and one room, never `a` and `b`.
+    async fn names_with_dots_are_one_name(mode) {
+        let node = TestNode::start_mode(mode, &[]).await;
+        let mut dotted = node.connect("a.b").await;
+        let mut a = node.connect("a").await;
+        let mut b = node.connect("b").await;
+        let mut sender = node.connect("sender").await;
+        for (client, room) in [(&mut dotted, "x.y"), (&mut a, "x"), (&mut b, "y")] {
+            client.ok(json!({"type":"join","room":room})).await;
+        }
+        sender.ok(json!({"type":"send","to":"a.b","body":"to a.b"})).await;
+        sender.ok(json!({"type":"send","to":"a","body":"to a"})).await;
+        let (status, _) = node.http("POST", "/api/v1/rooms/x.y/messages", Some(r#"{"body":"in x.y"}"#), None).await;
+        assert_eq!(status, 200);
+        let (status, _) = node.http("POST", "/api/v1/rooms/y/messages", Some(r#"{"body":"in y"}"#), None).await;
+        assert_eq!(status, 200);
+
+        let got = |m: Value| (m["stream"].as_str().unwrap_or_default().to_owned(), m["body"].clone());
+        // Two streams: in either order (a faulty bus delays one of them).
+        let mut both = vec![got(dotted.next_message().await), got(dotted.next_message().await)];
+        both.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(both, [("room:x.y".to_owned(), json!("in x.y")), ("user:a.b".to_owned(), json!("to a.b"))]);
+        assert_eq!(got(a.next_message().await), ("user:a".to_owned(), json!("to a")));
+        assert_eq!(got(b.next_message().await), ("room:y".to_owned(), json!("in y")));
+        for client in [&mut dotted, &mut a, &mut b] {
+            client.expect_silence(300).await;
+        }
+        drop((dotted, a, b, sender));
+        node.shutdown().await;
     }
 }

@@ -28,6 +28,8 @@ pub struct Cluster {
     pub prefix: String,
     /// The Redis URL nodes are given: the server's own, or that of a proxy in front of it.
     redis_url: String,
+    /// A `--bus` of another server for every node (store and presence stay on Redis).
+    bus: Option<String>,
     dir: tempfile::TempDir,
 }
 
@@ -37,7 +39,7 @@ impl Cluster {
         let redis = RedisServer::start_checked()?;
         let prefix = format!("{test}-{:08x}", fastrand::u32(..));
         let redis_url = redis.url();
-        Some(Self { redis, prefix, redis_url, dir: tempfile::tempdir().expect("temp dir") })
+        Some(Self { redis, prefix, redis_url, bus: None, dir: tempfile::tempdir().expect("temp dir") })
     }
 
     /// Like [`Cluster::start`], with every node's Redis connections going through the returned
@@ -47,6 +49,12 @@ impl Cluster {
         let proxy = FaultProxy::start(([127, 0, 0, 1], cluster.redis.port).into());
         cluster.redis_url = format!("redis://{}/0", proxy.addr());
         Some((cluster, proxy))
+    }
+
+    /// This cluster with its bus at `url` (e.g. RabbitMQ's), for every node started after.
+    pub fn with_bus(mut self, url: String) -> Self {
+        self.bus = Some(url);
+        self
     }
 
     /// This cluster with a prefix a SQL store takes (lower case, digits and `_` only), for
@@ -90,6 +98,9 @@ impl Cluster {
         .collect();
         args.push("--data-dir".into());
         args.push(data.to_string_lossy().into_owned());
+        if let Some(bus) = &self.bus {
+            args.extend(["--bus".to_owned(), bus.clone()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         NodeProc::spawn(id, args, log).await
     }

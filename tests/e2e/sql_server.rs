@@ -17,7 +17,7 @@ pub fn mysql_url() -> String {
 }
 
 /// The `(credentials@, host:port, /rest)` of a URL: `scheme://[user@]host:port/rest`.
-fn parts(url: &str) -> (String, String, String) {
+pub fn parts(url: &str) -> (String, String, String) {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let (user, rest) = rest.rsplit_once('@').map_or(("", rest), |(user, rest)| (user, rest));
     let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -49,7 +49,8 @@ pub fn mysql_url_via(via: SocketAddr) -> String {
     format!("mysql://{user}{via}{path}")
 }
 
-fn available(what: &str, url: &str) -> bool {
+/// Whether the server of `url` accepts connections; prints SKIP when not, or panics under `CI=true`.
+pub fn available(what: &str, url: &str) -> bool {
     let hostport = parts(url).1;
     let reachable = hostport
         .parse::<SocketAddr>()

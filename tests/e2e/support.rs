@@ -43,6 +43,9 @@ pub enum Mode {
     /// [`CLUSTER_SIZE`] nodes on a private `nats-server` alone (`--nats nats://…`): history in
     /// JetStream, the bus on core NATS, presence and the registry in key-value buckets.
     ClusterNats,
+    /// A [`Mode::Cluster`] whose bus is the machine's RabbitMQ (see `amqp_server.rs`); store and
+    /// presence stay on the private Redis.
+    ClusterAmqp,
 }
 
 /// The faults of [`Mode::Faulty`].
@@ -57,12 +60,12 @@ impl Mode {
 
 /// Writes one end-to-end test once and runs it in every deployment: the body becomes
 /// `name::single`, `name::cluster`, `name::faulty_bus`, `name::postgres`,
-/// `name::cluster_postgres`, `name::cluster_nats_bus` and `name::cluster_nats`, each called with
-/// its [`Mode`].
+/// `name::cluster_postgres`, `name::cluster_nats_bus`, `name::cluster_nats` and
+/// `name::cluster_amqp`, each called with its [`Mode`].
 /// Optional, in this order: doc comments, `#[tokio::test(...)]` arguments for every variant, and
 /// `#[cluster_ignore = "cluster: why"]`, which ignores the cluster variants only (a known server
-/// bug, named in the reason). Without Redis (or NATS, for its variant) outside CI, a cluster
-/// variant prints SKIP and passes.
+/// bug, named in the reason). Without Redis, PostgreSQL, NATS or RabbitMQ (outside CI) a variant
+/// that needs it prints SKIP and passes.
 macro_rules! both_modes {
     (
         $(#[doc = $doc:literal])*
@@ -128,6 +131,14 @@ macro_rules! both_modes {
                     body($crate::support::Mode::ClusterNats).await;
                 }
             }
+
+            #[tokio::test($($($flavor)*)?)]
+            $(#[ignore = $reason])?
+            async fn cluster_amqp() {
+                if $crate::redis_server::available() && $crate::amqp_server::available() {
+                    body($crate::support::Mode::ClusterAmqp).await;
+                }
+            }
         }
     };
 }
@@ -174,11 +185,14 @@ impl TestNode {
                 args.extend(["--prefix".into(), prefix.clone()]);
                 None
             }
-            Mode::Cluster | Mode::Faulty | Mode::ClusterPostgres | Mode::ClusterNatsBus => {
+            Mode::Cluster | Mode::Faulty | Mode::ClusterPostgres | Mode::ClusterNatsBus | Mode::ClusterAmqp => {
                 let redis = RedisServer::start_checked().expect("redis-server for a cluster test");
                 args.extend(["--redis".into(), redis.url(), "--prefix".into(), prefix.clone()]);
                 if mode == Mode::Faulty {
                     args.extend(["--test-bus-faults".into(), BUS_FAULTS.into()]);
+                }
+                if mode == Mode::ClusterAmqp {
+                    args.extend(["--bus".into(), crate::amqp_server::amqp_url()]);
                 }
                 Some(redis)
             }
