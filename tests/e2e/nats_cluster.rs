@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::cluster::answer_within;
+use crate::cluster::{answer_within, frame_within};
 use crate::procs::{Cluster, http_within};
 
 /// Three JetStream servers routed to each other.
@@ -112,19 +112,23 @@ impl Drop for NatsCluster {
     }
 }
 
-/// Three nodes keep their history on a JetStream cluster of three servers (3 replicas); one
-/// server is SIGKILLed in the middle of a steady stream of direct and room messages. Every
-/// message a node acknowledged is in the streams once and in order, the nodes answer `/readyz`
-/// 200 again soon after, and the messages sent after the kill are stored too.
+/// Three nodes run on a cluster of three NATS servers alone (store on JetStream with 3 replicas,
+/// bus on core NATS, presence and the registry in key-value buckets); the server that leads the
+/// message stream is SIGKILLed in the middle of a steady stream of direct and room messages.
+/// Every message a node acknowledged is in the streams once and in order, with the seq it was
+/// acknowledged with, the reader received every one live or by catch-up, the nodes answer
+/// `/readyz` 200 again soon after, and the stream goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_server_killed_mid_stream_loses_nothing_acknowledged() {
     let Some(mut nats) = NatsCluster::start().await else { return };
     let Some(cluster) = Cluster::start("natskill") else { return };
-    let store = nats.url();
+    let url = nats.url();
     let mut nodes = Vec::new();
     for name in ["n1", "n2", "n3"] {
-        nodes.push(cluster.node_with(name, &["--store", &store]).await);
+        // Every role on NATS (the cluster's private Redis is given but names no role).
+        nodes.push(cluster.node_with(name, &["--store", &url, "--bus", &url, "--presence", &url]).await);
     }
+    let mut reader_client = nodes[2].connect("reader").await;
     let mut senders = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         senders.push(node.connect(&format!("sender{i}")).await);
@@ -227,6 +231,16 @@ async fn a_nats_server_killed_mid_stream_loses_nothing_acknowledged() {
         let body = json!(format!("{i}-{round}"));
         assert_eq!(at(&room, &body), Some(json!(seq)), "room message {body} lost");
     }
+    // The reader, connected all along, got every message of its stream once, in seq order (live,
+    // or by the catch-up after the bus's reconnect).
+    let mut live = Vec::new();
+    while live.len() < reader.len() {
+        let Some(frame) = frame_within(&mut reader_client, Duration::from_secs(10)).await else { break };
+        if frame["type"] == "message" {
+            live.push(frame["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(live, (1..=reader.len() as u64).collect::<Vec<_>>(), "what the reader received");
     println!(
         "NATS kill: {} direct and {} room messages acknowledged, {refused} refused around the kill; 40 rounds \
          acknowledged again {} ms after it",
