@@ -31,6 +31,7 @@ def figures(report):
         "Redis CPU s": redis,
         "generator CPU s": report["loadgen"]["cpu_run_s"],
         "server CPU s per 1M": servers / received * 1e6 if received else float("nan"),
+        "backend CPU s per 1M": redis / received * 1e6 if received else float("nan"),
         "lost": delivery["lost"],
         "duplicates": delivery["duplicates"],
     }
