@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use crate::nats_server::NatsServer;
 use crate::procs::{Cluster, NodeProc, http_within};
 use crate::support::{Client, WAIT};
 
@@ -280,6 +281,19 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_heals_after_sigkill() {
     let Some(cluster) = Cluster::start("heal") else { return };
+    registry_heals(cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_heals_after_sigkill_on_nats() {
+    let Some(nats) = NatsServer::start() else { return };
+    let Some(cluster) = Cluster::start("healnats") else { return };
+    registry_heals(cluster.on(&nats.url())).await;
+}
+
+/// A SIGKILLed node leaves the node list and presence, and its users leave their rooms, with the
+/// events; a SIGTERMed one leaves at once.
+async fn registry_heals(cluster: Cluster) {
     let n1 = cluster.node("n1").await;
     let mut n2 = cluster.node("n2").await;
     let mut n3 = cluster.node("n3").await;
@@ -350,12 +364,22 @@ async fn registry_heals_after_sigkill() {
 
 /// A client on node 2 receives a stream of `TOTAL` messages sent through node 1; node 2 is
 /// SIGKILLed after `KILL_AT` of them; the client reconnects to node 3 with `since` and must end
-/// with every message exactly once.
-async fn no_loss_when_a_node_dies(room: bool) {
+/// with every message exactly once. On the private Redis, or on a private NATS alone.
+async fn no_loss_when_a_node_dies(room: bool, on_nats: bool) {
     const TOTAL: usize = 3000;
     const KILL_AT: usize = 1000;
     let name = if room { "lossroom" } else { "lossdirect" };
+    let nats = if on_nats {
+        let Some(nats) = NatsServer::start() else { return };
+        Some(nats)
+    } else {
+        None
+    };
     let Some(cluster) = Cluster::start(name) else { return };
+    let cluster = match &nats {
+        Some(nats) => cluster.on(&nats.url()),
+        None => cluster,
+    };
     let n1 = cluster.node("n1").await;
     let mut n2 = cluster.node("n2").await;
     let n3 = cluster.node("n3").await;
@@ -453,12 +477,22 @@ async fn no_loss_when_a_node_dies(room: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_loss_when_a_node_dies_direct() {
-    no_loss_when_a_node_dies(false).await;
+    no_loss_when_a_node_dies(false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_loss_when_a_node_dies_room() {
-    no_loss_when_a_node_dies(true).await;
+    no_loss_when_a_node_dies(true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_loss_when_a_node_dies_direct_on_nats() {
+    no_loss_when_a_node_dies(false, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_loss_when_a_node_dies_room_on_nats() {
+    no_loss_when_a_node_dies(true, true).await;
 }
 
 /// Sends `command` with an id and waits up to `wait` for its answer; answers it and how long it

@@ -30,6 +30,8 @@ pub struct Cluster {
     redis_url: String,
     /// A `--bus` of another server for every node (store and presence stay on Redis).
     bus: Option<String>,
+    /// Backend flags every node gets after the Redis ones (see [`Cluster::on`]).
+    roles: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -39,7 +41,14 @@ impl Cluster {
         let redis = RedisServer::start_checked()?;
         let prefix = format!("{test}-{:08x}", fastrand::u32(..));
         let redis_url = redis.url();
-        Some(Self { redis, prefix, redis_url, bus: None, dir: tempfile::tempdir().expect("temp dir") })
+        Some(Self {
+            redis,
+            prefix,
+            redis_url,
+            bus: None,
+            roles: Vec::new(),
+            dir: tempfile::tempdir().expect("temp dir"),
+        })
     }
 
     /// Like [`Cluster::start`], with every node's Redis connections going through the returned
@@ -54,6 +63,13 @@ impl Cluster {
     /// This cluster with its bus at `url` (e.g. RabbitMQ's), for every node started after.
     pub fn with_bus(mut self, url: String) -> Self {
         self.bus = Some(url);
+        self
+    }
+
+    /// This cluster with every backend role on `url` instead of the private Redis (which nodes
+    /// are still given, but for no role): `--store`, `--bus` and `--presence` beat `--redis`.
+    pub fn on(mut self, url: &str) -> Self {
+        self.roles = ["--store", url, "--bus", url, "--presence", url].iter().map(|s| s.to_string()).collect();
         self
     }
 
@@ -101,6 +117,7 @@ impl Cluster {
         if let Some(bus) = &self.bus {
             args.extend(["--bus".to_owned(), bus.clone()]);
         }
+        args.extend(self.roles.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
         NodeProc::spawn(id, args, log).await
     }
