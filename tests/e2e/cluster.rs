@@ -364,21 +364,25 @@ async fn registry_heals(cluster: Cluster) {
 
 /// A client on node 2 receives a stream of `TOTAL` messages sent through node 1; node 2 is
 /// SIGKILLed after `KILL_AT` of them; the client reconnects to node 3 with `since` and must end
-/// with every message exactly once. On the private Redis, or on a private NATS alone.
-async fn no_loss_when_a_node_dies(room: bool, on_nats: bool) {
+/// with every message exactly once. On the private Redis, on a private NATS alone, or with the
+/// bus on the machine's RabbitMQ.
+async fn no_loss_when_a_node_dies(room: bool, backend: Backend) {
     const TOTAL: usize = 3000;
     const KILL_AT: usize = 1000;
     let name = if room { "lossroom" } else { "lossdirect" };
-    let nats = if on_nats {
-        let Some(nats) = NatsServer::start() else { return };
-        Some(nats)
-    } else {
-        None
+    let nats = match backend {
+        Backend::Nats => {
+            let Some(nats) = NatsServer::start() else { return };
+            Some(nats)
+        }
+        Backend::Amqp if !crate::amqp_server::available() => return,
+        _ => None,
     };
     let Some(cluster) = Cluster::start(name) else { return };
-    let cluster = match &nats {
-        Some(nats) => cluster.on(&nats.url()),
-        None => cluster,
+    let cluster = match (&nats, backend) {
+        (Some(nats), _) => cluster.on(&nats.url()),
+        (None, Backend::Amqp) => cluster.with_bus(crate::amqp_server::amqp_url()),
+        _ => cluster,
     };
     let n1 = cluster.node("n1").await;
     let mut n2 = cluster.node("n2").await;
@@ -477,22 +481,40 @@ async fn no_loss_when_a_node_dies(room: bool, on_nats: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_loss_when_a_node_dies_direct() {
-    no_loss_when_a_node_dies(false, false).await;
+    no_loss_when_a_node_dies(false, Backend::Redis).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_loss_when_a_node_dies_room() {
-    no_loss_when_a_node_dies(true, false).await;
+    no_loss_when_a_node_dies(true, Backend::Redis).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_loss_when_a_node_dies_direct_on_nats() {
-    no_loss_when_a_node_dies(false, true).await;
+    no_loss_when_a_node_dies(false, Backend::Nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_loss_when_a_node_dies_room_on_nats() {
-    no_loss_when_a_node_dies(true, true).await;
+    no_loss_when_a_node_dies(true, Backend::Nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_loss_when_a_node_dies_direct_on_amqp() {
+    no_loss_when_a_node_dies(false, Backend::Amqp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_loss_when_a_node_dies_room_on_amqp() {
+    no_loss_when_a_node_dies(true, Backend::Amqp).await;
+}
+
+/// Where a node-death test's cluster runs.
+#[derive(Clone, Copy)]
+enum Backend {
+    Redis,
+    Nats,
+    Amqp,
 }
 
 /// Sends `command` with an id and waits up to `wait` for its answer; answers it and how long it
