@@ -68,6 +68,8 @@ const LEADERLESS_FOR: Duration = Duration::from_secs(5);
 const CLOCK_EVERY: Duration = Duration::from_secs(5);
 /// How many times an append reads the stream's end again after losing a race for it.
 const RACES: usize = 1000;
+/// Every how many seqs of a stream an append looks for expired messages at its head.
+const AGE_CHECK_EVERY: u64 = 16;
 /// Most tries of one idempotency key whose earlier tries are void.
 const MAX_GENERATIONS: usize = 16;
 /// Striped locks: appends of streams that hash alike take turns on a node.
@@ -401,6 +403,11 @@ impl NatsStore {
                 return Err(late());
             }
             self.remember(stream, Some(Head { seq, js: ack.sequence, valid_js: ack.sequence }));
+            if seq % AGE_CHECK_EVERY == 0
+                && let Err(e) = self.trim_expired(&subject).await
+            {
+                tracing::debug!(error = %e, %stream, "trimming expired messages failed; the next check tries again");
+            }
             return Ok(Outcome::Stored(seq));
         }
         Err(StoreError::Unavailable(format!("nats: {RACES} appends to {stream} raced this one; try again")))
@@ -421,6 +428,41 @@ impl NatsStore {
             _ => return Err(malformed()),
         };
         StreamId::parse(&text).map_err(|_| malformed())
+    }
+
+    /// Removes the expired head of a stream (`--history-ttl`): up to the first message that has
+    /// not expired, at most [`AGE_CHECK_EVERY`] of them (as many as were appended since the last
+    /// look), never the last message, whose seq the next append counts from. Reads skip
+    /// expired messages anyway; this frees their space while the stream is written. A stream
+    /// nobody writes keeps its last `--history-size` messages, unread once expired.
+    async fn trim_expired(&self, subject: &str) -> Result<(), StoreError> {
+        let cutoff = now_ms().saturating_sub(self.retention.ttl_ms);
+        let expired = |m: &StreamMessage| Record::check(&m.payload).is_some_and(|layout| layout.ts() < cutoff);
+        let mut at = match self.messages.direct_get_first_for_subject(subject).await {
+            Ok(first) if expired(&first) => first,
+            Ok(_) => return Ok(()),
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(()),
+            Err(e) => return Err(unavailable("reading a stream's head", e)),
+        };
+        for _ in 0..AGE_CHECK_EVERY {
+            match self.messages.direct_get_next_for_subject(subject, Some(at.sequence + 1)).await {
+                Ok(next) if expired(&next) => at = next,
+                Ok(next) => {
+                    at = next;
+                    break;
+                }
+                // `at` is the last message: it stays.
+                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => break,
+                Err(e) => return Err(unavailable("reading a stream's head", e)),
+            }
+        }
+        self.messages
+            .purge()
+            .filter(subject)
+            .sequence(at.sequence)
+            .await
+            .map_err(|e| unavailable("trimming expired messages", e))?;
+        Ok(())
     }
 
     /// Walks a stream's messages from its last one back to `lo` (by each message's `Sy-Prev`).
@@ -644,6 +686,7 @@ fn hex(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Retention;
     use crate::store::tests::{RETENTION, direct, keyed, nats_url, room, to_room, user};
 
     /// A store of its own on the test NATS (removed with [`NatsStore::destroy`]).
@@ -688,6 +731,37 @@ mod tests {
         let read = store.read(&lobby, HistoryQuery::After { since: 0, limit: 10 }).await.unwrap();
         let bodies: Vec<&str> = read.messages.iter().map(|m| &*m.message.body).collect();
         assert_eq!((bodies, read.last_seq), (vec!["1", "2", "late"], 3));
+        store.destroy().await;
+    }
+
+    #[tokio::test]
+    async fn expired_messages_are_removed_as_the_stream_is_written_but_never_its_last() {
+        let url = nats_url();
+        let Ok(client) = async_nats::connect(url.as_str()).await else {
+            return crate::testing::absent("nats store", &format!("no NATS at {url}")).unwrap_or(());
+        };
+        let retention = Retention { max_messages: 1000, ttl_ms: 1000 };
+        let store = NatsStore::open(client, &crate::testing::unique_prefix(), retention, 1).await.unwrap();
+        let old = room("old");
+        for i in 1..=20 {
+            store.append(to_room("old", &i.to_string())).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // Seqs 21..=32: the look at seq 32 finds 1..=20 expired and removes 16 of them.
+        for i in 21..=32 {
+            store.append(to_room("old", &i.to_string())).await.unwrap();
+        }
+        let subject = store.layout.subject(&old);
+        let first = store.messages.direct_get_first_for_subject(subject.as_str()).await.unwrap();
+        assert_eq!(header_u64(&first, SEQ), Some(17), "1..=16 removed, the expired 17..=20 wait for the next look");
+        let read = store.read(&old, HistoryQuery::After { since: 0, limit: 100 }).await.unwrap();
+        assert_eq!((read.messages.first().map(|m| m.seq), read.last_seq), (Some(21), 32), "expired ones are not read");
+        // A stream whose every message expired keeps its last, and goes on from its seq.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        for i in 33..=48 {
+            store.append(to_room("old", &i.to_string())).await.unwrap();
+        }
+        assert_eq!(store.read(&old, HistoryQuery::Last { limit: 0 }).await.unwrap().last_seq, 48);
         store.destroy().await;
     }
 
