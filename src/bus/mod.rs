@@ -14,7 +14,7 @@ pub(crate) mod chaos;
 pub(crate) mod envelope;
 pub(crate) mod interest;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -198,6 +198,22 @@ impl Bursts {
             sink.deliver_messages(topic, group);
             group.clear();
         }
+    }
+
+    /// Hands the events a bus received together (in one read) to `sink`, in order: a topic's
+    /// messages as one burst, any other event after the messages before it.
+    pub fn deliver_read(sink: &dyn Sink, events: impl IntoIterator<Item = (Topic, Event)>) {
+        let mut bursts = Bursts::default();
+        for (topic, event) in events {
+            match event {
+                Event::Message(delivery) => bursts.push(&topic, delivery, sink),
+                event => {
+                    bursts.flush(sink);
+                    sink.deliver(&topic, &event);
+                }
+            }
+        }
+        bursts.flush(sink);
     }
 
     /// Hands every group to `sink`.

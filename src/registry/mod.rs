@@ -75,3 +75,11 @@ pub trait Registry: Send + Sync {
     /// node is going away. A node can only deregister itself; another id is ignored.
     async fn deregister(&self, node: &str) -> Result<(), RegistryError>;
 }
+
+/// The live nodes as [`Registry::nodes`] answers them: sorted by id, and a node restarted under
+/// the same id once, as its newest instance.
+pub fn newest_per_id(mut nodes: Vec<NodeInfo>) -> Vec<NodeInfo> {
+    nodes.sort_by(|a, b| a.id.cmp(&b.id).then(b.last_seen.cmp(&a.last_seen)));
+    nodes.dedup_by(|later, first| later.id == first.id);
+    nodes
+}

@@ -256,26 +256,9 @@ impl Shared {
             }
             return Ok(());
         }
-        let mut bursts = Bursts::default();
         let mut failed = None;
-        for delivery in read {
-            let delivery = match delivery {
-                Ok(delivery) => delivery,
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            };
-            match self.decode(delivery) {
-                Some((topic, Event::Message(delivery))) => bursts.push(&topic, delivery, &**sink),
-                Some((topic, event)) => {
-                    bursts.flush(&**sink);
-                    sink.deliver(&topic, &event);
-                }
-                None => {}
-            }
-        }
-        bursts.flush(&**sink);
+        let deliveries = read.into_iter().map_while(|delivery| delivery.map_err(|e| failed = Some(e)).ok());
+        Bursts::deliver_read(&**sink, deliveries.filter_map(|delivery| self.decode(delivery)));
         failed.map_or(Ok(()), Err)
     }
 

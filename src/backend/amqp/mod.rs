@@ -147,13 +147,7 @@ pub(crate) async fn connect(url: &str, name: &str) -> Result<Connection, lapin::
 mod tests {
     use super::*;
 
-    fn user(name: &str) -> Topic {
-        Topic::User(UserId::parse(name).unwrap())
-    }
-
-    fn room(name: &str) -> Topic {
-        Topic::Room(RoomName::parse(name).unwrap())
-    }
+    use crate::bus::tests::{room_topic as room, user_topic as user};
 
     #[test]
     fn routing_keys_round_trip_and_dots_never_split_a_name() {

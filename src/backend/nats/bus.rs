@@ -103,18 +103,8 @@ impl Shared {
             }
             return;
         }
-        let mut bursts = Bursts::default();
-        for message in messages {
-            match decode(topic, message.payload) {
-                Some(Event::Message(delivery)) => bursts.push(topic, delivery, &**sink),
-                Some(event) => {
-                    bursts.flush(&**sink);
-                    sink.deliver(topic, &event);
-                }
-                None => {}
-            }
-        }
-        bursts.flush(&**sink);
+        let events = messages.into_iter().filter_map(|message| Some((topic.clone(), decode(topic, message.payload)?)));
+        Bursts::deliver_read(&**sink, events);
     }
 
     /// Asks every session to catch up from the store.

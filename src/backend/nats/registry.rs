@@ -226,7 +226,7 @@ impl Registry for NatsRegistry {
     async fn nodes(&self) -> Result<Vec<NodeInfo>, RegistryError> {
         let listing = Listing::start(&self.buckets.nodes, keys::NODES, true).await.map_err(unavailable)?;
         let (now_ms, entries) = listing.all().await.map_err(unavailable)?;
-        let mut nodes: Vec<NodeInfo> = entries
+        let nodes: Vec<NodeInfo> = entries
             .into_iter()
             .filter(|entry| !is_dead(now_ms, entry.written_ms, self.dead_after))
             .filter_map(|entry| {
@@ -241,10 +241,7 @@ impl Registry for NatsRegistry {
                 })
             })
             .collect();
-        // A node restarted under the same id shows once, as its newest instance.
-        nodes.sort_by(|a, b| a.id.cmp(&b.id).then(b.last_seen.cmp(&a.last_seen)));
-        nodes.dedup_by(|later, first| later.id == first.id);
-        Ok(nodes)
+        Ok(crate::registry::newest_per_id(nodes))
     }
 
     async fn reap(&self) -> Result<Vec<(RoomName, UserId)>, RegistryError> {

@@ -101,13 +101,7 @@ pub(crate) fn validate_prefix(prefix: &str) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn user(name: &str) -> Topic {
-        Topic::User(UserId::parse(name).unwrap())
-    }
-
-    fn room(name: &str) -> Topic {
-        Topic::Room(RoomName::parse(name).unwrap())
-    }
+    use crate::bus::tests::{room_topic as room, user_topic as user};
 
     #[test]
     fn subjects_follow_the_layout() {

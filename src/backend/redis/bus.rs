@@ -85,18 +85,7 @@ impl Shared {
             }
             return;
         }
-        let mut bursts = Bursts::default();
-        for published in read {
-            match self.decode(published) {
-                Some((topic, Event::Message(delivery))) => bursts.push(&topic, delivery, &**sink),
-                Some((topic, event)) => {
-                    bursts.flush(&**sink);
-                    sink.deliver(&topic, &event);
-                }
-                None => {}
-            }
-        }
-        bursts.flush(&**sink);
+        Bursts::deliver_read(&**sink, read.iter().filter_map(|published| self.decode(published)));
     }
 
     /// One pub/sub message's topic and event; `None` (logged) when it is malformed.

@@ -267,7 +267,7 @@ impl Registry for RedisRegistry {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
-        let mut nodes: Vec<NodeInfo> = flat
+        let nodes: Vec<NodeInfo> = flat
             .chunks_exact(2)
             .filter_map(|pair| {
                 let info: StoredNode = serde_json::from_str(&pair[0]).ok()?;
@@ -281,10 +281,7 @@ impl Registry for RedisRegistry {
                 })
             })
             .collect();
-        // A node restarted under the same id shows once, as its newest instance.
-        nodes.sort_by(|a, b| a.id.cmp(&b.id).then(b.last_seen.cmp(&a.last_seen)));
-        nodes.dedup_by(|later, first| later.id == first.id);
-        Ok(nodes)
+        Ok(crate::registry::newest_per_id(nodes))
     }
 
     async fn reap(&self) -> Result<Vec<(RoomName, UserId)>, RegistryError> {
