@@ -105,6 +105,30 @@ presence_suite!(memory, open_memory);
 presence_suite!(redis, open_redis);
 presence_suite!(nats, open_nats);
 
+/// Two nodes of one cluster: each sees the other's sessions, and a user is in a room once,
+/// whichever node's sessions joined it.
+async fn two_nodes_share_sessions(a: &dyn Presence, b: &dyn Presence) {
+    let (lobby, alice) = (room("lobby"), user("alice"));
+    a.connect(&info("alice", 1, "node-a")).await.unwrap();
+    b.connect(&info("alice", 2, "node-b")).await.unwrap();
+    for p in [a, b] {
+        let nodes: Vec<String> = p.sessions(&alice).await.unwrap().iter().map(|s| s.node.to_string()).collect();
+        assert_eq!(nodes, ["node-a", "node-b"]);
+        assert_eq!(p.session_counts(std::slice::from_ref(&alice)).await.unwrap(), vec![2]);
+    }
+
+    assert!(a.join(&lobby, &alice, SessionId(1)).await.unwrap());
+    assert!(!b.join(&lobby, &alice, SessionId(2)).await.unwrap(), "already in via node A");
+    assert_eq!(b.room(&lobby, 10).await.unwrap(), (1, vec![alice.clone()]));
+    assert!(!a.leave(&lobby, &alice, SessionId(1)).await.unwrap(), "still in via node B");
+    assert_eq!(a.room(&lobby, 10).await.unwrap(), (1, vec![alice.clone()]));
+    assert!(b.leave(&lobby, &alice, SessionId(2)).await.unwrap());
+    assert_eq!(a.room(&lobby, 10).await.unwrap(), (0, vec![]));
+
+    a.disconnect(&info("alice", 1, "node-a")).await.unwrap();
+    assert_eq!(b.session_counts(std::slice::from_ref(&alice)).await.unwrap(), vec![1]);
+}
+
 /// What only presence shared through Redis shows.
 mod redis_shared {
     use super::*;
@@ -113,25 +137,7 @@ mod redis_shared {
     async fn two_nodes_share_sessions_and_count_a_user_once_per_room() {
         let Some(redis) = TestRedis::start("redis presence, two nodes").await else { return };
         let (a, b) = (redis.node("node-a").presence, redis.node("node-b").presence);
-        let (lobby, alice) = (room("lobby"), user("alice"));
-        a.connect(&info("alice", 1, "node-a")).await.unwrap();
-        b.connect(&info("alice", 2, "node-b")).await.unwrap();
-        for p in [&a, &b] {
-            let nodes: Vec<String> = p.sessions(&alice).await.unwrap().iter().map(|s| s.node.to_string()).collect();
-            assert_eq!(nodes, ["node-a", "node-b"]);
-            assert_eq!(p.session_counts(std::slice::from_ref(&alice)).await.unwrap(), vec![2]);
-        }
-
-        assert!(a.join(&lobby, &alice, SessionId(1)).await.unwrap());
-        assert!(!b.join(&lobby, &alice, SessionId(2)).await.unwrap(), "already in via node A");
-        assert_eq!(b.room(&lobby, 10).await.unwrap(), (1, vec![alice.clone()]));
-        assert!(!a.leave(&lobby, &alice, SessionId(1)).await.unwrap(), "still in via node B");
-        assert_eq!(a.room(&lobby, 10).await.unwrap(), (1, vec![alice.clone()]));
-        assert!(b.leave(&lobby, &alice, SessionId(2)).await.unwrap());
-        assert_eq!(a.room(&lobby, 10).await.unwrap(), (0, vec![]));
-
-        a.disconnect(&info("alice", 1, "node-a")).await.unwrap();
-        assert_eq!(b.session_counts(std::slice::from_ref(&alice)).await.unwrap(), vec![1]);
+        two_nodes_share_sessions(&a, &b).await;
         redis.flush().await;
     }
 
@@ -189,24 +195,7 @@ mod nats_shared {
     async fn two_nodes_share_sessions_and_count_a_user_once_per_room() {
         let Some(nats) = TestNats::start("nats presence, two nodes", DEAD_AFTER).await else { return };
         let (a, b) = (nats.node("node-a").presence, nats.node("node-b").presence);
-        let (lobby, alice) = (room("lobby"), user("alice"));
-        a.connect(&info("alice", 1, "node-a")).await.unwrap();
-        b.connect(&info("alice", 2, "node-b")).await.unwrap();
-        for p in [&a, &b] {
-            let nodes: Vec<String> = p.sessions(&alice).await.unwrap().iter().map(|s| s.node.to_string()).collect();
-            assert_eq!(nodes, ["node-a", "node-b"]);
-            assert_eq!(p.session_counts(std::slice::from_ref(&alice)).await.unwrap(), vec![2]);
-        }
-
-        assert!(a.join(&lobby, &alice, SessionId(1)).await.unwrap());
-        assert!(!b.join(&lobby, &alice, SessionId(2)).await.unwrap(), "already in via node A");
-        assert_eq!(b.room(&lobby, 10).await.unwrap(), (1, vec![alice.clone()]));
-        assert!(!a.leave(&lobby, &alice, SessionId(1)).await.unwrap(), "still in via node B");
-        assert!(b.leave(&lobby, &alice, SessionId(2)).await.unwrap());
-        assert_eq!(a.room(&lobby, 10).await.unwrap(), (0, vec![]));
-
-        a.disconnect(&info("alice", 1, "node-a")).await.unwrap();
-        assert_eq!(b.session_counts(std::slice::from_ref(&alice)).await.unwrap(), vec![1]);
+        two_nodes_share_sessions(&*a, &*b).await;
         nats.finish().await;
     }
 
