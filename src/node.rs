@@ -90,7 +90,14 @@ pub struct Node {
     pub shutdown: Shutdown,
     /// The outbox consumer (`--outbox`), which stops at the shutdown signal.
     outbox: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// When the last heartbeat reached the registry (ms since the epoch; 0 after a failed
+    /// one): presence's backend is ready while it is recent (see [`PRESENCE_STALE_AFTER`]).
+    heartbeat_ok_at: std::sync::atomic::AtomicU64,
 }
+
+/// How old the last heartbeat that reached the registry may be while the node says ready: two
+/// heartbeats and a reply's timeout.
+const PRESENCE_STALE_AFTER: Duration = Duration::from_secs(5);
 
 impl Node {
     /// Builds a node with the backends its configuration names (see [`backend`]).
@@ -127,8 +134,10 @@ impl Node {
             address,
             shutdown,
             outbox: std::sync::Mutex::new(None),
+            heartbeat_ok_at: std::sync::atomic::AtomicU64::new(0),
         });
         node.heartbeat().await.map_err(|e| anyhow::anyhow!("registering the node: {e}"))?;
+        node.heartbeat_reached(true);
         let beat = node.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
@@ -138,12 +147,16 @@ impl Node {
                 tokio::select! {
                     _ = tick.tick() => {
                         match beat.heartbeat().await {
-                            Ok(Standing::Known) => {}
+                            Ok(Standing::Known) => beat.heartbeat_reached(true),
                             Ok(Standing::Forgotten) => {
+                                beat.heartbeat_reached(true);
                                 tracing::warn!("the cluster forgot this node: registering its sessions again");
                                 forgotten = true;
                             }
-                            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                            Err(e) => {
+                                beat.heartbeat_reached(false);
+                                tracing::warn!(error = %e, "heartbeat failed");
+                            }
                         }
                         if forgotten {
                             match beat.reregister().await {
@@ -213,8 +226,18 @@ impl Node {
     }
 
     /// Whether the node can serve: its store and bus answer.
+    /// Whether every backend answers: the store and the bus by their own checks, presence (and
+    /// the registry on its backend) by the node's heartbeat.
     pub async fn ready(&self) -> bool {
-        self.store.ready().await && self.bus.ready().await
+        let beat = self.heartbeat_ok_at.load(std::sync::atomic::Ordering::Acquire);
+        let presence = now_ms().saturating_sub(beat) <= PRESENCE_STALE_AFTER.as_millis() as u64;
+        presence && self.store.ready().await && self.bus.ready().await
+    }
+
+    /// Records whether a heartbeat reached the registry (see [`Node::ready`]).
+    fn heartbeat_reached(&self, reached: bool) {
+        let at = if reached { now_ms() } else { 0 };
+        self.heartbeat_ok_at.store(at, std::sync::atomic::Ordering::Release);
     }
 
     /// Registers a new local session everywhere; applies the single-session policy.

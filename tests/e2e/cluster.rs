@@ -572,6 +572,35 @@ async fn mysql_store_pause_is_never_silent() {
     pause_is_never_silent(Frozen::Mysql, cluster, proxy, Some(store)).await;
 }
 
+/// Presence and the registry on a server of their own (`--presence`), which freezes while the
+/// store and the bus answer: `/readyz` says so (the heartbeat no longer reaches the registry),
+/// and answers 200 again once presence answers, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_presence_backend_makes_the_node_not_ready() {
+    let Some(cluster) = Cluster::start("presfreeze") else { return };
+    let proxy = FaultProxy::start(([127, 0, 0, 1], cluster.redis.port).into());
+    let presence = format!("redis://{}/0", proxy.addr());
+    let n1 = cluster.node_with("n1", &["--presence", &presence]).await;
+    assert_eq!(n1.readyz(Duration::from_secs(3)).await, Some(200));
+    proxy.pause();
+    let paused = Instant::now();
+    let not_ready = until("/readyz 503 while presence is frozen", paused, Duration::from_secs(15), || async {
+        n1.readyz(Duration::from_secs(3)).await == Some(503)
+    })
+    .await;
+    proxy.resume();
+    let resumed = Instant::now();
+    let ready = until("/readyz 200 once presence answers", resumed, Duration::from_secs(15), || async {
+        n1.readyz(Duration::from_secs(3)).await == Some(200)
+    })
+    .await;
+    println!(
+        "TIMING a_frozen_presence_backend_makes_the_node_not_ready: pause -> 503 {} ms, resume -> 200 {} ms",
+        ms(not_ready),
+        ms(ready)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_store_pause_is_never_silent() {
     let Some(nats) = machine_nats() else { return };
