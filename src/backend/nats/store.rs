@@ -81,24 +81,6 @@ const SEQ: &str = "Sy-Seq";
 const PREV: &str = "Sy-Prev";
 const DEADLINE: &str = "Sy-Deadline";
 
-/// A name as a NATS subject token: `.` would split it, so it is written `%2E` (`%` is not in the
-/// names' alphabet, so no two names share a token).
-pub(crate) fn token(name: &str) -> String {
-    name.replace('.', "%2E")
-}
-
-/// A key of a key-value bucket for a name: the bytes a key may not hold (`:`, `@`) as `=XX`.
-fn kv_key(name: &str) -> String {
-    let mut key = String::with_capacity(name.len() + 8);
-    for b in name.bytes() {
-        match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => key.push(b as char),
-            _ => key.push_str(&format!("={b:02X}")),
-        }
-    }
-    key
-}
-
 /// A prefix as part of a JetStream stream or bucket name, which allow `A-Z a-z 0-9 - _` only:
 /// every other byte, and `_` itself, as `_XX`, so that no two prefixes share a name.
 pub(crate) fn name_part(prefix: &str) -> String {
@@ -131,7 +113,7 @@ impl Layout {
             StreamId::User(user) => ("u", user.as_str()),
             StreamId::Room(room) => ("r", room.as_str()),
         };
-        format!("{}.m.{kind}.{}", self.prefix, token(name))
+        format!("{}.m.{kind}.{}", self.prefix, super::subjects::token(name))
     }
 
     fn clock(&self) -> String {
@@ -421,7 +403,7 @@ impl NatsStore {
             .and_then(|s| s.strip_prefix(".m."))
             .ok_or_else(malformed)?;
         let (kind, name) = rest.split_once('.').ok_or_else(malformed)?;
-        let name = name.replace("%2E", ".");
+        let name = super::subjects::name_of(name);
         let text = match kind {
             "u" => format!("user:{name}"),
             "r" => format!("room:{name}"),
@@ -616,12 +598,16 @@ impl Store for NatsStore {
     }
 
     async fn cursor(&self, user: &UserId) -> Result<u64, StoreError> {
-        let entry = self.cursors.entry(kv_key(user.as_str())).await.map_err(|e| unavailable("reading a cursor", e))?;
+        let entry = self
+            .cursors
+            .entry(super::keys::token(user.as_str()))
+            .await
+            .map_err(|e| unavailable("reading a cursor", e))?;
         Ok(entry.and_then(|e| std::str::from_utf8(&e.value).ok()?.parse().ok()).unwrap_or(0))
     }
 
     async fn ack(&self, user: &UserId, seq: u64) -> Result<(), StoreError> {
-        let key = kv_key(user.as_str());
+        let key = super::keys::token(user.as_str());
         let value = Bytes::from(seq.to_string());
         for _ in 0..RACES {
             let entry = self.cursors.entry(key.as_str()).await.map_err(|e| unavailable("reading a cursor", e))?;
@@ -790,9 +776,10 @@ mod tests {
 
     #[test]
     fn names_never_collide() {
-        assert_eq!(token("a.b"), "a%2Eb");
-        assert_ne!(token("a.b"), token("a_b"));
-        assert_eq!(kv_key("alice@example.com:1"), "alice=40example.com=3A1");
+        use crate::backend::nats::{keys, subjects};
+        assert_eq!(subjects::token("a.b"), "a%2Eb");
+        assert_ne!(subjects::token("a.b"), subjects::token("a_b"));
+        assert_eq!(keys::token("alice@example.com:1"), "alice=40example=2Ecom=3A1", "a cursor's key");
         assert_ne!(name_part("a.b"), name_part("a_b"));
         assert_eq!(Layout::new("sy.t").messages, "sy_2Et_messages");
         let layout = Layout::new("p");

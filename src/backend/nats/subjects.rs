@@ -19,6 +19,16 @@ use crate::protocol::{RoomName, UserId};
 /// How a `.` in a name is written in a subject.
 const DOT: &str = "%2E";
 
+/// A name as one subject token: its dots written [`DOT`].
+pub(crate) fn token(name: &str) -> String {
+    name.replace('.', DOT)
+}
+
+/// The name a [`token`] stands for.
+pub(crate) fn name_of(token: &str) -> String {
+    token.replace(DOT, ".")
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct Subjects {
     prefix: String,
@@ -37,18 +47,7 @@ impl Subjects {
             Topic::Room(room) => ("r", room.as_str()),
             Topic::All => return format!("{}.all", self.prefix),
         };
-        let mut subject = String::with_capacity(self.prefix.len() + 3 + name.len() + 8);
-        subject.push_str(&self.prefix);
-        subject.push('.');
-        subject.push_str(kind);
-        subject.push('.');
-        for (i, part) in name.split('.').enumerate() {
-            if i > 0 {
-                subject.push_str(DOT);
-            }
-            subject.push_str(part);
-        }
-        subject
+        format!("{}.{kind}.{}", self.prefix, token(name))
     }
 
     /// The topic a subject stands for, if it is one of this cluster's topic subjects.
@@ -61,7 +60,7 @@ impl Subjects {
         if encoded.contains('.') {
             return None;
         }
-        let name = encoded.replace(DOT, ".");
+        let name = name_of(encoded);
         match kind {
             "u" => UserId::parse(&name).ok().map(Topic::User),
             "r" => RoomName::parse(&name).ok().map(Topic::Room),
