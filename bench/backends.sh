@@ -38,30 +38,16 @@ NATS=$!
 pids+=("$NATS")
 for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
 
-# start NAME BASE_PORT BACKEND_ARGS...: 3 nodes, ports BASE_PORT+1..3; sets TARGET_<NAME> and PIDS_<NAME>.
-start() {
-  local name=$1 base=$2 list="" targets=""
-  shift 2
-  for n in 1 2 3; do
-    "$SERVER" serve "$@" --rate-limit 0 --listen "127.0.0.1:$((base + n))" --node-id "$name-$n" \
-      --data-dir "$(mktemp -d)" --log-format json >"$OUT/$name$n.log" 2>&1 &
-    pids+=("$!")
-    list="$list${list:+,}$!"
-    targets="$targets${targets:+,}ws://127.0.0.1:$((base + n))"
-  done
-  for _ in $(seq 150); do curl -fs -o /dev/null "http://127.0.0.1:$((base + 3))/readyz" && break; sleep 0.2; done
-  curl -fs -o /dev/null "http://127.0.0.1:$((base + 3))/readyz" || { echo "backends.sh: $name did not start" >&2; cat "$OUT/${name}3.log" >&2; exit 1; }
-  printf -v "PIDS_$name" %s "$list"
-  printf -v "TARGET_$name" %s "$targets"
-}
+# shellcheck source=bench/nodes.sh
+source bench/nodes.sh
 
 PREFIX=bk$$
-if has redis; then start redis 9150 --redis "redis://127.0.0.1:$PORT/0" --prefix "$PREFIX-r"; fi
-if has nats; then start nats 9160 --nats "nats://127.0.0.1:$NATS_PORT" --prefix "$PREFIX-n"; fi
+if has redis; then start_nodes redis "$SERVER" 9150 "$PREFIX-r"; fi
+if has nats; then start_nodes nats "$SERVER" 9160 "$PREFIX-n" --nats "nats://127.0.0.1:$NATS_PORT"; fi
 if has amqp; then
   BEAM=$(pgrep -f beam.smp | head -1)
-  start amqp 9170 --bus "amqp://guest:guest@127.0.0.1:5672/%2f" --store "redis://127.0.0.1:$PORT/0" \
-    --presence "redis://127.0.0.1:$PORT/0" --prefix "$PREFIX-a"
+  start_nodes amqp "$SERVER" 9170 "$PREFIX-a" --bus "amqp://guest:guest@127.0.0.1:5672/%2f" \
+    --store "redis://127.0.0.1:$PORT/0" --presence "redis://127.0.0.1:$PORT/0"
 fi
 declare -A ALSO=([redis]="$REDIS" [nats]="$NATS" [amqp]="${BEAM:-}${BEAM:+,}$REDIS")
 
