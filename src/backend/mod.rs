@@ -537,8 +537,9 @@ mod tests {
         let e = refusal(&["--bus", url, "--presence", "redis://r/0"]);
         assert!(e.starts_with("--store embedded") && !e.contains(":pw@"), "{e}");
         let shared = ["--redis", "redis://r/0", "--bus"];
-        let e = refusal(&[&shared[..], &["amqps://guest:pw@mq:5671/%2f"]].concat());
-        assert!(e.contains("amqps") && e.contains("not built yet") && !e.contains(":pw@"), "{e}");
+        assert!(config(&[&shared[..], &["amqps://guest:pw@mq:5671/%2f"]].concat()).is_ok());
+        let e = refusal(&[&shared[..], &["amqps://guest:pw@mq:5671/%2f?cacertfile=/none.pem"]].concat());
+        assert!(e.contains("cannot read cacertfile /none.pem") && !e.contains(":pw@"), "{e}");
         let e = refusal(&[&shared[..], &[url, "--prefix", "amq"]].concat());
         assert!(e.contains("--prefix amq"), "{e}");
         let e = refusal(&[&shared[..], &[url, "--max-message-size", "134217728"]].concat());

@@ -15,6 +15,7 @@ use crate::cluster::{frame_within, ms, seq, until};
 use crate::fault_proxy::FaultProxy;
 use crate::procs::{Cluster, NodeProc, http_within};
 use crate::support::Client;
+use crate::tls::{Certificates, TlsProxy};
 
 /// A cluster whose nodes reach RabbitMQ through the returned proxy; `None` (SKIP) without
 /// RabbitMQ or `redis-server` outside CI.
@@ -290,4 +291,43 @@ fn a_message_size_rabbitmq_cannot_carry_is_refused_at_start_up() {
     assert!(stderr.contains("RabbitMQ takes messages of up to 128 MiB by default"), "{stderr}");
     assert!(stderr.contains("lower --max-message-size to at most 134209536"), "{stderr}");
     assert!(!stderr.contains("secret-pw"), "credentials printed: {stderr}");
+}
+
+/// `amqps://`: the nodes reach RabbitMQ over TLS (a proxy terminating it with a certificate of
+/// the test's own CA, which the URL trusts through `cacertfile`), and messages cross nodes as
+/// over plain AMQP; a node whose URL does not trust that CA refuses the broker at start-up,
+/// saying why, without its password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_over_amqps_verifies_the_broker_and_carries_messages() {
+    if !crate::amqp_server::available() {
+        return;
+    }
+    let Some(cluster) = Cluster::start("amqptls") else { return };
+    let certs = Certificates::localhost();
+    let proxy = TlsProxy::start(&certs.cert, &certs.key, amqp_addr()).await;
+    let (user, _, path) = crate::sql_server::parts(&amqp_url());
+    let untrusted = format!("amqps://{user}localhost:{}{path}", proxy.port());
+    let trusted = format!("{untrusted}?cacertfile={}", certs.ca.display());
+    let redis = cluster.redis.url();
+    let cluster = cluster.with_bus(trusted);
+    let n1 = cluster.node("n1").await;
+    let n2 = cluster.node("n2").await;
+    assert!(proxy.handshakes() >= 2, "each node's bus went through TLS: {}", proxy.handshakes());
+    let mut parties = Parties::join(&n1, &n2).await;
+    let mut acked = Acked::default();
+    acked.send(&mut parties.alice, 20).await;
+    acked.all_received(&mut parties).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = crate::cli::binary()
+        .args(["serve", "--listen", "127.0.0.1:0", "--redis", &redis, "--bus", &untrusted])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "a broker with an unknown CA is refused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("certificate"), "{stderr}");
+    let password = user.trim_end_matches('@').split_once(':').map_or("", |(_, pw)| pw);
+    assert!(password.is_empty() || !stderr.contains(&format!(":{password}@")), "credentials printed: {stderr}");
 }

@@ -6,6 +6,7 @@ mod nats_server;
 mod procs;
 mod redis_server;
 mod support;
+mod tls;
 
 mod amqp;
 mod api;

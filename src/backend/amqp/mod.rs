@@ -17,14 +17,20 @@
 //! never as patterns: `*` and `#` are not in names either.
 //!
 //! The URL's credentials are never printed (see [`redact`](super::redact)).
+//!
+//! `amqps://` connects over TLS (rustls), trusting the system's CAs and those of a `cacertfile`;
+//! `certfile` and `keyfile` give a client certificate. The parameters are RabbitMQ's own URI
+//! query names, read from the URL here because lapin ignores them.
 
 pub(crate) mod bus;
 
 pub(crate) use bus::AmqpBus;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 
@@ -102,18 +108,71 @@ pub(crate) fn validate_prefix(prefix: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks a `--bus` URL at start-up: that it parses, and that it asks for nothing this build
-/// lacks (TLS).
+/// Checks a `--bus` URL at start-up: that it parses, and that the files of its TLS parameters
+/// can be read and hold what they should.
 pub(crate) fn validate_url(url: &str) -> anyhow::Result<()> {
     let shown = super::redact(url);
-    if url.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("amqps:")) {
-        bail!("--bus {shown}: TLS to RabbitMQ (amqps) is not built yet: use amqp://");
-    }
     // Not the parser's message: it may quote the URL, whose redacted form alone is shown.
     if url.parse::<AMQPUri>().is_err() {
         bail!("--bus {shown}: not a valid AMQP URL (amqp://USER:PASSWORD@HOST:PORT/VHOST)");
     }
+    let files = TlsFiles::of(url).map_err(|e| anyhow::anyhow!("--bus {shown}: {e}"))?;
+    files.config().map_err(|e| anyhow::anyhow!("--bus {shown}: {e}"))?;
     Ok(())
+}
+
+/// The TLS parameters of an `amqps://` URL's query, under RabbitMQ's names.
+#[derive(Debug, Default, PartialEq)]
+struct TlsFiles {
+    /// PEM certificates of CAs trusted beside the system's.
+    ca: Option<PathBuf>,
+    /// A PEM client certificate chain and its PEM (PKCS#8, PKCS#1 or SEC1) key, given together.
+    identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsFiles {
+    fn of(url: &str) -> Result<Self, String> {
+        let query = url.split_once('?').map_or("", |(_, q)| q);
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(query).map_err(|_| "its query does not parse".to_owned())?;
+        let param = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| PathBuf::from(v));
+        let (ca, cert, key) = (param("cacertfile"), param("certfile"), param("keyfile"));
+        let tls = url.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("amqps:"));
+        if !tls && (ca.is_some() || cert.is_some() || key.is_some()) {
+            return Err("cacertfile, certfile and keyfile are for TLS: use amqps://".into());
+        }
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err("certfile and keyfile go together: give both or neither".into()),
+        };
+        Ok(Self { ca, identity })
+    }
+
+    /// Reads the files, so that a certificate renewed on disk is used by the next connection.
+    fn config(&self) -> Result<OwnedTLSConfig, String> {
+        let read = |path: &PathBuf, what: &str| -> Result<Vec<u8>, String> {
+            let pem = std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+            if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
+                return Err(format!("{what} {} is not PEM", path.display()));
+            }
+            Ok(pem)
+        };
+        let cert_chain = match &self.ca {
+            Some(path) => Some(
+                String::from_utf8(read(path, "cacertfile")?)
+                    .map_err(|_| format!("cacertfile {} is not PEM", path.display()))?,
+            ),
+            None => None,
+        };
+        let identity = match &self.identity {
+            Some((cert, key)) => {
+                Some(OwnedIdentity::PKCS8 { pem: read(cert, "certfile")?, key: read(key, "keyfile")? })
+            }
+            None => None,
+        };
+        Ok(OwnedTLSConfig { identity, cert_chain })
+    }
 }
 
 /// Checks that the largest message a node accepts, in its envelope, fits in a RabbitMQ
@@ -131,10 +190,14 @@ pub(crate) fn validate_message_size(max_message_size: usize) -> anyhow::Result<(
 }
 
 /// Connects to the RabbitMQ at `url`, naming the connection after the node, within
-/// [`CONNECT_TIMEOUT`].
+/// [`CONNECT_TIMEOUT`]; over TLS for `amqps://`.
 pub(crate) async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
     let properties = ConnectionProperties::default().with_connection_name(format!("switchyard {name}").into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+    let io = |e: String| lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e));
+    let tls = TlsFiles::of(url).and_then(|files| files.config()).map_err(io)?;
+    let runtime = lapin::runtime::default_runtime()?;
+    let connecting = Connection::connect_with_config(url, properties, tls, runtime);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(connected) => connected,
         Err(_) => Err(lapin::Error::from(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -198,15 +261,38 @@ mod tests {
     }
 
     #[test]
+    fn tls_parameters_are_read_from_the_query_and_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n").unwrap();
+        let url = format!("amqps://g:g@mq:5671/%2f?heartbeat=10&cacertfile={}", ca.display());
+        let files = TlsFiles::of(&url).unwrap();
+        assert_eq!(files, TlsFiles { ca: Some(ca.clone()), identity: None });
+        assert!(files.config().unwrap().cert_chain.unwrap().contains("BEGIN CERTIFICATE"));
+        let encoded = format!("amqps://mq/?certfile={}&keyfile=%2Fk%20ey.pem", ca.display());
+        assert_eq!(TlsFiles::of(&encoded).unwrap().identity, Some((ca.clone(), PathBuf::from("/k ey.pem"))));
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let e = TlsFiles::of(&format!("amqps://mq/?cacertfile={}", junk.display())).unwrap().config().unwrap_err();
+        assert!(e.contains("is not PEM"), "{e}");
+        assert_eq!(TlsFiles::of("amqp://g:g@mq/%2f").unwrap(), TlsFiles::default());
+    }
+
+    #[test]
     fn start_up_checks_name_what_to_change() {
         assert!(validate_prefix("switchyard").is_ok());
         let e = validate_prefix("amq").unwrap_err().to_string();
         assert!(e.contains("--prefix") && e.contains("amq."), "{e}");
         assert!(validate_url("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
-        let e = validate_url("amqps://u:secret@mq:5671/%2f").unwrap_err().to_string();
-        assert!(e.contains("amqps") && e.contains("not built yet") && !e.contains("secret"), "{e}");
+        assert!(validate_url("amqps://u:secret@mq:5671/%2f").is_ok());
         let e = validate_url("amqp://u:secret@mq:notaport/%2f").unwrap_err().to_string();
         assert!(e.contains("not a valid AMQP URL") && !e.contains("secret"), "{e}");
+        let e = validate_url("amqps://u:secret@mq/%2f?cacertfile=/nowhere/ca.pem").unwrap_err().to_string();
+        assert!(e.contains("cannot read cacertfile /nowhere/ca.pem") && !e.contains("secret"), "{e}");
+        let e = validate_url("amqp://u:secret@mq/%2f?cacertfile=/ca.pem").unwrap_err().to_string();
+        assert!(e.contains("use amqps://") && !e.contains("secret"), "{e}");
+        let e = validate_url("amqps://u:secret@mq/%2f?certfile=/c.pem").unwrap_err().to_string();
+        assert!(e.contains("certfile and keyfile go together"), "{e}");
         assert!(validate_message_size(65_536).is_ok());
         assert!(validate_message_size(RABBITMQ_MAX_MESSAGE - ENVELOPE_ROOM).is_ok());
         let e = validate_message_size(RABBITMQ_MAX_MESSAGE).unwrap_err().to_string();
