@@ -12,6 +12,7 @@
 //! - [`hub`]: the sessions of this node, by user and by room.
 //! - [`session`]: one connection's loop and per-session delivery rules.
 //! - [`ws`]: the WebSocket framing under a session, holding no buffers while idle.
+//! - [`stomp`]: STOMP 1.2 over WebSocket (PROTOCOL.md §7): the frame codec.
 //! - [`message`]: the neutral message that stores keep and buses carry.
 //! - [`store`], [`bus`], [`presence`], [`registry`]: the backend concepts, each a trait with its
 //!   contract and the conformance suite every backend passes.
@@ -36,6 +37,7 @@ pub(crate) mod registry;
 pub mod server;
 pub(crate) mod session;
 pub(crate) mod shutdown;
+pub mod stomp;
 pub(crate) mod store;
 pub mod ws;
 
