@@ -33,10 +33,32 @@ pub enum Outbound {
     /// [`crate::bus::MAX_BURST`]. A thin pointer, so that a queue slot stays 16 bytes: each
     /// session's queue holds a block of 32 slots even while idle.
     Messages(Arc<Vec<Arc<Delivery>>>),
-    /// Any other pre-encoded frame, behind an `Arc` so a queue slot stays pointer-sized.
-    Frame(Arc<Bytes>),
+    /// Any other pre-encoded frame (a presence event), behind an `Arc` so a queue slot stays
+    /// pointer-sized.
+    Frame(Arc<SharedFrame>),
     /// Catch up every stream from the store (see [`Event::Resync`]).
     Resync,
+}
+
+/// A frame with no seq as the cluster carries it (JSON), and its STOMP form, made by the first
+/// STOMP session that takes it and shared by the others.
+#[derive(Debug)]
+pub struct SharedFrame {
+    pub json: Bytes,
+    stomp: std::sync::OnceLock<Option<(RoomName, Bytes)>>,
+}
+
+impl SharedFrame {
+    pub fn new(json: Bytes) -> Self {
+        Self { json, stomp: std::sync::OnceLock::new() }
+    }
+
+    /// The room and the `MESSAGE` tail of a presence event; `None` for a frame STOMP has no
+    /// form of.
+    pub fn stomp(&self) -> Option<(&RoomName, &Bytes)> {
+        let encoded = self.stomp.get_or_init(|| crate::stomp::encode::presence_tail(&self.json));
+        encoded.as_ref().map(|(room, tail)| (room, tail))
+    }
 }
 
 /// A request to close a session, set once.
@@ -270,7 +292,8 @@ impl Sink for Hub {
                 }
             }),
             Event::Frames(notices) => {
-                let frames: Vec<_> = notices.iter().map(|n| (Arc::new(n.frame.clone()), n.exclude)).collect();
+                let frames: Vec<_> =
+                    notices.iter().map(|n| (Arc::new(SharedFrame::new(n.frame.clone())), n.exclude)).collect();
                 // Member by member, so that a session gets the whole batch in one wake-up.
                 self.each(topic, |h| {
                     for (frame, exclude) in &frames {
@@ -446,7 +469,7 @@ mod tests {
         hub.deliver(&Topic::Room(room), &frames(&[(b"a joined", Some(1)), (b"b joined", Some(2)), (b"c left", None)]));
         fn received(rx: &mut mpsc::Receiver<Outbound>) -> Vec<Bytes> {
             std::iter::from_fn(|| match rx.try_recv().ok()? {
-                Outbound::Frame(frame) => Some(Bytes::clone(&frame)),
+                Outbound::Frame(frame) => Some(frame.json.clone()),
                 other => panic!("unexpected {other:?}"),
             })
             .collect()

@@ -157,6 +157,7 @@ impl Server {
         let mut app = Router::new()
             .route("/", get(|| async { Html(DEMO_PAGE) }))
             .route("/ws", get(upgrade))
+            .route("/stomp", get(upgrade_stomp))
             .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
@@ -265,12 +266,42 @@ struct WsQuery {
     device: Option<String>,
 }
 
-/// `GET /ws`: authenticate before upgrading, so a refused client gets an HTTP status and a JSON
-/// body rather than a WebSocket that closes at once.
-async fn upgrade(
+/// The STOMP subprotocols a client may offer, in the order the server prefers them.
+const STOMP_PROTOCOLS: [&str; 3] = ["v12.stomp", "v11.stomp", "v10.stomp"];
+
+/// The STOMP subprotocol to answer with, when the client offered one.
+fn stomp_protocol(headers: &http::HeaderMap) -> Option<&'static str> {
+    let offered: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    STOMP_PROTOCOLS.into_iter().find(|p| offered.iter().any(|o| o.eq_ignore_ascii_case(p)))
+}
+
+/// `GET /ws`: JSON, or STOMP when the client offers a STOMP subprotocol (PROTOCOL.md §7).
+async fn upgrade(state: State<AppState>, peer: Extension<ConnectInfo<SocketAddr>>, request: Request) -> Response {
+    let stomp = stomp_protocol(request.headers()).map(Some);
+    open(state, peer, request, stomp).await
+}
+
+/// `GET /stomp`: STOMP whatever the client offers.
+async fn upgrade_stomp(state: State<AppState>, peer: Extension<ConnectInfo<SocketAddr>>, request: Request) -> Response {
+    let stomp = Some(stomp_protocol(request.headers()));
+    open(state, peer, request, stomp).await
+}
+
+/// Authenticates before upgrading, so a refused client gets an HTTP status and a JSON body rather
+/// than a WebSocket that closes at once. `stomp` is `Some` for a STOMP session, with the
+/// subprotocol to echo if one was offered; a STOMP client may also authenticate in its
+/// `CONNECT` frame instead (browsers cannot set headers on an upgrade).
+async fn open(
     State(state): State<AppState>,
     Extension(ConnectInfo(peer)): Extension<ConnectInfo<SocketAddr>>,
     mut request: Request,
+    stomp: Option<Option<&'static str>>,
 ) -> Response {
     let node = &state.node;
     if let Some(origin) = request.headers().get(header::ORIGIN)
@@ -290,8 +321,10 @@ async fn upgrade(
     let query: WsQuery = request.uri().query().and_then(|q| serde_urlencoded::from_str(q).ok()).unwrap_or_default();
     let bearer = crate::auth::bearer(request.headers()).map(str::to_owned);
     let token = bearer.or(query.token);
+    let deferred = stomp.is_some() && token.is_none() && query.user.is_none();
     let identity = match node.auth.authenticate(token.as_deref(), query.user.as_deref(), query.device.as_deref()) {
-        Ok(identity) => identity,
+        Ok(identity) => Some(identity),
+        Err(_) if deferred => None,
         Err(e) => {
             let reason = if e.code == ErrorCode::BadRequest { Rejection::BadRequest } else { Rejection::Unauthorized };
             node.metrics.reject(reason);
@@ -329,11 +362,22 @@ async fn upgrade(
     let node = state.node.clone();
     tokio::spawn(async move {
         let _slot = slot;
-        if let Some(ws) = handshake::upgraded(on_upgrade, node.config.max_message_size).await {
-            session::run(node, ws, identity).await;
+        let Some(ws) = handshake::upgraded(on_upgrade, node.config.max_message_size).await else { return };
+        match (stomp, identity) {
+            (None, Some(identity)) => session::run(node, ws, identity, None).await,
+            (Some(_), identity) => {
+                if let Some((ws, identity, stomp)) = session::stomp_connect(&node, ws, identity).await {
+                    session::run(node, ws, identity, Some(stomp)).await;
+                }
+            }
+            (None, None) => unreachable!("a JSON session is authenticated before its upgrade"),
         }
     });
-    handshake::switching_protocols(&accept)
+    let mut response = handshake::switching_protocols(&accept);
+    if let Some(Some(protocol)) = stomp {
+        response.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(protocol));
+    }
+    response
 }
 
 /// `GET /echo` with `--autobahn-echo`: echoes every message, for the conformance fuzzer.

@@ -73,6 +73,8 @@ pub struct Delivery {
     ts: u64,
     content: Content,
     json: OnceLock<Bytes>,
+    /// The STOMP `MESSAGE`'s shared tail (see [`crate::stomp::encode`]), on first use.
+    stomp: OnceLock<Bytes>,
 }
 
 /// What a delivery carries: the message a node accepted, or the record bytes a bus brought,
@@ -86,7 +88,14 @@ enum Content {
 
 impl Delivery {
     pub fn new(position: Option<(StreamId, u64)>, message: Message, exclude: Option<SessionId>) -> Self {
-        Self { position, exclude, ts: message.ts, content: Content::Message(message), json: OnceLock::new() }
+        Self {
+            position,
+            exclude,
+            ts: message.ts,
+            content: Content::Message(message),
+            json: OnceLock::new(),
+            stomp: OnceLock::new(),
+        }
     }
 
     /// A delivery of a [`Record`] received from a bus; `None` when the bytes are not one. Its
@@ -100,6 +109,7 @@ impl Delivery {
             ts: layout.ts(),
             content: Content::Record(record, layout),
             json: OnceLock::new(),
+            stomp: OnceLock::new(),
         })
     }
 
@@ -113,6 +123,21 @@ impl Delivery {
                 Content::Record(record, layout) => {
                     let view = Record::view_checked(position.map(|(stream, _)| stream), record, *layout);
                     encode_view(position, view.expect("checked when received"))
+                }
+            }
+        })
+    }
+
+    /// The STOMP `MESSAGE` after its `subscription` header (PROTOCOL.md §7), encoded by the first
+    /// STOMP session that takes it and shared by the others.
+    pub fn stomp(&self) -> &Bytes {
+        self.stomp.get_or_init(|| {
+            let position = self.position.as_ref().map(|(stream, seq)| (stream, *seq));
+            match &self.content {
+                Content::Message(message) => crate::stomp::encode::message_tail(position, message.view()),
+                Content::Record(record, layout) => {
+                    let view = Record::view_checked(position.map(|(stream, _)| stream), record, *layout);
+                    crate::stomp::encode::message_tail(position, view.expect("checked when received"))
                 }
             }
         })

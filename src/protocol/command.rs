@@ -95,7 +95,7 @@ fn required<T>(field: Option<T>, name: &str, kind: &str) -> Result<T, ProtocolEr
     field.ok_or_else(|| ProtocolError::bad_request(format!("{kind} needs `{name}`")))
 }
 
-fn checked_key(key: Option<String>) -> Result<Option<String>, ProtocolError> {
+pub fn checked_key(key: Option<String>) -> Result<Option<String>, ProtocolError> {
     match key {
         Some(k) if k.is_empty() || k.len() > MAX_KEY_LEN => Err(ProtocolError::bad_request("key must be 1-256 bytes")),
         other => Ok(other),

@@ -36,9 +36,9 @@ pub(super) struct Backlog {
 }
 
 #[derive(Serialize)]
-struct Accepted {
-    mid: Arc<str>,
-    seq: u64,
+pub(super) struct Accepted {
+    pub mid: Arc<str>,
+    pub seq: u64,
 }
 
 #[derive(Serialize)]
@@ -227,7 +227,7 @@ impl Session {
     }
 
     /// The reply to a stored `send` or `publish`, whose seq in `stream` the session now has.
-    fn accepted(&mut self, stream: StreamId, appended: crate::store::Appended) -> Accepted {
+    pub(super) fn accepted(&mut self, stream: StreamId, appended: crate::store::Appended) -> Accepted {
         self.stream(stream).seen.insert(appended.seq);
         Accepted { mid: appended.mid, seq: appended.seq }
     }
@@ -237,7 +237,7 @@ impl Session {
     }
 
     /// The append of a `send` or `publish`, and the stream whose seq the reply carries.
-    fn prepare(&self, command: Command) -> Result<(Prepared, StreamId), ProtocolError> {
+    pub(super) fn prepare(&self, command: Command) -> Result<(Prepared, StreamId), ProtocolError> {
         let user = &self.info.user;
         match command {
             Command::Send { to, body, key } => {
@@ -270,7 +270,11 @@ impl Session {
 
     /// Joins (or re-joins) a room and reads its backlog. Live messages already flow to the
     /// session when the store is read, which is what closes the race with concurrent publishes.
-    async fn join(&mut self, room: &RoomName, since: Option<u64>) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
+    pub(super) async fn join(
+        &mut self,
+        room: &RoomName,
+        since: Option<u64>,
+    ) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
         if !self.node.may_enter(&self.identity, room) {
             return Err(ProtocolError::new(
                 ErrorCode::Forbidden,
@@ -294,7 +298,7 @@ impl Session {
         self.catch_up(StreamId::Room(room.clone()), since).await
     }
 
-    async fn sync(&mut self, since: Option<u64>) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
+    pub(super) async fn sync(&mut self, since: Option<u64>) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
         let since = match since {
             Some(since) => since,
             None => self.node.cursor(&self.info.user).await?,
@@ -334,27 +338,33 @@ impl Session {
             caught = self.node.catch_up(&stream, 0).await?;
             caught.truncated = true;
         }
-        let state = self.stream(stream.clone());
+        let state = self.streams.entry(stream.clone()).or_default();
         let first_kept = caught.slice.messages.first().map_or(caught.slice.last_seq + 1, |m| m.seq);
         let expired = !lost && state.seen.next_missing(since + 1) < first_kept;
         if lost {
             state.seen = SeqSet::default();
         }
         let mut oldest = u64::MAX;
+        let stomp = self.stomp.as_deref();
+        // A STOMP session without a subscription to the stream takes none of it, and has none.
+        let follows = stomp.is_none_or(|stomp| stomp.follows(&stream));
         let frames = caught
             .slice
             .messages
             .iter()
-            .filter(|m| state.seen.insert(m.seq))
-            .map(|m| {
+            .filter(|m| follows && state.seen.insert(m.seq))
+            .filter_map(|m| {
                 oldest = oldest.min(m.message.ts);
-                encode_message(Some((&stream, m.seq)), &m.message)
+                match stomp {
+                    None => Some(encode_message(Some((&stream, m.seq)), &m.message)),
+                    Some(stomp) => stomp.encode_stored(&stream, m.seq, &m.message),
+                }
             })
             .collect();
         Ok(Backlog { last: caught.slice.last_seq, truncated: caught.truncated, expired, frames, oldest })
     }
 
-    async fn leave(&mut self, room: &RoomName) -> Result<(), ProtocolError> {
+    pub(super) async fn leave(&mut self, room: &RoomName) -> Result<(), ProtocolError> {
         if !self.rooms.remove(room) {
             return Err(ProtocolError::new(ErrorCode::NotMember, format!("not a member of room {room}")));
         }

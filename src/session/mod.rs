@@ -16,6 +16,8 @@ pub use commands::raw_list;
 mod ratelimit;
 mod repair;
 mod seqset;
+mod stomp;
+pub(crate) use stomp::{Stomp, connect as stomp_connect};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use tracing::Instrument;
 
 use crate::auth::Identity;
 use crate::bus::{Delivery, SessionId};
-use crate::hub::{Outbound, SessionHandle};
+use crate::hub::{Outbound, SessionHandle, SharedFrame};
 use crate::metrics::Kind;
 use crate::node::Node;
 use crate::presence::SessionInfo;
@@ -87,7 +89,7 @@ async fn repair_due(at: Option<Instant>) {
 
 /// One thing to write, or to do, out of the queue's items.
 enum Piece<'a> {
-    Frame(&'a [u8]),
+    Frame(&'a SharedFrame),
     Delivery(&'a Arc<Delivery>),
     Resync,
 }
@@ -114,7 +116,7 @@ impl<'a> Iterator for Pieces<'a> {
             }
             return Some(match self.items.next()? {
                 Outbound::Message(delivery) => Piece::Delivery(delivery),
-                Outbound::Frame(frame) => Piece::Frame(&frame[..]),
+                Outbound::Frame(frame) => Piece::Frame(frame),
                 Outbound::Resync => Piece::Resync,
                 Outbound::Messages(burst) => {
                     self.burst = burst.iter();
@@ -152,6 +154,8 @@ struct Session {
     /// of them, with the rate limiter's verdict if it was asked: handled next, before anything
     /// else. Boxed, as it is rare.
     stashed: Option<Box<Stashed>>,
+    /// What a STOMP session (PROTOCOL.md §7) holds beside this; `None` for JSON.
+    stomp: Option<Box<Stomp>>,
 }
 
 /// A frame held for the loop, and the rate limiter's verdict on it if it was already asked.
@@ -160,12 +164,13 @@ struct Stashed {
     verdict: Option<Verdict>,
 }
 
-/// Runs a session until it closes, then unregisters it.
+/// Runs a session until it closes, then unregisters it; a STOMP one when `stomp` is given (its
+/// `CONNECT` is done, see [`stomp_connect`]).
 ///
 /// Not an `async fn`: one would keep its arguments and the session built from them side by
 /// side in the task for its whole life (about 1 KB, measured); the session is built first and
 /// moved into the future once.
-pub fn run(node: Arc<Node>, ws: WebSocket, identity: Identity) -> impl Future<Output = ()> {
+pub fn run(node: Arc<Node>, ws: WebSocket, identity: Identity, stomp: Option<Box<Stomp>>) -> impl Future<Output = ()> {
     let id = SessionId::random();
     let (queue, rx) = mpsc::channel(node.config.outbound_queue);
     let info = SessionInfo {
@@ -189,6 +194,7 @@ pub fn run(node: Arc<Node>, ws: WebSocket, identity: Identity) -> impl Future<Ou
         last_heard: now,
         repair: None,
         stashed: None,
+        stomp,
     };
     let span = tracing::debug_span!("session", id = %id, user = %session.info.user);
     async move {
@@ -210,13 +216,17 @@ pub fn run(node: Arc<Node>, ws: WebSocket, identity: Identity) -> impl Future<Ou
 impl Session {
     async fn serve(&mut self, mut rx: mpsc::Receiver<Outbound>) -> Stop {
         let config = self.node.config.clone();
-        let welcome = encode_welcome(
-            &self.info.session.to_string(),
-            &self.info.user,
-            self.info.device.as_deref(),
-            &self.node.id,
-            config.ping_interval,
-        );
+        let session = self.info.session.to_string();
+        let welcome = match &self.stomp {
+            None => encode_welcome(
+                &session,
+                &self.info.user,
+                self.info.device.as_deref(),
+                &self.node.id,
+                config.ping_interval,
+            ),
+            Some(stomp) => stomp.connected(&session, &self.info.user, config.ping_interval),
+        };
         let own = StreamId::User(self.info.user.clone());
         let live_from = self.node.last_seq(&own).await.ok();
         self.streams.insert(own, StreamState { seen: SeqSet::default(), live_from });
@@ -283,6 +293,9 @@ impl Session {
             }
         };
         self.last_heard = Instant::now();
+        if self.stomp.is_some() {
+            return self.on_stomp(incoming, verdict).await;
+        }
         let text = match incoming {
             Incoming::Text(text) => Some(text),
             Incoming::Binary(_) => None,
@@ -318,13 +331,25 @@ impl Session {
         let mut counts = [0u64; 3];
         let mut oldest = u64::MAX;
         let (me, streams, repair) = (self.info.session, &mut self.streams, &mut self.repair);
+        let stomp = self.stomp.as_deref();
         let frames = Pieces::of(batch).filter_map(|piece| match piece {
-            Piece::Frame(frame) => Some(frame),
+            Piece::Frame(frame) => match stomp {
+                None => Some((&[][..], &frame.json[..])),
+                Some(stomp) => {
+                    let (room, tail) = frame.stomp()?;
+                    Some((stomp.head_for_room(room)?, &tail[..]))
+                }
+            },
             Piece::Resync => {
                 resync = true;
                 None
             }
             Piece::Delivery(delivery) => {
+                // A STOMP session takes only what it subscribed to, and counts nothing else as had.
+                let head = match stomp {
+                    None => &[][..],
+                    Some(stomp) => stomp.head(delivery.position.as_ref().map(|(stream, _)| stream))?,
+                };
                 let kind = match &delivery.position {
                     None if delivery.exclude == Some(me) => return None,
                     None => Kind::Broadcast,
@@ -354,10 +379,10 @@ impl Session {
                 };
                 counts[kind as usize] += 1;
                 oldest = oldest.min(delivery.ts());
-                Some(&delivery.json()[..])
+                Some((head, if stomp.is_some() { &delivery.stomp()[..] } else { &delivery.json()[..] }))
             }
         });
-        let pushed = self.ws.push_text(frames);
+        let pushed = self.ws.push_text_parts(frames);
         batch.clear();
         self.wrote(pushed).await?;
         self.count_delivered(counts, oldest);
@@ -414,7 +439,11 @@ impl Session {
                 counts[kind as usize] += 1;
                 oldest = oldest.min(d.ts());
             }
-            let pushed = self.ws.push_text(released.iter().map(|d| &d.json()[..]));
+            let stomp = self.stomp.as_deref();
+            let pushed = self.ws.push_text_parts(released.iter().filter_map(|d| match stomp {
+                None => Some((&[][..], &d.json()[..])),
+                Some(stomp) => Some((stomp.head(d.position.as_ref().map(|(stream, _)| stream))?, &d.stomp()[..])),
+            }));
             self.wrote(pushed).await?;
             self.count_delivered(counts, oldest);
         }
@@ -460,8 +489,13 @@ impl Session {
     /// may have lost messages while its connection was down. Failures are logged and skipped;
     /// the next resync or the client's own `sync` covers them.
     async fn resync(&mut self) -> Result<(), Stop> {
-        let owed: Vec<(StreamId, u64)> =
-            self.streams.iter().filter_map(|(stream, state)| Some((stream.clone(), state.live_from?))).collect();
+        let stomp = self.stomp.as_deref();
+        let owed: Vec<(StreamId, u64)> = self
+            .streams
+            .iter()
+            .filter(|(stream, _)| stomp.is_none_or(|stomp| stomp.follows(stream)))
+            .filter_map(|(stream, state)| Some((stream.clone(), state.live_from?)))
+            .collect();
         for (stream, from) in owed {
             match self.read_missing(stream.clone(), from).await {
                 Ok(backlog) => {
@@ -479,6 +513,12 @@ impl Session {
     async fn ping(&mut self, every: Duration) -> Result<(), Stop> {
         if self.last_heard.elapsed() > every * 2 {
             return Err(Stop::Close(close::GOING_AWAY, Arc::from("ping timeout")));
+        }
+        if let Some(stomp) = &self.stomp
+            && stomp.beat()?
+            && self.ws.push_text([&b"\n"[..]]).is_err()
+        {
+            return Err(Stop::Gone);
         }
         let pushed = self.ws.push_ping();
         self.wrote(pushed).await
@@ -538,9 +578,15 @@ impl Session {
     /// briefly for the client's close.
     async fn finish(&mut self, stop: Stop) {
         let Stop::Close(code, reason) = stop else { return };
+        let said = match &self.stomp {
+            None => Some(encode_disconnect(code, &reason)),
+            Some(stomp) => stomp.goodbye(code, &reason),
+        };
         let ws = &mut self.ws;
         let goodbye = async {
-            ws.push_text([&encode_disconnect(code, &reason)[..]])?;
+            if let Some(said) = said {
+                ws.push_text([&said[..]])?;
+            }
             ws.close(code, &reason).await
         };
         if let Ok(Ok(())) = tokio::time::timeout(WRITE_TIMEOUT / 2, goodbye).await {

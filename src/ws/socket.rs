@@ -22,7 +22,7 @@ use super::transport::Transport;
 const READ_CHUNK: usize = 4096;
 /// The first read with nothing pending goes to the stack, this large (a client's command fits).
 const READ_PROBE: usize = 512;
-/// Frames per vectored write (two slices each, within every platform's `IOV_MAX`).
+/// Frames per vectored write (up to three slices each, within every platform's `IOV_MAX`).
 const FRAMES_PER_WRITE: usize = 32;
 
 /// One server-side WebSocket connection over the stream `S`: a plain `TcpStream` unless said
@@ -85,11 +85,18 @@ impl<S: Transport> WebSocket<S> {
     /// Writes text frames, one per payload, as far as the stream takes them now, in as few
     /// writes as it allows; the rest waits for [`flush`](Self::flush).
     pub fn push_text<'a>(&mut self, payloads: impl IntoIterator<Item = &'a [u8]>) -> io::Result<()> {
-        self.push(OP_TEXT, payloads)
+        self.push(OP_TEXT, payloads.into_iter().map(|payload| (&[][..], payload)))
+    }
+
+    /// Like [`push_text`](Self::push_text), each message's payload in two parts, written one
+    /// after the other without copying: a head of the session's own before bytes shared with
+    /// other sessions (a STOMP `MESSAGE` frame's `subscription` before the rest).
+    pub fn push_text_parts<'a>(&mut self, messages: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> io::Result<()> {
+        self.push(OP_TEXT, messages)
     }
 
     pub fn push_ping(&mut self) -> io::Result<()> {
-        self.push(OP_PING, [&b""[..]])
+        self.push(OP_PING, [(&b""[..], &b""[..])])
     }
 
     /// Whether pushed frames are still waiting for the stream.
@@ -100,8 +107,8 @@ impl<S: Transport> WebSocket<S> {
     /// Sends a data message back as it came (the conformance echo).
     pub async fn echo(&mut self, incoming: &Incoming) -> io::Result<()> {
         match incoming {
-            Incoming::Text(text) => self.push(OP_TEXT, [text.as_bytes()])?,
-            Incoming::Binary(data) => self.push(OP_BINARY, [data.as_slice()])?,
+            Incoming::Text(text) => self.push(OP_TEXT, [(&[][..], text.as_bytes())])?,
+            Incoming::Binary(data) => self.push(OP_BINARY, [(&[][..], data.as_slice())])?,
             _ => return Ok(()),
         }
         self.flush().await
@@ -111,7 +118,7 @@ impl<S: Transport> WebSocket<S> {
     pub async fn close(&mut self, code: u16, reason: &str) -> io::Result<()> {
         if !self.close_sent {
             let payload = frame::close_payload(code, reason);
-            self.push(OP_CLOSE, [payload.as_slice()])?;
+            self.push(OP_CLOSE, [(&[][..], payload.as_slice())])?;
             self.close_sent = true;
         }
         self.flush().await
@@ -176,9 +183,10 @@ impl<S: Transport> WebSocket<S> {
         Ok(())
     }
 
-    /// Frames each payload and writes them now as far as the stream takes them; the rest goes
-    /// to `output` for [`flush`](Self::flush). Nothing goes out after our close frame.
-    fn push<'a>(&mut self, opcode: u8, payloads: impl IntoIterator<Item = &'a [u8]>) -> io::Result<()> {
+    /// Frames each payload (a head, often empty, and a body) and writes them now as far as the
+    /// stream takes them; the rest goes to `output` for [`flush`](Self::flush). Nothing goes out
+    /// after our close frame.
+    fn push<'a>(&mut self, opcode: u8, payloads: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> io::Result<()> {
         if self.close_sent {
             return Ok(());
         }
@@ -186,19 +194,27 @@ impl<S: Transport> WebSocket<S> {
         while payloads.peek().is_some() {
             let mut headers = [[0u8; MAX_HEADER]; FRAMES_PER_WRITE];
             let mut lens = [0usize; FRAMES_PER_WRITE];
-            let mut bodies: [&[u8]; FRAMES_PER_WRITE] = [&[]; FRAMES_PER_WRITE];
+            let mut parts: [(&[u8], &[u8]); FRAMES_PER_WRITE] = [(&[], &[]); FRAMES_PER_WRITE];
             let mut n = 0;
-            for payload in payloads.by_ref().take(FRAMES_PER_WRITE) {
-                lens[n] = frame::write_header(&mut headers[n], opcode, payload.len());
-                bodies[n] = payload;
+            for (head, body) in payloads.by_ref().take(FRAMES_PER_WRITE) {
+                lens[n] = frame::write_header(&mut headers[n], opcode, head.len() + body.len());
+                parts[n] = (head, body);
                 n += 1;
             }
-            let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
+            let mut slices = [IoSlice::new(&[]); 3 * FRAMES_PER_WRITE];
+            let mut used = 0;
             for i in 0..n {
-                slices[2 * i] = IoSlice::new(&headers[i][..lens[i]]);
-                slices[2 * i + 1] = IoSlice::new(bodies[i]);
+                slices[used] = IoSlice::new(&headers[i][..lens[i]]);
+                used += 1;
+                let (head, body) = parts[i];
+                if !head.is_empty() {
+                    slices[used] = IoSlice::new(head);
+                    used += 1;
+                }
+                slices[used] = IoSlice::new(body);
+                used += 1;
             }
-            self.write_slices(&slices[..2 * n])?;
+            self.write_slices(&slices[..used])?;
         }
         Ok(())
     }
@@ -266,13 +282,13 @@ impl<S: Transport> WebSocket<S> {
             Some(Decoded::Ready(incoming)) => Ok(Some(incoming)),
             Some(Decoded::Ping(payload)) => {
                 let payload = payload.to_vec();
-                self.push(OP_PONG, [payload.as_slice()])?;
+                self.push(OP_PONG, [(&[][..], payload.as_slice())])?;
                 Ok(Some(Incoming::Ping))
             }
             Some(Decoded::Close(code)) => {
                 if !self.close_sent {
                     let reply = code.map_or(Vec::new(), |c| c.to_be_bytes().to_vec());
-                    self.push(OP_CLOSE, [reply.as_slice()])?;
+                    self.push(OP_CLOSE, [(&[][..], reply.as_slice())])?;
                     self.close_sent = true;
                 }
                 self.close_received = Some(code);

@@ -20,12 +20,12 @@ fn sign(alg: Algorithm, key: &EncodingKey, claims: &Value) -> String {
     encode(&Header::new(alg), claims, key).expect("token signs")
 }
 
-fn hs256(secret: &[u8], claims: Value) -> String {
+pub fn hs256(secret: &[u8], claims: Value) -> String {
     sign(Algorithm::HS256, &EncodingKey::from_secret(secret), &claims)
 }
 
 /// A token for `sub` valid for an hour, with extra claims merged in.
-fn claims(sub: &str, extra: Value) -> Value {
+pub fn claims(sub: &str, extra: Value) -> Value {
     let mut claims = json!({"sub": sub, "exp": now() + 3600});
     if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
         claims.extend(extra.clone());

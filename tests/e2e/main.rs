@@ -5,6 +5,7 @@ mod fault_proxy;
 mod nats_server;
 mod procs;
 mod redis_server;
+mod stomp_client;
 mod support;
 mod tls;
 
@@ -24,4 +25,5 @@ mod outbox;
 mod repair;
 mod rooms;
 mod sql_server;
+mod stomp;
 mod timers;

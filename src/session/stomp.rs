@@ -1,0 +1,517 @@
+//! STOMP 1.2 sessions (PROTOCOL.md §7): the `CONNECT` handshake, the client frames mapped onto
+//! the commands of §3, and what a STOMP session writes where a JSON one writes JSON frames.
+//!
+//! A STOMP session is the same [`Session`] as a JSON one, with a [`Stomp`] beside it: the decoder
+//! of its frames, its subscriptions and its heart-beats. Delivery, order, repair, limits and
+//! closes are shared; only the encoding and the commands differ. A message reaches a STOMP
+//! session only through a subscription: the user's own stream needs `/user/queue/messages`,
+//! a broadcast `/broadcast`, and a room is joined by subscribing to `/topic/<room>`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use super::ratelimit::Verdict;
+use super::{Session, Stop};
+use crate::auth::Identity;
+use crate::node::Node;
+use crate::protocol::{
+    Command as Native, ErrorCode, ProtocolError, RoomName, StreamId, UserId, checked_body, checked_key, close,
+};
+use crate::stomp::encode::{self, BROADCAST, ERRORS, TOPIC, USER, USER_QUEUE};
+use crate::stomp::frame::{Command, Decoder, Frame, Item};
+use crate::ws::{Incoming, WebSocket};
+
+/// One subscription: its id, and the head of every `MESSAGE` written for it.
+struct Subscription {
+    id: Box<str>,
+    head: Box<[u8]>,
+}
+
+impl Subscription {
+    fn new(id: &str) -> Self {
+        Self { id: Box::from(id), head: encode::message_head(id) }
+    }
+}
+
+/// What a STOMP session holds beside the shared session state. Boxed in the session, so that a
+/// JSON session pays one pointer for it.
+pub(crate) struct Stomp {
+    decoder: Decoder,
+    /// The subscriptions to the user's own stream and to rooms.
+    streams: HashMap<StreamId, Subscription, foldhash::fast::RandomState>,
+    broadcast: Option<Subscription>,
+    errors: Option<Subscription>,
+    /// How often the server sends a heart-beat, and how often the client must send something
+    /// (`None`: not negotiated).
+    send_every: Option<Duration>,
+    expect_every: Option<Duration>,
+    /// When the client last sent a frame or a heart-beat.
+    heard: Instant,
+    /// The `receipt-id` of the `ERROR` that closes the session, when the frame at fault asked
+    /// for a receipt.
+    error_receipt: Option<String>,
+}
+
+impl Stomp {
+    /// The head of a `MESSAGE` of `stream` (`None`: a broadcast) for this session; `None` when no
+    /// subscription asked for it.
+    pub(super) fn head(&self, stream: Option<&StreamId>) -> Option<&[u8]> {
+        let subscription = match stream {
+            Some(stream) => self.streams.get(stream),
+            None => self.broadcast.as_ref(),
+        };
+        subscription.map(|s| &s.head[..])
+    }
+
+    pub(super) fn head_for_room(&self, room: &RoomName) -> Option<&[u8]> {
+        self.head(Some(&StreamId::Room(room.clone())))
+    }
+
+    /// A stored message of `stream` as a whole `MESSAGE` for this session, if it subscribed.
+    pub(super) fn encode_stored(
+        &self,
+        stream: &StreamId,
+        seq: u64,
+        message: &crate::message::Message,
+    ) -> Option<Bytes> {
+        let head = self.head(Some(stream))?;
+        let tail = encode::message_tail(Some((stream, seq)), message.view());
+        Some(Bytes::from([head, &tail[..]].concat()))
+    }
+
+    /// The `CONNECTED` frame, announcing beats at the ping interval both ways.
+    pub(super) fn connected(&self, session: &str, user: &UserId, ping_interval: u64) -> Bytes {
+        let ms = ping_interval * 1000;
+        encode::connected(session, user, (ms, ms))
+    }
+
+    /// What to say before closing with `code`: nothing after `DISCONNECT`, else an `ERROR`.
+    pub(super) fn goodbye(&self, code: u16, reason: &str) -> Option<Bytes> {
+        (code != close::NORMAL).then(|| encode::error(reason, self.error_receipt.as_deref()))
+    }
+
+    /// Whether a resync may read `stream`: only a subscribed one is delivered.
+    pub(super) fn follows(&self, stream: &StreamId) -> bool {
+        self.streams.contains_key(stream)
+    }
+
+    /// At each ping tick: a heart-beat to send, or why the client is gone.
+    pub(super) fn beat(&self) -> Result<bool, Stop> {
+        if let Some(every) = self.expect_every
+            && self.heard.elapsed() > every * 2
+        {
+            let reason = format!("heart-beat timeout: nothing received for {} ms", (every * 2).as_millis());
+            return Err(Stop::Close(close::GOING_AWAY, Arc::from(reason)));
+        }
+        Ok(self.send_every.is_some())
+    }
+}
+
+/// Waits for the client's `CONNECT` (or `STOMP`) frame and authenticates it, unless the upgrade
+/// already did (`identity`). On any failure the client gets an `ERROR` and the connection
+/// closes; `None` then.
+pub(crate) async fn connect(
+    node: &Node,
+    mut ws: WebSocket,
+    identity: Option<Identity>,
+) -> Option<(WebSocket, Identity, Box<Stomp>)> {
+    let mut decoder = Decoder::new(node.config.max_message_size);
+    let deadline = Instant::now() + Duration::from_secs(node.config.handshake_timeout);
+    let frame = loop {
+        match decoder.next() {
+            Ok(Some(Item::Frame(frame))) => break frame,
+            Ok(Some(Item::HeartBeat)) => continue,
+            Ok(None) => {}
+            Err(e) => return refuse(ws, &e.to_string(), close::PROTOCOL_ERROR).await,
+        }
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return refuse(ws, "no CONNECT frame in time", close::POLICY).await,
+            Ok(Ok(Incoming::Text(text))) => decoder.push(text.as_bytes()),
+            Ok(Ok(Incoming::Binary(data))) => decoder.push(&data),
+            Ok(Ok(Incoming::Close(_))) => return None,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                if let Some((code, reason)) = e.close() {
+                    let _ = ws.close(code, reason).await;
+                }
+                return None;
+            }
+        }
+    };
+    if !matches!(frame.command, Command::Connect | Command::Stomp) {
+        return refuse(ws, "the first frame must be CONNECT or STOMP", close::PROTOCOL_ERROR).await;
+    }
+    let headers = &frame.headers;
+    if let Some(versions) = headers.get("accept-version")
+        && !versions.split(',').any(|v| v.trim() == "1.2")
+    {
+        return refuse(ws, "this server speaks STOMP 1.2: accept-version must include 1.2", close::PROTOCOL_ERROR)
+            .await;
+    }
+    let identity = match identity {
+        Some(identity) => identity,
+        None => {
+            let bearer = headers
+                .get("Authorization")
+                .or_else(|| headers.get("authorization"))
+                .and_then(|value| value.get(..7).filter(|s| s.eq_ignore_ascii_case("bearer ")).map(|_| &value[7..]));
+            let token = bearer.or_else(|| headers.get("passcode")).filter(|t| !t.is_empty());
+            match node.auth.authenticate(token, headers.get("login"), headers.get("device")) {
+                Ok(identity) => identity,
+                Err(e) => return refuse(ws, &e.message, close::POLICY).await,
+            }
+        }
+    };
+    let (send_every, expect_every) = match heart_beats(headers.get("heart-beat"), node.config.ping_interval) {
+        Ok(beats) => beats,
+        Err(e) => return refuse(ws, e, close::PROTOCOL_ERROR).await,
+    };
+    let stomp = Stomp {
+        decoder,
+        streams: HashMap::default(),
+        broadcast: None,
+        errors: None,
+        send_every,
+        expect_every,
+        heard: Instant::now(),
+        error_receipt: None,
+    };
+    Some((ws, identity, Box::new(stomp)))
+}
+
+/// The heart-beats negotiated from the client's `heart-beat: cx,cy` (STOMP 1.2 §Heart-beating),
+/// the server offering the ping interval both ways: the server sends every max(sx, cy) when cy is
+/// not 0, and expects something every max(cx, sy) when cx is not 0.
+fn heart_beats(header: Option<&str>, ping_interval: u64) -> Result<(Option<Duration>, Option<Duration>), &'static str> {
+    let Some(header) = header else { return Ok((None, None)) };
+    let bad = "heart-beat must be two numbers of milliseconds: cx,cy";
+    let (cx, cy) = header.split_once(',').ok_or(bad)?;
+    let cx: u64 = cx.trim().parse().map_err(|_| bad)?;
+    let cy: u64 = cy.trim().parse().map_err(|_| bad)?;
+    let ours = ping_interval.saturating_mul(1000);
+    let every = |theirs: u64| (theirs > 0).then(|| Duration::from_millis(theirs.max(ours)));
+    Ok((every(cy), every(cx)))
+}
+
+/// Refuses a connection before its session starts: `ERROR`, then the close.
+async fn refuse<T>(mut ws: WebSocket, message: &str, code: u16) -> Option<T> {
+    let bye = async {
+        ws.push_text([&encode::error(message, None)[..]])?;
+        ws.close(code, message).await
+    };
+    if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(5), bye).await {
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.closed()).await;
+    }
+    None
+}
+
+impl Session {
+    fn stomp(&mut self) -> &mut Stomp {
+        self.stomp.as_mut().expect("a STOMP session")
+    }
+
+    /// Takes a WebSocket message of a STOMP session: its frames in order. The rate limit counts
+    /// each frame, and a message with none (part of a frame, heart-beats) once; `verdict` is the
+    /// limiter's on the message if it was already asked.
+    pub(super) async fn on_stomp(&mut self, incoming: Incoming, verdict: Option<Verdict>) -> Result<(), Stop> {
+        let data: &[u8] = match &incoming {
+            Incoming::Text(text) => text.as_bytes(),
+            Incoming::Binary(data) => data,
+            _ => return Ok(()),
+        };
+        self.stomp().decoder.push(data);
+        let mut verdict = Some(verdict.unwrap_or_else(|| self.limiter.check(self.last_heard.into_std())));
+        loop {
+            let item = self.stomp().decoder.next();
+            let frame = match item {
+                Ok(None) => break,
+                Ok(Some(Item::HeartBeat)) => {
+                    self.stomp().heard = Instant::now();
+                    continue;
+                }
+                Ok(Some(Item::Frame(frame))) => frame,
+                Err(e) => return Err(Stop::Close(close::PROTOCOL_ERROR, Arc::from(e.to_string()))),
+            };
+            self.stomp().heard = Instant::now();
+            match verdict.take().unwrap_or_else(|| self.limiter.check(self.last_heard.into_std())) {
+                Verdict::Allow => self.on_stomp_frame(frame).await?,
+                Verdict::Refuse => {
+                    let err = ProtocolError::new(ErrorCode::RateLimited, "too many frames: slow down");
+                    self.report(&err, frame.headers.get("receipt")).await?;
+                }
+                Verdict::Close => {
+                    return Err(Stop::Close(close::POLICY, Arc::from("rate limit exceeded repeatedly")));
+                }
+            }
+        }
+        if verdict == Some(Verdict::Close) {
+            return Err(Stop::Close(close::POLICY, Arc::from("rate limit exceeded repeatedly")));
+        }
+        Ok(())
+    }
+
+    async fn on_stomp_frame(&mut self, frame: Frame) -> Result<(), Stop> {
+        match frame.command {
+            Command::Send => self.stomp_send(frame).await,
+            Command::Subscribe => self.stomp_subscribe(frame).await,
+            Command::Unsubscribe => self.stomp_unsubscribe(frame).await,
+            Command::Ack | Command::Nack => self.stomp_ack(frame).await,
+            Command::Disconnect => {
+                if let Some(receipt) = frame.headers.get("receipt") {
+                    self.write([encode::receipt(receipt, &[])]).await?;
+                }
+                Err(Stop::Close(close::NORMAL, Arc::from("disconnect")))
+            }
+            Command::Connect | Command::Stomp => Err(self.fault("already connected", &frame)),
+            Command::Begin | Command::Commit | Command::Abort => {
+                Err(self.fault("transactions are not supported: send each message on its own", &frame))
+            }
+        }
+    }
+
+    /// Closes the session with an `ERROR` about `frame` (with its receipt's id), as STOMP does
+    /// for a frame it cannot take.
+    fn fault(&mut self, message: &str, frame: &Frame) -> Stop {
+        self.stomp().error_receipt = frame.headers.get("receipt").map(str::to_owned);
+        Stop::Close(close::PROTOCOL_ERROR, Arc::from(message))
+    }
+
+    /// Reports a refused frame on `/user/queue/errors`. A session that did not subscribe there
+    /// still gets the `MESSAGE`, with no `subscription` (stompjs hands it to
+    /// `onUnhandledMessage`): nothing is refused silently.
+    async fn report(&mut self, err: &ProtocolError, receipt: Option<&str>) -> Result<(), Stop> {
+        let tail = encode::refusal_tail(err.code.as_str(), &err.message, receipt);
+        let stomp = self.stomp.as_deref().expect("a STOMP session");
+        let head = stomp.errors.as_ref().map_or(&b"MESSAGE\n"[..], |s| &s.head[..]);
+        let pushed = self.ws.push_text_parts([(head, &tail[..])]);
+        self.wrote(pushed).await
+    }
+
+    /// `SEND /user/<id>` (`send`) or `SEND /topic/<room>` (`publish`); a `RECEIPT` with `mid` and
+    /// `seq` once stored.
+    async fn stomp_send(&mut self, frame: Frame) -> Result<(), Stop> {
+        let receipt = frame.headers.get("receipt");
+        let Some(destination) = frame.headers.get("destination") else {
+            return Err(self.fault("SEND needs a destination", &frame));
+        };
+        enum To {
+            User(String),
+            Room(String),
+        }
+        let to = if let Some(user) = destination.strip_prefix(USER).filter(|u| !u.contains('/')) {
+            To::User(user.to_owned())
+        } else if let Some(room) = destination.strip_prefix(TOPIC) {
+            To::Room(room.to_owned())
+        } else {
+            let message = format!("unknown destination {destination}: SEND to /user/<id> or /topic/<room>");
+            return Err(self.fault(&message, &frame));
+        };
+        let command = send_body(&frame).and_then(|(body, key)| {
+            Ok(match to {
+                To::User(user) => Native::Send { to: UserId::parse(&user)?, body, key },
+                To::Room(room) => Native::Publish { room: RoomName::parse(&room)?, body, key },
+            })
+        });
+        let result = match command.and_then(|command| self.prepare(command)) {
+            Ok((message, stream)) => self.node.append_one(message).await.map(|a| self.accepted(stream, a)),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(accepted) => match receipt {
+                Some(receipt) => {
+                    let seq = accepted.seq.to_string();
+                    self.write([encode::receipt(receipt, &[("mid", &accepted.mid), ("seq", &seq)])]).await
+                }
+                None => Ok(()),
+            },
+            Err(e) => self.report(&e, receipt).await,
+        }
+    }
+
+    /// `SUBSCRIBE`: the user's queue (`sync`), a room (`join`), broadcasts or the error queue.
+    /// The subscription exists before the catch-up is read, so that the catch-up and the live
+    /// messages meanwhile are written for it; a refused one is removed again.
+    async fn stomp_subscribe(&mut self, frame: Frame) -> Result<(), Stop> {
+        let headers = &frame.headers;
+        let receipt = headers.get("receipt");
+        let (Some(id), Some(destination)) = (headers.get("id"), headers.get("destination")) else {
+            return Err(self.fault("SUBSCRIBE needs an id and a destination", &frame));
+        };
+        let since = match headers.get("since").map(str::parse::<u64>) {
+            None => None,
+            Some(Ok(since)) => Some(since),
+            Some(Err(_)) => {
+                let err = ProtocolError::bad_request("since must be a seq: a non-negative integer");
+                return self.report(&err, receipt).await;
+            }
+        };
+        let subscription = Subscription::new(id);
+        let caught_up = match destination {
+            USER_QUEUE => {
+                let stream = StreamId::User(self.info.user.clone());
+                self.stomp().streams.insert(stream.clone(), subscription);
+                let result = self.sync(since).await;
+                if result.is_err() {
+                    self.stomp().streams.remove(&stream);
+                }
+                result
+            }
+            BROADCAST => {
+                self.stomp().broadcast = Some(subscription);
+                Ok((0, false, Vec::new()))
+            }
+            ERRORS => {
+                self.stomp().errors = Some(subscription);
+                Ok((0, false, Vec::new()))
+            }
+            _ => {
+                let Some(room) = destination.strip_prefix(TOPIC) else {
+                    let message = format!(
+                        "unknown destination {destination}: subscribe to {USER_QUEUE}, /topic/<room>, {BROADCAST} or {ERRORS}"
+                    );
+                    return Err(self.fault(&message, &frame));
+                };
+                match RoomName::parse(room) {
+                    Ok(room) => {
+                        let stream = StreamId::Room(room.clone());
+                        let before = self.stomp().streams.insert(stream.clone(), subscription);
+                        let result = self.join(&room, since).await;
+                        if result.is_err() {
+                            match before {
+                                Some(before) => self.stomp().streams.insert(stream, before),
+                                None => self.stomp().streams.remove(&stream),
+                            };
+                        }
+                        result
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match caught_up {
+            Ok((seq, truncated, backlog)) => {
+                if let Some(receipt) = receipt {
+                    let seq = seq.to_string();
+                    let extra = [("seq", &seq[..]), ("truncated", if truncated { "true" } else { "false" })];
+                    self.write([encode::receipt(receipt, &extra)]).await?;
+                }
+                self.write(backlog).await
+            }
+            Err(e) => self.report(&e, receipt).await,
+        }
+    }
+
+    /// `UNSUBSCRIBE`: ends a subscription by its id; a room's is a `leave`.
+    async fn stomp_unsubscribe(&mut self, frame: Frame) -> Result<(), Stop> {
+        let receipt = frame.headers.get("receipt");
+        let Some(id) = frame.headers.get("id") else {
+            return Err(self.fault("UNSUBSCRIBE needs an id", &frame));
+        };
+        let stomp = self.stomp();
+        let stream = stomp.streams.iter().find(|(_, s)| &*s.id == id).map(|(stream, _)| stream.clone());
+        let mut result = Ok(());
+        if let Some(stream) = stream {
+            stomp.streams.remove(&stream);
+            if let StreamId::Room(room) = stream {
+                result = self.leave(&room).await;
+            }
+        } else if stomp.broadcast.as_ref().is_some_and(|s| &*s.id == id) {
+            stomp.broadcast = None;
+        } else if stomp.errors.as_ref().is_some_and(|s| &*s.id == id) {
+            stomp.errors = None;
+        }
+        match (result, receipt) {
+            (Ok(()), Some(receipt)) => self.write([encode::receipt(receipt, &[])]).await,
+            (Ok(()), None) => Ok(()),
+            (Err(e), receipt) => self.report(&e, receipt).await,
+        }
+    }
+
+    /// `ACK` of a message of the user's own stream moves its read cursor to that seq; any other
+    /// `ACK`, and `NACK`, changes nothing (messages are kept in their streams either way).
+    async fn stomp_ack(&mut self, frame: Frame) -> Result<(), Stop> {
+        let receipt = frame.headers.get("receipt");
+        let Some(id) = frame.headers.get("id").or_else(|| frame.headers.get("message-id")) else {
+            return Err(self.fault("ACK and NACK need an id", &frame));
+        };
+        let own = StreamId::User(self.info.user.clone()).to_string();
+        let seq = id.rsplit_once('/').filter(|(stream, _)| *stream == own).and_then(|(_, seq)| seq.parse().ok());
+        let result = match (frame.command, seq) {
+            (Command::Ack, Some(seq)) => self.node.ack(&self.info.user, seq).await,
+            _ => Ok(()),
+        };
+        match (result, receipt) {
+            (Ok(()), Some(receipt)) => self.write([encode::receipt(receipt, &[])]).await,
+            (Ok(()), None) => Ok(()),
+            (Err(e), receipt) => self.report(&e, receipt).await,
+        }
+    }
+}
+
+/// A `SEND`'s body as the JSON a message carries, and its idempotency `key`: a JSON body as it
+/// is, anything else as a JSON string of its text.
+fn send_body(frame: &Frame) -> Result<(Box<RawValue>, Option<String>), ProtocolError> {
+    let key = checked_key(frame.headers.get("key").map(str::to_owned))?;
+    let text = std::str::from_utf8(&frame.body)
+        .map_err(|_| ProtocolError::bad_request("the body must be UTF-8 text (JSON, or text stored as a string)"))?;
+    let json = frame.headers.get("content-type").is_some_and(|t| {
+        let media = t.split(';').next().unwrap_or("").trim();
+        media.eq_ignore_ascii_case("application/json")
+    });
+    let body = if json {
+        RawValue::from_string(text.to_owned()).map_err(|e| {
+            ProtocolError::bad_request(format!("content-type is application/json but the body is not JSON: {e}"))
+        })?
+    } else {
+        let quoted = serde_json::to_string(text).expect("a string serializes");
+        RawValue::from_string(quoted).expect("a JSON string is JSON")
+    };
+    Ok((checked_body(body)?, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heart_beats_are_negotiated_as_the_spec_says() {
+        let s = Duration::from_secs;
+        assert_eq!(heart_beats(None, 25), Ok((None, None)));
+        assert_eq!(heart_beats(Some("0,0"), 25), Ok((None, None)));
+        assert_eq!(heart_beats(Some("10000,10000"), 25), Ok((Some(s(25)), Some(s(25)))));
+        assert_eq!(heart_beats(Some("60000, 0"), 25), Ok((None, Some(s(60)))));
+        assert_eq!(heart_beats(Some("0,1000"), 1), Ok((Some(s(1)), None)));
+        assert!(heart_beats(Some("1000"), 1).is_err());
+        assert!(heart_beats(Some("a,b"), 1).is_err());
+    }
+
+    fn send(headers: &str, body: &[u8]) -> Result<(Box<RawValue>, Option<String>), ProtocolError> {
+        let mut decoder = Decoder::new(1 << 16);
+        decoder.push(format!("SEND\ndestination:/user/bo\n{headers}\n").as_bytes());
+        decoder.push(body);
+        decoder.push(b"\0");
+        let Ok(Some(Item::Frame(frame))) = decoder.next() else { panic!("a frame") };
+        send_body(&frame)
+    }
+
+    #[test]
+    fn send_bodies_are_json_or_text() {
+        assert_eq!(send("content-type:application/json\n", br#"{"a":1}"#).unwrap().0.get(), r#"{"a":1}"#);
+        assert_eq!(send("content-type:application/json;charset=utf-8\n", b"null").unwrap().0.get(), "null");
+        assert_eq!(send("", b"hi \"you\"").unwrap().0.get(), r#""hi \"you\"""#);
+        assert_eq!(send("content-type:text/plain\n", b"").unwrap().0.get(), r#""""#);
+        let nul = send("content-length:3\n", b"a\0b").unwrap();
+        assert_eq!(nul.0.get(), r#""a\u0000b""#);
+        assert!(send("content-type:application/json\n", b"{oops").unwrap_err().message.contains("not JSON"));
+        assert!(send("", &[0xff, 0xfe]).unwrap_err().message.contains("UTF-8"));
+        assert_eq!(send("key:k-1\n", b"x").unwrap().1.as_deref(), Some("k-1"));
+        assert!(send(&format!("key:{}\n", "k".repeat(257)), b"x").is_err());
+        let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        assert!(send("content-type:application/json\n", deep.as_bytes()).unwrap_err().message.contains("nested"));
+    }
+}

@@ -1,0 +1,226 @@
+//! Server → client STOMP frames (PROTOCOL.md §7), built from the same neutral message as the JSON
+//! frames.
+//!
+//! A `MESSAGE` is written in two parts: `MESSAGE` and its `subscription` header, which differ per
+//! session, and everything after them, which does not. The second part is encoded once per node
+//! and message ([`message_tail`]) and shared by every STOMP session that takes it; a session holds
+//! its first part ready for each of its subscriptions ([`message_head`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+use super::frame::{write_frame, write_header};
+use crate::message::MessageView;
+use crate::protocol::{RoomName, StreamId, UserId};
+
+/// Where the messages of a stream arrive: the user's queue or the room's topic.
+pub(crate) fn destination(stream: Option<&StreamId>) -> String {
+    match stream {
+        Some(StreamId::User(_)) => USER_QUEUE.to_owned(),
+        Some(StreamId::Room(room)) => format!("{TOPIC}{room}"),
+        None => BROADCAST.to_owned(),
+    }
+}
+
+pub(crate) const USER_QUEUE: &str = "/user/queue/messages";
+pub(crate) const ERRORS: &str = "/user/queue/errors";
+pub(crate) const BROADCAST: &str = "/broadcast";
+pub(crate) const TOPIC: &str = "/topic/";
+/// `SEND` to a user: `/user/<id>`.
+pub(crate) const USER: &str = "/user/";
+
+/// The value of a `MESSAGE`'s `ack` header, which an `ACK` names as its `id`: `<stream>/<seq>`
+/// for a stream message (only those of the user's own stream move its cursor), the message id
+/// for a broadcast.
+pub(crate) fn ack_id(stream: &StreamId, seq: u64) -> String {
+    format!("{stream}/{seq}")
+}
+
+/// What a session writes before a shared tail: the command and its subscription's id.
+pub(crate) fn message_head(subscription: &str) -> Box<[u8]> {
+    let mut out = Vec::with_capacity(24 + subscription.len());
+    out.extend_from_slice(b"MESSAGE\n");
+    write_header(&mut out, "subscription", subscription);
+    out.into_boxed_slice()
+}
+
+/// Room for everything in a message's tail but the body and the names.
+const TAIL_OVERHEAD: usize = 224;
+
+/// A `MESSAGE`'s headers after `subscription`, its body and the NUL. `stream` is `None` for a
+/// broadcast, which has no seq.
+pub(crate) fn message_tail(stream: Option<(&StreamId, u64)>, message: MessageView<'_>) -> Bytes {
+    let mut out = Vec::with_capacity(TAIL_OVERHEAD + message.body.len());
+    write_header(&mut out, "destination", &destination(stream.map(|(s, _)| s)));
+    write_header(&mut out, "message-id", message.mid);
+    let mut number = itoa::Buffer::new();
+    match stream {
+        Some((stream, seq)) => {
+            write_header(&mut out, "seq", number.format(seq));
+            write_header(&mut out, "stream", &stream.to_string());
+            write_header(&mut out, "ack", &ack_id(stream, seq));
+        }
+        None => {
+            write_header(&mut out, "stream", "broadcast");
+            write_header(&mut out, "ack", message.mid);
+        }
+    }
+    write_header(&mut out, "from", message.from);
+    if let Some(to) = message.to {
+        write_header(&mut out, "to", to);
+    }
+    write_header(&mut out, "ts", number.format(message.ts));
+    write_body(&mut out, "application/json", message.body);
+    Bytes::from(out)
+}
+
+/// `content-type`, `content-length`, the blank line, the body and the NUL.
+fn write_body(out: &mut Vec<u8>, content_type: &str, body: &[u8]) {
+    write_header(out, "content-type", content_type);
+    write_header(out, "content-length", itoa::Buffer::new().format(body.len()));
+    out.push(b'\n');
+    out.extend_from_slice(body);
+    out.push(0);
+}
+
+/// Presence events have no id of their own; STOMP wants one per `MESSAGE`.
+static EVENTS: AtomicU64 = AtomicU64::new(0);
+
+/// The tail of a presence event's `MESSAGE` (header `event:join` or `event:leave`, body
+/// `{"user":"<id>"}`), and its room, from the JSON `presence` frame that the cluster carries.
+/// `None` for any other frame.
+pub(crate) fn presence_tail(json: &[u8]) -> Option<(RoomName, Bytes)> {
+    #[derive(serde::Deserialize)]
+    struct Presence<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        room: &'a str,
+        event: &'a str,
+        user: &'a str,
+    }
+    let p: Presence = serde_json::from_slice(json).ok()?;
+    if p.kind != "presence" {
+        return None;
+    }
+    let room = RoomName::parse(p.room).ok()?;
+    let user = UserId::parse(p.user).ok()?;
+    let mut out = Vec::with_capacity(TAIL_OVERHEAD);
+    write_header(&mut out, "destination", &format!("{TOPIC}{room}"));
+    let n = EVENTS.fetch_add(1, Ordering::Relaxed);
+    write_header(&mut out, "message-id", &format!("event-{n}"));
+    write_header(&mut out, "event", p.event);
+    write_header(&mut out, "stream", &StreamId::Room(room.clone()).to_string());
+    let body = serde_json::to_vec(&serde_json::json!({ "user": user.as_str() })).expect("serializes");
+    write_body(&mut out, "application/json", &body);
+    Some((room, Bytes::from(out)))
+}
+
+/// `CONNECTED`, with the heart-beats the server will send and wants, in milliseconds.
+pub(crate) fn connected(session: &str, user: &UserId, heart_beat: (u64, u64)) -> Bytes {
+    let beats = format!("{},{}", heart_beat.0, heart_beat.1);
+    let server = concat!("switchyard/", env!("CARGO_PKG_VERSION"));
+    let headers = [
+        ("version", "1.2"),
+        ("heart-beat", &beats[..]),
+        ("session", session),
+        ("user-name", user.as_str()),
+        ("server", server),
+    ];
+    frame(|out| write_frame(out, "CONNECTED", &headers, b""))
+}
+
+/// `RECEIPT` for `receipt_id`, with `extra` headers (`mid` and `seq` of a stored `SEND`).
+pub(crate) fn receipt(receipt_id: &str, extra: &[(&str, &str)]) -> Bytes {
+    let mut headers = vec![("receipt-id", receipt_id)];
+    headers.extend_from_slice(extra);
+    frame(|out| write_frame(out, "RECEIPT", &headers, b""))
+}
+
+/// `ERROR` with `message` as header and body; `receipt-id` when the frame at fault asked for a
+/// receipt.
+pub(crate) fn error(message: &str, receipt_id: Option<&str>) -> Bytes {
+    let mut out = Vec::with_capacity(96 + 2 * message.len());
+    out.extend_from_slice(b"ERROR\n");
+    write_header(&mut out, "message", message);
+    if let Some(id) = receipt_id {
+        write_header(&mut out, "receipt-id", id);
+    }
+    write_body(&mut out, "text/plain", message.as_bytes());
+    Bytes::from(out)
+}
+
+/// A refused `SEND` or `SUBSCRIBE` for `/user/queue/errors`: the tail after `subscription`, body
+/// `{"code","message","receipt"}`.
+pub(crate) fn refusal_tail(code: &str, message: &str, receipt_id: Option<&str>) -> Vec<u8> {
+    let body = serde_json::to_vec(&serde_json::json!({ "code": code, "message": message, "receipt": receipt_id }))
+        .expect("serializes");
+    let mut out = Vec::with_capacity(TAIL_OVERHEAD + body.len());
+    write_header(&mut out, "destination", ERRORS);
+    let n = EVENTS.fetch_add(1, Ordering::Relaxed);
+    write_header(&mut out, "message-id", &format!("error-{n}"));
+    write_header(&mut out, "error", code);
+    write_body(&mut out, "application/json", &body);
+    out
+}
+
+fn frame(write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    let mut out = Vec::with_capacity(128);
+    write(&mut out);
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stomp::frame::{Decoder, Item};
+
+    /// Decodes a server frame with the client decoder, which takes any command word it knows:
+    /// the test frames are rewritten as `SEND` (their headers are escaped the same way).
+    fn decode_as_send(frame: &[u8], command: &str) -> crate::stomp::frame::Frame {
+        let rest = frame.strip_prefix(command.as_bytes()).expect("command first");
+        let mut decoder = Decoder::new(1 << 20);
+        decoder.push(b"SEND");
+        decoder.push(rest);
+        match decoder.next() {
+            Ok(Some(Item::Frame(frame))) => frame,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_message_is_a_head_per_session_and_a_shared_tail() {
+        let room = StreamId::Room(RoomName::parse("a:b").unwrap());
+        let view =
+            MessageView { mid: "m1", from: "ann", to: None, room: Some("a:b"), body: br#"{"x":"\u0000"}"#, ts: 7 };
+        let tail = message_tail(Some((&room, 42)), view);
+        let head = message_head("sub:1");
+        let frame = decode_as_send(&[&head[..], &tail[..]].concat(), "MESSAGE");
+        let h = &frame.headers;
+        assert_eq!(h.get("subscription"), Some("sub:1"));
+        assert_eq!(h.get("destination"), Some("/topic/a:b"));
+        assert_eq!((h.get("message-id"), h.get("seq"), h.get("stream")), (Some("m1"), Some("42"), Some("room:a:b")));
+        assert_eq!((h.get("ack"), h.get("from"), h.get("ts")), (Some("room:a:b/42"), Some("ann"), Some("7")));
+        assert_eq!(h.get("content-type"), Some("application/json"));
+        assert_eq!(&frame.body[..], br#"{"x":"\u0000"}"#);
+        assert_eq!(h.get("content-length"), Some(&*frame.body.len().to_string()));
+    }
+
+    #[test]
+    fn presence_receipts_and_errors() {
+        let json =
+            crate::protocol::encode_presence(&RoomName::parse("r").unwrap(), "join", &UserId::parse("bo").unwrap());
+        let (room, tail) = presence_tail(&json).expect("a presence frame");
+        assert_eq!(room.as_str(), "r");
+        let frame = decode_as_send(&[&message_head("7")[..], &tail[..]].concat(), "MESSAGE");
+        assert_eq!((frame.headers.get("event"), frame.headers.get("destination")), (Some("join"), Some("/topic/r")));
+        assert_eq!(&frame.body[..], br#"{"user":"bo"}"#);
+        assert!(presence_tail(br#"{"type":"disconnect","code":4002,"reason":"x"}"#).is_none());
+        let r = decode_as_send(&receipt("r-1", &[("mid", "m"), ("seq", "3")]), "RECEIPT");
+        assert_eq!((r.headers.get("receipt-id"), r.headers.get("seq")), (Some("r-1"), Some("3")));
+        let e = decode_as_send(&error("bad:frame\nhere", Some("r2")), "ERROR");
+        assert_eq!((e.headers.get("message"), e.headers.get("receipt-id")), (Some("bad:frame\nhere"), Some("r2")));
+        let c = connected("s1", &UserId::parse("bo").unwrap(), (25000, 50000));
+        assert!(c.starts_with(b"CONNECTED\nversion:1.2\nheart-beat:25000,50000\nsession:s1\nuser-name:bo\n"));
+    }
+}

@@ -1,0 +1,250 @@
+//! STOMP 1.2 over WebSocket (PROTOCOL.md §7), with the test client of `stomp_client`: the
+//! handshake and its authentication, the destinations, receipts and refusals, framing (several
+//! frames in one message, one frame over several, binary messages, escaping, NUL bodies), and
+//! STOMP and JSON sessions as peers on one node and across a cluster.
+
+use serde_json::json;
+
+use crate::stomp_client::{StompClient, frame};
+use crate::support::{TestNode, both_modes};
+
+both_modes! {
+    /// A direct message from a JSON session reaches a STOMP session and back; rooms mix both,
+    /// with presence events on the room's subscription; every node, every backend.
+    async fn stomp_and_json_sessions_are_peers(mode) {
+        let node = TestNode::start_mode(mode, &[]).await;
+        let mut alice = StompClient::dev(node.next_member().addr, "alice").await;
+        assert_eq!(alice.connected.get("version"), "1.2");
+        assert_eq!(alice.connected.get("user-name"), "alice");
+        alice.subscribe("errs", "/user/queue/errors", &[]).await;
+        let synced = alice.subscribe("dm", "/user/queue/messages", &[]).await;
+        assert_eq!(synced.get("seq"), "0");
+        let mut bob = node.connect("bob").await;
+
+        let reply = bob.ok(json!({"type":"send","to":"alice","body":{"text":"hi"}})).await;
+        let m = alice.message().await;
+        assert_eq!(m.get("subscription"), "dm");
+        assert_eq!(m.get("destination"), "/user/queue/messages");
+        assert_eq!(m.get("message-id"), reply["mid"].as_str().unwrap());
+        assert_eq!((m.seq(), m.get("stream"), m.get("from"), m.get("to")), (1, "user:alice", "bob", "alice"));
+        assert_eq!(m.get("content-type"), "application/json");
+        assert_eq!(m.json(), json!({"text":"hi"}));
+        assert!(m.get("ts").parse::<u64>().unwrap() > 1_700_000_000_000);
+
+        let receipt = alice.send_json("/user/bob", &json!({"text":"hello"}), "s1").await;
+        assert_eq!(receipt.get("seq"), "2", "seq in alice's own stream");
+        let back = bob.next_message().await;
+        assert_eq!((back["from"].as_str(), back["body"]["text"].as_str()), (Some("alice"), Some("hello")));
+        assert_eq!(back["mid"].as_str(), Some(receipt.get("mid")));
+
+        let joined = alice.subscribe("room", "/topic/lobby", &[]).await;
+        assert_eq!(joined.get("seq"), "0");
+        bob.ok(json!({"type":"join","room":"lobby"})).await;
+        let event = alice.message().await;
+        assert_eq!((event.get("subscription"), event.get("event")), ("room", "join"));
+        assert_eq!(event.json(), json!({"user":"bob"}));
+        let presence = bob.ok(json!({"type":"presence","room":"lobby"})).await;
+        assert_eq!(presence["count"], 2, "presence counts the STOMP session: {presence}");
+
+        bob.ok(json!({"type":"publish","room":"lobby","body":"from json"})).await;
+        let m = alice.message().await;
+        assert_eq!((m.get("subscription"), m.get("destination"), m.seq()), ("room", "/topic/lobby", 1));
+        assert_eq!(m.json(), json!("from json"));
+        alice.send("SEND", &[("destination", "/topic/lobby"), ("receipt", "p1")], b"from stomp").await;
+        assert_eq!(alice.receipt("p1").await.get("seq"), "2");
+        let m = bob.next_message().await;
+        assert_eq!((m["room"].as_str(), m["seq"].as_u64(), m["body"].as_str()), (Some("lobby"), Some(2), Some("from stomp")));
+
+        alice.send("UNSUBSCRIBE", &[("id", "room"), ("receipt", "u1")], b"").await;
+        alice.receipt("u1").await;
+        let left = bob.next_frame().await;
+        assert_eq!((left["event"].as_str(), left["user"].as_str()), (Some("leave"), Some("alice")));
+        bob.ok(json!({"type":"publish","room":"lobby","body":"after"})).await;
+        alice.silent(300).await;
+        drop(bob);
+        node.shutdown().await;
+    }
+}
+
+both_modes! {
+    /// A user with STOMP sessions on two nodes gets a direct message sent through a third once
+    /// on each, in order; a `SUBSCRIBE` with `since` after a reconnection resumes with no gap and
+    /// no duplicate, and `ACK` moves the read cursor that a later `SUBSCRIBE` starts from.
+    async fn user_destinations_span_the_cluster_and_resume(mode) {
+        let node = TestNode::start_mode(mode, &[]).await;
+        let first = node.next_member();
+        let mut phone = StompClient::dev(first.addr, "carol").await;
+        let mut laptop = StompClient::dev(node.next_member().addr, "carol").await;
+        let mut dave = node.connect("dave").await;
+        for device in [&mut phone, &mut laptop] {
+            device.subscribe("q", "/user/queue/messages", &[("ack", "client-individual")]).await;
+        }
+        for i in 1..=5 {
+            dave.ok(json!({"type":"send","to":"carol","body":i})).await;
+        }
+        for device in [&mut phone, &mut laptop] {
+            for i in 1..=5u64 {
+                let m = device.message().await;
+                assert_eq!((m.seq(), m.json()), (i, json!(i)));
+                assert_eq!(m.get("ack"), format!("user:carol/{i}"));
+            }
+            device.silent(100).await;
+        }
+        phone.send("ACK", &[("id", "user:carol/3"), ("receipt", "a3")], b"").await;
+        phone.receipt("a3").await;
+        phone.send("DISCONNECT", &[("receipt", "bye")], b"").await;
+        phone.receipt("bye").await;
+        let (_, code) = phone.closed().await;
+        assert_eq!(code, Some(1000));
+
+        for i in 6..=8 {
+            dave.ok(json!({"type":"send","to":"carol","body":i})).await;
+        }
+        let mut phone = StompClient::dev(first.addr, "carol").await;
+        let resumed = phone.subscribe("q", "/user/queue/messages", &[("since", "5")]).await;
+        assert_eq!((resumed.get("seq"), resumed.get("truncated")), ("8", "false"));
+        for i in 6..=8u64 {
+            assert_eq!(phone.message().await.seq(), i);
+        }
+        phone.silent(100).await;
+        let mut tablet = StompClient::dev(node.next_member().addr, "carol").await;
+        tablet.subscribe("q", "/user/queue/messages", &[]).await;
+        for i in 4..=8u64 {
+            assert_eq!(tablet.message().await.seq(), i, "from the read cursor (3) on");
+        }
+        tablet.silent(100).await;
+        drop(dave);
+        node.shutdown().await;
+    }
+}
+
+/// A refused `SEND` or `SUBSCRIBE` gets no receipt: it is reported on `/user/queue/errors` and
+/// the session goes on. A frame the server cannot take (unknown command or destination, a
+/// transaction) gets `ERROR`, with the `receipt-id` it asked for, and the connection closes.
+#[tokio::test]
+async fn refusals_are_reported_and_faults_close_with_error() {
+    let node = TestNode::start(&[]).await;
+    let addr = node.addr;
+    let mut alice = StompClient::dev(addr, "alice").await;
+    alice.subscribe("e", "/user/queue/errors", &[]).await;
+    alice.send("SEND", &[("destination", "/topic/closed"), ("receipt", "x1")], b"hi").await;
+    let refused = alice.message().await;
+    assert_eq!((refused.get("subscription"), refused.get("destination")), ("e", "/user/queue/errors"));
+    assert_eq!(refused.json()["code"], "not_member");
+    assert_eq!(refused.json()["receipt"], "x1");
+    let cases: [(&[(&str, &str)], &[u8], &str); 4] = [
+        (&[("destination", "/user/bo b")], b"x", "bad_request"),
+        (&[("destination", "/user/bob"), ("content-type", "application/json")], b"{nope", "bad_request"),
+        (&[("destination", "/user/bob")], &[0xc3, 0x28], "bad_request"),
+        (&[("destination", "/user/bob"), ("key", "")], b"x", "bad_request"),
+    ];
+    for (headers, body, code) in cases {
+        alice.send("SEND", headers, body).await;
+        let refused = alice.message().await;
+        assert_eq!(refused.json()["code"], code, "{headers:?}: {refused:?}");
+    }
+    alice.send("SUBSCRIBE", &[("id", "s"), ("destination", "/topic/a b"), ("receipt", "s1")], b"").await;
+    assert_eq!(alice.message().await.json()["receipt"], "s1");
+    let ok = alice.send_json("/user/bob", &json!(1), "fine").await;
+    assert_eq!(ok.get("seq"), "1", "the session went on");
+
+    for (bad, message) in [
+        (
+            frame("SUBSCRIBE", &[("id", "1"), ("destination", "/queue/x"), ("receipt", "r9")], b""),
+            "unknown destination",
+        ),
+        (frame("BEGIN", &[("transaction", "t")], b""), "transactions are not supported"),
+        (b"FROB\n\n\0".to_vec(), "unknown command"),
+        (frame("CONNECT", &[], b""), "already connected"),
+    ] {
+        let mut client = StompClient::dev(addr, "carol").await;
+        client.send_raw(&bad, false).await;
+        let (frames, code) = client.closed().await;
+        let error = frames.iter().find(|f| f.command == "ERROR").unwrap_or_else(|| panic!("an ERROR: {frames:?}"));
+        assert!(error.get("message").contains(message), "{error:?}");
+        if message == "unknown destination" {
+            assert_eq!(error.get("receipt-id"), "r9");
+        }
+        assert_eq!(code, Some(1002), "{message}");
+    }
+    node.shutdown().await;
+}
+
+/// The subprotocol is chosen from what the client offers and echoed; `/stomp` speaks STOMP
+/// whatever is offered. Dev mode names the user in `?user=` or in `login`; with a JWT key the
+/// token comes in at the upgrade, or in `CONNECT` as `passcode` or `Authorization`, and a bad
+/// or missing one gets `ERROR`.
+#[tokio::test]
+async fn the_handshake_negotiates_and_authenticates() {
+    let node = TestNode::start(&[]).await;
+    let ws = format!("ws://{}/ws", node.addr);
+    let c = StompClient::try_connect(&format!("{ws}?user=ann"), &["v10.stomp", "v12.stomp"], &[]).await;
+    assert_eq!(c.protocol.as_deref(), Some("v12.stomp"));
+    assert_eq!((c.connected.command.as_str(), c.connected.get("user-name")), ("CONNECTED", "ann"));
+    let c = StompClient::try_connect(&ws, &["v11.stomp"], &[("login", "bea")]).await;
+    assert_eq!((c.protocol.as_deref(), c.connected.get("user-name")), (Some("v11.stomp"), "bea"));
+    let c = StompClient::try_connect(&format!("ws://{}/stomp", node.addr), &[], &[("login", "cy")]).await;
+    assert_eq!((c.protocol, c.connected.get("user-name")), (None, "cy"));
+    let mut c = StompClient::try_connect(&format!("ws://{}/stomp", node.addr), &[], &[]).await;
+    assert_eq!(c.connected.command, "ERROR");
+    assert!(c.connected.get("message").contains("dev mode"), "{:?}", c.connected);
+    assert_eq!(c.closed().await.1, Some(1008));
+    let mut c = StompClient::try_connect(&ws, &["v12.stomp"], &[("login", "dy"), ("accept-version", "1.0,1.1")]).await;
+    assert_eq!(c.connected.command, "ERROR");
+    assert_eq!(c.closed().await.1, Some(1002));
+    node.shutdown().await;
+
+    let secret = "stomp-test-secret-0123456789abcdef";
+    let node = TestNode::start(&["--jwt-secret", secret]).await;
+    let token = crate::auth::hs256(secret.as_bytes(), crate::auth::claims("erin", json!({})));
+    let stomp = format!("ws://{}/stomp", node.addr);
+    let c = StompClient::try_connect(&stomp, &[], &[("passcode", &token)]).await;
+    assert_eq!(c.connected.get("user-name"), "erin");
+    let bearer = format!("Bearer {token}");
+    let c = StompClient::try_connect(&stomp, &[], &[("Authorization", &bearer)]).await;
+    assert_eq!(c.connected.get("user-name"), "erin");
+    let c = StompClient::try_connect(&format!("{stomp}?token={token}"), &[], &[]).await;
+    assert_eq!(c.connected.get("user-name"), "erin");
+    for headers in [&[("passcode", "not-a-token")][..], &[("login", "erin")][..]] {
+        let mut c = StompClient::try_connect(&stomp, &[], headers).await;
+        assert_eq!(c.connected.command, "ERROR", "{headers:?}");
+        assert_eq!(c.closed().await.1, Some(1008));
+    }
+    node.shutdown().await;
+}
+
+/// Framing as STOMP over WebSocket allows it: several frames in one message, one frame over
+/// several, binary messages, heart-beat EOLs between frames, escaped headers (a subscription id
+/// with `:` and a newline comes back as it was), and a `content-length` body with NUL bytes,
+/// stored as the JSON string of its text.
+#[tokio::test]
+async fn frames_may_be_split_batched_binary_and_escaped() {
+    let node = TestNode::start(&[]).await;
+    let mut alice = StompClient::dev(node.addr, "alice").await;
+    let mut bob = StompClient::dev(node.addr, "bob").await;
+    bob.subscribe("odd:id\nx\\", "/user/queue/messages", &[]).await;
+
+    let mut batch = b"\n\r\n".to_vec();
+    for i in 1..=3 {
+        let body = json!(i).to_string();
+        let receipt = format!("b{i}");
+        let headers = [("destination", "/user/bob"), ("content-type", "application/json"), ("receipt", &receipt[..])];
+        batch.extend(frame("SEND", &headers, body.as_bytes()));
+        batch.extend_from_slice(b"\n");
+    }
+    alice.send_raw(&batch, false).await;
+    for i in 1..=3 {
+        assert_eq!(alice.receipt(&format!("b{i}")).await.get("seq"), i.to_string());
+    }
+    let nul = frame("SEND", &[("destination", "/user/bob"), ("content-length", "5"), ("receipt", "n")], b"a\0b\0c");
+    for chunk in nul.chunks(4) {
+        alice.send_raw(chunk, true).await;
+    }
+    alice.receipt("n").await;
+    for i in 1..=3 {
+        let m = bob.message().await;
+        assert_eq!((m.get("subscription"), m.json()), ("odd:id\nx\\", json!(i)));
+    }
+    assert_eq!(bob.message().await.json(), json!("a\u{0}b\u{0}c"));
+    node.shutdown().await;
+}
