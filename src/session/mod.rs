@@ -511,13 +511,15 @@ impl Session {
     }
 
     async fn ping(&mut self, every: Duration) -> Result<(), Stop> {
+        // STOMP's own rule first: its timeout is the one the client negotiated.
+        let beat = match &self.stomp {
+            Some(stomp) => stomp.beat()?,
+            None => false,
+        };
         if self.last_heard.elapsed() > every * 2 {
             return Err(Stop::Close(close::GOING_AWAY, Arc::from("ping timeout")));
         }
-        if let Some(stomp) = &self.stomp
-            && stomp.beat()?
-            && self.ws.push_text([&b"\n"[..]]).is_err()
-        {
+        if beat && self.ws.push_text([&b"\n"[..]]).is_err() {
             return Err(Stop::Gone);
         }
         let pushed = self.ws.push_ping();

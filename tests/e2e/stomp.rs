@@ -3,6 +3,7 @@
 //! frames in one message, one frame over several, binary messages, escaping, NUL bodies), and
 //! STOMP and JSON sessions as peers on one node and across a cluster.
 
+use futures_util::SinkExt;
 use serde_json::json;
 
 use crate::stomp_client::{StompClient, frame};
@@ -246,5 +247,74 @@ async fn frames_may_be_split_batched_binary_and_escaped() {
         assert_eq!((m.get("subscription"), m.json()), ("odd:id\nx\\", json!(i)));
     }
     assert_eq!(bob.message().await.json(), json!("a\u{0}b\u{0}c"));
+    node.shutdown().await;
+}
+
+/// Heart-beats as negotiated: with `--ping-interval 1` and `heart-beat:1000,1000` the server's
+/// beats arrive about every second, a client that beats stays, and one that falls silent is
+/// closed with an `ERROR` after twice the negotiated time.
+#[tokio::test]
+async fn heart_beats_are_sent_and_a_silent_client_is_dropped() {
+    let node = TestNode::start(&["--ping-interval", "1"]).await;
+    let beats = [("login", "hb"), ("heart-beat", "1000,1000")];
+    let mut alive = StompClient::connect(node.addr, "", &beats).await;
+    assert_eq!(alive.connected.get("heart-beat"), "1000,1000");
+    let mut silent = StompClient::connect(node.addr, "", &beats).await;
+    for _ in 0..4 {
+        alive.send_raw(b"\n", false).await;
+        alive.silent(800).await;
+    }
+    assert!(alive.beats >= 2, "server heart-beats seen: {}", alive.beats);
+    let started = std::time::Instant::now();
+    let (frames, code) = silent.closed().await;
+    let error = frames.iter().find(|f| f.command == "ERROR").expect("an ERROR before the close");
+    assert!(error.get("message").contains("heart-beat timeout"), "{error:?}");
+    assert_eq!(code, Some(1001));
+    assert!(started.elapsed() < std::time::Duration::from_secs(6), "dropped in {:?}", started.elapsed());
+    let receipt = alive.send_json("/user/hb", &json!("still here"), "ok").await;
+    assert_eq!(receipt.get("seq"), "1", "the beating client was kept");
+    node.shutdown().await;
+}
+
+/// The node's limits hold for STOMP sessions, announced with `ERROR`: a frame over
+/// `--max-message-size` closes with 1009, a flood past `--rate-limit` is refused on the error
+/// queue and then closed with 1008, and `--single-session` replaces the older session (4002).
+#[tokio::test]
+async fn limits_apply_to_stomp_sessions() {
+    let node = TestNode::start(&["--max-message-size", "4096", "--rate-limit", "5", "--single-session"]).await;
+    let mut big = StompClient::dev(node.addr, "big").await;
+    big.send("SEND", &[("destination", "/user/x")], &vec![b'a'; 5000]).await;
+    let (frames, code) = big.closed().await;
+    assert_eq!(code, Some(1009));
+    assert!(frames.iter().any(|f| f.command == "ERROR"), "{frames:?}");
+
+    let mut flood = StompClient::dev(node.addr, "flood").await;
+    flood.subscribe("e", "/user/queue/errors", &[]).await;
+    let mut batch = Vec::new();
+    for _ in 0..12 {
+        batch.extend(frame("SEND", &[("destination", "/user/x")], b"1"));
+    }
+    flood.send_raw(&batch, false).await;
+    let refused = flood.message().await;
+    assert_eq!(refused.json()["code"], "rate_limited");
+    let mut closed = None;
+    for _ in 0..200 {
+        flood.ws.send(tokio_websockets::Message::text(String::from_utf8(batch.clone()).unwrap())).await.ok();
+        if let Ok(Some(Ok(m))) =
+            tokio::time::timeout(std::time::Duration::from_millis(20), futures_util::StreamExt::next(&mut flood.ws))
+                .await
+            && m.is_close()
+        {
+            closed = m.as_close().map(|(code, _)| u16::from(code));
+            break;
+        }
+    }
+    assert_eq!(closed, Some(1008), "a flood ends in a close");
+
+    let mut first = StompClient::dev(node.addr, "solo").await;
+    let _second = StompClient::dev(node.addr, "solo").await;
+    let (frames, code) = first.closed().await;
+    assert_eq!(code, Some(4002));
+    assert!(frames.iter().any(|f| f.command == "ERROR"), "{frames:?}");
     node.shutdown().await;
 }
