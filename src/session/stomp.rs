@@ -26,6 +26,9 @@ use crate::stomp::encode::{self, BROADCAST, ERRORS, TOPIC, USER, USER_QUEUE};
 use crate::stomp::frame::{Command, Decoder, Frame, Item};
 use crate::ws::{Incoming, WebSocket};
 
+/// Most `SEND`s appended together, as the JSON session's pipeline.
+const PIPELINE: usize = 32;
+
 /// One subscription: its id, and the head of every `MESSAGE` written for it.
 struct Subscription {
     id: Box<str>,
@@ -217,7 +220,8 @@ impl Session {
 
     /// Takes a WebSocket message of a STOMP session: its frames in order. The rate limit counts
     /// each frame, and a message with none (part of a frame, heart-beats) once; `verdict` is the
-    /// limiter's on the message if it was already asked.
+    /// limiter's on the message if it was already asked. `SEND`s that arrived together are
+    /// appended together (see [`Session::stomp_sends`]).
     pub(super) async fn on_stomp(&mut self, incoming: Incoming, verdict: Option<Verdict>) -> Result<(), Stop> {
         let data: &[u8] = match &incoming {
             Incoming::Text(text) => text.as_bytes(),
@@ -226,6 +230,7 @@ impl Session {
         };
         self.stomp().decoder.push(data);
         let mut verdict = Some(verdict.unwrap_or_else(|| self.limiter.check(self.last_heard.into_std())));
+        let mut sends = Vec::new();
         loop {
             let item = self.stomp().decoder.next();
             let frame = match item {
@@ -238,7 +243,13 @@ impl Session {
                 Err(e) => return Err(Stop::Close(close::PROTOCOL_ERROR, Arc::from(e.to_string()))),
             };
             self.stomp().heard = Instant::now();
-            match verdict.take().unwrap_or_else(|| self.limiter.check(self.last_heard.into_std())) {
+            let verdict = verdict.take().unwrap_or_else(|| self.limiter.check(self.last_heard.into_std()));
+            if verdict == Verdict::Allow && frame.command == Command::Send && sends.len() < PIPELINE {
+                sends.push(frame);
+                continue;
+            }
+            self.stomp_sends(std::mem::take(&mut sends)).await?;
+            match verdict {
                 Verdict::Allow => self.on_stomp_frame(frame).await?,
                 Verdict::Refuse => {
                     let err = ProtocolError::new(ErrorCode::RateLimited, "too many frames: slow down");
@@ -249,6 +260,7 @@ impl Session {
                 }
             }
         }
+        self.stomp_sends(sends).await?;
         if verdict == Some(Verdict::Close) {
             return Err(Stop::Close(close::POLICY, Arc::from("rate limit exceeded repeatedly")));
         }
@@ -257,7 +269,7 @@ impl Session {
 
     async fn on_stomp_frame(&mut self, frame: Frame) -> Result<(), Stop> {
         match frame.command {
-            Command::Send => self.stomp_send(frame).await,
+            Command::Send => self.stomp_sends(vec![frame]).await,
             Command::Subscribe => self.stomp_subscribe(frame).await,
             Command::Unsubscribe => self.stomp_unsubscribe(frame).await,
             Command::Ack | Command::Nack => self.stomp_ack(frame).await,
@@ -285,51 +297,71 @@ impl Session {
     /// still gets the `MESSAGE`, with no `subscription` (stompjs hands it to
     /// `onUnhandledMessage`): nothing is refused silently.
     async fn report(&mut self, err: &ProtocolError, receipt: Option<&str>) -> Result<(), Stop> {
+        let refusal = self.refusal(err, receipt);
+        self.write([refusal]).await
+    }
+
+    /// The `MESSAGE` that reports a refusal on `/user/queue/errors`.
+    fn refusal(&self, err: &ProtocolError, receipt: Option<&str>) -> Bytes {
         let tail = encode::refusal_tail(err.code.as_str(), &err.message, receipt);
         let stomp = self.stomp.as_deref().expect("a STOMP session");
         let head = stomp.errors.as_ref().map_or(&b"MESSAGE\n"[..], |s| &s.head[..]);
-        let pushed = self.ws.push_text_parts([(head, &tail[..])]);
-        self.wrote(pushed).await
+        Bytes::from([head, &tail[..]].concat())
     }
 
-    /// `SEND /user/<id>` (`send`) or `SEND /topic/<room>` (`publish`); a `RECEIPT` with `mid` and
-    /// `seq` once stored.
-    async fn stomp_send(&mut self, frame: Frame) -> Result<(), Stop> {
-        let receipt = frame.headers.get("receipt");
-        let Some(destination) = frame.headers.get("destination") else {
-            return Err(self.fault("SEND needs a destination", &frame));
-        };
-        enum To {
-            User(String),
-            Room(String),
+    /// `SEND`s that arrived together, in order: `SEND /user/<id>` is a `send` and
+    /// `SEND /topic/<room>` a `publish`. Their messages are appended together, as the JSON
+    /// session's pipeline does, and each gets its `RECEIPT` (with `mid` and `seq`) or its report,
+    /// in order, in one write. A `SEND` the server cannot take closes the session after the
+    /// ones before it are answered.
+    async fn stomp_sends(&mut self, frames: Vec<Frame>) -> Result<(), Stop> {
+        if frames.is_empty() {
+            return Ok(());
         }
-        let to = if let Some(user) = destination.strip_prefix(USER).filter(|u| !u.contains('/')) {
-            To::User(user.to_owned())
-        } else if let Some(room) = destination.strip_prefix(TOPIC) {
-            To::Room(room.to_owned())
-        } else {
-            let message = format!("unknown destination {destination}: SEND to /user/<id> or /topic/<room>");
-            return Err(self.fault(&message, &frame));
-        };
-        let command = send_body(&frame).and_then(|(body, key)| {
-            Ok(match to {
-                To::User(user) => Native::Send { to: UserId::parse(&user)?, body, key },
-                To::Room(room) => Native::Publish { room: RoomName::parse(&room)?, body, key },
-            })
-        });
-        let result = match command.and_then(|command| self.prepare(command)) {
-            Ok((message, stream)) => self.node.append_one(message).await.map(|a| self.accepted(stream, a)),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(accepted) => match receipt {
-                Some(receipt) => {
-                    let seq = accepted.seq.to_string();
-                    self.write([encode::receipt(receipt, &[("mid", &accepted.mid), ("seq", &seq)])]).await
+        let mut fault = None;
+        let mut prepared = Vec::with_capacity(frames.len());
+        let mut checked = Vec::with_capacity(frames.len());
+        for (i, frame) in frames.iter().enumerate() {
+            match send_command(frame) {
+                Err(message) => {
+                    fault = Some((message, i));
+                    break;
                 }
-                None => Ok(()),
-            },
-            Err(e) => self.report(&e, receipt).await,
+                Ok(command) => match command.and_then(|command| self.prepare(command)) {
+                    Ok((message, stream)) => {
+                        prepared.push(message);
+                        checked.push((frame, Ok(stream)));
+                    }
+                    Err(e) => checked.push((frame, Err(e))),
+                },
+            }
+        }
+        let mut appended = match prepared.len() {
+            0 => Vec::new(),
+            1 => vec![self.node.append_one(prepared.pop().expect("one")).await],
+            _ => self.node.append_all(prepared).await,
+        }
+        .into_iter();
+        let mut answers = Vec::with_capacity(checked.len());
+        for (frame, stream) in checked {
+            let receipt = frame.headers.get("receipt");
+            let result = stream.and_then(|stream| {
+                let appended = appended.next().expect("an answer per append")?;
+                Ok(self.accepted(stream, appended))
+            });
+            match (result, receipt) {
+                (Ok(accepted), Some(receipt)) => {
+                    let seq = accepted.seq.to_string();
+                    answers.push(encode::receipt(receipt, &[("mid", &accepted.mid), ("seq", &seq)]));
+                }
+                (Ok(_), None) => {}
+                (Err(e), receipt) => answers.push(self.refusal(&e, receipt)),
+            }
+        }
+        self.write(answers).await?;
+        match fault {
+            Some((message, i)) => Err(self.fault(&message, &frames[i])),
+            None => Ok(()),
         }
     }
 
@@ -451,6 +483,32 @@ impl Session {
             (Err(e), receipt) => self.report(&e, receipt).await,
         }
     }
+}
+
+/// The command a `SEND` stands for, or why it is refused; `Err` when the server cannot take it
+/// at all (no or an unknown destination), which ends the session.
+fn send_command(frame: &Frame) -> Result<Result<Native, ProtocolError>, String> {
+    let Some(destination) = frame.headers.get("destination") else {
+        return Err("SEND needs a destination".to_owned());
+    };
+    enum To {
+        User(UserId),
+        Room(RoomName),
+    }
+    let to = if let Some(user) = destination.strip_prefix(USER).filter(|u| !u.contains('/')) {
+        UserId::parse(user).map(To::User)
+    } else if let Some(room) = destination.strip_prefix(TOPIC) {
+        RoomName::parse(room).map(To::Room)
+    } else {
+        return Err(format!("unknown destination {destination}: SEND to /user/<id> or /topic/<room>"));
+    };
+    Ok(to.and_then(|to| {
+        let (body, key) = send_body(frame)?;
+        Ok(match to {
+            To::User(to) => Native::Send { to, body, key },
+            To::Room(room) => Native::Publish { room, body, key },
+        })
+    }))
 }
 
 /// A `SEND`'s body as the JSON a message carries, and its idempotency `key`: a JSON body as it
