@@ -149,6 +149,28 @@ async fn refusals_are_reported_and_faults_close_with_error() {
     let ok = alice.send_json("/user/bob", &json!(1), "fine").await;
     assert_eq!(ok.get("seq"), "1", "the session went on");
 
+    // Sent together: answered in order, the fault last, after the others.
+    let mut together = Vec::new();
+    for (destination, receipt) in
+        [("/user/bob", "t1"), ("/topic/closed", "t2"), ("/user/bob", "t3"), ("/nowhere", "t4")]
+    {
+        together.extend(frame("SEND", &[("destination", destination), ("receipt", receipt)], b"x"));
+    }
+    alice.send_raw(&together, false).await;
+    let (frames, code) = alice.closed().await;
+    let said: Vec<(String, String)> = frames
+        .iter()
+        .map(|f| match f.command.as_str() {
+            "MESSAGE" => ("refused".to_owned(), f.json()["receipt"].as_str().unwrap_or("").to_owned()),
+            "RECEIPT" => ("receipt".to_owned(), f.get("receipt-id").to_owned()),
+            other => (other.to_owned(), f.header("receipt-id").unwrap_or("").to_owned()),
+        })
+        .collect();
+    let expected = [("receipt", "t1"), ("refused", "t2"), ("receipt", "t3"), ("ERROR", "t4")];
+    assert_eq!(said, expected.map(|(a, b)| (a.to_owned(), b.to_owned())));
+    assert_eq!(frames[2].get("seq"), "3", "t1 and t3 stored, t2 not");
+    assert_eq!(code, Some(1002));
+
     for (bad, message) in [
         (
             frame("SUBSCRIBE", &[("id", "1"), ("destination", "/queue/x"), ("receipt", "r9")], b""),
