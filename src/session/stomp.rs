@@ -7,7 +7,6 @@
 //! session only through a subscription: the user's own stream needs `/user/queue/messages`,
 //! a broadcast `/broadcast`, and a room is joined by subscribing to `/topic/<room>`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,15 +28,54 @@ use crate::ws::{Incoming, WebSocket};
 /// Most `SEND`s appended together, as the JSON session's pipeline.
 const PIPELINE: usize = 32;
 
-/// One subscription: its id, and the head of every `MESSAGE` written for it.
+/// One subscription: the head of every `MESSAGE` written for it, which holds its id (kept once,
+/// as idle sessions are many).
 struct Subscription {
-    id: Box<str>,
     head: Box<[u8]>,
 }
 
 impl Subscription {
     fn new(id: &str) -> Self {
-        Self { id: Box::from(id), head: encode::message_head(id) }
+        Self { head: encode::message_head(id) }
+    }
+
+    fn is(&self, id: &str) -> bool {
+        self.head == encode::message_head(id)
+    }
+}
+
+/// The subscriptions to streams: a few per session, so a list, which costs an idle session far
+/// less than a map and is as quick to search at that size.
+#[derive(Default)]
+struct Streams(Vec<(StreamId, Subscription)>);
+
+impl Streams {
+    fn get(&self, stream: &StreamId) -> Option<&Subscription> {
+        self.0.iter().find(|(s, _)| s == stream).map(|(_, sub)| sub)
+    }
+
+    fn contains_key(&self, stream: &StreamId) -> bool {
+        self.get(stream).is_some()
+    }
+
+    /// Adds or replaces; answers the one replaced.
+    fn insert(&mut self, stream: StreamId, subscription: Subscription) -> Option<Subscription> {
+        match self.0.iter_mut().find(|(s, _)| *s == stream) {
+            Some((_, old)) => Some(std::mem::replace(old, subscription)),
+            None => {
+                self.0.push((stream, subscription));
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, stream: &StreamId) -> Option<Subscription> {
+        let at = self.0.iter().position(|(s, _)| s == stream)?;
+        Some(self.0.swap_remove(at).1)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&StreamId, &Subscription)> {
+        self.0.iter().map(|(stream, sub)| (stream, sub))
     }
 }
 
@@ -46,7 +84,7 @@ impl Subscription {
 pub(crate) struct Stomp {
     decoder: Decoder,
     /// The subscriptions to the user's own stream and to rooms.
-    streams: HashMap<StreamId, Subscription, foldhash::fast::RandomState>,
+    streams: Streams,
     broadcast: Option<Subscription>,
     errors: Option<Subscription>,
     /// How often the server sends a heart-beat, and how often the client must send something
@@ -176,7 +214,7 @@ pub(crate) async fn connect(
     };
     let stomp = Stomp {
         decoder,
-        streams: HashMap::default(),
+        streams: Streams::default(),
         broadcast: None,
         errors: None,
         send_every,
@@ -445,16 +483,16 @@ impl Session {
             return Err(self.fault("UNSUBSCRIBE needs an id", &frame));
         };
         let stomp = self.stomp();
-        let stream = stomp.streams.iter().find(|(_, s)| &*s.id == id).map(|(stream, _)| stream.clone());
+        let stream = stomp.streams.iter().find(|(_, s)| s.is(id)).map(|(stream, _)| stream.clone());
         let mut result = Ok(());
         if let Some(stream) = stream {
             stomp.streams.remove(&stream);
             if let StreamId::Room(room) = stream {
                 result = self.leave(&room).await;
             }
-        } else if stomp.broadcast.as_ref().is_some_and(|s| &*s.id == id) {
+        } else if stomp.broadcast.as_ref().is_some_and(|s| s.is(id)) {
             stomp.broadcast = None;
-        } else if stomp.errors.as_ref().is_some_and(|s| &*s.id == id) {
+        } else if stomp.errors.as_ref().is_some_and(|s| s.is(id)) {
             stomp.errors = None;
         }
         match (result, receipt) {
