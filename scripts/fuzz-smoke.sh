@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Fuzz smoke test for CI: every cargo-fuzz target in fuzz/ (the parsers of untrusted bytes:
-# client commands, API bodies, JWTs, config, WebSocket frames, names) runs for a short while
-# from its committed corpus, and any crash, failed invariant, timeout or out-of-memory fails the
-# script. It catches regressions the corpus already covers plus what a short run finds; long
-# runs are for people (see fuzz/README.md).
+# client commands, API bodies, JWTs, config, WebSocket frames, STOMP frames, names) runs for a
+# short while from its committed corpus, and any crash, failed invariant, timeout or
+# out-of-memory fails the script. It catches regressions the corpus already covers plus what a
+# short run finds; long runs are for people (see fuzz/README.md).
 #
 # Steps: install cargo-fuzz if missing (`cargo install --locked cargo-fuzz`), build all targets,
 # then run each for FUZZ_SECONDS (default 30) on a scratch copy of fuzz/corpus/<target>/, so
@@ -11,8 +11,8 @@
 #
 # The stable toolchain is enough: RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass -Zsanitizer=address
 # (set FUZZ_SANITIZER=none to build without AddressSanitizer). One target runs at a time, on one
-# core. With the build cached it takes about 3 minutes (3m11s measured on 2 cores); a cold
-# build of the targets adds about 15 minutes there.
+# core. With the build cached it takes about 3.5 minutes (3m11s measured on 2 cores before
+# stomp_frames added its run); a cold build of the targets adds about 15 minutes there.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
