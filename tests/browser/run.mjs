@@ -2,9 +2,10 @@
 //
 // Starts one dev-mode node on a free loopback port with a temporary data dir, opens the page as
 // alice (two devices) and bob, and drives it as a person would: direct messages, a room, presence,
-// errors, and catch-up after bob's connection drops. Prints one PASS/FAIL line per check and a
-// final `browser: N passed, M failed`; exits non-zero on any failure. The node and the browser
-// are always stopped.
+// errors, and catch-up after bob's connection drops. Then @stomp/stompjs, loaded into a page
+// from node_modules, talks STOMP to the node's /stomp from the browser. Prints one PASS/FAIL line
+// per check and a final `browser: N passed, M failed`; exits non-zero on any failure. The node
+// and the browser are always stopped.
 //
 // Environment: SWITCHYARD_BIN (default ../../target/debug/switchyard from this directory),
 // CHROMIUM (default /usr/bin/chromium).
@@ -264,6 +265,109 @@ async function run() {
     const errors = await bob.locator('#errors li').allTextContents();
     const unexpected = errors.filter((e) => !e.includes('connection lost'));
     assert(unexpected.length === 0, `bob's page shows errors: ${unexpected.join('; ')}`);
+  });
+
+  await stompjsChecks(base);
+}
+
+// ---- @stomp/stompjs in the page --------------------------------------------------------------
+
+const STOMPJS = path.join(here, 'node_modules/@stomp/stompjs/bundles/stomp.umd.min.js');
+
+/**
+ * In a page of the node's origin with the stompjs UMD bundle: sue and tom connect over ws:// to
+ * /stomp, subscribe to the user queue and a room, and exchange a direct message and room messages.
+ * Answers what each saw, as plain data.
+ */
+async function stompjsInPage(base, tag) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.setDefaultTimeout(STEP_TIMEOUT_MS);
+  page.on('pageerror', (err) => console.log(`  [stompjs page] page error: ${err.message}`));
+  await page.goto(`${base}/healthz`);
+  await page.addScriptTag({ path: STOMPJS });
+  return page.evaluate(async ({ url, tag, wait }) => {
+    const { Client } = window.StompJs;
+    const plain = (m) => ({ headers: { ...m.headers }, body: m.body });
+    const timeout = (what) => new Promise((_, reject) => setTimeout(() => reject(new Error(`${what}: nothing within ${wait} ms`)), wait));
+    const connect = (user) => new Promise((resolve, reject) => {
+      const client = new Client({
+        brokerURL: url,
+        connectHeaders: { login: user },
+        reconnectDelay: 0,
+        onConnect: (frame) => resolve({ client, connected: plain(frame), got: [] }),
+        onStompError: (frame) => reject(new Error(`ERROR ${frame.headers.message}`)),
+        onWebSocketClose: (event) => reject(new Error(`closed ${event.code} before CONNECTED`)),
+      });
+      client.activate();
+    });
+    const receipt = (s, id) => Promise.race([new Promise((resolve) => s.client.watchForReceipt(id, (f) => resolve(plain(f)))), timeout(`RECEIPT ${id}`)]);
+    const subscribe = async (s, destination, id) => {
+      const done = receipt(s, `r-${id}`);
+      s.client.subscribe(destination, (m) => s.got.push(plain(m)), { id, receipt: `r-${id}` });
+      return done;
+    };
+    const send = (s, destination, body, id) => {
+      const done = receipt(s, id);
+      s.client.publish({ destination, body: JSON.stringify(body), headers: { 'content-type': 'application/json', receipt: id } });
+      return done;
+    };
+    const until = async (s, count, what) => {
+      const deadline = Date.now() + wait;
+      while (s.got.filter((m) => !m.headers.event).length < count) {
+        if (Date.now() > deadline) throw new Error(`${what}: ${s.got.length} MESSAGEs within ${wait} ms`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    };
+    const room = `/topic/page-${tag}`;
+    const sue = await connect(`sue-${tag}`);
+    const tom = await connect(`tom-${tag}`);
+    await subscribe(sue, '/user/queue/messages', 'sue-q');
+    await subscribe(sue, room, 'sue-room');
+    await subscribe(tom, room, 'tom-room');
+    const dm = await send(tom, `/user/sue-${tag}`, { text: 'hi sue' }, 'dm-1');
+    await until(sue, 1, 'the direct message');
+    const fromTom = await send(tom, room, { text: 'room from tom' }, 'room-1');
+    await until(sue, 2, 'tom\'s room message');
+    const fromSue = await send(sue, room, { text: 'room from sue' }, 'room-2');
+    await until(tom, 1, 'sue\'s room message');
+    const out = {
+      sue: { connected: sue.connected, got: sue.got }, tom: { connected: tom.connected, got: tom.got },
+      receipts: { dm, fromTom, fromSue }, protocol: sue.client.webSocket.protocol,
+    };
+    await Promise.all([sue.client.deactivate(), tom.client.deactivate()]);
+    return out;
+  }, { url: `${base.replace(/^http/, 'ws')}/stomp`, tag, wait: STEP_TIMEOUT_MS });
+}
+
+async function stompjsChecks(base) {
+  const tag = Date.now().toString(36);
+  let seen = null;
+  await check('stompjs in the page connects to /stomp, subscribes to the user queue and a room, sends and receives', async () => {
+    assert(fs.existsSync(STOMPJS), `no ${STOMPJS}: npm ci in tests/browser`);
+    seen = await stompjsInPage(base, tag);
+    const c = seen.sue.connected.headers;
+    assert(c.version === '1.2' && c['user-name'] === `sue-${tag}`, `CONNECTED ${JSON.stringify(c)}`);
+    assert(seen.protocol === 'v12.stomp', `subprotocol ${seen.protocol}`);
+  });
+
+  await check('stompjs in the page: the direct message and the room messages carry their headers, in order', async () => {
+    assert(seen, 'the page did not run');
+    const { sue, tom, receipts } = seen;
+    const messages = (s) => s.got.filter((m) => !m.headers.event);
+    const [dm, roomMsg] = messages(sue);
+    assert(dm.headers.subscription === 'sue-q' && dm.headers.destination === '/user/queue/messages'
+      && dm.headers['message-id'] === receipts.dm.headers.mid && dm.headers.seq === '1'
+      && dm.headers.from === `tom-${tag}` && JSON.parse(dm.body).text === 'hi sue', `DM ${JSON.stringify(dm)}`);
+    assert(roomMsg.headers.subscription === 'sue-room' && roomMsg.headers.destination === `/topic/page-${tag}`
+      && roomMsg.headers.seq === receipts.fromTom.headers.seq && roomMsg.headers.seq === '1'
+      && JSON.parse(roomMsg.body).text === 'room from tom', `room message ${JSON.stringify(roomMsg)}`);
+    const [back] = messages(tom);
+    assert(back.headers.subscription === 'tom-room' && back.headers.seq === '2' && back.headers.from === `sue-${tag}`
+      && JSON.parse(back.body).text === 'room from sue', `tom got ${JSON.stringify(back)}`);
+    assert(messages(sue).length === 2 && messages(tom).length === 1, 'an echo or a duplicate');
+    const join = sue.got.find((m) => m.headers.event === 'join');
+    assert(join && JSON.parse(join.body).user === `tom-${tag}`, `no join event of tom: ${JSON.stringify(sue.got)}`);
   });
 }
 

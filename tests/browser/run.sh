@@ -4,8 +4,8 @@
 #   SWITCHYARD_BIN=path/to/switchyard tests/browser/run.sh
 #
 # Needs node, npm and Debian's chromium (/usr/bin/chromium; `apt-get install -y chromium`).
-# Installs playwright-core (no browser download) when node_modules is missing. The last line
-# printed is always `browser: N passed, M failed`.
+# Installs playwright-core (no browser download) and @stomp/stompjs when node_modules is missing
+# or older than package-lock.json. The last line printed is always `browser: N passed, M failed`.
 set -uo pipefail
 
 cd "$(dirname "$0")"
@@ -13,9 +13,11 @@ export SWITCHYARD_BIN="${SWITCHYARD_BIN:-../../target/debug/switchyard}"
 # playwright-core never downloads a browser, but make sure nothing tries to.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 
-if [ ! -d node_modules ]; then
+# npm writes node_modules/.package-lock.json at each install: a lock file newer than it was
+# changed since (a dependency added), and a node_modules without it is not npm's.
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi \
-    || { echo "FAIL npm could not install playwright-core"; echo "browser: 0 passed, 1 failed"; exit 1; }
+    || { echo "FAIL npm could not install the test's packages"; echo "browser: 0 passed, 1 failed"; exit 1; }
 fi
 
 out="$(mktemp)"

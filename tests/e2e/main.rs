@@ -26,4 +26,5 @@ mod repair;
 mod rooms;
 mod sql_server;
 mod stomp;
+mod stomp_clients;
 mod timers;
