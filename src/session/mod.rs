@@ -382,7 +382,10 @@ impl Session {
                 Some((head, if stomp.is_some() { &delivery.stomp()[..] } else { &delivery.json()[..] }))
             }
         });
-        let pushed = self.ws.push_text_parts(frames);
+        let pushed = match stomp {
+            None => self.ws.push_text(frames.map(|(_, frame)| frame)),
+            Some(_) => self.ws.push_text_parts(frames),
+        };
         batch.clear();
         self.wrote(pushed).await?;
         self.count_delivered(counts, oldest);
@@ -439,11 +442,12 @@ impl Session {
                 counts[kind as usize] += 1;
                 oldest = oldest.min(d.ts());
             }
-            let stomp = self.stomp.as_deref();
-            let pushed = self.ws.push_text_parts(released.iter().filter_map(|d| match stomp {
-                None => Some((&[][..], &d.json()[..])),
-                Some(stomp) => Some((stomp.head(d.position.as_ref().map(|(stream, _)| stream))?, &d.stomp()[..])),
-            }));
+            let pushed = match self.stomp.as_deref() {
+                None => self.ws.push_text(released.iter().map(|d| &d.json()[..])),
+                Some(stomp) => self.ws.push_text_parts(released.iter().filter_map(|d| {
+                    Some((stomp.head(d.position.as_ref().map(|(stream, _)| stream))?, &d.stomp()[..]))
+                })),
+            };
             self.wrote(pushed).await?;
             self.count_delivered(counts, oldest);
         }

@@ -22,8 +22,10 @@ use super::transport::Transport;
 const READ_CHUNK: usize = 4096;
 /// The first read with nothing pending goes to the stack, this large (a client's command fits).
 const READ_PROBE: usize = 512;
-/// Frames per vectored write (up to three slices each, within every platform's `IOV_MAX`).
+/// Frames per vectored write (two slices each, within every platform's `IOV_MAX`).
 const FRAMES_PER_WRITE: usize = 32;
+/// Two-part frames per vectored write (three slices each).
+const PARTS_PER_WRITE: usize = 32;
 
 /// One server-side WebSocket connection over the stream `S`: a plain `TcpStream` unless said
 /// otherwise.
@@ -85,18 +87,42 @@ impl<S: Transport> WebSocket<S> {
     /// Writes text frames, one per payload, as far as the stream takes them now, in as few
     /// writes as it allows; the rest waits for [`flush`](Self::flush).
     pub fn push_text<'a>(&mut self, payloads: impl IntoIterator<Item = &'a [u8]>) -> io::Result<()> {
-        self.push(OP_TEXT, payloads.into_iter().map(|payload| (&[][..], payload)))
+        self.push(OP_TEXT, payloads)
     }
 
-    /// Like [`push_text`](Self::push_text), each message's payload in two parts, written one
+    /// Like [`push_text`](Self::push_text), each message's payload in two parts written one
     /// after the other without copying: a head of the session's own before bytes shared with
-    /// other sessions (a STOMP `MESSAGE` frame's `subscription` before the rest).
+    /// other sessions (a STOMP `MESSAGE`'s `subscription` before the rest). Apart from `push`,
+    /// whose stack arrays would grow by half for every JSON write (3 % more instructions per
+    /// delivery, measured).
     pub fn push_text_parts<'a>(&mut self, messages: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> io::Result<()> {
-        self.push(OP_TEXT, messages)
+        if self.close_sent {
+            return Ok(());
+        }
+        let mut messages = messages.into_iter().peekable();
+        while messages.peek().is_some() {
+            let mut headers = [[0u8; MAX_HEADER]; PARTS_PER_WRITE];
+            let mut lens = [0usize; PARTS_PER_WRITE];
+            let mut parts: [(&[u8], &[u8]); PARTS_PER_WRITE] = [(&[], &[]); PARTS_PER_WRITE];
+            let mut n = 0;
+            for (head, body) in messages.by_ref().take(PARTS_PER_WRITE) {
+                lens[n] = frame::write_header(&mut headers[n], OP_TEXT, head.len() + body.len());
+                parts[n] = (head, body);
+                n += 1;
+            }
+            let mut slices = [IoSlice::new(&[]); 3 * PARTS_PER_WRITE];
+            for i in 0..n {
+                slices[3 * i] = IoSlice::new(&headers[i][..lens[i]]);
+                slices[3 * i + 1] = IoSlice::new(parts[i].0);
+                slices[3 * i + 2] = IoSlice::new(parts[i].1);
+            }
+            self.write_slices(&slices[..3 * n])?;
+        }
+        Ok(())
     }
 
     pub fn push_ping(&mut self) -> io::Result<()> {
-        self.push(OP_PING, [(&b""[..], &b""[..])])
+        self.push(OP_PING, [&b""[..]])
     }
 
     /// Whether pushed frames are still waiting for the stream.
@@ -107,8 +133,8 @@ impl<S: Transport> WebSocket<S> {
     /// Sends a data message back as it came (the conformance echo).
     pub async fn echo(&mut self, incoming: &Incoming) -> io::Result<()> {
         match incoming {
-            Incoming::Text(text) => self.push(OP_TEXT, [(&[][..], text.as_bytes())])?,
-            Incoming::Binary(data) => self.push(OP_BINARY, [(&[][..], data.as_slice())])?,
+            Incoming::Text(text) => self.push(OP_TEXT, [text.as_bytes()])?,
+            Incoming::Binary(data) => self.push(OP_BINARY, [data.as_slice()])?,
             _ => return Ok(()),
         }
         self.flush().await
@@ -118,7 +144,7 @@ impl<S: Transport> WebSocket<S> {
     pub async fn close(&mut self, code: u16, reason: &str) -> io::Result<()> {
         if !self.close_sent {
             let payload = frame::close_payload(code, reason);
-            self.push(OP_CLOSE, [(&[][..], payload.as_slice())])?;
+            self.push(OP_CLOSE, [payload.as_slice()])?;
             self.close_sent = true;
         }
         self.flush().await
@@ -183,10 +209,9 @@ impl<S: Transport> WebSocket<S> {
         Ok(())
     }
 
-    /// Frames each payload (a head, often empty, and a body) and writes them now as far as the
-    /// stream takes them; the rest goes to `output` for [`flush`](Self::flush). Nothing goes out
-    /// after our close frame.
-    fn push<'a>(&mut self, opcode: u8, payloads: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> io::Result<()> {
+    /// Frames each payload and writes them now as far as the stream takes them; the rest goes
+    /// to `output` for [`flush`](Self::flush). Nothing goes out after our close frame.
+    fn push<'a>(&mut self, opcode: u8, payloads: impl IntoIterator<Item = &'a [u8]>) -> io::Result<()> {
         if self.close_sent {
             return Ok(());
         }
@@ -194,27 +219,19 @@ impl<S: Transport> WebSocket<S> {
         while payloads.peek().is_some() {
             let mut headers = [[0u8; MAX_HEADER]; FRAMES_PER_WRITE];
             let mut lens = [0usize; FRAMES_PER_WRITE];
-            let mut parts: [(&[u8], &[u8]); FRAMES_PER_WRITE] = [(&[], &[]); FRAMES_PER_WRITE];
+            let mut bodies: [&[u8]; FRAMES_PER_WRITE] = [&[]; FRAMES_PER_WRITE];
             let mut n = 0;
-            for (head, body) in payloads.by_ref().take(FRAMES_PER_WRITE) {
-                lens[n] = frame::write_header(&mut headers[n], opcode, head.len() + body.len());
-                parts[n] = (head, body);
+            for payload in payloads.by_ref().take(FRAMES_PER_WRITE) {
+                lens[n] = frame::write_header(&mut headers[n], opcode, payload.len());
+                bodies[n] = payload;
                 n += 1;
             }
-            let mut slices = [IoSlice::new(&[]); 3 * FRAMES_PER_WRITE];
-            let mut used = 0;
+            let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
             for i in 0..n {
-                slices[used] = IoSlice::new(&headers[i][..lens[i]]);
-                used += 1;
-                let (head, body) = parts[i];
-                if !head.is_empty() {
-                    slices[used] = IoSlice::new(head);
-                    used += 1;
-                }
-                slices[used] = IoSlice::new(body);
-                used += 1;
+                slices[2 * i] = IoSlice::new(&headers[i][..lens[i]]);
+                slices[2 * i + 1] = IoSlice::new(bodies[i]);
             }
-            self.write_slices(&slices[..used])?;
+            self.write_slices(&slices[..2 * n])?;
         }
         Ok(())
     }
@@ -282,13 +299,13 @@ impl<S: Transport> WebSocket<S> {
             Some(Decoded::Ready(incoming)) => Ok(Some(incoming)),
             Some(Decoded::Ping(payload)) => {
                 let payload = payload.to_vec();
-                self.push(OP_PONG, [(&[][..], payload.as_slice())])?;
+                self.push(OP_PONG, [payload.as_slice()])?;
                 Ok(Some(Incoming::Ping))
             }
             Some(Decoded::Close(code)) => {
                 if !self.close_sent {
                     let reply = code.map_or(Vec::new(), |c| c.to_be_bytes().to_vec());
-                    self.push(OP_CLOSE, [(&[][..], reply.as_slice())])?;
+                    self.push(OP_CLOSE, [reply.as_slice()])?;
                     self.close_sent = true;
                 }
                 self.close_received = Some(code);
