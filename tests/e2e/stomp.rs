@@ -340,3 +340,31 @@ async fn limits_apply_to_stomp_sessions() {
     assert!(frames.iter().any(|f| f.command == "ERROR"), "{frames:?}");
     node.shutdown().await;
 }
+
+/// A STOMP session that stops reading is closed as too slow (4003), its `ERROR` saying why once
+/// it reads again, while a JSON member of the same room keeps receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_stomp_reader_is_closed_with_4003() {
+    let node = TestNode::start(&["--outbound-queue", "64", "--rate-limit", "0"]).await;
+    let mut slow = StompClient::dev(node.addr, "slow").await;
+    slow.subscribe("r", "/topic/firehose", &[]).await;
+    let mut alice = node.connect("alice").await;
+    alice.ok(json!({"type":"join","room":"firehose"})).await;
+    let pad = "x".repeat(32 * 1024);
+    let drops = "switchyard_outbound_queue_drops_total";
+    let mut n = 0u64;
+    while node.metric_total(drops).await < 1.0 {
+        for _ in 0..25 {
+            n += 1;
+            alice.send_json(json!({"type":"publish","room":"firehose","body":{"n":n,"pad":pad}})).await;
+        }
+        assert!(n < 5000, "a STOMP reader that stopped reading was never closed");
+    }
+    let (frames, code) = slow.closed().await;
+    assert_eq!(code, Some(4003));
+    let error = frames.iter().find(|f| f.command == "ERROR").expect("an ERROR before the close");
+    assert!(error.get("message").starts_with("too slow"), "{error:?}");
+    let reply = alice.ok(json!({"type":"publish","room":"firehose","body":"after"})).await;
+    assert!(reply["seq"].as_u64().unwrap() > n, "the room goes on");
+    node.shutdown().await;
+}
