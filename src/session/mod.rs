@@ -233,6 +233,11 @@ impl Session {
         if let Err(stop) = self.write([welcome]).await {
             return stop;
         }
+        if self.stomp.is_some()
+            && let Err(stop) = Box::pin(self.on_stomp(None, None)).await
+        {
+            return stop;
+        }
         let ping_every = Duration::from_secs(config.ping_interval);
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let expiry = tokio::time::sleep_until(token_deadline(self.identity.expires_at));
@@ -294,7 +299,7 @@ impl Session {
         };
         self.last_heard = Instant::now();
         if self.stomp.is_some() {
-            return self.on_stomp(incoming, verdict).await;
+            return self.on_stomp(Some(incoming), verdict).await;
         }
         let text = match incoming {
             Incoming::Text(text) => Some(text),

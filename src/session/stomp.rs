@@ -22,7 +22,7 @@ use crate::protocol::{
     Command as Native, ErrorCode, ProtocolError, RoomName, StreamId, UserId, checked_body, checked_key, close,
 };
 use crate::stomp::encode::{self, BROADCAST, ERRORS, TOPIC, USER, USER_QUEUE};
-use crate::stomp::frame::{Command, Decoder, Frame, Item};
+use crate::stomp::frame::{Command, Decoder, Frame, FrameError, Item};
 use crate::ws::{Incoming, WebSocket};
 
 /// Most `SEND`s appended together, as the JSON session's pipeline.
@@ -168,7 +168,7 @@ pub(crate) async fn connect(
             Ok(Some(Item::Frame(frame))) => break frame,
             Ok(Some(Item::HeartBeat)) => continue,
             Ok(None) => {}
-            Err(e) => return refuse(ws, &e.to_string(), close::PROTOCOL_ERROR).await,
+            Err(e) => return refuse(ws, &e.to_string(), close_code(e)).await,
         }
         match tokio::time::timeout_at(deadline, ws.next()).await {
             Err(_) => return refuse(ws, "no CONNECT frame in time", close::POLICY).await,
@@ -225,6 +225,15 @@ pub(crate) async fn connect(
     Some((ws, identity, Box::new(stomp)))
 }
 
+/// The close code for a frame the decoder refused: 1009 for one too large, as for a WebSocket
+/// message, however many messages it came in; 1002 for the rest.
+fn close_code(e: FrameError) -> u16 {
+    match e {
+        FrameError::TooLarge => close::TOO_LARGE,
+        _ => close::PROTOCOL_ERROR,
+    }
+}
+
 /// The heart-beats negotiated from the client's `heart-beat: cx,cy` (STOMP 1.2 §Heart-beating),
 /// the server offering the ping interval both ways: the server sends every max(sx, cy) when cy is
 /// not 0, and expects something every max(cx, sy) when cx is not 0.
@@ -260,11 +269,13 @@ impl Session {
     /// each frame, and a message with none (part of a frame, heart-beats) once; `verdict` is the
     /// limiter's on the message if it was already asked. `SEND`s that arrived together are
     /// appended together (see [`Session::stomp_sends`]).
-    pub(super) async fn on_stomp(&mut self, incoming: Incoming, verdict: Option<Verdict>) -> Result<(), Stop> {
+    pub(super) async fn on_stomp(&mut self, incoming: Option<Incoming>, verdict: Option<Verdict>) -> Result<(), Stop> {
         let data: &[u8] = match &incoming {
-            Incoming::Text(text) => text.as_bytes(),
-            Incoming::Binary(data) => data,
-            _ => return Ok(()),
+            Some(Incoming::Text(text)) => text.as_bytes(),
+            Some(Incoming::Binary(data)) => data,
+            // Frames that came in the message of the `CONNECT`, behind it.
+            None => &[],
+            Some(_) => return Ok(()),
         };
         self.stomp().decoder.push(data);
         let mut verdict = Some(verdict.unwrap_or_else(|| self.limiter.check(self.last_heard.into_std())));
@@ -278,7 +289,7 @@ impl Session {
                     continue;
                 }
                 Ok(Some(Item::Frame(frame))) => frame,
-                Err(e) => return Err(Stop::Close(close::PROTOCOL_ERROR, Arc::from(e.to_string()))),
+                Err(e) => return Err(Stop::Close(close_code(e), Arc::from(e.to_string()))),
             };
             self.stomp().heard = Instant::now();
             let verdict = verdict.take().unwrap_or_else(|| self.limiter.check(self.last_heard.into_std()));
@@ -424,6 +435,11 @@ impl Session {
         let caught_up = match destination {
             USER_QUEUE => {
                 let stream = StreamId::User(self.info.user.clone());
+                // Not delivered while unsubscribed, the stream's messages so far are owed only
+                // from `since` (or the read cursor) on, not from where the session started.
+                if let Some(state) = self.streams.get_mut(&stream) {
+                    state.live_from = None;
+                }
                 self.stomp().streams.insert(stream.clone(), subscription);
                 let result = self.sync(since).await;
                 if result.is_err() {

@@ -107,8 +107,10 @@ pub(crate) fn presence_tail(json: &[u8]) -> Option<(RoomName, Bytes)> {
     let user = UserId::parse(p.user).ok()?;
     let mut out = Vec::with_capacity(TAIL_OVERHEAD);
     write_header(&mut out, "destination", &format!("{TOPIC}{room}"));
-    let n = EVENTS.fetch_add(1, Ordering::Relaxed);
-    write_header(&mut out, "message-id", &format!("event-{n}"));
+    // An `ack` too, as every `MESSAGE` of a subscription in a client ack mode needs one.
+    let id = format!("event-{}", EVENTS.fetch_add(1, Ordering::Relaxed));
+    write_header(&mut out, "message-id", &id);
+    write_header(&mut out, "ack", &id);
     write_header(&mut out, "event", p.event);
     write_header(&mut out, "stream", &StreamId::Room(room.clone()).to_string());
     let body = serde_json::to_vec(&serde_json::json!({ "user": user.as_str() })).expect("serializes");
@@ -157,8 +159,9 @@ pub(crate) fn refusal_tail(code: &str, message: &str, receipt_id: Option<&str>) 
         .expect("serializes");
     let mut out = Vec::with_capacity(TAIL_OVERHEAD + body.len());
     write_header(&mut out, "destination", ERRORS);
-    let n = EVENTS.fetch_add(1, Ordering::Relaxed);
-    write_header(&mut out, "message-id", &format!("error-{n}"));
+    let id = format!("error-{}", EVENTS.fetch_add(1, Ordering::Relaxed));
+    write_header(&mut out, "message-id", &id);
+    write_header(&mut out, "ack", &id);
     write_header(&mut out, "error", code);
     write_body(&mut out, "application/json", &body);
     out
@@ -214,6 +217,7 @@ mod tests {
         assert_eq!(room.as_str(), "r");
         let frame = decode_as_send(&[&message_head("7")[..], &tail[..]].concat(), "MESSAGE");
         assert_eq!((frame.headers.get("event"), frame.headers.get("destination")), (Some("join"), Some("/topic/r")));
+        assert_eq!(frame.headers.get("ack"), frame.headers.get("message-id"));
         assert_eq!(&frame.body[..], br#"{"user":"bo"}"#);
         assert!(presence_tail(br#"{"type":"disconnect","code":4002,"reason":"x"}"#).is_none());
         let r = decode_as_send(&receipt("r-1", &[("mid", "m"), ("seq", "3")]), "RECEIPT");

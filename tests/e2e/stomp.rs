@@ -368,3 +368,48 @@ async fn a_slow_stomp_reader_is_closed_with_4003() {
     assert!(reply["seq"].as_u64().unwrap() > n, "the room goes on");
     node.shutdown().await;
 }
+
+/// Found by wsfuzz: frames behind `CONNECT` in the same WebSocket message run at once; a
+/// session that subscribes to its queue after messages came while it was not subscribed is owed
+/// only what its `since` asks for (no repair brings the others back later); and a frame too large
+/// closes with 1009 whether it came in one WebSocket message or several.
+#[tokio::test]
+async fn found_by_wsfuzz() {
+    let node = TestNode::start(&["--max-message-size", "4096"]).await;
+    let (mut ws, _) = StompClient::open(&format!("ws://{}/stomp", node.addr), &[]).await;
+    let mut together = frame("CONNECT", &[("login", "early")], b"");
+    together.extend(frame("SEND", &[("destination", "/user/x"), ("receipt", "r1")], b"hi"));
+    ws.send(tokio_websockets::Message::text(String::from_utf8(together).unwrap())).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(5), futures_util::StreamExt::next(&mut ws))
+            .await
+            .expect("CONNECTED and RECEIPT without another message")
+            .unwrap()
+            .unwrap();
+        got.extend(crate::stomp_client::parse(message.as_payload()).into_iter().flatten());
+    }
+    assert_eq!((got[0].command.as_str(), got[1].command.as_str()), ("CONNECTED", "RECEIPT"));
+    assert_eq!(got[1].get("receipt-id"), "r1");
+
+    let mut late = StompClient::dev(node.addr, "late").await;
+    let mut sender = node.connect("sender").await;
+    for i in 1..=3 {
+        sender.ok(json!({"type":"send","to":"late","body":i})).await;
+    }
+    let receipt = late.subscribe("q", "/user/queue/messages", &[("since", "3")]).await;
+    assert_eq!(receipt.get("seq"), "3");
+    sender.ok(json!({"type":"send","to":"late","body":4})).await;
+    assert_eq!(late.message().await.seq(), 4);
+    late.silent(1500).await;
+
+    let mut big = StompClient::dev(node.addr, "big").await;
+    let frame = frame("SEND", &[("destination", "/user/x")], &vec![b'a'; 5000]);
+    for chunk in frame.chunks(1000) {
+        big.send_raw(chunk, false).await;
+    }
+    let (frames, code) = big.closed().await;
+    assert_eq!(code, Some(1009));
+    assert!(frames.iter().any(|f| f.command == "ERROR" && f.get("message").contains("too large")), "{frames:?}");
+    node.shutdown().await;
+}
