@@ -209,32 +209,36 @@ struct Receiver<'a> {
 }
 
 impl Receiver<'_> {
-    /// Handles one text frame received at `at`; true when it must be answered with a pong.
+    /// Handles one text message received at `at` (one frame, or several STOMP frames); true
+    /// when it must be answered with a pong.
     fn on_text(
         &mut self,
         text: &str,
         at: u64,
         window: Option<&Window>,
         out: &mut ClientOutcome,
-        publisher: Option<&mut Publisher>,
+        mut publisher: Option<&mut Publisher>,
     ) -> bool {
         self.shared.saw_traffic(at);
-        match self.proto.parse(text) {
-            Frame::Message { probe: Some(p), .. } => self.on_probe(p, at, window, out),
-            Frame::Message { probe: None, .. } => out.foreign += 1,
-            Frame::Reply { id: Some(id), .. } => {
-                if let Some(p) = publisher {
-                    p.on_answer(id, None);
+        let mut pong = false;
+        for frame in self.proto.frames(text) {
+            match frame {
+                Frame::Message { probe: Some(p), .. } => self.on_probe(p, at, window, out),
+                Frame::Message { probe: None, .. } => out.foreign += 1,
+                Frame::Reply { id: Some(id), .. } => {
+                    if let Some(p) = publisher.as_deref_mut() {
+                        p.on_answer(id, None);
+                    }
                 }
+                Frame::Error { id: Some(id), code } if id < JOIN_ID && publisher.is_some() => {
+                    publisher.as_deref_mut().expect("checked").on_answer(id, Some(code));
+                }
+                Frame::Error { code, .. } => bump(&mut out.server_errors, code),
+                Frame::Ping => pong = true,
+                _ => {}
             }
-            Frame::Error { id: Some(id), code } if id < JOIN_ID && publisher.is_some() => {
-                publisher.expect("checked").on_answer(id, Some(code));
-            }
-            Frame::Error { code, .. } => bump(&mut out.server_errors, code),
-            Frame::Ping => return true,
-            _ => {}
         }
-        false
+        pong
     }
 
     fn on_probe(&mut self, p: Probe, at: u64, window: Option<&Window>, out: &mut ClientOutcome) {
