@@ -232,6 +232,8 @@ impl Conn {
                 Frame::Error { id: Some(i), code } if *i == id => {
                     return Err(format!("error {code}"));
                 }
+                // A STOMP `ERROR` ends the connection, whatever it answers.
+                Frame::Error { id: None, code } if self.proto.is_stomp() => return Err(format!("error {code}")),
                 Frame::Joined { room: r } if Some(r.as_str()) == room => return Ok(None),
                 Frame::Ping => self.send(socketio::PONG.to_string()).await?,
                 Frame::Disconnect { code } => return Err(close_label(*code)),
