@@ -141,6 +141,10 @@ pub struct IdleArgs {
     /// Seconds after closing before reading RSS again (0: skip).
     #[arg(long, default_value_t = 2.0)]
     pub after_close: f64,
+    /// Switchyard JSON: each connection also sends `sync` (the catch-up of its own stream) and
+    /// waits for the reply, as a STOMP client subscribes to /user/queue/messages.
+    #[arg(long)]
+    pub sync: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -11,7 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_websockets::Message;
 
-use super::{JOIN_ID, Phase, Progress, SetupMsg, Shared, Window};
+use super::{JOIN_ID, Phase, Progress, SYNC_ID, SetupMsg, Shared, Window};
 use crate::clock::{now_us, until_us};
 use crate::ledger::{Arrival, FlowTally, Ranges};
 use crate::net::{Conn, Failure, ws_error_kind};
@@ -94,6 +94,13 @@ pub(crate) async fn run(i: usize, shared: Arc<Shared>, setup_tx: mpsc::Unbounded
             shared.connect_timeout(),
         )
         .await?;
+        if shared.spec.sync {
+            match tokio::time::timeout(shared.connect_timeout(), conn.sync(None, SYNC_ID, |_, _| {})).await {
+                Err(_) => return Err("sync timeout".to_string()),
+                Ok(Err(e)) => return Err(format!("sync: {e}")),
+                Ok(Ok(_)) => {}
+            }
+        }
         if let Some(r) = spec.room {
             let room = &shared.spec.rooms[r as usize];
             match tokio::time::timeout(shared.connect_timeout(), conn.join(room, None, JOIN_ID, |_, _| {})).await {
