@@ -2,13 +2,14 @@
 //! same): the client frames the tool sends, and a server message split into its frames.
 //!
 //! A frame is `COMMAND\n`, `name:value\n` headers, a blank line, the body and a NUL. Header names
-//! and values escape `\\`, `\n`, `\r` and `:` as `\\\\`, `\\n`, `\\r`, `\\c` in every frame but
-//! `CONNECT` and `CONNECTED`. A body is `content-length` bytes when that header is there, else it
-//! runs to the first NUL. End-of-line characters between frames are heart-beats. Servers send one
-//! frame per WebSocket message, but the spec allows several, so [`next_frame`] walks a message.
+//! and values write a backslash, a line feed, a carriage return and `:` as `\\`, `\n`, `\r` and
+//! `\c` in every frame but `CONNECT` and `CONNECTED`. A body is `content-length` bytes when that
+//! header is there, else it runs to the first NUL. End-of-line characters between frames are
+//! heart-beats. Servers send one frame per WebSocket message, but the spec allows several, so
+//! [`next_frame`] walks a message.
 //!
-//! Reading is cheap on purpose, one pass over the head: the generator reads every delivery, and
-//! must not be what limits a run.
+//! Reading borrows from the message and allocates only for a header value that holds an escape:
+//! the generator reads every delivery, and must not be what limits a run.
 
 use std::borrow::Cow;
 use std::fmt::Write;
