@@ -18,6 +18,10 @@
 # and logs stay in OUT (default /tmp/switchyard-callgrind); `callgrind_annotate` on a dump shows
 # where the instructions went. Instruction counts do not depend on machine load; alternate the
 # builds compared (OLD, NEW, OLD, NEW, …) anyway, and take medians of at least 4 runs each.
+#
+# PROTOCOL (default `switchyard`, the JSON protocol) is the generator's `--protocol`: with
+# `PROTOCOL=stomp` every client speaks STOMP to the same nodes (BENCHMARKS.md, "Issue 13"), so
+# that one build's cost per delivery can be compared across protocols; alternate those too.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$(cd "${1:?usage: bench/callgrind.sh BIN SCENARIO [REDIS_PORT]}" && pwd)
@@ -25,13 +29,14 @@ SCENARIO=${2:?usage: bench/callgrind.sh BIN SCENARIO [REDIS_PORT]}
 PORT=${3:-6394}
 BENCH=${BENCH:-$ROOT/target/release/switchyard-bench}
 OUT=${OUT:-/tmp/switchyard-callgrind}
+PROTOCOL=${PROTOCOL:-switchyard}
 case "$SCENARIO" in
   fanout) LOAD=(fanout --rooms 10 --members 30 --rate 100) ;;
   direct) LOAD=(direct --pairs 100 --rate 500) ;;
   *) echo "callgrind.sh: SCENARIO is fanout or direct" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT"
-RUN=$OUT/$SCENARIO.$(date +%H%M%S).$$
+RUN=$OUT/$SCENARIO.$PROTOCOL.$(date +%H%M%S).$$
 source "$ROOT/bench/redis.sh"
 
 PREFIX=cg$$
@@ -59,7 +64,7 @@ delivered() {
 }
 
 "$BENCH" "${LOAD[@]}" --target ws://127.0.0.1:9301,ws://127.0.0.1:9302,ws://127.0.0.1:9303 \
-  --pid "${nodes[1]},${nodes[2]},${nodes[3]}" >"$RUN.bench.txt" 2>&1 &
+  --pid "${nodes[1]},${nodes[2]},${nodes[3]}" --protocol "$PROTOCOL" >"$RUN.bench.txt" 2>&1 &
 BENCHPID=$!
 pids+=("$BENCHPID")
 

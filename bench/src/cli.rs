@@ -47,7 +47,7 @@ pub enum Command {
 pub struct Common {
     /// WebSocket endpoints of the nodes, comma-separated (ws://127.0.0.1:9100[/ws]); clients
     /// are spread over them round-robin. Without a path: /ws (switchyard), /socket.io/
-    /// (socketio), / (relay).
+    /// (socketio), / (relay), /stomp (stomp), /ws (stomp-rabbitmq).
     #[arg(long, value_delimiter = ',', required = true)]
     pub target: Vec<String>,
     /// HTTP bases of the nodes' server API (http://127.0.0.1:9100), comma-separated.
@@ -63,7 +63,8 @@ pub struct Common {
     /// Other processes to report RSS and CPU seconds of (e.g. Redis), comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub also_pid: Vec<u32>,
-    /// How to talk to the servers.
+    /// How to talk to the servers: Switchyard's JSON protocol, Socket.IO, the relay's JSON,
+    /// STOMP 1.2 to Switchyard (`stomp`) or to RabbitMQ's Web-STOMP plugin (`stomp-rabbitmq`).
     #[arg(long, value_enum, default_value_t = Protocol::Switchyard)]
     pub protocol: Protocol,
     /// Print one JSON object with every figure instead of the human report.
@@ -140,6 +141,10 @@ pub struct IdleArgs {
     /// Seconds after closing before reading RSS again (0: skip).
     #[arg(long, default_value_t = 2.0)]
     pub after_close: f64,
+    /// Switchyard JSON: each connection also sends `sync` (the catch-up of its own stream) and
+    /// waits for the reply, as a STOMP client subscribes to /user/queue/messages.
+    #[arg(long)]
+    pub sync: bool,
 }
 
 #[derive(Args, Debug, Clone)]

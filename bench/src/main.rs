@@ -3,7 +3,7 @@
 //! Layout: `cli` (options), `scenarios` (options → worker specs), `run` (the coordinator),
 //! `worker` (client connections and publishers, in this process or in child processes),
 //! `resume` (the node-kill scenario), `soak` (the long mixed run), `report` (figures). Pure pieces with unit tests:
-//! `ledger` (loss/duplicate accounting), `latency` (percentiles), `socketio` and `wire`
+//! `ledger` (loss/duplicate accounting), `latency` (percentiles), `socketio`, `stomp` and `wire`
 //! (protocols), `http` (pipelined HTTP/1.1), `procfs` (RSS and CPU of processes).
 
 mod cli;
@@ -21,6 +21,7 @@ mod scenarios;
 mod schedule;
 mod soak;
 mod socketio;
+mod stomp;
 mod wire;
 mod worker;
 mod wsfuzz;

@@ -4,6 +4,7 @@
 //! Latency is computed from timestamps taken by this machine's clock at both ends, so the tool
 //! only ever targets loopback addresses (which also keeps load on this machine).
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use tokio_websockets::{ClientBuilder, Message, WebSocketStream};
 
 use crate::clock::now_us;
 use crate::socketio;
-use crate::wire::{Frame, Protocol};
+use crate::wire::{Frame, Protocol, QUEUE_RECEIPT};
 
 pub type Ws = WebSocketStream<TcpStream>;
 
@@ -105,6 +106,8 @@ pub fn ws_error_kind(e: &tokio_websockets::Error) -> String {
 pub struct Conn {
     pub ws: Ws,
     pub proto: Protocol,
+    /// STOMP frames that came in one message with the frame last returned by `next_text`.
+    pending: VecDeque<String>,
 }
 
 /// How a connection ended or failed, as a countable label.
@@ -112,7 +115,8 @@ pub type Failure = String;
 
 impl Conn {
     /// TCP, upgrade and the protocol's opening handshake (Switchyard `welcome`; Socket.IO open
-    /// packet, `40`, namespace connected), all within `timeout`.
+    /// packet, `40`, namespace connected; STOMP `CONNECT`, `CONNECTED`, then the subscription to
+    /// the user's own queue and its `RECEIPT`), all within `timeout`.
     pub async fn open(
         proto: Protocol,
         base: &str,
@@ -126,8 +130,8 @@ impl Conn {
             let tcp = tcp_connect(addr, source).await.map_err(|e| io_kind(&e))?;
             let builder = ClientBuilder::new().uri(&url).map_err(|e| format!("bad url: {e}"))?;
             let (ws, _) = builder.connect_on(tcp).await.map_err(|e| ws_error_kind(&e))?;
-            let mut conn = Conn { ws, proto };
-            conn.handshake().await?;
+            let mut conn = Conn { ws, proto, pending: VecDeque::new() };
+            conn.handshake(user).await?;
             Ok(conn)
         };
         match tokio::time::timeout(timeout, attempt).await {
@@ -136,8 +140,24 @@ impl Conn {
         }
     }
 
-    async fn handshake(&mut self) -> Result<(), Failure> {
+    async fn handshake(&mut self, user: &str) -> Result<(), Failure> {
         match self.proto {
+            Protocol::Stomp | Protocol::StompRabbitmq => {
+                self.send(self.proto.stomp_connect(user)).await?;
+                loop {
+                    let text = self.next_text().await?;
+                    match self.proto.parse(&text) {
+                        Frame::Welcome => break,
+                        Frame::Error { code, .. } => return Err(format!("error {code}")),
+                        _ => {}
+                    }
+                }
+                // A JSON session gets its own stream live from the welcome on; a STOMP one once it
+                // subscribes to it.
+                self.send(self.proto.stomp_own_queue(user)).await?;
+                self.await_answer(QUEUE_RECEIPT, None, &mut |_: &Frame<'_>, _| {}).await?;
+                Ok(())
+            }
             Protocol::Relay => Ok(()),
             Protocol::Switchyard => loop {
                 let text = self.next_text().await?;
@@ -212,6 +232,8 @@ impl Conn {
                 Frame::Error { id: Some(i), code } if *i == id => {
                     return Err(format!("error {code}"));
                 }
+                // A STOMP `ERROR` ends the connection, whatever it answers.
+                Frame::Error { id: None, code } if self.proto.is_stomp() => return Err(format!("error {code}")),
                 Frame::Joined { room: r } if Some(r.as_str()) == room => return Ok(None),
                 Frame::Ping => self.send(socketio::PONG.to_string()).await?,
                 Frame::Disconnect { code } => return Err(close_label(*code)),
@@ -224,15 +246,25 @@ impl Conn {
         self.ws.send(Message::text(text)).await.map_err(|e| ws_error_kind(&e))
     }
 
-    /// The next text frame; a close or the end of the stream is an error labelled with the
-    /// close code.
+    /// The next text frame (STOMP: the next STOMP frame); a close or the end of the stream is
+    /// an error labelled with the close code.
     pub async fn next_text(&mut self) -> Result<String, Failure> {
+        if let Some(frame) = self.pending.pop_front() {
+            return Ok(frame);
+        }
         loop {
             match self.ws.next().await {
                 None => return Err("eof".into()),
                 Some(Err(e)) => return Err(ws_error_kind(&e)),
                 Some(Ok(m)) => {
                     if let Some(t) = m.as_text() {
+                        if self.proto.is_stomp() {
+                            self.pending.extend(split_stomp(t));
+                            match self.pending.pop_front() {
+                                Some(frame) => return Ok(frame),
+                                None => continue,
+                            }
+                        }
                         return Ok(t.to_string());
                     }
                     if let Some((code, _)) = m.as_close() {
@@ -251,6 +283,25 @@ impl Conn {
             }
         })
         .await;
+    }
+}
+
+/// A STOMP message as one string per frame (heart-beats dropped; a malformed rest kept whole,
+/// for the parser to call malformed).
+fn split_stomp(mut text: &str) -> Vec<String> {
+    let mut frames = Vec::new();
+    loop {
+        match crate::stomp::next_frame(text) {
+            Ok(Some((_, rest))) => {
+                frames.push(text[..text.len() - rest.len()].to_string());
+                text = rest;
+            }
+            Ok(None) => return frames,
+            Err(_) => {
+                frames.push(text.to_string());
+                return frames;
+            }
+        }
     }
 }
 

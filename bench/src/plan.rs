@@ -33,6 +33,9 @@ pub struct WorkerSpec {
     pub timing: Timing,
     /// Bytes of padding in every body (the `x` field).
     pub pad: usize,
+    /// Switchyard JSON: every client sends `sync` once set up (idle `--sync`).
+    #[serde(default)]
+    pub sync: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

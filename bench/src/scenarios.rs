@@ -130,6 +130,7 @@ fn finish(
             flows: flows.clone(),
             timing,
             pad,
+            sync: false,
         })
         .collect();
     (specs, layout.sources, workers == 1)
@@ -146,13 +147,17 @@ pub fn idle(a: &IdleArgs) -> anyhow::Result<Plan> {
         layout.add(i % layout.workers, format!("{id}-i{i}"), i % layout.targets, room, None);
     }
     let timing = Timing { warmup_us: 0, duration_us: 0, drain_max_us: 0, quiet_us: 0 };
-    let (specs, source_ips, in_process) = finish(c, layout, rooms, Vec::new(), timing, 0);
+    ensure!(!a.sync || c.protocol == Protocol::Switchyard, "--sync is for --protocol switchyard");
+    let (mut specs, source_ips, in_process) = finish(c, layout, rooms, Vec::new(), timing, 0);
+    for spec in &mut specs {
+        spec.sync = a.sync;
+    }
     Ok(Plan {
         scenario: "idle",
         specs,
         connections: a.connections,
         source_ips,
-        params: json!({"connections": a.connections, "settle_s": a.settle, "rooms": a.rooms, "id_prefix": id}),
+        params: json!({"connections": a.connections, "settle_s": a.settle, "rooms": a.rooms, "sync": a.sync, "id_prefix": id}),
         settle: Duration::from_secs_f64(a.settle),
         after_close: (a.after_close > 0.0).then(|| Duration::from_secs_f64(a.after_close)),
         timing,

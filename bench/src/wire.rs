@@ -7,6 +7,13 @@
 //!   `join`ed rooms and answers `joined`, relays `publish`/`send` as `message` events.
 //! - `relay`: the `ws` + Redis relay peer: JSON frames `join`/`joined`, `publish`, `send`,
 //!   `message`.
+//! - `stomp`: STOMP 1.2 as Switchyard speaks it (PROTOCOL.md §7, [`crate::stomp`]): `/stomp`,
+//!   `CONNECT` with `login` (dev mode), every client subscribed to `/user/queue/messages`, a room
+//!   joined with `SUBSCRIBE /topic/<room>`, `SEND` to `/topic/<room>` or `/user/<id>`; every
+//!   frame the tool sends asks for a `RECEIPT`, which answers it as a `reply` does.
+//! - `stomp-rabbitmq`: the same against RabbitMQ's Web-STOMP plugin (`/ws`, guest login):
+//!   rooms are `/topic/<room>` (amq.topic), a user's queue is `/exchange/amq.direct/<user>`
+//!   (an exclusive auto-delete queue per subscriber, so nothing outlives a run).
 //!
 //! Every message body the tool sends is a [`Probe`]: send time, number in its flow, flow id.
 
@@ -17,6 +24,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::socketio::{self, EnginePacket, SocketKind};
+use crate::stomp::{self, RawFrame};
+
+/// The receipt (and reply id) of a STOMP client's subscription to its own queue, made at
+/// connect time; far above publish ids and the join id.
+pub const QUEUE_RECEIPT: u64 = u64::MAX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -24,6 +36,12 @@ pub enum Protocol {
     Switchyard,
     Socketio,
     Relay,
+    /// STOMP 1.2 over WebSocket, Switchyard's `/stomp`.
+    Stomp,
+    /// STOMP 1.2 over RabbitMQ's Web-STOMP plugin.
+    #[value(name = "stomp-rabbitmq")]
+    #[serde(rename = "stomp-rabbitmq")]
+    StompRabbitmq,
 }
 
 impl Protocol {
@@ -32,7 +50,13 @@ impl Protocol {
             Protocol::Switchyard => "switchyard",
             Protocol::Socketio => "socketio",
             Protocol::Relay => "relay",
+            Protocol::Stomp => "stomp",
+            Protocol::StompRabbitmq => "stomp-rabbitmq",
         }
+    }
+
+    pub fn is_stomp(self) -> bool {
+        matches!(self, Protocol::Stomp | Protocol::StompRabbitmq)
     }
 
     /// The path used when a target URL has none.
@@ -41,12 +65,18 @@ impl Protocol {
             Protocol::Switchyard => "/ws",
             Protocol::Socketio => "/socket.io/",
             Protocol::Relay => "/",
+            Protocol::Stomp => "/stomp",
+            Protocol::StompRabbitmq => "/ws",
         }
     }
 
     /// The URL a client of `user` opens on the target `base` (`ws://host:port[/path]`).
     pub fn ws_url(self, base: &str, user: &str) -> String {
         let mut url = with_default_path(base, self.default_path());
+        if self.is_stomp() {
+            // The identity goes in CONNECT.
+            return url;
+        }
         url.push(if url.contains('?') { '&' } else { '?' });
         if self == Protocol::Socketio {
             url.push_str("EIO=4&transport=websocket&");
@@ -66,6 +96,14 @@ impl Protocol {
             },
             Protocol::Socketio => socketio::event("join", &format!(r#""{room}""#)),
             Protocol::Relay => format!(r#"{{"type":"join","room":"{room}"}}"#),
+            Protocol::Stomp => {
+                let id = id.to_string();
+                stomp::subscribe(&id, &format!("/topic/{room}"), &id, since)
+            }
+            Protocol::StompRabbitmq => {
+                let id = id.to_string();
+                stomp::subscribe(&id, &format!("/topic/{room}"), &id, None)
+            }
         }
     }
 
@@ -77,6 +115,7 @@ impl Protocol {
             }
             Protocol::Socketio => socketio::event("publish", &format!(r#"{{"room":"{room}","body":{body}}}"#)),
             Protocol::Relay => format!(r#"{{"type":"publish","room":"{room}","body":{body}}}"#),
+            Protocol::Stomp | Protocol::StompRabbitmq => stomp::send(&format!("/topic/{room}"), id, body),
         }
     }
 
@@ -88,20 +127,117 @@ impl Protocol {
             }
             Protocol::Socketio => socketio::event("send", &format!(r#"{{"to":"{to}","body":{body}}}"#)),
             Protocol::Relay => format!(r#"{{"type":"send","to":"{to}","body":{body}}}"#),
+            Protocol::Stomp => stomp::send(&format!("/user/{to}"), id, body),
+            Protocol::StompRabbitmq => stomp::send(&format!("/exchange/amq.direct/{to}"), id, body),
+        }
+    }
+
+    /// STOMP: the `CONNECT` frame of `user` (Switchyard's dev mode names the user in `login`;
+    /// RabbitMQ takes its default guest account).
+    pub fn stomp_connect(self, user: &str) -> String {
+        match self {
+            Protocol::StompRabbitmq => stomp::connect("/", &[("login", "guest"), ("passcode", "guest")]),
+            _ => stomp::connect("switchyard", &[("login", user)]),
+        }
+    }
+
+    /// STOMP: the subscription to `user`'s own queue, answered by `RECEIPT` [`QUEUE_RECEIPT`].
+    pub fn stomp_own_queue(self, user: &str) -> String {
+        let receipt = QUEUE_RECEIPT.to_string();
+        match self {
+            Protocol::StompRabbitmq => stomp::subscribe("q", &format!("/exchange/amq.direct/{user}"), &receipt, None),
+            _ => stomp::subscribe("q", "/user/queue/messages", &receipt, None),
         }
     }
 
     /// Whether publish/send get an answer (a `reply` or an `error`) the tool can count.
     pub fn answers_publishes(self) -> bool {
-        self == Protocol::Switchyard
+        matches!(self, Protocol::Switchyard | Protocol::Stomp | Protocol::StompRabbitmq)
     }
 
-    /// What the server sent, as far as the tool cares.
+    /// What the server sent, as far as the tool cares: the first frame of a STOMP message
+    /// (see [`frames`](Self::frames) for all of them).
     pub fn parse(self, text: &str) -> Frame<'_> {
         match self {
             Protocol::Switchyard | Protocol::Relay => parse_json_frame(text),
             Protocol::Socketio => parse_socketio_frame(text),
+            Protocol::Stomp | Protocol::StompRabbitmq => self.frames(text).next().unwrap_or(Frame::Other),
         }
+    }
+
+    /// Every frame of a received message: one, but for STOMP, whose messages may carry several
+    /// (and heart-beats, which yield nothing).
+    pub fn frames(self, text: &str) -> Frames<'_> {
+        if self.is_stomp() { Frames::Stomp(text) } else { Frames::One(Some(self.parse(text))) }
+    }
+}
+
+/// The frames of one WebSocket message.
+pub enum Frames<'a> {
+    One(Option<Frame<'a>>),
+    /// What is left of a STOMP message.
+    Stomp(&'a str),
+}
+
+impl<'a> Iterator for Frames<'a> {
+    type Item = Frame<'a>;
+
+    fn next(&mut self) -> Option<Frame<'a>> {
+        match self {
+            Frames::One(frame) => frame.take(),
+            Frames::Stomp(rest) => match stomp::next_frame(rest) {
+                Ok(Some((frame, after))) => {
+                    *rest = after;
+                    Some(stomp_frame(frame))
+                }
+                Ok(None) => None,
+                Err(_) => {
+                    *rest = "";
+                    Some(Frame::Malformed)
+                }
+            },
+        }
+    }
+}
+
+/// What a STOMP server frame means to the tool. A `MESSAGE` with an `event` header is a
+/// presence event (Switchyard), one with an `error` header a refusal on `/user/queue/errors`
+/// (its body names the refused frame's receipt); `RECEIPT` answers like a `reply`, `ERROR` like
+/// an `error` (the connection closes after it).
+fn stomp_frame(frame: RawFrame<'_>) -> Frame<'_> {
+    match frame.command {
+        "MESSAGE" => {
+            let (mut seq, mut stream, mut refused) = (None, None, None);
+            for (name, value) in frame.headers() {
+                match name {
+                    "seq" if seq.is_none() => seq = value.parse().ok(),
+                    "stream" if stream.is_none() => stream = Some(stomp::unescape(value)),
+                    "event" => return Frame::Other,
+                    "error" if refused.is_none() => refused = Some(stomp::unescape(value).into_owned()),
+                    _ => {}
+                }
+            }
+            if let Some(code) = refused {
+                #[derive(Deserialize)]
+                struct Refusal<'a> {
+                    #[serde(borrow)]
+                    receipt: Option<Cow<'a, str>>,
+                }
+                let receipt = serde_json::from_str::<Refusal>(frame.body).ok().and_then(|r| r.receipt?.parse().ok());
+                return Frame::Error { id: receipt, code };
+            }
+            Frame::Message { probe: serde_json::from_str(frame.body).ok(), stream, seq }
+        }
+        "RECEIPT" => Frame::Reply {
+            id: frame.header("receipt-id").and_then(|r| r.parse().ok()),
+            seq: frame.header("seq").and_then(|s| s.parse().ok()),
+        },
+        "CONNECTED" => Frame::Welcome,
+        "ERROR" => Frame::Error {
+            id: frame.header("receipt-id").and_then(|r| r.parse().ok()),
+            code: format!("ERROR {}", frame.header("message").as_deref().unwrap_or(frame.body)),
+        },
+        _ => Frame::Other,
     }
 }
 
@@ -341,6 +477,85 @@ mod tests {
             r.parse(r#"{"type":"message","to":"u","from":"s","body":{"t":1,"n":0,"p":0}}"#),
             Frame::Message { probe: Some(Probe { t: 1, n: 0, p: 0 }), stream: None, seq: None }
         );
+    }
+
+    #[test]
+    fn stomp_urls_and_outgoing_frames() {
+        let s = Protocol::Stomp;
+        assert_eq!(s.ws_url("ws://127.0.0.1:9100", "u1"), "ws://127.0.0.1:9100/stomp");
+        assert_eq!(Protocol::StompRabbitmq.ws_url("ws://127.0.0.1:15674", "u1"), "ws://127.0.0.1:15674/ws");
+        assert_eq!(
+            s.stomp_connect("u1"),
+            "CONNECT\naccept-version:1.2\nhost:switchyard\nheart-beat:0,0\nlogin:u1\n\n\0"
+        );
+        assert!(Protocol::StompRabbitmq.stomp_connect("u1").contains("\nlogin:guest\npasscode:guest\n"));
+        assert_eq!(
+            s.stomp_own_queue("u1"),
+            format!("SUBSCRIBE\nid:q\ndestination:/user/queue/messages\nreceipt:{QUEUE_RECEIPT}\n\n\0")
+        );
+        assert!(Protocol::StompRabbitmq.stomp_own_queue("u1").contains("\ndestination:/exchange/amq.direct/u1\n"));
+        assert_eq!(s.join(7, "q:r1", Some(4)), "SUBSCRIBE\nid:7\ndestination:/topic/q\\cr1\nreceipt:7\nsince:4\n\n\0");
+        assert_eq!(
+            Protocol::StompRabbitmq.join(7, "r1", Some(4)),
+            "SUBSCRIBE\nid:7\ndestination:/topic/r1\nreceipt:7\n\n\0"
+        );
+        let body = Probe { t: 1, n: 2, p: 3 }.encode("");
+        assert_eq!(
+            s.publish(8, "r1", &body),
+            "SEND\ndestination:/topic/r1\ncontent-type:application/json\nreceipt:8\ncontent-length:19\n\n{\"t\":1,\"n\":2,\"p\":3}\0"
+        );
+        assert!(s.send(9, "u2", &body).starts_with("SEND\ndestination:/user/u2\n"));
+        assert!(
+            Protocol::StompRabbitmq.send(9, "u2", &body).starts_with("SEND\ndestination:/exchange/amq.direct/u2\n")
+        );
+        assert!(s.answers_publishes() && Protocol::StompRabbitmq.answers_publishes());
+    }
+
+    #[test]
+    fn stomp_frames() {
+        let s = Protocol::Stomp;
+        let body = r#"{"t":100,"n":5,"p":2,"x":"pad"}"#;
+        let msg = format!(
+            "MESSAGE\nsubscription:4611686018427387904\ndestination:/topic/r1\nmessage-id:m1\nseq:12\n\
+             stream:room\\cr1\nack:room\\cr1/12\nfrom:a\nts:1\ncontent-type:application/json\n\
+             content-length:{}\n\n{body}\0",
+            body.len()
+        );
+        assert_eq!(
+            s.parse(&msg),
+            Frame::Message { probe: Some(Probe { t: 100, n: 5, p: 2 }), stream: Some("room:r1".into()), seq: Some(12) }
+        );
+        // RabbitMQ's MESSAGE: no seq, no stream.
+        let rabbit = "MESSAGE\nsubscription:q\ndestination:/exchange/amq.direct/u\nmessage-id:T_q@@session-x@@1\n\
+                      redelivered:false\ncontent-type:application/json\ncontent-length:19\n\n{\"t\":1,\"n\":0,\"p\":0}\0";
+        assert_eq!(
+            Protocol::StompRabbitmq.parse(rabbit),
+            Frame::Message { probe: Some(Probe { t: 1, n: 0, p: 0 }), stream: None, seq: None }
+        );
+        let foreign = "MESSAGE\nsubscription:q\nseq:1\ncontent-length:7\n\n\"hello\"\0";
+        assert!(matches!(s.parse(foreign), Frame::Message { probe: None, seq: Some(1), .. }));
+        let presence =
+            "MESSAGE\nsubscription:7\ndestination:/topic/r\nmessage-id:event-1\nevent:join\n\n{\"user\":\"b\"}\0";
+        assert_eq!(s.parse(presence), Frame::Other);
+        assert_eq!(s.parse("RECEIPT\nreceipt-id:4\nmid:m\nseq:3\n\n\0"), Frame::Reply { id: Some(4), seq: Some(3) });
+        assert_eq!(s.parse("RECEIPT\nreceipt-id:r-x\n\n\0"), Frame::Reply { id: None, seq: None });
+        let refused = "MESSAGE\ndestination:/user/queue/errors\nmessage-id:error-0\nerror:rate_limited\n\
+                       content-type:application/json\n\n{\"code\":\"rate_limited\",\"message\":\"slow\",\"receipt\":\"8\"}\0";
+        assert_eq!(s.parse(refused), Frame::Error { id: Some(8), code: "rate_limited".into() });
+        assert_eq!(
+            s.parse("ERROR\nmessage:unknown destination /x\nreceipt-id:5\n\nunknown destination /x\0"),
+            Frame::Error { id: Some(5), code: "ERROR unknown destination /x".into() }
+        );
+        assert_eq!(s.parse("CONNECTED\nversion:1.2\nheart-beat:0,0\n\n\0"), Frame::Welcome);
+        assert_eq!(s.parse("\n"), Frame::Other);
+        assert_eq!(s.parse("MESSAGE\nno end"), Frame::Malformed);
+        // Several frames in one message, heart-beats between them.
+        let two = format!("{msg}\nRECEIPT\nreceipt-id:9\n\n\0\n");
+        let frames: Vec<Frame<'_>> = s.frames(&two).collect();
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[1], Frame::Reply { id: Some(9), seq: None });
+        // Every other protocol: one frame per message, as before.
+        assert_eq!(Protocol::Switchyard.frames(r#"{"type":"welcome"}"#).collect::<Vec<_>>(), vec![Frame::Welcome]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_websockets::Message;
 
-use super::{JOIN_ID, Phase, Progress, SetupMsg, Shared, Window};
+use super::{JOIN_ID, Phase, Progress, SYNC_ID, SetupMsg, Shared, Window};
 use crate::clock::{now_us, until_us};
 use crate::ledger::{Arrival, FlowTally, Ranges};
 use crate::net::{Conn, Failure, ws_error_kind};
@@ -94,6 +94,13 @@ pub(crate) async fn run(i: usize, shared: Arc<Shared>, setup_tx: mpsc::Unbounded
             shared.connect_timeout(),
         )
         .await?;
+        if shared.spec.sync {
+            match tokio::time::timeout(shared.connect_timeout(), conn.sync(None, SYNC_ID, |_, _| {})).await {
+                Err(_) => return Err("sync timeout".to_string()),
+                Ok(Err(e)) => return Err(format!("sync: {e}")),
+                Ok(Ok(_)) => {}
+            }
+        }
         if let Some(r) = spec.room {
             let room = &shared.spec.rooms[r as usize];
             match tokio::time::timeout(shared.connect_timeout(), conn.join(room, None, JOIN_ID, |_, _| {})).await {
@@ -209,32 +216,36 @@ struct Receiver<'a> {
 }
 
 impl Receiver<'_> {
-    /// Handles one text frame received at `at`; true when it must be answered with a pong.
+    /// Handles one text message received at `at` (one frame, or several STOMP frames); true
+    /// when it must be answered with a pong.
     fn on_text(
         &mut self,
         text: &str,
         at: u64,
         window: Option<&Window>,
         out: &mut ClientOutcome,
-        publisher: Option<&mut Publisher>,
+        mut publisher: Option<&mut Publisher>,
     ) -> bool {
         self.shared.saw_traffic(at);
-        match self.proto.parse(text) {
-            Frame::Message { probe: Some(p), .. } => self.on_probe(p, at, window, out),
-            Frame::Message { probe: None, .. } => out.foreign += 1,
-            Frame::Reply { id: Some(id), .. } => {
-                if let Some(p) = publisher {
-                    p.on_answer(id, None);
+        let mut pong = false;
+        for frame in self.proto.frames(text) {
+            match frame {
+                Frame::Message { probe: Some(p), .. } => self.on_probe(p, at, window, out),
+                Frame::Message { probe: None, .. } => out.foreign += 1,
+                Frame::Reply { id: Some(id), .. } => {
+                    if let Some(p) = publisher.as_deref_mut() {
+                        p.on_answer(id, None);
+                    }
                 }
+                Frame::Error { id: Some(id), code } if id < JOIN_ID && publisher.is_some() => {
+                    publisher.as_deref_mut().expect("checked").on_answer(id, Some(code));
+                }
+                Frame::Error { code, .. } => bump(&mut out.server_errors, code),
+                Frame::Ping => pong = true,
+                _ => {}
             }
-            Frame::Error { id: Some(id), code } if id < JOIN_ID && publisher.is_some() => {
-                publisher.expect("checked").on_answer(id, Some(code));
-            }
-            Frame::Error { code, .. } => bump(&mut out.server_errors, code),
-            Frame::Ping => return true,
-            _ => {}
         }
-        false
+        pong
     }
 
     fn on_probe(&mut self, p: Probe, at: u64, window: Option<&Window>, out: &mut ClientOutcome) {

@@ -39,6 +39,8 @@ use crate::procfs;
 
 /// The id of the join command (publish ids are message numbers, far below it).
 const JOIN_ID: u64 = 1 << 62;
+/// The id of the `sync` command of idle `--sync`.
+const SYNC_ID: u64 = JOIN_ID + 1;
 
 /// The measured run, in µs since the epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
