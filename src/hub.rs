@@ -115,11 +115,13 @@ pub struct SessionHandle {
     pub info: SessionInfo,
     queue: mpsc::Sender<Outbound>,
     pub close: CloseSignal,
+    /// Whether the session speaks JSON (not STOMP), so takes a message's JSON frame.
+    pub json: bool,
 }
 
 impl SessionHandle {
     pub fn new(info: SessionInfo, queue: mpsc::Sender<Outbound>) -> Self {
-        Self { id: info.session, user: info.user.clone(), info, queue, close: CloseSignal::default() }
+        Self { id: info.session, user: info.user.clone(), info, queue, close: CloseSignal::default(), json: true }
     }
 
     /// Queues `item`, or asks the session to close as too slow when its queue is full.
@@ -268,14 +270,16 @@ impl Sink for Hub {
             return self.deliver(topic, &Event::Message(delivery.clone()));
         }
         let mut burst: Option<Arc<Vec<Arc<Delivery>>>> = None;
+        let mut encoded = false;
         self.each(topic, |h| {
-            let burst = burst.get_or_insert_with(|| {
-                // Encoded once per node, as for one message, and only when someone takes them.
+            // Encoded once per node, as for one message, and only when a JSON session takes them.
+            if h.json && !encoded {
                 for delivery in deliveries {
                     delivery.json();
                 }
-                Arc::new(deliveries.to_vec())
-            });
+                encoded = true;
+            }
+            let burst = burst.get_or_insert_with(|| Arc::new(deliveries.to_vec()));
             // The session skips its own messages (it counts them as had).
             h.push(Outbound::Messages(burst.clone()), &self.metrics);
         });
@@ -285,9 +289,12 @@ impl Sink for Hub {
         match event {
             Event::Message(delivery) => self.each(topic, |h| {
                 if delivery.exclude != Some(h.id) {
-                    // Encoded here, once per node and only when someone takes it, so that
-                    // sessions only share the bytes.
-                    delivery.json();
+                    // Encoded here, once per node and only when a JSON session takes it, so
+                    // that sessions only share the bytes (a STOMP session encodes its own form
+                    // once per node too, see `Delivery::stomp`).
+                    if h.json {
+                        delivery.json();
+                    }
                     h.push(Outbound::Message(delivery.clone()), &self.metrics);
                 }
             }),

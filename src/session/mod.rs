@@ -180,7 +180,9 @@ pub fn run(node: Arc<Node>, ws: WebSocket, identity: Identity, stomp: Option<Box
         device: identity.device.clone(),
         connected_at: now_ms(),
     };
-    let handle = Arc::new(SessionHandle::new(info.clone(), queue));
+    let mut handle = SessionHandle::new(info.clone(), queue);
+    handle.json = stomp.is_none();
+    let handle = Arc::new(handle);
     let now = Instant::now();
     let mut session = Session {
         limiter: RateLimiter::new(node.config.rate_limit, now.into_std()),

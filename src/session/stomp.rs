@@ -400,8 +400,7 @@ impl Session {
             });
             match (result, receipt) {
                 (Ok(accepted), Some(receipt)) => {
-                    let seq = accepted.seq.to_string();
-                    answers.push(encode::receipt(receipt, &[("mid", &accepted.mid), ("seq", &seq)]));
+                    answers.push(encode::send_receipt(receipt, &accepted.mid, accepted.seq))
                 }
                 (Ok(_), None) => {}
                 (Err(e), receipt) => answers.push(self.refusal(&e, receipt)),

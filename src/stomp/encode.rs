@@ -10,18 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
-use super::frame::{write_frame, write_header};
+use super::frame::{write_escaped, write_frame, write_header};
 use crate::message::MessageView;
 use crate::protocol::{RoomName, StreamId, UserId};
-
-/// Where the messages of a stream arrive: the user's queue or the room's topic.
-pub(crate) fn destination(stream: Option<&StreamId>) -> String {
-    match stream {
-        Some(StreamId::User(_)) => USER_QUEUE.to_owned(),
-        Some(StreamId::Room(room)) => format!("{TOPIC}{room}"),
-        None => BROADCAST.to_owned(),
-    }
-}
 
 pub(crate) const USER_QUEUE: &str = "/user/queue/messages";
 pub(crate) const ERRORS: &str = "/user/queue/errors";
@@ -30,11 +21,32 @@ pub(crate) const TOPIC: &str = "/topic/";
 /// `SEND` to a user: `/user/<id>`.
 pub(crate) const USER: &str = "/user/";
 
-/// The value of a `MESSAGE`'s `ack` header, which an `ACK` names as its `id`: `<stream>/<seq>`
-/// for a stream message (only those of the user's own stream move its cursor), the message id
-/// for a broadcast.
-pub(crate) fn ack_id(stream: &StreamId, seq: u64) -> String {
-    format!("{stream}/{seq}")
+/// Writes the value of a `MESSAGE`'s `ack` header, which an `ACK` names as its `id`:
+/// `<stream>/<seq>` (only those of the user's own stream move its cursor).
+fn write_ack(out: &mut Vec<u8>, stream: &StreamId, seq: &str) {
+    write_stream(out, stream);
+    out.push(b'/');
+    out.extend_from_slice(seq.as_bytes());
+}
+
+/// `user:<id>` or `room:<name>`, escaped.
+fn write_stream(out: &mut Vec<u8>, stream: &StreamId) {
+    let (kind, name) = stream.parts();
+    write_escaped(out, kind);
+    write_escaped(out, name);
+}
+
+/// A header whose name needs no escape, its value written by `value`.
+fn header_with(out: &mut Vec<u8>, name: &[u8], value: impl FnOnce(&mut Vec<u8>)) {
+    out.extend_from_slice(name);
+    out.push(b':');
+    value(out);
+    out.push(b'\n');
+}
+
+/// A header whose name needs no escape.
+fn header(out: &mut Vec<u8>, name: &[u8], value: &str) {
+    header_with(out, name, |out| write_escaped(out, value));
 }
 
 /// What a session writes before a shared tail: the command and its subscription's id.
@@ -49,36 +61,45 @@ pub(crate) fn message_head(subscription: &str) -> Box<[u8]> {
 const TAIL_OVERHEAD: usize = 224;
 
 /// A `MESSAGE`'s headers after `subscription`, its body and the NUL. `stream` is `None` for a
-/// broadcast, which has no seq.
+/// broadcast, which has no seq. Written field by field with no allocation but the frame's: it
+/// runs once per message and node, on every message a STOMP session takes.
 pub(crate) fn message_tail(stream: Option<(&StreamId, u64)>, message: MessageView<'_>) -> Bytes {
     let mut out = Vec::with_capacity(TAIL_OVERHEAD + message.body.len());
-    write_header(&mut out, "destination", &destination(stream.map(|(s, _)| s)));
-    write_header(&mut out, "message-id", message.mid);
+    header_with(&mut out, b"destination", |out| match stream {
+        Some((StreamId::User(_), _)) => out.extend_from_slice(USER_QUEUE.as_bytes()),
+        Some((StreamId::Room(room), _)) => {
+            out.extend_from_slice(TOPIC.as_bytes());
+            write_escaped(out, room.as_str());
+        }
+        None => out.extend_from_slice(BROADCAST.as_bytes()),
+    });
+    header(&mut out, b"message-id", message.mid);
     let mut number = itoa::Buffer::new();
     match stream {
         Some((stream, seq)) => {
-            write_header(&mut out, "seq", number.format(seq));
-            write_header(&mut out, "stream", &stream.to_string());
-            write_header(&mut out, "ack", &ack_id(stream, seq));
+            let seq = number.format(seq);
+            header(&mut out, b"seq", seq);
+            header_with(&mut out, b"stream", |out| write_stream(out, stream));
+            header_with(&mut out, b"ack", |out| write_ack(out, stream, seq));
         }
         None => {
-            write_header(&mut out, "stream", "broadcast");
-            write_header(&mut out, "ack", message.mid);
+            header(&mut out, b"stream", "broadcast");
+            header(&mut out, b"ack", message.mid);
         }
     }
-    write_header(&mut out, "from", message.from);
+    header(&mut out, b"from", message.from);
     if let Some(to) = message.to {
-        write_header(&mut out, "to", to);
+        header(&mut out, b"to", to);
     }
-    write_header(&mut out, "ts", number.format(message.ts));
+    header(&mut out, b"ts", number.format(message.ts));
     write_body(&mut out, "application/json", message.body);
     Bytes::from(out)
 }
 
 /// `content-type`, `content-length`, the blank line, the body and the NUL.
 fn write_body(out: &mut Vec<u8>, content_type: &str, body: &[u8]) {
-    write_header(out, "content-type", content_type);
-    write_header(out, "content-length", itoa::Buffer::new().format(body.len()));
+    header(out, b"content-type", content_type);
+    header(out, b"content-length", itoa::Buffer::new().format(body.len()));
     out.push(b'\n');
     out.extend_from_slice(body);
     out.push(0);
@@ -106,7 +127,10 @@ pub(crate) fn presence_tail(json: &[u8]) -> Option<(RoomName, Bytes)> {
     let room = RoomName::parse(p.room).ok()?;
     let user = UserId::parse(p.user).ok()?;
     let mut out = Vec::with_capacity(TAIL_OVERHEAD);
-    write_header(&mut out, "destination", &format!("{TOPIC}{room}"));
+    header_with(&mut out, b"destination", |out| {
+        out.extend_from_slice(TOPIC.as_bytes());
+        write_escaped(out, room.as_str());
+    });
     // An `ack` too, as every `MESSAGE` of a subscription in a client ack mode needs one.
     let id = format!("event-{}", EVENTS.fetch_add(1, Ordering::Relaxed));
     write_header(&mut out, "message-id", &id);
@@ -137,6 +161,17 @@ pub(crate) fn receipt(receipt_id: &str, extra: &[(&str, &str)]) -> Bytes {
     let mut headers = vec![("receipt-id", receipt_id)];
     headers.extend_from_slice(extra);
     frame(|out| write_frame(out, "RECEIPT", &headers, b""))
+}
+
+/// The `RECEIPT` of a stored `SEND`: `receipt-id`, `mid` and `seq`.
+pub(crate) fn send_receipt(receipt_id: &str, mid: &str, seq: u64) -> Bytes {
+    let mut out = Vec::with_capacity(48 + receipt_id.len() + mid.len());
+    out.extend_from_slice(b"RECEIPT\n");
+    header(&mut out, b"receipt-id", receipt_id);
+    header(&mut out, b"mid", mid);
+    header(&mut out, b"seq", itoa::Buffer::new().format(seq));
+    out.extend_from_slice(b"\n\0");
+    Bytes::from(out)
 }
 
 /// `ERROR` with `message` as header and body; `receipt-id` when the frame at fault asked for a

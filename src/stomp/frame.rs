@@ -494,8 +494,16 @@ pub fn write_header(out: &mut Vec<u8>, name: &str, value: &str) {
     out.push(b'\n');
 }
 
-fn write_escaped(out: &mut Vec<u8>, text: &str) {
+/// Appends `text` with STOMP 1.2's escapes.
+pub(crate) fn write_escaped(out: &mut Vec<u8>, text: &str) {
     let bytes = text.as_bytes();
+    // Most values need no escape: one pass without branches (which compilers vectorize), then
+    // one copy.
+    let special = bytes.iter().fold(false, |any, &b| any | (b == b'\\') | (b == b'\n') | (b == b'\r') | (b == b':'));
+    if !special {
+        out.extend_from_slice(bytes);
+        return;
+    }
     let mut from = 0;
     for (at, byte) in bytes.iter().enumerate() {
         let escape: &[u8] = match byte {
