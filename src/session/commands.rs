@@ -232,7 +232,7 @@ impl Session {
         Accepted { mid: appended.mid, seq: appended.seq }
     }
 
-    fn stash(&mut self, frame: Result<Incoming, crate::ws::Error>, verdict: Option<Verdict>) {
+    pub(super) fn stash(&mut self, frame: Result<Incoming, crate::ws::Error>, verdict: Option<Verdict>) {
         self.stashed = Some(Box::new(Stashed { frame, verdict }));
     }
 

@@ -283,7 +283,27 @@ impl Session {
         loop {
             let item = self.stomp().decoder.next();
             let frame = match item {
-                Ok(None) => break,
+                Ok(None) if sends.is_empty() || sends.len() >= PIPELINE || verdict == Some(Verdict::Close) => break,
+                Ok(None) => {
+                    // More SENDs may wait in messages already read from the socket: they join
+                    // this batch, as in the JSON pipeline; anything else waits for the loop.
+                    match self.ws.next_buffered() {
+                        Ok(Some(Incoming::Text(text))) => self.stomp().decoder.push(text.as_bytes()),
+                        Ok(Some(Incoming::Binary(data))) => self.stomp().decoder.push(&data),
+                        Ok(None) => break,
+                        Ok(Some(other)) => {
+                            self.stash(Ok(other), None);
+                            break;
+                        }
+                        Err(e) => {
+                            self.stash(Err(e), None);
+                            break;
+                        }
+                    }
+                    self.last_heard = Instant::now();
+                    verdict = Some(self.limiter.check(self.last_heard.into_std()));
+                    continue;
+                }
                 Ok(Some(Item::HeartBeat)) => {
                     self.stomp().heard = Instant::now();
                     continue;
