@@ -343,6 +343,11 @@ impl Session {
         let expired = !lost && state.seen.next_missing(since + 1) < first_kept;
         if lost {
             state.seen = SeqSet::default();
+        } else if expired {
+            // Gone by retention: nothing can deliver them any more, so they are not owed either
+            // (a catch-up answers `truncated`; a repair closes the session, see
+            // `write_recovered`). Else the next live message would start a repair for them.
+            state.seen.insert_range(since + 1, first_kept - 1);
         }
         let mut oldest = u64::MAX;
         let stomp = self.stomp.as_deref();

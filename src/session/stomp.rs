@@ -309,7 +309,11 @@ impl Session {
                     continue;
                 }
                 Ok(Some(Item::Frame(frame))) => frame,
-                Err(e) => return Err(Stop::Close(close_code(e), Arc::from(e.to_string()))),
+                Err(e) => {
+                    // The SENDs before the bad frame are answered first.
+                    self.stomp_sends(sends).await?;
+                    return Err(Stop::Close(close_code(e), Arc::from(e.to_string())));
+                }
             };
             self.stomp().heard = Instant::now();
             let verdict = verdict.take().unwrap_or_else(|| self.limiter.check(self.last_heard.into_std()));

@@ -413,3 +413,35 @@ async fn found_by_wsfuzz() {
     assert!(frames.iter().any(|f| f.command == "ERROR" && f.get("message").contains("too large")), "{frames:?}");
     node.shutdown().await;
 }
+
+/// Found by wsfuzz: a catch-up that retention cut short (`truncated`) leaves nothing owed
+/// before what is kept, so the next live message is delivered, not taken for a gap that ends the
+/// session with 4003; and the SENDs before a frame that does not decode are answered before the
+/// ERROR.
+#[tokio::test]
+async fn a_truncated_catch_up_goes_on_live() {
+    let node = TestNode::start(&["--history-size", "3"]).await;
+    let mut sender = node.connect("sender").await;
+    for i in 1..=6 {
+        sender.ok(json!({"type":"send","to":"reader","body":i})).await;
+    }
+    let mut reader = StompClient::dev(node.addr, "reader").await;
+    let receipt = reader.subscribe("q", "/user/queue/messages", &[("since", "1")]).await;
+    assert_eq!((receipt.get("seq"), receipt.get("truncated")), ("6", "true"));
+    for i in 4..=6 {
+        assert_eq!(reader.message().await.seq(), i);
+    }
+    sender.ok(json!({"type":"send","to":"reader","body":7})).await;
+    assert_eq!(reader.message().await.seq(), 7);
+    reader.silent(1500).await;
+
+    let mut bad = frame("SEND", &[("destination", "/user/x"), ("receipt", "kept")], b"1");
+    bad.extend_from_slice(b"SEND\nno colon here\n\n\0");
+    reader.send_raw(&bad, false).await;
+    let (frames, code) = reader.closed().await;
+    assert_eq!(frames.first().map(|f| f.command.as_str()), Some("RECEIPT"), "{frames:?}");
+    assert_eq!(frames[0].get("receipt-id"), "kept");
+    assert!(frames.iter().any(|f| f.command == "ERROR"), "{frames:?}");
+    assert_eq!(code, Some(1002));
+    node.shutdown().await;
+}
