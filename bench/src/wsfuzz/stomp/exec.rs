@@ -422,9 +422,9 @@ pub async fn run_case(
 }
 
 async fn finish(record: &mut Record, v: Verdict, slot: &mut Option<StompSession>, pred: Prediction) {
-    record.outcomes = v.outcomes;
-    record.anomalies = v.anomalies;
-    record.known = v.known;
+    record.outcomes.extend(v.outcomes);
+    record.anomalies.extend(v.anomalies);
+    record.known.extend(v.known);
     if v.over {
         if let Some(s) = slot.take() {
             s.close().await;
@@ -541,6 +541,7 @@ async fn run_handshake(
     let mut deadline = Instant::now() + settings.answer_timeout;
     if pred.end == End::NoConnect {
         deadline += settings.handshake_timeout;
+        record.outcomes.push("stomp no CONNECT".into());
     }
     let timed_out = !wait(&mut s, &pred, false, &mut events, deadline).await;
     let mut v = judge(&pred, &events, false, timed_out);
