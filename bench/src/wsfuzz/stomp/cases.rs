@@ -952,7 +952,7 @@ impl Gen<'_> {
             self.describe(&f);
             flight.extend(f.render());
         }
-        let pieces: Vec<Vec<u8>> = if self.rng.u8(..5) == 0 {
+        let pieces: Vec<Vec<u8>> = if flight.len() <= 200 && self.rng.u8(..4) == 0 {
             self.note("one byte per message");
             flight.iter().map(|&b| vec![b]).collect()
         } else {
