@@ -3,13 +3,17 @@
 //! their user `fz-<n>`, and run STOMP cases instead of JSON ones.
 //!
 //! Layout: `frame` (client frames rendered from their parts; a strict reader of server frames),
-//! `model` (a reference decoder of client frames and a model of the session: what is owed to
-//! each frame), `cases` (the generators), `exec` (the session, pacing under the node's rate
-//! limit, running a case), `oracle` (judging what came back).
+//! `decoder` (a reference decoder of client frames), `model` (the session: what is owed to each
+//! frame), `commands` (client frames valid, refused and mutated) and `cases` (the generators),
+//! `exec` (the session, pacing under the node's rate limit, running a case), `handshake` (the
+//! upgrade and `CONNECT`), `oracle` (judging what came back).
 
 pub mod cases;
+mod commands;
+pub mod decoder;
 pub mod exec;
 pub mod frame;
+mod handshake;
 pub mod model;
 pub mod oracle;
 

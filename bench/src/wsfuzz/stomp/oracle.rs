@@ -11,8 +11,9 @@
 
 use serde::Deserialize;
 
+use super::decoder::Fault;
 use super::frame::ServerFrame;
-use super::model::{Answer, Dest, End, Expected, Fault, Kind, Prediction, TOO_LARGE, valid_name};
+use super::model::{Answer, Dest, End, Expected, Kind, Prediction, TOO_LARGE, valid_name};
 
 /// What the connection's reader saw, as STOMP.
 #[derive(Clone, Debug, PartialEq, Eq)]
