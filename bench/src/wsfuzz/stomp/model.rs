@@ -142,6 +142,9 @@ pub struct Expected {
     pub answer: Answer,
     /// The frame, for reports: its command and destination or id.
     pub what: String,
+    /// The message that completed the frame (its index in the case).
+    pub msg: usize,
+    pub send: bool,
 }
 
 impl Expected {
@@ -208,7 +211,7 @@ pub fn predict(phase: Phase, msgs: &[Msg], max: usize, flood: bool) -> Predictio
     let mut expected = Vec::new();
     let mut costs = Vec::new();
     let mut end = None;
-    for msg in msgs {
+    for (m, msg) in msgs.iter().enumerate() {
         if end.is_some() {
             break;
         }
@@ -234,7 +237,7 @@ pub fn predict(phase: Phase, msgs: &[Msg], max: usize, flood: bool) -> Predictio
                     connected = true;
                 }
                 let refused = matches!(answer, Answer::ConnectRefused(_));
-                expected.push(Expected { receipt: None, answer, what: frame.command.clone() });
+                expected.push(Expected { receipt: None, answer, what: frame.command.clone(), msg: m, send: false });
                 if refused {
                     end = Some(End::Answered);
                     break;
@@ -249,6 +252,8 @@ pub fn predict(phase: Phase, msgs: &[Msg], max: usize, flood: bool) -> Predictio
                 receipt: frame.get("receipt").map(str::to_owned),
                 answer,
                 what: describe(&frame),
+                msg: m,
+                send: frame.command == "SEND",
             });
             if let Some(closes) = closes {
                 end = Some(closes);

@@ -54,6 +54,21 @@ const KNOWN_PRESENCE_ACK: &str = "KNOWN: presence event MESSAGEs on an ack:clien
 const KNOWN_REPAIR: &str = "KNOWN: a STOMP session subscribed to /user/queue/messages is closed with 4003 \"too slow: messages expired\" by a repair of messages of its stream that came while it was not subscribed";
 const TOO_SLOW_EXPIRED: &str = "too slow: messages expired";
 
+/// The node appends the `SEND`s of a message together, and drops those it holds when a later
+/// frame of the message does not decode: no `RECEIPT`, no refusal, nothing stored.
+const KNOWN_BATCH: &str =
+    "KNOWN: SENDs sent in the same WebSocket message before a malformed frame get no answer and are not stored";
+/// Most `SEND`s the node appends together.
+const SEND_BATCH: usize = 32;
+
+/// Whether the frames from `next` on are all `SEND`s of the message that ends with a malformed
+/// frame, which the node dropped with its batch.
+fn dropped_batch(pred: &Prediction, next: usize) -> bool {
+    let Some(last) = pred.costs.len().checked_sub(1) else { return false };
+    let rest = &pred.expected[next.min(pred.expected.len())..];
+    matches!(pred.end, End::Malformed(..)) && rest.len() <= SEND_BATCH && rest.iter().all(|e| e.send && e.msg == last)
+}
+
 /// A close that the node may choose at any time: it is shutting down.
 const ANYTIME: [u16; 1] = [1001];
 
@@ -361,6 +376,15 @@ fn answer(pred: &Prediction, w: &mut Walk, ans: Ans, f: &ServerFrame, flood: boo
             return;
         };
         let receipt = e.receipt.as_deref();
+        if let Ans::Error(None) = ans
+            && !matches!(e.answer, Answer::Fault | Answer::RefusalOrFault(_))
+            && dropped_batch(pred, w.next)
+        {
+            w.known.push(KNOWN_BATCH.into());
+            w.error = Some(Vec::new());
+            w.next = pred.expected.len();
+            return;
+        }
         let ok = match (&e.answer, &ans) {
             (Answer::Receipt(kind), Ans::Receipt(id))
             | (Answer::ReceiptOrRefusal(kind, _), Ans::Receipt(id))
@@ -674,6 +698,21 @@ mod tests {
             "1",
         );
         assert!(judge(&p, &[message, receipt("~")], false, false).anomalies[0].contains("without ack"));
+    }
+
+    #[test]
+    fn sends_dropped_with_a_malformed_frame_of_their_message_are_known() {
+        let sends = "SEND\ndestination:/user/a\nreceipt:1\n\n\0SEND\ndestination:/user/b\nreceipt:2\n\n\0";
+        let batch = pred(&format!("{sends}SEND\nno colon\n\n\0"));
+        let events = [error(None), Event::Close(Some(1002)), Event::Eof];
+        let v = judge(&batch, &events, false, false);
+        assert!(v.anomalies.is_empty(), "{v:?}");
+        assert_eq!(v.known, vec![KNOWN_BATCH.to_owned()]);
+        let apart = [Msg::new(sends.as_bytes().to_vec(), false), Msg::new(b"SEND\nno colon\n\n\0".to_vec(), false)];
+        let p = predict(Phase::Session(View::new("fz-0")), &apart, 1 << 16, false);
+        assert!(!judge(&p, &events, false, false).anomalies.is_empty(), "SENDs of an earlier message are owed");
+        let subscribe = pred("SUBSCRIBE\nid:1\ndestination:/broadcast\nreceipt:s\n\n\0SEND\nno colon\n\n\0");
+        assert!(!judge(&subscribe, &events, false, false).anomalies.is_empty(), "only SENDs are held");
     }
 
     #[test]
