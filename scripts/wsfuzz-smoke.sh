@@ -5,10 +5,15 @@
 # `cargo test` made ($CARGO_TARGET_DIR/debug/switchyard, default target/) on a free loopback port
 # with a throwaway data dir, runs `switchyard-bench wsfuzz` against it for 20 s, then checks that
 # the node is still alive and its log has no panic, and stops it with SIGTERM (it must exit 0).
+# Half the fuzzing connections speak JSON (PROTOCOL.md §2-§4) and half STOMP 1.2 over WebSocket
+# (§7: `--stomp-share 0.5`, every second connection upgrades on /stomp or with v12.stomp, sends
+# CONNECT and runs STOMP cases); both sorts share the node, its health checks and the verdict.
 # Exits non-zero on any failure: an anomaly or a failed health check in the fuzzer, a dead node,
-# a panic, an unclean stop.
+# a panic, an unclean stop. Server bugs the fuzzer knows of and tolerates are printed as
+# `KNOWN: …` lines and do not fail the run.
 #
 # Environment: WSFUZZ_DURATION (seconds, default 20), WSFUZZ_CONNECTIONS (default 8),
+# WSFUZZ_STOMP_SHARE (share of the connections that speak STOMP, default 0.5; 0 for JSON only),
 # WSFUZZ_SEED (default random; printed), WSFUZZ_SAVE (where anomalous cases go; default a temp
 # dir, kept and printed when something failed).
 set -euo pipefail
@@ -19,6 +24,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET_DIR/debug/switchyard
 DURATION=${WSFUZZ_DURATION:-20}
 CONNECTIONS=${WSFUZZ_CONNECTIONS:-8}
+STOMP_SHARE=${WSFUZZ_STOMP_SHARE:-0.5}
 SEED=${WSFUZZ_SEED:-$(od -An -N6 -tu8 /dev/urandom | tr -d ' ')}
 [ -x "$BIN" ] || { echo "wsfuzz-smoke: $BIN is missing: build it first (cargo test or cargo build)" >&2; exit 1; }
 
@@ -53,11 +59,13 @@ for _ in $(seq 300); do
   sleep 0.1
 done
 [ -n "$PORT" ] || { cat "$LOG" >&2; echo "wsfuzz-smoke: no listening banner after 30 s" >&2; exit 1; }
-echo "wsfuzz-smoke: node $NODE_PID on port $PORT; fuzzing for $DURATION s with seed $SEED"
+echo "wsfuzz-smoke: node $NODE_PID on port $PORT; fuzzing for $DURATION s with seed $SEED" \
+  "(STOMP share $STOMP_SHARE)"
 
 cargo run -q -p switchyard-bench -- wsfuzz --target "ws://127.0.0.1:$PORT" --pid "$NODE_PID" \
-  --duration "$DURATION" --connections "$CONNECTIONS" --seed "$SEED" --save "$SAVE" \
-  || fail "the fuzzer reported failures (seed $SEED; cases in $SAVE)"
+  --duration "$DURATION" --connections "$CONNECTIONS" --stomp-share "$STOMP_SHARE" --seed "$SEED" \
+  --save "$SAVE" \
+  || fail "the fuzzer reported failures (seed $SEED, STOMP share $STOMP_SHARE; cases in $SAVE)"
 
 alive "$NODE_PID" || fail "the node is gone after fuzzing"
 if grep -q panicked "$LOG"; then

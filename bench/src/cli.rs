@@ -332,6 +332,15 @@ pub struct WsfuzzArgs {
     /// The nodes' --handshake-timeout, in seconds.
     #[arg(long, default_value_t = 10)]
     pub handshake_timeout: u64,
+    /// Share of the connections (0 to 1) that speak STOMP 1.2 (PROTOCOL.md §7) instead of JSON,
+    /// spread evenly (0.5: every second one): each upgrades on /stomp or on /ws offering
+    /// v12.stomp, sends CONNECT as its user fz-<n>, and runs STOMP cases. 0: JSON only.
+    #[arg(long, default_value_t = 0.0)]
+    pub stomp_share: f64,
+    /// The nodes' --rate-limit: STOMP connections pace their frames under it, so that every
+    /// answer is predictable (only their flood cases meet it). 0: the nodes have none.
+    #[arg(long, default_value_t = 100)]
+    pub rate_limit: u32,
     /// Seconds to wait for an answer owed, a close frame or the end of a connection.
     #[arg(long, default_value_t = 10.0)]
     pub answer_timeout: f64,

@@ -45,6 +45,15 @@ pub enum Kind {
     Trickle,
     Reset,
     Upgrade,
+    StompValid,
+    StompRefused,
+    StompMutated,
+    StompHeartBeat,
+    StompSplit,
+    StompBatch,
+    StompOversized,
+    StompConnect,
+    StompFlood,
 }
 
 impl Kind {
@@ -65,6 +74,15 @@ impl Kind {
             Kind::Trickle => "trickle",
             Kind::Reset => "reset",
             Kind::Upgrade => "upgrade",
+            Kind::StompValid => "stomp-valid",
+            Kind::StompRefused => "stomp-refused",
+            Kind::StompMutated => "stomp-mutated",
+            Kind::StompHeartBeat => "stomp-heart-beat",
+            Kind::StompSplit => "stomp-split",
+            Kind::StompBatch => "stomp-batch",
+            Kind::StompOversized => "stomp-oversized",
+            Kind::StompConnect => "stomp-connect",
+            Kind::StompFlood => "stomp-flood",
         }
     }
 }
@@ -163,6 +181,7 @@ pub fn generate(rng: &mut Rng, names: &Names, params: &Params, case_id: &str) ->
         Kind::PingFlood => b.ping_flood(),
         Kind::Trickle => b.trickle(),
         Kind::Reset => b.reset(),
+        _ => unreachable!("STOMP kinds come from stomp::cases"),
     };
     Case { kind, steps: b.steps, note: b.note, http: None }
 }

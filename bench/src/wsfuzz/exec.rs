@@ -30,6 +30,8 @@ pub struct Settings {
     pub max_message: usize,
     pub answer_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// The nodes' `--rate-limit` (STOMP sessions pace themselves under it; 0: off).
+    pub rate_limit: u32,
 }
 
 /// One case as run: what was sent, what came back, and the verdict.
@@ -40,6 +42,8 @@ pub struct Record {
     pub note: String,
     pub outcomes: Vec<String>,
     pub anomalies: Vec<String>,
+    /// Deviations tolerated as known server bugs (`KNOWN: …`), to be removed once fixed.
+    pub known: Vec<String>,
     /// The bytes written (after the upgrade for WebSocket cases; the request for HTTP ones).
     pub input: Vec<u8>,
     pub transcript: String,
@@ -74,6 +78,7 @@ pub async fn run_case(
         note: case.note.clone(),
         outcomes: Vec::new(),
         anomalies: Vec::new(),
+        known: Vec::new(),
         input: Vec::new(),
         transcript: String::new(),
     };

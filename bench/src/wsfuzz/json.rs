@@ -15,7 +15,7 @@ pub struct Names {
 }
 
 impl Names {
-    fn user(&self, rng: &mut Rng) -> String {
+    pub(super) fn user(&self, rng: &mut Rng) -> String {
         match rng.u8(..10) {
             0 => self.me.clone(),
             1 => format!("fz-offline-{}", rng.u8(..4)),
@@ -23,7 +23,7 @@ impl Names {
         }
     }
 
-    fn room(&self, rng: &mut Rng) -> String {
+    pub(super) fn room(&self, rng: &mut Rng) -> String {
         self.rooms[rng.usize(..self.rooms.len())].clone()
     }
 }
@@ -161,7 +161,7 @@ fn id(rng: &mut Rng) -> Value {
     }
 }
 
-fn body(rng: &mut Rng, depth: u8) -> Value {
+pub(super) fn body(rng: &mut Rng, depth: u8) -> Value {
     match rng.u8(..if depth == 0 { 5 } else { 7 }) {
         0 => Value::Null,
         1 => rng.bool().into(),
@@ -347,7 +347,7 @@ fn mutate_structure(rng: &mut Rng, names: &Names, cmd: &mut Map<String, Value>, 
     }
 }
 
-const BAD_UTF8: [&[u8]; 8] =
+pub(super) const BAD_UTF8: [&[u8]; 8] =
     [b"\xFF", b"\xC0\xAF", b"\xED\xA0\x80", b"\xF4\x90\x80\x80", b"\x80", b"\xE2\x82", b"\xF0\x9F\x98", b"\xFE\xFF"];
 
 /// One byte-level mutation; answers its name for the case's note.

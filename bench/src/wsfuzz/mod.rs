@@ -11,6 +11,9 @@
 //! requests, valid and damaged), `cases` (the generators), `conn` (raw connections), `exec`
 //! (running a case), `oracle` (judging what came back), `health`, `report`.
 //!
+//! With `--stomp-share`, part of the connections speak STOMP 1.2 instead (PROTOCOL.md §7, see
+//! `stomp`): their own cases, model and oracle, on the same tally and health monitor.
+//!
 //! Case `n` of connection `c` is named `c<c>.<n>` and generated from a seed derived from the
 //! run's seed, so an anomalous case can be run again alone with `--replay`.
 
@@ -23,6 +26,7 @@ mod json;
 mod model;
 mod oracle;
 mod report;
+mod stomp;
 mod upgrade;
 
 use std::sync::{Arc, Mutex};
@@ -45,6 +49,7 @@ const ROOMS: [&str; 5] = ["fz-lobby", "fz-r1", "fz-r2", "fz.quiet", "private:fz"
 
 pub async fn run(args: &WsfuzzArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
+    anyhow::ensure!((0.0..=1.0).contains(&args.stomp_share), "--stomp-share is a share of the connections, 0 to 1");
     let seed = args.seed.unwrap_or_else(|| crate::clock::now_us() ^ u64::from(std::process::id()) << 40);
     let targets = args.target.iter().map(|t| target(t)).collect::<anyhow::Result<Vec<_>>>()?;
     let apis = if args.api.is_empty() {
@@ -56,13 +61,15 @@ pub async fn run(args: &WsfuzzArgs) -> anyhow::Result<()> {
         max_message: args.max_message_size,
         answer_timeout: Duration::from_secs_f64(args.answer_timeout),
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        rate_limit: args.rate_limit,
     };
     if let Some(case) = &args.replay {
         return replay(args, seed, &targets, &settings, case).await;
     }
     let dir = args.save.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("wsfuzz-{seed}")));
+    let stomp = (0..args.connections).filter(|&c| stomp::speaks_stomp(c, args.stomp_share)).count();
     eprintln!(
-        "wsfuzz: seed {seed}, {} connections for {} s against {}; anomalies go to {}",
+        "wsfuzz: seed {seed}, {} connections ({stomp} STOMP) for {} s against {}; anomalies go to {}",
         args.connections,
         args.duration,
         args.target.join(", "),
@@ -79,12 +86,13 @@ pub async fn run(args: &WsfuzzArgs) -> anyhow::Result<()> {
     let health = tokio::spawn(health::run(monitor, stopped));
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.duration);
-    let tally = Arc::new(Mutex::new(Tally::new(args.connections)));
+    let tally = Arc::new(Mutex::new(Tally::new(args.connections, args.stomp_share)));
     let mut workers = Vec::new();
     for conn in 0..args.connections {
         let worker = Worker {
             conn,
             seed,
+            stomp: stomp::speaks_stomp(conn, args.stomp_share),
             target: targets[conn % targets.len()].clone(),
             names: names(conn, args.connections),
             settings: settings.clone(),
@@ -137,6 +145,8 @@ fn names(conn: usize, connections: usize) -> Names {
 struct Worker {
     conn: usize,
     seed: u64,
+    /// Speaks STOMP instead of JSON.
+    stomp: bool,
     target: Target,
     names: Names,
     settings: Settings,
@@ -148,6 +158,9 @@ struct Worker {
 
 impl Worker {
     async fn run(self) {
+        if self.stomp {
+            return self.run_stomp().await;
+        }
         let mut session = None;
         let params = Params { max_message: self.settings.max_message, host: self.target.host.clone() };
         let mut n = 0u64;
@@ -161,6 +174,28 @@ impl Worker {
             self.tally.lock().unwrap_or_else(|e| e.into_inner()).add(&record, self.seed, &self.dir);
             n += 1;
             // A node that refuses proper upgrades is counted once a second, not flat out.
+            let pause = if failed_upgrade { Duration::from_secs(1) } else { self.pace };
+            tokio::time::sleep_until(started + pause).await;
+        }
+        if let Some(s) = session {
+            s.close().await;
+        }
+    }
+
+    async fn run_stomp(self) {
+        let mut session = None;
+        let mut n = 0u64;
+        while Instant::now() < self.deadline {
+            let started = Instant::now();
+            let id = format!("c{}.{n}", self.conn);
+            let mut rng = Rng::with_seed(case_seed(self.seed, self.conn, n));
+            let case = stomp::cases::generate(&mut rng, &self.names, self.settings.max_message, &id);
+            let record =
+                stomp::exec::run_case(&self.settings, &self.target, &self.names, &mut session, &id, case, &mut rng)
+                    .await;
+            let failed_upgrade = record.outcomes.iter().any(|o| o == "upgrade failed");
+            self.tally.lock().unwrap_or_else(|e| e.into_inner()).add(&record, self.seed, &self.dir);
+            n += 1;
             let pause = if failed_upgrade { Duration::from_secs(1) } else { self.pace };
             tokio::time::sleep_until(started + pause).await;
         }
@@ -189,11 +224,24 @@ async fn replay(
     let names = names(conn, args.connections.max(conn + 1));
     let params = Params { max_message: settings.max_message, host: target.host.clone() };
     let mut rng = Rng::with_seed(case_seed(seed, conn, n));
-    let generated = cases::generate(&mut rng, &names, &params, case);
-    let mut session = None;
-    let record = run_case(settings, &target, &names, &mut session, case, generated, &mut rng).await;
+    let record = if stomp::speaks_stomp(conn, args.stomp_share) {
+        let generated = stomp::cases::generate(&mut rng, &names, settings.max_message, case);
+        let mut session = None;
+        let record = stomp::exec::run_case(settings, &target, &names, &mut session, case, generated, &mut rng).await;
+        if let Some(s) = session {
+            s.close().await;
+        }
+        record
+    } else {
+        let generated = cases::generate(&mut rng, &names, &params, case);
+        let mut session = None;
+        run_case(settings, &target, &names, &mut session, case, generated, &mut rng).await
+    };
     println!("case {case} ({}): {}\n{}", record.kind.name(), record.note, record.transcript);
     println!("outcomes: {:?}", record.outcomes);
+    for k in &record.known {
+        println!("{k}");
+    }
     if record.anomalies.is_empty() {
         println!("no anomaly");
         Ok(())

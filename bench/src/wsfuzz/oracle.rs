@@ -98,6 +98,8 @@ struct Fields {
     seq: Option<u64>,
     mid: Option<String>,
     from: Option<String>,
+    /// Present (`null` included: a STOMP `SEND` of JSON `null` is a message body too).
+    #[serde(default, deserialize_with = "present")]
     body: Option<Box<RawValue>>,
     ts: Option<u64>,
     room: Option<String>,
@@ -107,6 +109,11 @@ struct Fields {
     node: Option<String>,
     ping_interval: Option<u64>,
     truncated: Option<bool>,
+}
+
+/// A field that is there, whatever its value (serde reads `null` as a missing `Option`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 /// Classifies a server text frame, or says what is wrong with it.
@@ -462,6 +469,11 @@ mod tests {
         assert_eq!(
             classify(r#"{"type":"message","stream":"broadcast","mid":"m","from":"system","body":{},"ts":1}"#),
             Ok(Out::Message { stream: "broadcast".into() })
+        );
+        assert_eq!(
+            classify(r#"{"type":"message","stream":"user:a","seq":1,"mid":"m","from":"b","body":null,"ts":1}"#),
+            Ok(Out::Message { stream: "user:a".into() }),
+            "a null body is a body"
         );
         assert!(classify(r#"{"type":"presence","room":"r","event":"wave","user":"u"}"#).is_err());
         assert_eq!(classify(r#"{"type":"disconnect","code":1002,"reason":"x"}"#), Ok(Out::Disconnect { code: 1002 }));

@@ -35,11 +35,15 @@ pub struct Tally {
     saved: usize,
     /// The run's --connections, for the replay hint.
     pub connections: usize,
+    /// The run's --stomp-share, for the replay hint.
+    pub stomp_share: f64,
+    /// Known server bugs the oracle tolerated, and in how many cases.
+    pub known: BTreeMap<String, u64>,
 }
 
 impl Tally {
-    pub fn new(connections: usize) -> Self {
-        Tally { connections, ..Tally::default() }
+    pub fn new(connections: usize, stomp_share: f64) -> Self {
+        Tally { connections, stomp_share, ..Tally::default() }
     }
 
     /// Counts a finished case; saves it under `dir` when the oracle found anything.
@@ -48,6 +52,13 @@ impl Tally {
         for o in &record.outcomes {
             *self.outcomes.entry(o.clone()).or_default() += 1;
         }
+        for k in &record.known {
+            let n = self.known.entry(k.clone()).or_default();
+            if *n == 0 {
+                eprintln!("{k} (first in case {}, seed {seed}; tolerated)", record.id);
+            }
+            *n += 1;
+        }
         if record.anomalies.is_empty() {
             return;
         }
@@ -55,7 +66,9 @@ impl Tally {
         for a in &record.anomalies {
             *self.anomaly_kinds.entry(shape(a)).or_default() += 1;
         }
-        let saved = (self.saved < MAX_SAVED).then(|| save(record, seed, self.connections, dir)).and_then(Result::ok);
+        let saved = (self.saved < MAX_SAVED)
+            .then(|| save(record, seed, self.connections, self.stomp_share, dir))
+            .and_then(Result::ok);
         if saved.is_some() {
             self.saved += 1;
         }
@@ -102,12 +115,13 @@ fn shape(anomaly: &str) -> String {
     out
 }
 
-fn save(record: &Record, seed: u64, connections: usize, dir: &Path) -> std::io::Result<PathBuf> {
+fn save(record: &Record, seed: u64, connections: usize, stomp_share: f64, dir: &Path) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let base = format!("{}-{}", record.id, record.kind.name());
     std::fs::write(dir.join(format!("{base}.bin")), &record.input)?;
+    let share = if stomp_share > 0.0 { format!(" --stomp-share {stomp_share}") } else { String::new() };
     let mut text = format!(
-        "case {} ({}), run seed {seed}\nreplay: switchyard-bench wsfuzz --seed {seed} --connections {connections} --replay {} --target …\nnote: {}\nanomalies:\n",
+        "case {} ({}), run seed {seed}\nreplay: switchyard-bench wsfuzz --seed {seed} --connections {connections}{share} --replay {} --target …\nnote: {}\nanomalies:\n",
         record.id,
         record.kind.name(),
         record.id,
@@ -135,6 +149,8 @@ pub struct Report {
     pub anomalies: u64,
     pub anomaly_kinds: BTreeMap<String, u64>,
     pub anomaly_list: Vec<Anomaly>,
+    /// Known server bugs tolerated (`KNOWN: …`) and in how many cases.
+    pub known: BTreeMap<String, u64>,
     pub saved_to: String,
     pub health: Health,
 }
@@ -160,6 +176,7 @@ impl Report {
             anomalies: tally.anomalies,
             anomaly_kinds: tally.anomaly_kinds,
             anomaly_list: tally.listed,
+            known: tally.known,
             saved_to: dir.display().to_string(),
             health,
         }
@@ -206,6 +223,9 @@ impl Report {
                 a.saved.as_deref().unwrap_or("not saved")
             );
         }
+        for (known, n) in &self.known {
+            let _ = writeln!(out, "{known} ({n} cases; tolerated until the server is fixed)");
+        }
         let h = &self.health;
         let _ = writeln!(
             out,
@@ -251,6 +271,7 @@ mod tests {
             note: "close 1000".into(),
             outcomes: vec!["close 1000".into()],
             anomalies: vec![],
+            known: vec![],
             input: vec![0x88, 0x80, 1, 2, 3, 4],
             transcript: "steps".into(),
         };
