@@ -142,9 +142,6 @@ pub struct Expected {
     pub answer: Answer,
     /// The frame, for reports: its command and destination or id.
     pub what: String,
-    /// The message that completed the frame (its index in the case).
-    pub msg: usize,
-    pub send: bool,
 }
 
 impl Expected {
@@ -211,7 +208,7 @@ pub fn predict(phase: Phase, msgs: &[Msg], max: usize, flood: bool) -> Predictio
     let mut expected = Vec::new();
     let mut costs = Vec::new();
     let mut end = None;
-    for (m, msg) in msgs.iter().enumerate() {
+    for msg in msgs {
         if end.is_some() {
             break;
         }
@@ -237,7 +234,7 @@ pub fn predict(phase: Phase, msgs: &[Msg], max: usize, flood: bool) -> Predictio
                     connected = true;
                 }
                 let refused = matches!(answer, Answer::ConnectRefused(_));
-                expected.push(Expected { receipt: None, answer, what: frame.command.clone(), msg: m, send: false });
+                expected.push(Expected { receipt: None, answer, what: frame.command.clone() });
                 if refused {
                     end = Some(End::Answered);
                     break;
@@ -252,8 +249,6 @@ pub fn predict(phase: Phase, msgs: &[Msg], max: usize, flood: bool) -> Predictio
                 receipt: frame.get("receipt").map(str::to_owned),
                 answer,
                 what: describe(&frame),
-                msg: m,
-                send: frame.command == "SEND",
             });
             if let Some(closes) = closes {
                 end = Some(closes);
