@@ -114,7 +114,8 @@ pub fn unescape(value: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-fn push_escaped(out: &mut String, text: &str) {
+/// Appends `text` escaped as STOMP 1.2 asks (`\\`, `\n`, `\r`, `\c`).
+pub(crate) fn push_escaped(out: &mut String, text: &str) {
     if !text.contains(['\\', '\n', '\r', ':']) {
         out.push_str(text);
         return;

@@ -109,8 +109,10 @@ impl Stomp {
         subscription.map(|s| &s.head[..])
     }
 
+    /// Like [`Stomp::head`] for a room's stream, without building its `StreamId` (a
+    /// reference count up and down per recipient of a presence event).
     pub(super) fn head_for_room(&self, room: &RoomName) -> Option<&[u8]> {
-        self.head(Some(&StreamId::Room(room.clone())))
+        self.streams.0.iter().find(|(s, _)| matches!(s, StreamId::Room(r) if r == room)).map(|(_, sub)| &sub.head[..])
     }
 
     /// A stored message of `stream` as a whole `MESSAGE` for this session, if it subscribed.

@@ -66,15 +66,7 @@ impl Frame {
 /// A header name or value escaped as STOMP 1.2 asks (`\\`, `\n`, `\r`, `\c`).
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            ':' => out.push_str("\\c"),
-            c => out.push(c),
-        }
-    }
+    crate::stomp::push_escaped(&mut out, text);
     out
 }
 
