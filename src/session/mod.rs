@@ -341,10 +341,10 @@ impl Session {
         let stomp = self.stomp.as_deref();
         let frames = Pieces::of(batch).filter_map(|piece| match piece {
             Piece::Frame(frame) => match stomp {
-                None => Some((&[][..], &frame.json[..])),
+                None => Some((None, &frame.json[..])),
                 Some(stomp) => {
                     let (room, tail) = frame.stomp()?;
-                    Some((stomp.head_for_room(room)?, &tail[..]))
+                    Some((Some(stomp.room(room)?), &tail[..]))
                 }
             },
             Piece::Resync => {
@@ -353,9 +353,9 @@ impl Session {
             }
             Piece::Delivery(delivery) => {
                 // A STOMP session takes only what it subscribed to, and counts nothing else as had.
-                let head = match stomp {
-                    None => &[][..],
-                    Some(stomp) => stomp.head(delivery.position.as_ref().map(|(stream, _)| stream))?,
+                let subscription = match stomp {
+                    None => None,
+                    Some(stomp) => Some(stomp.subscription(delivery.position.as_ref().map(|(stream, _)| stream))?),
                 };
                 let kind = match &delivery.position {
                     None if delivery.exclude == Some(me) => return None,
@@ -386,12 +386,14 @@ impl Session {
                 };
                 counts[kind as usize] += 1;
                 oldest = oldest.min(delivery.ts());
-                Some((head, if stomp.is_some() { &delivery.stomp()[..] } else { &delivery.json()[..] }))
+                Some((subscription, if stomp.is_some() { &delivery.stomp()[..] } else { &delivery.json()[..] }))
             }
         });
         let pushed = match stomp {
             None => self.ws.push_text(frames.map(|(_, frame)| frame)),
-            Some(_) => self.ws.push_text_parts(frames),
+            Some(_) => {
+                self.ws.push_text_parts(frames.filter_map(|(subscription, tail)| Some((subscription?.head(), tail))))
+            }
         };
         batch.clear();
         self.wrote(pushed).await?;
@@ -452,7 +454,7 @@ impl Session {
             let pushed = match self.stomp.as_deref() {
                 None => self.ws.push_text(released.iter().map(|d| &d.json()[..])),
                 Some(stomp) => self.ws.push_text_parts(released.iter().filter_map(|d| {
-                    Some((stomp.head(d.position.as_ref().map(|(stream, _)| stream))?, &d.stomp()[..]))
+                    Some((stomp.subscription(d.position.as_ref().map(|(stream, _)| stream))?.head(), &d.stomp()[..]))
                 })),
             };
             self.wrote(pushed).await?;

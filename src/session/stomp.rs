@@ -21,98 +21,96 @@ use crate::node::Node;
 use crate::protocol::{
     Command as Native, ErrorCode, ProtocolError, RoomName, StreamId, UserId, checked_body, checked_key, close,
 };
-use crate::stomp::encode::{self, BROADCAST, ERRORS, TOPIC, USER, USER_QUEUE};
+use crate::stomp::encode::{self, BROADCAST, ERRORS, SubscriptionId, TOPIC, UNSUBSCRIBED_HEAD, USER, USER_QUEUE};
 use crate::stomp::frame::{Command, Decoder, Frame, FrameError, Item};
 use crate::ws::{Incoming, WebSocket};
 
 /// Most `SEND`s appended together, as the JSON session's pipeline.
 const PIPELINE: usize = 32;
 
-/// One subscription: the head of every `MESSAGE` written for it, which holds its id (kept once,
-/// as idle sessions are many).
-struct Subscription {
-    head: Box<[u8]>,
+/// What a STOMP session holds beside the shared session state. Boxed in the session, so that a
+/// JSON session pays one pointer for it; small, so that an idle STOMP session subscribed to its
+/// queue (most are) costs about what a JSON one does: no buffer, no allocation but the box.
+pub(crate) struct Stomp {
+    /// Holds no memory between frames.
+    decoder: Decoder,
+    /// The subscription to the user's own stream, `/user/queue/messages`.
+    queue: Option<SubscriptionId>,
+    /// The rest, which few sessions have.
+    more: Option<Box<More>>,
+    /// Whether the server sends heart-beats: at each ping tick, at least as often as the
+    /// client asked (the server offers the ping interval, the spec's max(sx, cy)).
+    send_beats: bool,
+    /// How often the client must send something, in seconds rounded up (0: not negotiated, or
+    /// above 18 hours, where the WebSocket ping timeout alone watches the client).
+    expect_every: u16,
+    /// When the client last sent a frame or a heart-beat, on [`clock_ms`].
+    heard: u32,
 }
 
-impl Subscription {
-    fn new(id: &str) -> Self {
-        Self { head: encode::message_head(id) }
-    }
-
-    fn is(&self, id: &str) -> bool {
-        self.head == encode::message_head(id)
-    }
-}
-
-/// The subscriptions to streams: a few per session, so a list, which costs an idle session far
-/// less than a map and is as quick to search at that size.
+/// The subscriptions to rooms, broadcasts and errors, and the receipt of the closing `ERROR`.
 #[derive(Default)]
-struct Streams(Vec<(StreamId, Subscription)>);
+struct More {
+    /// A few per session: a list costs far less than a map, and is as quick at that size.
+    rooms: Vec<(RoomName, SubscriptionId)>,
+    broadcast: Option<SubscriptionId>,
+    errors: Option<SubscriptionId>,
+    /// The `receipt-id` of the `ERROR` that closes the session, when the frame at fault asked
+    /// for a receipt.
+    error_receipt: Option<Box<str>>,
+}
 
-impl Streams {
-    fn get(&self, stream: &StreamId) -> Option<&Subscription> {
-        self.0.iter().find(|(s, _)| s == stream).map(|(_, sub)| sub)
-    }
-
-    fn contains_key(&self, stream: &StreamId) -> bool {
-        self.get(stream).is_some()
+impl More {
+    fn room(&self, room: &RoomName) -> Option<&SubscriptionId> {
+        self.rooms.iter().find(|(r, _)| r == room).map(|(_, subscription)| subscription)
     }
 
     /// Adds or replaces; answers the one replaced.
-    fn insert(&mut self, stream: StreamId, subscription: Subscription) -> Option<Subscription> {
-        match self.0.iter_mut().find(|(s, _)| *s == stream) {
-            Some((_, old)) => Some(std::mem::replace(old, subscription)),
-            None => {
-                self.0.push((stream, subscription));
-                None
-            }
+    fn insert_room(&mut self, room: RoomName, subscription: SubscriptionId) -> Option<SubscriptionId> {
+        if let Some((_, old)) = self.rooms.iter_mut().find(|(r, _)| *r == room) {
+            return Some(std::mem::replace(old, subscription));
         }
+        if self.rooms.len() < 4 {
+            // A session in one or two rooms keeps no spare room in its list.
+            self.rooms.reserve_exact(1);
+        }
+        self.rooms.push((room, subscription));
+        None
     }
 
-    fn remove(&mut self, stream: &StreamId) -> Option<Subscription> {
-        let at = self.0.iter().position(|(s, _)| s == stream)?;
-        Some(self.0.swap_remove(at).1)
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&StreamId, &Subscription)> {
-        self.0.iter().map(|(stream, sub)| (stream, sub))
+    fn remove_room(&mut self, room: &RoomName) -> Option<SubscriptionId> {
+        let at = self.rooms.iter().position(|(r, _)| r == room)?;
+        Some(self.rooms.swap_remove(at).1)
     }
 }
 
-/// What a STOMP session holds beside the shared session state. Boxed in the session, so that a
-/// JSON session pays one pointer for it.
-pub(crate) struct Stomp {
-    decoder: Decoder,
-    /// The subscriptions to the user's own stream and to rooms.
-    streams: Streams,
-    broadcast: Option<Subscription>,
-    errors: Option<Subscription>,
-    /// How often the server sends a heart-beat, and how often the client must send something
-    /// (`None`: not negotiated).
-    send_every: Option<Duration>,
-    expect_every: Option<Duration>,
-    /// When the client last sent a frame or a heart-beat.
-    heard: Instant,
-    /// The `receipt-id` of the `ERROR` that closes the session, when the frame at fault asked
-    /// for a receipt.
-    error_receipt: Option<String>,
+/// Milliseconds on a clock of the process's own, wrapping after 49 days: a session's last
+/// heart-beat in 4 bytes. A gap is told right while it is under 49 days, and a session that
+/// negotiated heart-beats and stayed silent that long was closed long before.
+fn clock_ms() -> u32 {
+    static START: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+    START.elapsed().as_millis() as u32
 }
 
 impl Stomp {
-    /// The head of a `MESSAGE` of `stream` (`None`: a broadcast) for this session; `None` when no
-    /// subscription asked for it.
-    pub(super) fn head(&self, stream: Option<&StreamId>) -> Option<&[u8]> {
-        let subscription = match stream {
-            Some(stream) => self.streams.get(stream),
-            None => self.broadcast.as_ref(),
-        };
-        subscription.map(|s| &s.head[..])
+    fn more(&mut self) -> &mut More {
+        self.more.get_or_insert_default()
     }
 
-    /// Like [`Stomp::head`] for a room's stream, without building its `StreamId` (a
-    /// reference count up and down per recipient of a presence event).
-    pub(super) fn head_for_room(&self, room: &RoomName) -> Option<&[u8]> {
-        self.streams.0.iter().find(|(s, _)| matches!(s, StreamId::Room(r) if r == room)).map(|(_, sub)| &sub.head[..])
+    /// The subscription a message of `stream` (`None`: a broadcast) is written for; `None`
+    /// when this session did not subscribe to it. Only the user's own stream is delivered to
+    /// its sessions.
+    pub(super) fn subscription(&self, stream: Option<&StreamId>) -> Option<&SubscriptionId> {
+        match stream {
+            Some(StreamId::User(_)) => self.queue.as_ref(),
+            Some(StreamId::Room(room)) => self.room(room),
+            None => self.more.as_ref()?.broadcast.as_ref(),
+        }
+    }
+
+    /// The subscription to `room`, if any.
+    pub(super) fn room(&self, room: &RoomName) -> Option<&SubscriptionId> {
+        self.more.as_ref()?.room(room)
     }
 
     /// A stored message of `stream` as a whole `MESSAGE` for this session, if it subscribed.
@@ -122,9 +120,9 @@ impl Stomp {
         seq: u64,
         message: &crate::message::Message,
     ) -> Option<Bytes> {
-        let head = self.head(Some(stream))?;
+        let head = self.subscription(Some(stream))?.head();
         let tail = encode::message_tail(Some((stream, seq)), message.view());
-        Some(Bytes::from([head, &tail[..]].concat()))
+        Some(Bytes::from([head[0], head[1], head[2], &tail[..]].concat()))
     }
 
     /// The `CONNECTED` frame, announcing beats at the ping interval both ways.
@@ -135,23 +133,28 @@ impl Stomp {
 
     /// What to say before closing with `code`: nothing after `DISCONNECT`, else an `ERROR`.
     pub(super) fn goodbye(&self, code: u16, reason: &str) -> Option<Bytes> {
-        (code != close::NORMAL).then(|| encode::error(reason, self.error_receipt.as_deref()))
+        let receipt = self.more.as_ref().and_then(|more| more.error_receipt.as_deref());
+        (code != close::NORMAL).then(|| encode::error(reason, receipt))
     }
 
     /// Whether a resync may read `stream`: only a subscribed one is delivered.
     pub(super) fn follows(&self, stream: &StreamId) -> bool {
-        self.streams.contains_key(stream)
+        self.subscription(Some(stream)).is_some()
+    }
+
+    /// The client sent a frame or a heart-beat.
+    fn heard(&mut self) {
+        self.heard = clock_ms();
     }
 
     /// At each ping tick: a heart-beat to send, or why the client is gone.
     pub(super) fn beat(&self) -> Result<bool, Stop> {
-        if let Some(every) = self.expect_every
-            && self.heard.elapsed() > every * 2
-        {
-            let reason = format!("heart-beat timeout: nothing received for {} ms", (every * 2).as_millis());
+        let limit = u32::from(self.expect_every) * 2000;
+        if self.expect_every > 0 && clock_ms().wrapping_sub(self.heard) > limit {
+            let reason = format!("heart-beat timeout: nothing received for {limit} ms");
             return Err(Stop::Close(close::GOING_AWAY, Arc::from(reason)));
         }
-        Ok(self.send_every.is_some())
+        Ok(self.send_beats)
     }
 }
 
@@ -216,13 +219,11 @@ pub(crate) async fn connect(
     };
     let stomp = Stomp {
         decoder,
-        streams: Streams::default(),
-        broadcast: None,
-        errors: None,
-        send_every,
-        expect_every,
-        heard: Instant::now(),
-        error_receipt: None,
+        queue: None,
+        more: None,
+        send_beats: send_every.is_some(),
+        expect_every: expect_every.map_or(0, |every| u16::try_from(every.as_millis().div_ceil(1000)).unwrap_or(0)),
+        heard: clock_ms(),
     };
     Some((ws, identity, Box::new(stomp)))
 }
@@ -307,7 +308,7 @@ impl Session {
                     continue;
                 }
                 Ok(Some(Item::HeartBeat)) => {
-                    self.stomp().heard = Instant::now();
+                    self.stomp().heard();
                     continue;
                 }
                 Ok(Some(Item::Frame(frame))) => frame,
@@ -317,7 +318,7 @@ impl Session {
                     return Err(Stop::Close(close_code(e), Arc::from(e.to_string())));
                 }
             };
-            self.stomp().heard = Instant::now();
+            self.stomp().heard();
             let verdict = verdict.take().unwrap_or_else(|| self.limiter.check(self.last_heard.into_std()));
             if verdict == Verdict::Allow && frame.command == Command::Send && sends.len() < PIPELINE {
                 sends.push(frame);
@@ -364,7 +365,7 @@ impl Session {
     /// Closes the session with an `ERROR` about `frame` (with its receipt's id), as STOMP does
     /// for a frame it cannot take.
     fn fault(&mut self, message: &str, frame: &Frame) -> Stop {
-        self.stomp().error_receipt = frame.headers.get("receipt").map(str::to_owned);
+        self.stomp().more().error_receipt = frame.headers.get("receipt").map(Box::from);
         Stop::Close(close::PROTOCOL_ERROR, Arc::from(message))
     }
 
@@ -380,8 +381,9 @@ impl Session {
     fn refusal(&self, err: &ProtocolError, receipt: Option<&str>) -> Bytes {
         let tail = encode::refusal_tail(err.code.as_str(), &err.message, receipt);
         let stomp = self.stomp.as_deref().expect("a STOMP session");
-        let head = stomp.errors.as_ref().map_or(&b"MESSAGE\n"[..], |s| &s.head[..]);
-        Bytes::from([head, &tail[..]].concat())
+        let errors = stomp.more.as_ref().and_then(|more| more.errors.as_ref());
+        let head = errors.map_or(UNSUBSCRIBED_HEAD, SubscriptionId::head);
+        Bytes::from([head[0], head[1], head[2], &tail[..]].concat())
     }
 
     /// `SEND`s that arrived together, in order: `SEND /user/<id>` is a `send` and
@@ -456,7 +458,7 @@ impl Session {
                 return self.report(&err, receipt).await;
             }
         };
-        let subscription = Subscription::new(id);
+        let subscription = SubscriptionId::new(id);
         let caught_up = match destination {
             USER_QUEUE => {
                 let stream = StreamId::User(self.info.user.clone());
@@ -465,19 +467,19 @@ impl Session {
                 if let Some(state) = self.streams.get_mut(&stream) {
                     state.live_from = None;
                 }
-                self.stomp().streams.insert(stream.clone(), subscription);
+                self.stomp().queue = Some(subscription);
                 let result = self.sync(since).await;
                 if result.is_err() {
-                    self.stomp().streams.remove(&stream);
+                    self.stomp().queue = None;
                 }
                 result
             }
             BROADCAST => {
-                self.stomp().broadcast = Some(subscription);
+                self.stomp().more().broadcast = Some(subscription);
                 Ok((0, false, Vec::new()))
             }
             ERRORS => {
-                self.stomp().errors = Some(subscription);
+                self.stomp().more().errors = Some(subscription);
                 Ok((0, false, Vec::new()))
             }
             _ => {
@@ -489,13 +491,13 @@ impl Session {
                 };
                 match RoomName::parse(room) {
                     Ok(room) => {
-                        let stream = StreamId::Room(room.clone());
-                        let before = self.stomp().streams.insert(stream.clone(), subscription);
+                        let before = self.stomp().more().insert_room(room.clone(), subscription);
                         let result = self.join(&room, since).await;
                         if result.is_err() {
+                            let more = self.stomp().more();
                             match before {
-                                Some(before) => self.stomp().streams.insert(stream, before),
-                                None => self.stomp().streams.remove(&stream),
+                                Some(before) => more.insert_room(room, before),
+                                None => more.remove_room(&room),
                             };
                         }
                         result
@@ -524,17 +526,18 @@ impl Session {
             return Err(self.fault("UNSUBSCRIBE needs an id", &frame));
         };
         let stomp = self.stomp();
-        let stream = stomp.streams.iter().find(|(_, s)| s.is(id)).map(|(stream, _)| stream.clone());
         let mut result = Ok(());
-        if let Some(stream) = stream {
-            stomp.streams.remove(&stream);
-            if let StreamId::Room(room) = stream {
+        if stomp.queue.as_ref().is_some_and(|s| s.is(id)) {
+            stomp.queue = None;
+        } else if let Some(more) = &mut stomp.more {
+            if let Some(at) = more.rooms.iter().position(|(_, s)| s.is(id)) {
+                let (room, _) = more.rooms.swap_remove(at);
                 result = self.leave(&room).await;
+            } else if more.broadcast.as_ref().is_some_and(|s| s.is(id)) {
+                more.broadcast = None;
+            } else if more.errors.as_ref().is_some_and(|s| s.is(id)) {
+                more.errors = None;
             }
-        } else if stomp.broadcast.as_ref().is_some_and(|s| s.is(id)) {
-            stomp.broadcast = None;
-        } else if stomp.errors.as_ref().is_some_and(|s| s.is(id)) {
-            stomp.errors = None;
         }
         match (result, receipt) {
             (Ok(()), Some(receipt)) => self.write([encode::receipt(receipt, &[])]).await,
@@ -614,6 +617,13 @@ fn send_body(frame: &Frame) -> Result<(Box<RawValue>, Option<String>), ProtocolE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stomp_session_holds_one_small_box() {
+        // 56 bytes: one 64-byte chunk of the allocator, and no other allocation while the
+        // session is idle with its queue subscribed.
+        assert!(size_of::<Stomp>() <= 56, "{} bytes", size_of::<Stomp>());
+    }
 
     #[test]
     fn heart_beats_are_negotiated_as_the_spec_says() {

@@ -4,7 +4,7 @@
 //! A `MESSAGE` is written in two parts: `MESSAGE` and its `subscription` header, which differ per
 //! session, and everything after them, which does not. The second part is encoded once per node
 //! and message ([`message_tail`]) and shared by every STOMP session that takes it; a session holds
-//! its first part ready for each of its subscriptions ([`message_head`]).
+//! the id of each of its subscriptions ([`SubscriptionId`]), from which its first part is written.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -49,13 +49,55 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &str) {
     header_with(out, name, |out| write_escaped(out, value));
 }
 
-/// What a session writes before a shared tail: the command and its subscription's id.
-pub(crate) fn message_head(subscription: &str) -> Box<[u8]> {
-    let mut out = Vec::with_capacity(24 + subscription.len());
-    out.extend_from_slice(b"MESSAGE\n");
-    write_header(&mut out, "subscription", subscription);
-    out.into_boxed_slice()
+/// What a `MESSAGE` starts with, before its subscription's id.
+const MESSAGE_HEAD: &[u8] = b"MESSAGE\nsubscription:";
+
+/// Longest escaped subscription id kept inline: clients' ids are short (`sub-0` for stompjs and
+/// Spring), so an idle session's subscription to its queue needs no allocation.
+const INLINE_ID: usize = 22;
+
+/// A subscription's id as its `MESSAGE`s' `subscription` header carries it, escaped once. What a
+/// session writes before a shared tail ([`message_tail`]) is [`SubscriptionId::head`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum SubscriptionId {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Boxed(Box<[u8]>),
 }
+
+impl SubscriptionId {
+    pub(crate) fn new(id: &str) -> Self {
+        let mut escaped = Vec::new();
+        write_escaped(&mut escaped, id);
+        if escaped.len() > INLINE_ID {
+            return Self::Boxed(escaped.into_boxed_slice());
+        }
+        let mut bytes = [0; INLINE_ID];
+        bytes[..escaped.len()].copy_from_slice(&escaped);
+        Self::Inline { len: escaped.len() as u8, bytes }
+    }
+
+    /// Whether `id`, as a client names it, is this one.
+    pub(crate) fn is(&self, id: &str) -> bool {
+        *self == Self::new(id)
+    }
+
+    fn escaped(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..*len as usize],
+            Self::Boxed(bytes) => bytes,
+        }
+    }
+
+    /// The start of a `MESSAGE` for this subscription, in pieces: the command and the
+    /// `subscription` header.
+    pub(crate) fn head(&self) -> [&[u8]; 3] {
+        [MESSAGE_HEAD, self.escaped(), b"\n"]
+    }
+}
+
+/// The start of a `MESSAGE` that answers no subscription (a refusal reported to a session that
+/// did not subscribe to its error queue), in the pieces of [`SubscriptionId::head`].
+pub(crate) const UNSUBSCRIBED_HEAD: [&[u8]; 3] = [b"MESSAGE\n", b"", b""];
 
 /// Room for everything in a message's tail but the body and the names.
 const TAIL_OVERHEAD: usize = 224;
@@ -227,13 +269,29 @@ mod tests {
     }
 
     #[test]
+    fn a_subscription_id_is_kept_escaped_and_inline_when_short() {
+        assert_eq!(std::mem::size_of::<Option<SubscriptionId>>(), 24);
+        let short = SubscriptionId::new("sub:0");
+        assert!(matches!(short, SubscriptionId::Inline { .. }));
+        assert_eq!(short.head().concat(), b"MESSAGE\nsubscription:sub\\c0\n");
+        assert!(short.is("sub:0") && !short.is("sub-0") && !short.is("sub:00"));
+        let long = "s".repeat(INLINE_ID + 1);
+        let boxed = SubscriptionId::new(&long);
+        assert!(matches!(boxed, SubscriptionId::Boxed(_)));
+        assert!(boxed.is(&long) && !boxed.is(&long[1..]));
+        assert_eq!(boxed.head().concat(), [&b"MESSAGE\nsubscription:"[..], long.as_bytes(), b"\n"].concat());
+        let edge = SubscriptionId::new(&long[1..]);
+        assert!(matches!(edge, SubscriptionId::Inline { len, .. } if len as usize == INLINE_ID));
+    }
+
+    #[test]
     fn a_message_is_a_head_per_session_and_a_shared_tail() {
         let room = StreamId::Room(RoomName::parse("a:b").unwrap());
         let view =
             MessageView { mid: "m1", from: "ann", to: None, room: Some("a:b"), body: br#"{"x":"\u0000"}"#, ts: 7 };
         let tail = message_tail(Some((&room, 42)), view);
-        let head = message_head("sub:1");
-        let frame = decode_as_send(&[&head[..], &tail[..]].concat(), "MESSAGE");
+        let subscription = SubscriptionId::new("sub:1");
+        let frame = decode_as_send(&[&subscription.head().concat()[..], &tail[..]].concat(), "MESSAGE");
         let h = &frame.headers;
         assert_eq!(h.get("subscription"), Some("sub:1"));
         assert_eq!(h.get("destination"), Some("/topic/a:b"));
@@ -250,7 +308,7 @@ mod tests {
             crate::protocol::encode_presence(&RoomName::parse("r").unwrap(), "join", &UserId::parse("bo").unwrap());
         let (room, tail) = presence_tail(&json).expect("a presence frame");
         assert_eq!(room.as_str(), "r");
-        let frame = decode_as_send(&[&message_head("7")[..], &tail[..]].concat(), "MESSAGE");
+        let frame = decode_as_send(&[&SubscriptionId::new("7").head().concat()[..], &tail[..]].concat(), "MESSAGE");
         assert_eq!((frame.headers.get("event"), frame.headers.get("destination")), (Some("join"), Some("/topic/r")));
         assert_eq!(frame.headers.get("ack"), frame.headers.get("message-id"));
         assert_eq!(&frame.body[..], br#"{"user":"bo"}"#);

@@ -240,7 +240,16 @@ pub enum FrameError {
 /// After a refusal it answers that refusal again and ignores further input: a STOMP stream that
 /// went wrong cannot be resynchronized, and the session closes.
 pub struct Decoder {
-    /// Received bytes not yet returned as items; the first is the first of the next item.
+    /// The input under way, boxed and only while there is some: an idle session holds a
+    /// decoder, so it costs a pointer then.
+    input: Option<Box<Input>>,
+    max_frame: u32,
+    failed: Option<FrameError>,
+}
+
+/// Received bytes not yet returned as items, and how far they are parsed.
+struct Input {
+    /// The first byte is the first of the next item.
     buf: BytesMut,
     /// How much of `buf` was searched for the end of the current line or body.
     scanned: usize,
@@ -251,7 +260,6 @@ pub struct Decoder {
     /// Whether `buf` shares its allocation with items split off its front since it was last
     /// compacted.
     split: bool,
-    failed: Option<FrameError>,
     max_frame: usize,
 }
 
@@ -266,15 +274,20 @@ struct Partial {
 }
 
 impl Decoder {
-    /// Frames of more than `max_frame` bytes (command line to NUL) are refused.
+    /// Frames of more than `max_frame` bytes (command line to NUL) are refused; a limit above
+    /// 4 GiB counts as 4 GiB.
     pub fn new(max_frame: usize) -> Self {
-        Self { buf: BytesMut::new(), scanned: 0, line: 0, partial: None, split: false, failed: None, max_frame }
+        Self { input: None, max_frame: u32::try_from(max_frame).unwrap_or(u32::MAX), failed: None }
     }
 
     /// Appends the bytes of a received message.
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.failed.is_none() {
-            self.buf.extend_from_slice(bytes);
+        if self.failed.is_none() && !bytes.is_empty() {
+            let max_frame = self.max_frame as usize;
+            let input = self.input.get_or_insert_with(|| {
+                Box::new(Input { buf: BytesMut::new(), scanned: 0, line: 0, partial: None, split: false, max_frame })
+            });
+            input.buf.extend_from_slice(bytes);
         }
     }
 
@@ -285,14 +298,19 @@ impl Decoder {
         if let Some(error) = self.failed {
             return Err(error);
         }
-        match self.parse() {
+        let Some(input) = &mut self.input else { return Ok(None) };
+        match input.parse() {
+            Ok(None) if input.buf.is_empty() => {
+                self.input = None;
+                Ok(None)
+            }
             Ok(None) => {
-                self.compact();
+                input.compact();
                 Ok(None)
             }
             Ok(item) => Ok(item),
             Err(error) => {
-                *self = Self { failed: Some(error), ..Self::new(self.max_frame) };
+                (self.input, self.failed) = (None, Some(error));
                 Err(error)
             }
         }
@@ -301,15 +319,17 @@ impl Decoder {
     /// Bytes received and not yet returned as items: at most `max_frame` once `next` has
     /// answered `Ok(None)` (or 1, a CR that may start a heart-beat).
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.input.as_ref().map_or(0, |input| input.buf.len())
     }
 
     /// The size of the buffer holding them once `next` has answered `Ok(None)`: 0 whenever
     /// nothing is buffered.
     pub fn capacity(&self) -> usize {
-        self.buf.capacity()
+        self.input.as_ref().map_or(0, |input| input.buf.capacity())
     }
+}
 
+impl Input {
     fn parse(&mut self) -> Result<Option<Item>, FrameError> {
         let mut partial = match self.partial.take() {
             Some(partial) => partial,
