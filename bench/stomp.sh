@@ -9,6 +9,9 @@
 # allocator state. Scenarios ($SCENARIOS, default `fanout-flat direct-rate idle`):
 #   fanout-flat   switchyard-bench fanout $FANOUT_SHAPE --rate 0 --window $FANOUT_WINDOW (4)
 #                 ($FANOUT_SHAPE defaults to `--rooms 10 --members 100`: 1,010 connections)
+#   fanout-rate   switchyard-bench fanout $FANOUT_SHAPE --rate $FANOUT_RATE (1000 publishes/s, so
+#                 100,000 deliveries/s: below both protocols' flat-out rate, so that both get the
+#                 same load and the server CPU per delivery compares like with like)
 #   direct-rate   switchyard-bench direct --pairs 100 --rate 5000
 #   idle          switchyard-bench idle -n $IDLE_N --settle 5 --connect-concurrency 64 (19,500)
 # Systems ($SYSTEMS, default `json stomp`):
@@ -39,6 +42,7 @@ NODE_PORT=${NODE_PORT:-9180}
 IDLE_N=${IDLE_N:-19500}
 FANOUT_SHAPE=${FANOUT_SHAPE:---rooms 10 --members 100}
 FANOUT_WINDOW=${FANOUT_WINDOW:-4}
+FANOUT_RATE=${FANOUT_RATE:-1000}
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
 
@@ -127,6 +131,8 @@ run() {
 
 # shellcheck disable=SC2086
 run fanout-flat fanout $FANOUT_SHAPE --rate 0 --window "$FANOUT_WINDOW"
+# shellcheck disable=SC2086
+run fanout-rate fanout $FANOUT_SHAPE --rate "$FANOUT_RATE"
 run direct-rate direct --pairs 100 --rate 5000
 if [[ " $SCENARIOS " == *" idle "* ]]; then
   run idle idle -n "$IDLE_N" --settle 5 --connect-concurrency 64

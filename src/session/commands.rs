@@ -116,7 +116,7 @@ impl Session {
                 self.answer(id.as_deref(), result).await
             }
             Command::Ack { seq } => {
-                let result = self.node.ack(&self.info.user, seq).await.map(|()| Empty {});
+                let result = self.node.ack(&self.handle.info.user, seq).await.map(|()| Empty {});
                 self.answer(id.as_deref(), result).await
             }
             Command::Presence(PresenceQuery::Users(users)) => {
@@ -238,12 +238,12 @@ impl Session {
 
     /// The append of a `send` or `publish`, and the stream whose seq the reply carries.
     pub(super) fn prepare(&self, command: Command) -> Result<(Prepared, StreamId), ProtocolError> {
-        let user = &self.info.user;
+        let user = &self.handle.info.user;
         match command {
             Command::Send { to, body, key } => {
                 let msg = DirectMessage {
                     from: Arc::from(user.as_str()),
-                    sender: Some((user.clone(), Some(self.info.session))),
+                    sender: Some((user.clone(), Some(self.handle.info.session))),
                     to,
                     body: Arc::from(body.get()),
                     key,
@@ -257,7 +257,7 @@ impl Session {
                 }
                 let msg = RoomMessage {
                     from: Arc::from(user.as_str()),
-                    sender: Some((user.clone(), self.info.session)),
+                    sender: Some((user.clone(), self.handle.info.session)),
                     room: room.clone(),
                     body: Arc::from(body.get()),
                     key,
@@ -292,7 +292,7 @@ impl Session {
             && let Err(e) = self.node.join(room, &self.handle).await
         {
             self.rooms.remove(room);
-            let _ = self.node.leave(room, &self.info.user, self.info.session).await;
+            let _ = self.node.leave(room, &self.handle.info.user, self.handle.info.session).await;
             return Err(e);
         }
         self.catch_up(StreamId::Room(room.clone()), since).await
@@ -301,9 +301,9 @@ impl Session {
     pub(super) async fn sync(&mut self, since: Option<u64>) -> Result<(u64, bool, Vec<Bytes>), ProtocolError> {
         let since = match since {
             Some(since) => since,
-            None => self.node.cursor(&self.info.user).await?,
+            None => self.node.cursor(&self.handle.info.user).await?,
         };
-        self.catch_up(StreamId::User(self.info.user.clone()), Some(since)).await
+        self.catch_up(StreamId::User(self.handle.info.user.clone()), Some(since)).await
     }
 
     /// With `since`: the kept messages after it that this session does not have yet. Without:
@@ -350,7 +350,7 @@ impl Session {
             state.seen.insert_range(since + 1, first_kept - 1);
         }
         let mut oldest = u64::MAX;
-        let stomp = self.stomp.as_deref();
+        let stomp = self.stomp.as_ref();
         // A STOMP session without a subscription to the stream takes none of it, and has none.
         let follows = stomp.is_none_or(|stomp| stomp.follows(&stream));
         let frames = caught
@@ -378,7 +378,7 @@ impl Session {
             repair.held.remove(&stream);
         }
         self.streams.remove(&stream);
-        self.node.leave(room, &self.info.user, self.info.session).await
+        self.node.leave(room, &self.handle.info.user, self.handle.info.session).await
     }
 
     async fn room_presence<'r>(&mut self, room: &'r RoomName) -> Result<RoomPresence<'r>, ProtocolError> {
