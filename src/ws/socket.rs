@@ -24,11 +24,13 @@ const READ_CHUNK: usize = 4096;
 const READ_PROBE: usize = 512;
 /// Frames per vectored write (two slices each, within every platform's `IOV_MAX`).
 const FRAMES_PER_WRITE: usize = 32;
-/// Two-part frames per vectored write (two slices each, five at most).
+/// Two-part frames per vectored write (two slices each; five at most, for a head that does not
+/// fit in [`HEAD_ROOM`]).
 const PARTS_PER_WRITE: usize = 32;
-/// Room for a two-part frame's head behind its header (a STOMP `MESSAGE` head with an id of up
-/// to 30 bytes).
-const HEAD_ROOM: usize = 52;
+/// Room for a two-part frame's head behind its header: a STOMP `MESSAGE` head with an id of up
+/// to 18 bytes (clients' are like `sub-0`). The stack arrays are zeroed at every write, so they
+/// are kept small.
+const HEAD_ROOM: usize = 40;
 
 /// One server-side WebSocket connection over the stream `S`: a plain `TcpStream` unless said
 /// otherwise.
@@ -110,31 +112,27 @@ impl<S: Transport> WebSocket<S> {
         let mut messages = messages.into_iter().peekable();
         while messages.peek().is_some() {
             let mut heads = [[0u8; MAX_HEADER + HEAD_ROOM]; PARTS_PER_WRITE];
-            let mut lens = [0usize; PARTS_PER_WRITE];
-            let mut parts: [([&[u8]; 3], &[u8]); PARTS_PER_WRITE] = [([&[]; 3], &[]); PARTS_PER_WRITE];
-            let mut n = 0;
-            for (head, body) in messages.by_ref().take(PARTS_PER_WRITE) {
-                let head_len: usize = head.iter().map(|piece| piece.len()).sum();
-                let mut header = [0u8; MAX_HEADER];
-                let at = frame::write_header(&mut header, OP_TEXT, head_len + body.len());
-                heads[n][..at].copy_from_slice(&header[..at]);
-                lens[n] = at;
-                if head_len <= HEAD_ROOM {
-                    for piece in head {
-                        heads[n][lens[n]..lens[n] + piece.len()].copy_from_slice(piece);
-                        lens[n] += piece.len();
-                    }
-                    parts[n] = ([&[]; 3], body);
-                } else {
-                    parts[n] = (head, body);
-                }
-                n += 1;
-            }
-            let mut slices = [IoSlice::new(&[]); 5 * PARTS_PER_WRITE];
+            let mut slices = [IoSlice::new(&[]); 3 * PARTS_PER_WRITE];
             let mut used = 0;
-            for i in 0..n {
-                let (pieces, body) = parts[i];
-                for slice in [&heads[i][..lens[i]]].into_iter().chain(pieces).chain([body]) {
+            for buf in &mut heads {
+                // Room for the largest message: its header, three pieces and its body.
+                if used + 5 > slices.len() {
+                    break;
+                }
+                let Some((head, body)) = messages.next() else { break };
+                let head_len: usize = head.iter().map(|piece| piece.len()).sum();
+                let header: &mut [u8; MAX_HEADER] = (&mut buf[..MAX_HEADER]).try_into().expect("MAX_HEADER bytes");
+                let mut len = frame::write_header(header, OP_TEXT, head_len + body.len());
+                let fits = head_len <= HEAD_ROOM;
+                if fits {
+                    for piece in head {
+                        buf[len..len + piece.len()].copy_from_slice(piece);
+                        len += piece.len();
+                    }
+                }
+                slices[used] = IoSlice::new(&buf[..len]);
+                used += 1;
+                for slice in head.into_iter().filter(|_| !fits).chain([body]) {
                     if !slice.is_empty() {
                         slices[used] = IoSlice::new(slice);
                         used += 1;
