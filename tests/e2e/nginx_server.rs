@@ -7,7 +7,9 @@
 //! or 443), with a certificate for `localhost`/127.0.0.1 signed by a CA of the test's own
 //! ([`Certificates`]). Clients reach it over `wss://127.0.0.1:PORT` trusting that CA. Tests that
 //! need nginx and cannot find it skip with a printed reason, except under `CI=true`, where they
-//! fail.
+//! fail. The upstream is fixed at start: a test that restarts a node behind nginx starts it again
+//! on the same port (nginx counts the refused connections meanwhile as failures of that node and
+//! retries the request on the next one).
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -246,6 +248,13 @@ impl NginxServer {
     /// The `wss://` URL of `path_and_query` (e.g. `/ws?user=alice`) through nginx.
     pub fn wss_url(&self, path_and_query: &str) -> String {
         format!("wss://127.0.0.1:{}{path_and_query}", self.port)
+    }
+
+    /// The TLS connector that trusts this nginx's certificate, for tests that build their own
+    /// clients (`ClientBuilder::connector`).
+    #[allow(dead_code)]
+    pub fn connector(&self) -> &Connector {
+        &self.connector
     }
 
     /// A WebSocket client through nginx to `path_and_query`, its welcome read.
