@@ -3,6 +3,7 @@
 mod amqp_server;
 mod fault_proxy;
 mod nats_server;
+mod nginx_server;
 mod procs;
 mod redis_server;
 mod stomp_client;
@@ -19,6 +20,7 @@ mod limits;
 mod messaging;
 mod nats;
 mod nats_cluster;
+mod nginx;
 mod openapi;
 mod operations;
 mod outbox;

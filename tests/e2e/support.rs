@@ -477,7 +477,7 @@ pub async fn raw_http(
     (status, body)
 }
 
-fn dechunk(mut body: &str) -> String {
+pub fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
         let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
@@ -501,7 +501,7 @@ pub struct Client {
 }
 
 impl Client {
-    async fn new(ws: WebSocketStream<MaybeTlsStream<TcpStream>>, node: usize) -> Self {
+    pub async fn new(ws: WebSocketStream<MaybeTlsStream<TcpStream>>, node: usize) -> Self {
         let mut client = Self { ws, welcome: Value::Null, node, buffered: VecDeque::new(), next_id: 0 };
         client.welcome = client.next_frame().await;
         assert_eq!(client.welcome["type"], "welcome", "first frame is the welcome");
