@@ -132,12 +132,14 @@ impl<S: Transport> WebSocket<S> {
                 }
                 slices[used] = IoSlice::new(&buf[..len]);
                 used += 1;
-                for slice in head.into_iter().filter(|_| !fits).chain([body]) {
-                    if !slice.is_empty() {
-                        slices[used] = IoSlice::new(slice);
+                if !fits {
+                    for piece in head {
+                        slices[used] = IoSlice::new(piece);
                         used += 1;
                     }
                 }
+                slices[used] = IoSlice::new(body);
+                used += 1;
             }
             self.write_slices(&slices[..used])?;
         }
