@@ -6,7 +6,7 @@
 # Each scenario runs RUNS times (default 3) per system, interleaved (json, stomp, [rabbitmq,]
 # json, …), each run on a freshly started node (`switchyard serve --rate-limit 0 --data-dir
 # $(mktemp -d)`, port $NODE_PORT, default 9180), so that no run inherits another's store or
-# allocator state. Scenarios ($SCENARIOS, default `fanout-flat direct-rate idle`):
+# allocator state. Scenarios ($SCENARIOS, default `fanout-flat fanout-rate direct-rate idle`):
 #   fanout-flat   switchyard-bench fanout $FANOUT_SHAPE --rate 0 --window $FANOUT_WINDOW (4)
 #                 ($FANOUT_SHAPE defaults to `--rooms 10 --members 100`: 1,010 connections)
 #   fanout-rate   switchyard-bench fanout $FANOUT_SHAPE --rate $FANOUT_RATE (1000 publishes/s, so
@@ -36,7 +36,7 @@ RUNS=${1:-3}
 OUT=${OUT:-/tmp/switchyard-stomp}
 SERVER=${SERVER:-target/release/switchyard}
 BENCH=${BENCH:-target/release/switchyard-bench}
-SCENARIOS=${SCENARIOS:-fanout-flat direct-rate idle}
+SCENARIOS=${SCENARIOS:-fanout-flat fanout-rate direct-rate idle}
 SYSTEMS=${SYSTEMS:-json stomp}
 NODE_PORT=${NODE_PORT:-9180}
 IDLE_N=${IDLE_N:-19500}
