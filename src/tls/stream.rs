@@ -114,11 +114,6 @@ impl TlsStream {
         }
     }
 
-    /// The client's offer as rustls saw it: the TLS version agreed on.
-    pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
-        self.conn.protocol_version()
-    }
-
     fn remainder_is_empty(&self) -> bool {
         self.sent == self.remainder.len()
     }
