@@ -4,6 +4,8 @@
 # Builds switchyard (release), starts a throwaway node with the Autobahn echo endpoint on a free
 # loopback port and runs the Autobahn|Testsuite fuzzing client against ws://127.0.0.1:PORT/echo.
 # Extra arguments go to the shared run.sh; exits with its exit code (0 only if no case failed).
+# With TLS=1 the node serves wss:// (`--tls-cert`, a certificate for localhost made here by
+# openssl) and the fuzzer connects to wss://127.0.0.1:PORT/echo (it does not check certificates).
 set -euo pipefail
 
 ROOT=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
@@ -26,19 +28,27 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM   # run the EXIT trap on Ctrl-C / kill too
 
-target/release/switchyard serve --autobahn-echo --listen "127.0.0.1:$PORT" --data-dir "$DATA" >"$LOG" 2>&1 &
+TLS_ARGS=() HTTP=http WS=ws
+if [ "${TLS:-0}" = 1 ]; then
+  ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 "${ec[@]}" -keyout "$DATA/cert.key" -out "$DATA/cert.pem" -days 2 -subj /CN=localhost \
+    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+  TLS_ARGS=(--tls-cert "$DATA/cert.pem" --tls-key "$DATA/cert.key") HTTP=https WS=wss
+fi
+target/release/switchyard serve --autobahn-echo --listen "127.0.0.1:$PORT" --data-dir "$DATA/store" "${TLS_ARGS[@]}" \
+  >"$LOG" 2>&1 &
 NODE_PID=$!
 
 # Wait (up to ~30 s) for the node to answer /healthz; bail out if it died.
 for _ in $(seq 300); do
-  curl -fsS -o /dev/null "http://127.0.0.1:$PORT/healthz" 2>/dev/null && break
+  curl -kfsS -o /dev/null "$HTTP://127.0.0.1:$PORT/healthz" 2>/dev/null && break
   kill -0 "$NODE_PID" 2>/dev/null || { echo "autobahn.sh: node exited early:" >&2; cat "$LOG" >&2; exit 1; }
   sleep 0.1
 done
-curl -fsS -o /dev/null "http://127.0.0.1:$PORT/healthz" || { echo "autobahn.sh: node not healthy" >&2; cat "$LOG" >&2; exit 1; }
+curl -kfsS -o /dev/null "$HTTP://127.0.0.1:$PORT/healthz" || { echo "autobahn.sh: node not healthy" >&2; cat "$LOG" >&2; exit 1; }
 
 set +e
-"$RUN" "ws://127.0.0.1:$PORT/echo" "$@"
+"$RUN" "$WS://127.0.0.1:$PORT/echo" "$@"
 rc=$?
 set -e
 exit "$rc"

@@ -60,6 +60,16 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR")]
     pub listen: SocketAddr,
 
+    /// Serve HTTPS and wss:// on --listen with this certificate chain (PEM, the server's
+    /// certificate first); needs --tls-key. Read again when the file changes or on SIGHUP
+    /// [default: none, plain HTTP]
+    #[arg(long, env = "SWITCHYARD_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1)
+    #[arg(long, env = "SWITCHYARD_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// This node's id, unique in the cluster [default: generated]
     #[arg(long, env = "SWITCHYARD_NODE_ID", value_name = "ID")]
     pub node_id: Option<String>,
@@ -180,7 +190,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_MAX_ROOMS_PER_SESSION", default_value_t = 1000, value_name = "N")]
     pub max_rooms_per_session: usize,
 
-    /// Seconds a client may take to send its HTTP request headers (slow handshakes hold sockets)
+    /// Seconds a client may take for the TLS handshake and its HTTP request headers (slow
+    /// handshakes hold sockets)
     #[arg(long, env = "SWITCHYARD_HANDSHAKE_TIMEOUT", default_value_t = 10, value_name = "SECS")]
     pub handshake_timeout: u64,
 
@@ -403,6 +414,9 @@ impl ServeArgs {
         }
         if self.max_connections == Some(0) {
             bail!("--max-connections must be at least 1");
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            crate::tls::CertPair::load(cert, key)?;
         }
         if self.test_nats_subscription_capacity == Some(0) {
             bail!("--test-nats-subscription-capacity must be at least 1");

@@ -12,6 +12,8 @@
 //! - [`hub`]: the sessions of this node, by user and by room.
 //! - [`session`]: one connection's loop and per-session delivery rules.
 //! - [`ws`]: the WebSocket framing under a session, holding no buffers while idle.
+//! - [`tls`]: native TLS on the listener (`--tls-cert`), on rustls's unbuffered API, holding no
+//!   buffers while idle either; certificate reload.
 //! - [`stomp`]: STOMP 1.2 over WebSocket (PROTOCOL.md §7): the frame codec.
 //! - [`message`]: the neutral message that stores keep and buses carry.
 //! - [`store`], [`bus`], [`presence`], [`registry`]: the backend concepts, each a trait with its
@@ -39,6 +41,7 @@ pub(crate) mod session;
 pub(crate) mod shutdown;
 pub mod stomp;
 pub(crate) mod store;
+pub mod tls;
 pub mod ws;
 
 #[cfg(test)]

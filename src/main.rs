@@ -36,27 +36,33 @@ async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let dev = args.dev_mode();
     let data_dir = args.data_dir.clone();
     let server = switchyard::Server::start(args).await?;
     let addr = server.addr;
-    tracing::info!(node = %server.node.id, %addr, data_dir = %data_dir.display(), "listening");
+    let (http, ws) = if server.tls() { ("https", "wss") } else { ("http", "ws") };
+    tracing::info!(node = %server.node.id, %addr, url = %format!("{http}://{addr}"), data_dir = %data_dir.display(), "listening");
     println!(
-        "switchyard {} listening on http://{addr} (WebSocket ws://{addr}/ws, node {})",
+        "switchyard {} listening on {http}://{addr} (WebSocket {ws}://{addr}/ws, node {})",
         env!("CARGO_PKG_VERSION"),
         server.node.id
     );
     if dev {
         println!(
-            "dev mode: no JWT key configured, clients connect with ws://{addr}/ws?user=<id>; demo page at http://{addr}/"
+            "dev mode: no JWT key configured, clients connect with {ws}://{addr}/ws?user=<id>; demo page at {http}://{addr}/"
         );
         tracing::warn!(
             "dev mode: clients are trusted to name their user; configure --jwt-secret or --jwt-public-key for production"
         );
     }
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = interrupt.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = interrupt.recv() => break,
+            // SIGHUP: read --tls-cert and --tls-key again.
+            _ = hangup.recv() => server.reload_tls(),
+        }
     }
     tracing::info!("shutting down: closing sessions with 1001");
     server.shutdown().await;

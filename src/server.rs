@@ -25,7 +25,8 @@ use crate::node::Node;
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::session;
 use crate::shutdown::{self, Shutdown, Trigger};
-use crate::ws::{self, handshake};
+use crate::tls::{Tls, TlsStream};
+use crate::ws::{self, Transport, handshake};
 
 const DEMO_PAGE: &str = include_str!("../demo/index.html");
 /// How long a shutdown waits for sessions to say goodbye.
@@ -138,6 +139,8 @@ pub struct Server {
     trigger: Trigger,
     sessions: Arc<Sessions>,
     task: tokio::task::JoinHandle<()>,
+    /// With `--tls-cert`: the TLS side, for [`reload_tls`](Self::reload_tls).
+    tls: Option<Arc<Tls>>,
 }
 
 impl Server {
@@ -146,6 +149,10 @@ impl Server {
         config.validate()?;
         let mut config = config;
         config.max_connections = Some(fit_to_fd_limit(config.max_connections));
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(Tls::new(cert, key)?)),
+            _ => None,
+        };
         let listener = listen(config.listen)
             .map_err(|e| anyhow::anyhow!("--listen {}: cannot listen there: {e}", config.listen))?;
         let addr = listener.local_addr()?;
@@ -167,8 +174,24 @@ impl Server {
             app = app.route("/echo", get(echo));
         }
         let header_timeout = Duration::from_secs(node.config.handshake_timeout);
-        let task = tokio::spawn(accept(listener, app, header_timeout, shutdown.clone()));
-        Ok(Self { addr, node, trigger, sessions, task })
+        if let Some(tls) = &tls {
+            tokio::spawn(tls.clone().watch(shutdown.clone()));
+        }
+        let task = tokio::spawn(accept(listener, app, header_timeout, tls.clone(), shutdown.clone()));
+        Ok(Self { addr, node, trigger, sessions, task, tls })
+    }
+
+    /// Whether the node serves HTTPS and `wss://`.
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Reads `--tls-cert` and `--tls-key` again (SIGHUP): new handshakes get the new pair, open
+    /// sessions keep theirs; a pair that fails to load is logged and the old one stays.
+    pub fn reload_tls(&self) {
+        if let Some(tls) = &self.tls {
+            tls.reload();
+        }
     }
 
     /// Stops accepting, closes every session with 1001 and waits (bounded) for them to finish.
@@ -196,11 +219,17 @@ impl Server {
     }
 }
 
-/// Accepts connections until shutdown and serves HTTP/1.1 on each, upgrades included. This loop
-/// stands in for `axum::serve` so that an upgraded connection hands back the bare `TcpStream` (a
-/// [`ws::Transport`], on which a WebSocket waits for input without a buffer), and so that slow
-/// request headers time out.
-async fn accept(listener: TcpListener, app: Router, header_timeout: Duration, mut stop: Shutdown) {
+/// Accepts connections until shutdown and serves HTTP/1.1 on each, upgrades included, over TLS
+/// when `tls` is given. This loop stands in for `axum::serve` so that an upgraded connection
+/// hands back the bare stream (a [`ws::Transport`], on which a WebSocket waits for input without
+/// a buffer), and so that slow handshakes and request headers time out.
+async fn accept(
+    listener: TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    tls: Option<Arc<Tls>>,
+    mut stop: Shutdown,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -216,27 +245,69 @@ async fn accept(listener: TcpListener, app: Router, header_timeout: Duration, mu
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        // Every request learns its client's address (for `--max-connections-per-ip`).
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            tower_service::Service::call(&mut app.clone(), request)
-        });
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+        let stop = stop.clone();
+        match &tls {
+            None => {
+                tokio::spawn(serve_http(stream, app, peer, false, header_timeout, stop));
             }
-        });
+            Some(tls) => {
+                let config = tls.config.clone();
+                tokio::spawn(async move {
+                    // The TLS handshake and the request headers share the handshake timeout.
+                    let started = tokio::time::Instant::now();
+                    let mut stream = match TlsStream::new(stream, config) {
+                        Ok(stream) => stream,
+                        Err(e) => return tracing::warn!(error = %e, "cannot start a TLS connection"),
+                    };
+                    match tokio::time::timeout(header_timeout, stream.handshake()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                    let left = header_timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
+                    serve_http(stream, app, peer, true, left, stop).await;
+                });
+            }
+        }
+    }
+}
+
+/// Marks a request that came over TLS.
+#[derive(Clone, Copy)]
+struct Secure;
+
+/// Serves HTTP/1.1 (and upgrades) on one connection until it ends or the node shuts down.
+/// Every request learns its client's address (for `--max-connections-per-ip`) and whether it
+/// came over TLS (which stream type the upgrade hands back).
+async fn serve_http<S>(
+    stream: S,
+    app: Router,
+    peer: SocketAddr,
+    secure: bool,
+    header_timeout: Duration,
+    mut stop: Shutdown,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        if secure {
+            request.extensions_mut().insert(Secure);
+        }
+        tower_service::Service::call(&mut app.clone(), request)
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.wait() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
 
@@ -360,24 +431,37 @@ async fn open(
     }
     let on_upgrade = hyper::upgrade::on(&mut request);
     let node = state.node.clone();
-    tokio::spawn(async move {
-        let _slot = slot;
-        let Some(ws) = handshake::upgraded(on_upgrade, node.config.max_message_size).await else { return };
-        match (stomp, identity) {
-            (None, Some(identity)) => session::run(node, ws, identity, None).await,
-            (Some(_), identity) => {
-                if let Some((ws, identity, stomp)) = session::stomp_connect(&node, ws, identity).await {
-                    session::run(node, ws, identity, Some(stomp)).await;
-                }
-            }
-            (None, None) => unreachable!("a JSON session is authenticated before its upgrade"),
-        }
-    });
+    if request.extensions().get::<Secure>().is_some() {
+        tokio::spawn(run_session::<TlsStream>(node, on_upgrade, slot, stomp.is_some(), identity));
+    } else {
+        tokio::spawn(run_session::<TcpStream>(node, on_upgrade, slot, stomp.is_some(), identity));
+    }
     let mut response = handshake::switching_protocols(&accept);
     if let Some(Some(protocol)) = stomp {
         response.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(protocol));
     }
     response
+}
+
+/// Runs the session on an upgraded connection served on the stream `S`.
+async fn run_session<S: Transport + Send + 'static>(
+    node: Arc<Node>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    slot: SessionSlot,
+    stomp: bool,
+    identity: Option<crate::auth::Identity>,
+) {
+    let _slot = slot;
+    let Some(ws) = handshake::upgraded::<S>(on_upgrade, node.config.max_message_size).await else { return };
+    match (stomp, identity) {
+        (false, Some(identity)) => session::run(node, ws, identity, None).await,
+        (true, identity) => {
+            if let Some((ws, identity, stomp)) = session::stomp_connect(&node, ws, identity).await {
+                session::run(node, ws, identity, Some(stomp)).await;
+            }
+        }
+        (false, None) => unreachable!("a JSON session is authenticated before its upgrade"),
+    }
 }
 
 /// `GET /echo` with `--autobahn-echo`: echoes every message, for the conformance fuzzer.
@@ -387,26 +471,33 @@ async fn echo(mut request: Request) -> Response {
         Err(e) => return handshake::refused(request.headers(), error_response(&e)),
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    tokio::spawn(async move {
-        let Some(mut ws) = handshake::upgraded::<TcpStream>(on_upgrade, ECHO_MAX_PAYLOAD).await else { return };
-        loop {
-            match ws.next().await {
-                Ok(ws::Incoming::Close(_)) => break,
-                Ok(incoming) => {
-                    if ws.echo(&incoming).await.is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    if let Some((code, reason)) = e.close() {
-                        if ws.close(code, reason).await.is_ok() {
-                            let _ = tokio::time::timeout(Duration::from_secs(1), ws.closed()).await;
-                        }
-                    }
+    if request.extensions().get::<Secure>().is_some() {
+        tokio::spawn(echo_session::<TlsStream>(on_upgrade));
+    } else {
+        tokio::spawn(echo_session::<TcpStream>(on_upgrade));
+    }
+    handshake::switching_protocols(&accept)
+}
+
+/// Echoes every message of one `/echo` connection served on the stream `S`.
+async fn echo_session<S: Transport + 'static>(on_upgrade: hyper::upgrade::OnUpgrade) {
+    let Some(mut ws) = handshake::upgraded::<S>(on_upgrade, ECHO_MAX_PAYLOAD).await else { return };
+    loop {
+        match ws.next().await {
+            Ok(ws::Incoming::Close(_)) => break,
+            Ok(incoming) => {
+                if ws.echo(&incoming).await.is_err() {
                     break;
                 }
             }
+            Err(e) => {
+                if let Some((code, reason)) = e.close()
+                    && ws.close(code, reason).await.is_ok()
+                {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), ws.closed()).await;
+                }
+                break;
+            }
         }
-    });
-    handshake::switching_protocols(&accept)
+    }
 }

@@ -6,18 +6,48 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_websockets::{ClientBuilder, Message, WebSocketStream};
+use tokio_websockets::{ClientBuilder, MaybeTlsStream, Message, WebSocketStream};
 
 use crate::clock::now_us;
 use crate::socketio;
 use crate::wire::{Frame, Protocol, QUEUE_RECEIPT};
 
-pub type Ws = WebSocketStream<TcpStream>;
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The environment variable naming the PEM file of the CA that `wss://` targets' certificates
+/// are checked against (the system's roots are not used: targets are on loopback).
+pub const TLS_CA_ENV: &str = "SWITCHYARD_BENCH_TLS_CA";
+
+/// The TLS client of `wss://` targets (TLS 1.2 and 1.3, rustls on ring), trusting the CA of
+/// `SWITCHYARD_BENCH_TLS_CA`; read once per process (worker processes inherit it).
+fn tls_connector() -> Result<&'static tokio_rustls::TlsConnector, Failure> {
+    use std::sync::OnceLock;
+    use tokio_rustls::rustls;
+    static CONNECTOR: OnceLock<Result<tokio_rustls::TlsConnector, String>> = OnceLock::new();
+    let made = CONNECTOR.get_or_init(|| {
+        use rustls::pki_types::pem::PemObject;
+        let path = std::env::var(TLS_CA_ENV).map_err(|_| format!("wss:// needs {TLS_CA_ENV}=CA.pem"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(&path).map_err(|e| format!("{path}: {e}"))? {
+            roots.add(cert.map_err(|e| format!("{path}: {e}"))?).map_err(|e| format!("{path}: {e}"))?;
+        }
+        #[allow(deprecated)] // ring lacks post-quantum key exchange; aws-lc is kept out of the tree
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    });
+    made.as_ref().map_err(Clone::clone)
+}
 
 /// A target's socket address from its URL (`ws://` or `http://`); refuses anything but
 /// loopback.
@@ -33,7 +63,7 @@ pub fn resolve(url: &str) -> anyhow::Result<SocketAddr> {
     if !ip.is_loopback() {
         bail!("{url}: only loopback targets are allowed (latency uses one clock for both ends)");
     }
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("wss") { 443 } else { 80 });
     Ok(SocketAddr::new(ip, port))
 }
 
@@ -129,7 +159,14 @@ impl Conn {
         let attempt = async {
             let tcp = tcp_connect(addr, source).await.map_err(|e| io_kind(&e))?;
             let builder = ClientBuilder::new().uri(&url).map_err(|e| format!("bad url: {e}"))?;
-            let (ws, _) = builder.connect_on(tcp).await.map_err(|e| ws_error_kind(&e))?;
+            let stream = if url.starts_with("wss://") {
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+                let tls = tls_connector()?.connect(name, tcp).await.map_err(|e| format!("tls: {}", io_kind(&e)))?;
+                MaybeTlsStream::Rustls(tls)
+            } else {
+                MaybeTlsStream::Plain(tcp)
+            };
+            let (ws, _) = builder.connect_on(stream).await.map_err(|e| ws_error_kind(&e))?;
             let mut conn = Conn { ws, proto, pending: VecDeque::new() };
             conn.handshake(user).await?;
             Ok(conn)

@@ -93,7 +93,7 @@ pub fn raw_list(stream: &StreamId, messages: &[StoredMessage]) -> Box<RawValue> 
     RawValue::from_string(text).unwrap_or_else(|_| RawValue::from_string("[]".to_owned()).expect("[] is JSON"))
 }
 
-impl Session {
+impl<S: crate::ws::Transport> Session<S> {
     pub(super) async fn execute(&mut self, id: Option<Box<RawValue>>, command: Command) -> Result<(), Stop> {
         match command {
             command @ (Command::Send { .. } | Command::Publish { .. }) => self.pipeline(id, command).await,

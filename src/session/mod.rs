@@ -39,7 +39,7 @@ use crate::protocol::{
     ErrorCode, ProtocolError, RoomName, StreamId, close, encode_disconnect, encode_error, encode_welcome, now_ms,
     parse_command,
 };
-use crate::ws::{self, Incoming, WebSocket};
+use crate::ws::{self, Incoming, Transport, WebSocket};
 
 use ratelimit::{RateLimiter, Verdict};
 use repair::{REPAIR_RETRY, REPAIR_WAIT, Repair};
@@ -135,9 +135,10 @@ enum Stop {
     Gone,
 }
 
-struct Session {
+/// Generic over the stream (plain TCP or TLS), so that each gets its own monomorphized loop.
+struct Session<S: Transport = tokio::net::TcpStream> {
     node: Arc<Node>,
-    ws: WebSocket,
+    ws: WebSocket<S>,
     identity: Identity,
     /// Also what presence records of the session (`handle.info`), kept there only.
     handle: Arc<SessionHandle>,
@@ -173,7 +174,12 @@ struct Stashed {
 /// Not an `async fn`: one would keep its arguments and the session built from them side by
 /// side in the task for its whole life (about 1 KB, measured); the session is built first and
 /// moved into the future once.
-pub fn run(node: Arc<Node>, ws: WebSocket, identity: Identity, stomp: Option<Stomp>) -> impl Future<Output = ()> {
+pub fn run<S: Transport + Send + 'static>(
+    node: Arc<Node>,
+    ws: WebSocket<S>,
+    identity: Identity,
+    stomp: Option<Stomp>,
+) -> impl Future<Output = ()> {
     let id = SessionId::random();
     let (queue, rx) = mpsc::channel(node.config.outbound_queue);
     let info = SessionInfo {
@@ -217,7 +223,7 @@ pub fn run(node: Arc<Node>, ws: WebSocket, identity: Identity, stomp: Option<Sto
     .instrument(span)
 }
 
-impl Session {
+impl<S: Transport> Session<S> {
     async fn serve(&mut self, mut rx: mpsc::Receiver<Outbound>) -> Stop {
         let config = self.node.config.clone();
         let session = self.handle.info.session.to_string();

@@ -23,7 +23,7 @@ use crate::protocol::{
 };
 use crate::stomp::encode::{self, BROADCAST, ERRORS, SubscriptionId, TOPIC, UNSUBSCRIBED_HEAD, USER, USER_QUEUE};
 use crate::stomp::frame::{Command, Decoder, Frame, FrameError, Item};
-use crate::ws::{Incoming, WebSocket};
+use crate::ws::{Incoming, Transport, WebSocket};
 
 /// Most `SEND`s appended together, as the JSON session's pipeline.
 const PIPELINE: usize = 32;
@@ -161,11 +161,11 @@ impl Stomp {
 /// Waits for the client's `CONNECT` (or `STOMP`) frame and authenticates it, unless the upgrade
 /// already did (`identity`). On any failure the client gets an `ERROR` and the connection
 /// closes; `None` then.
-pub(crate) async fn connect(
+pub(crate) async fn connect<S: Transport>(
     node: &Node,
-    mut ws: WebSocket,
+    mut ws: WebSocket<S>,
     identity: Option<Identity>,
-) -> Option<(WebSocket, Identity, Stomp)> {
+) -> Option<(WebSocket<S>, Identity, Stomp)> {
     let mut decoder = Decoder::new(node.config.max_message_size);
     let deadline = Instant::now() + Duration::from_secs(node.config.handshake_timeout);
     let frame = loop {
@@ -252,7 +252,7 @@ fn heart_beats(header: Option<&str>, ping_interval: u64) -> Result<(Option<Durat
 }
 
 /// Refuses a connection before its session starts: `ERROR`, then the close.
-async fn refuse<T>(mut ws: WebSocket, message: &str, code: u16) -> Option<T> {
+async fn refuse<S: Transport, T>(mut ws: WebSocket<S>, message: &str, code: u16) -> Option<T> {
     let bye = async {
         ws.push_text([&encode::error(message, None)[..]])?;
         ws.close(code, message).await
@@ -263,7 +263,7 @@ async fn refuse<T>(mut ws: WebSocket, message: &str, code: u16) -> Option<T> {
     None
 }
 
-impl Session {
+impl<S: Transport> Session<S> {
     fn stomp(&mut self) -> &mut Stomp {
         self.stomp.as_mut().expect("a STOMP session")
     }

@@ -12,11 +12,11 @@
 //!   `Sec-WebSocket-Accept`, and the stream taken back from hyper as the `Transport` it was
 //!   served on.
 //! - [`transport`]: what the socket needs of a stream ([`Transport`]: readiness, then reads and
-//!   writes that do not wait), implemented for `TcpStream`, with how a TLS stream will do it.
+//!   writes that do not wait), implemented for `TcpStream` and for `tls::TlsStream`.
 //!
 //! Generic over the stream, not `dyn`: each stream type gets its own monomorphized socket, so no
-//! frame pays for a virtual call. `WebSocket` alone means `WebSocket<TcpStream>`, what sessions
-//! run on today. Only what the fuzz targets use is `pub`, and `Transport`, which bounds it.
+//! frame pays for a virtual call. `WebSocket` alone means `WebSocket<TcpStream>`; sessions are
+//! generic over the stream too. Only what the fuzz targets use is `pub`, and `Transport`, which bounds it.
 
 pub(crate) mod frame;
 pub(crate) mod handshake;

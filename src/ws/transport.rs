@@ -5,15 +5,16 @@
 //! `Pending`), which an idle session must not hold, so the socket reads through [`Transport`]
 //! instead: wait for readiness first, then read into a buffer that exists only for that read.
 //!
-//! `TcpStream` implements it with tokio's readiness API. A TLS stream (rustls, on the same
-//! listener) will implement it on top of its `TcpStream` with rustls's unbuffered API
-//! (`UnbufferedServerConnection`), which leaves every buffer to the caller:
+//! `TcpStream` implements it with tokio's readiness API. [`TlsStream`](crate::tls::TlsStream)
+//! (`--tls-cert`, on the same listener) implements it on top of its `TcpStream` with rustls's
+//! unbuffered API (`UnbufferedServerConnection`), which leaves every buffer to the caller:
 //!
-//! - `poll_read_ready`: ready at once while it holds decrypted bytes not yet handed out, else
-//!   the `TcpStream`'s readiness.
+//! - `poll_read_ready`: ready at once while it holds decrypted bytes not yet handed out (or a
+//!   whole record not yet decrypted), else the `TcpStream`'s readiness; it also writes out a
+//!   ciphertext remainder (below) while the session waits.
 //! - `try_read_buf` (and `try_read`, into a slice): reads TLS records from the `TcpStream` into
 //!   a ciphertext buffer held only while a record is incomplete (freed once it is empty, as the
-//!   socket frees its input), decrypts them in place with `process_tls_records` and appends the
+//!   socket frees its input), decrypts them with `process_tls_records` and appends the
 //!   plaintext to `buf`; `WouldBlock` when no whole record has arrived yet.
 //! - `try_write_vectored`: encrypts what fits into records with `encrypt` and writes them; the
 //!   ciphertext the `TcpStream` did not take is kept, and written before anything else, until

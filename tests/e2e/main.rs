@@ -30,3 +30,4 @@ mod sql_server;
 mod stomp;
 mod stomp_clients;
 mod timers;
+mod tls_native;

@@ -764,3 +764,10 @@ pub async fn connect_url(url: &str) -> Client {
     let (ws, _) = builder.connect().await.expect("upgrade accepted");
     Client::new(ws, usize::MAX).await
 }
+
+/// Connects to a `wss://` URL through `connector` (trusting the test's CA) and reads the welcome.
+pub async fn connect_with(url: &str, connector: &tokio_websockets::Connector) -> Client {
+    let builder = ClientBuilder::new().uri(url).expect("uri").connector(connector);
+    let (ws, _) = builder.connect().await.expect("upgrade accepted");
+    Client::new(ws, usize::MAX).await
+}
