@@ -38,6 +38,7 @@ async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let dev = args.dev_mode();
     let data_dir = args.data_dir.clone();
+    let (drain_delay, drain_seconds) = (args.drain_delay, args.drain_seconds);
     let server = switchyard::Server::start(args).await?;
     let addr = server.addr;
     tracing::info!(node = %server.node.id, %addr, data_dir = %data_dir.display(), "listening");
@@ -54,12 +55,26 @@ async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
             "dev mode: clients are trusted to name their user; configure --jwt-secret or --jwt-public-key for production"
         );
     }
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    tracing::info!("shutting down: closing sessions with 1001");
-    server.shutdown().await;
+    // An orchestrator's SIGTERM drains by default (a gateway needs time to stop sending clients,
+    // and the other nodes to take the reconnects); a person's Ctrl-C stops at once unless the
+    // flags say otherwise.
+    let default = tokio::select! {
+        _ = term.recv() => switchyard::drain::SIGTERM_DEFAULT,
+        _ = interrupt.recv() => switchyard::drain::Plan::NOW,
+    };
+    let plan = switchyard::drain::Plan::from_flags(drain_delay, drain_seconds, default);
+    tracing::info!(
+        drain_delay_secs = plan.delay.as_secs(),
+        drain_seconds = plan.window.as_secs(),
+        "shutting down: closing sessions with 1001"
+    );
+    let again = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    };
+    server.drain(plan, again).await;
     tracing::info!("stopped");
     Ok(())
 }

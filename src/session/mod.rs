@@ -170,7 +170,13 @@ struct Stashed {
 /// Not an `async fn`: one would keep its arguments and the session built from them side by
 /// side in the task for its whole life (about 1 KB, measured); the session is built first and
 /// moved into the future once.
-pub fn run(node: Arc<Node>, ws: WebSocket, identity: Identity, stomp: Option<Box<Stomp>>) -> impl Future<Output = ()> {
+pub fn run(
+    node: Arc<Node>,
+    ws: WebSocket,
+    identity: Identity,
+    client: std::net::IpAddr,
+    stomp: Option<Box<Stomp>>,
+) -> impl Future<Output = ()> {
     let id = SessionId::random();
     let (queue, rx) = mpsc::channel(node.config.outbound_queue);
     let info = SessionInfo {
@@ -198,7 +204,7 @@ pub fn run(node: Arc<Node>, ws: WebSocket, identity: Identity, stomp: Option<Box
         stashed: None,
         stomp,
     };
-    let span = tracing::debug_span!("session", id = %id, user = %session.info.user);
+    let span = tracing::debug_span!("session", id = %id, user = %session.info.user, %client);
     async move {
         let stop = match session.node.open_session(&session.handle, &session.info).await {
             Ok(()) => {
