@@ -42,7 +42,7 @@ impl Plan {
 /// Where a node is between serving and stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
-pub enum Phase {
+pub(crate) enum Phase {
     Serving = 0,
     /// `/readyz` answers 503; sessions, new connections and the API all still work.
     Unready = 1,
@@ -52,7 +52,7 @@ pub enum Phase {
 
 /// The drain's phase, shared with the request handlers.
 #[derive(Default)]
-pub struct DrainState(AtomicU8);
+pub(crate) struct DrainState(AtomicU8);
 
 impl DrainState {
     pub fn phase(&self) -> Phase {
@@ -72,7 +72,7 @@ impl DrainState {
 /// `total` sessions split into batches spread evenly over a window: batch `k` is due at
 /// `k × interval` after the closes start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Batches {
+pub(crate) struct Batches {
     total: usize,
     count: usize,
     pub interval: Duration,
