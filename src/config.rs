@@ -186,6 +186,24 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS_PER_IP", default_value_t = 0, value_name = "N")]
     pub max_connections_per_ip: usize,
 
+    /// A reverse proxy (an address or CIDR network, IPv4 or IPv6) whose X-Forwarded-For or
+    /// Forwarded header names the client: the address then used for --max-connections-per-ip and
+    /// in logs. Other peers' forwarding headers are ignored; may repeat [default: none]
+    #[arg(long, env = "SWITCHYARD_TRUSTED_PROXY", value_name = "CIDR", value_delimiter = ',')]
+    pub trusted_proxy: Vec<crate::proxy::Cidr>,
+
+    /// Seconds a node keeps serving after SIGTERM, with /readyz answering 503, so that a gateway
+    /// stops sending it new clients before it closes sessions [default: 5 on SIGTERM, 0 on
+    /// Ctrl-C]
+    #[arg(long, env = "SWITCHYARD_DRAIN_DELAY", value_name = "SECS")]
+    pub drain_delay: Option<u64>,
+
+    /// Seconds over which a stopping node closes its sessions (1001) in even batches, so that
+    /// their reconnects do not all reach the other nodes at once; 0 closes them together. A second
+    /// SIGTERM or Ctrl-C skips what is left of the drain [default: 10 on SIGTERM, 0 on Ctrl-C]
+    #[arg(long, env = "SWITCHYARD_DRAIN_SECONDS", value_name = "SECS")]
+    pub drain_seconds: Option<u64>,
+
     /// Most rooms one session may be in; a `join` beyond it is refused with `forbidden`
     #[arg(long, env = "SWITCHYARD_MAX_ROOMS_PER_SESSION", default_value_t = 1000, value_name = "N")]
     pub max_rooms_per_session: usize,
@@ -352,6 +370,9 @@ fn validate(cli: &Cli) -> anyhow::Result<()> {
 /// The smallest `--max-message-size`.
 pub(crate) const MIN_MESSAGE_SIZE: usize = 256;
 
+/// The longest `--drain-delay` or `--drain-seconds`: an hour is past any orchestrator's grace.
+const MAX_DRAIN: u64 = 3600;
+
 /// A byte a prefix may hold: one that every backend takes in a key, subject, schema or table name.
 fn prefix_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
@@ -418,6 +439,9 @@ impl ServeArgs {
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             crate::tls::CertPair::load(cert, key)?;
         }
+        if self.drain_delay.is_some_and(|d| d > MAX_DRAIN) || self.drain_seconds.is_some_and(|d| d > MAX_DRAIN) {
+            bail!("--drain-delay and --drain-seconds must be at most {MAX_DRAIN} seconds");
+        }
         if self.test_nats_subscription_capacity == Some(0) {
             bail!("--test-nats-subscription-capacity must be at least 1");
         }
@@ -483,6 +507,34 @@ mod tests {
 
         let err = parse(["switchyard", "serve", "--prefix", "a b"]).unwrap_err();
         assert!(err.to_string().contains("--prefix"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_and_drain_flags_parse_and_are_checked() {
+        let args =
+            serve(parse(["switchyard", "serve", "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1"]).unwrap());
+        assert_eq!(args.trusted_proxy, vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]);
+        assert_eq!((args.drain_delay, args.drain_seconds), (None, None), "the signal picks the default");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(
+            &file,
+            "trusted-proxy = [\"192.168.0.0/16\", \"2001:db8::/32\"]\ndrain-delay = 0\ndrain-seconds = 30\n",
+        )
+        .unwrap();
+        let args = serve(parse(["switchyard", "serve", "--config", file.to_str().unwrap()]).unwrap());
+        assert_eq!(args.trusted_proxy.len(), 2);
+        assert_eq!((args.drain_delay, args.drain_seconds), (Some(0), Some(30)));
+
+        for (bad, says) in [("10.0.0.0/33", "prefix length"), ("proxy.example", "not an IP address"), ("", "not an IP")]
+        {
+            let err = parse(["switchyard", "serve", "--trusted-proxy", bad]).unwrap_err();
+            assert!(err.to_string().contains("--trusted-proxy") && err.to_string().contains(says), "{err}");
+        }
+        let err = parse(["switchyard", "serve", "--drain-seconds", "86400"]).unwrap_err();
+        assert!(err.to_string().contains("--drain-seconds"), "{err}");
+        let err = parse(["switchyard", "serve", "--drain-delay=soon"]).unwrap_err();
+        assert!(err.to_string().contains("--drain-delay"), "{err}");
     }
 
     #[test]

@@ -232,10 +232,15 @@ impl Hub {
         self.rooms.remove(room, id)
     }
 
-    /// Asks every local session to close (node shutdown).
-    pub fn close_all(&self, code: u16, reason: &str) {
+    /// Asks every local session to close (node shutdown); answers how many were asked.
+    pub fn close_all(&self, code: u16, reason: &str) -> usize {
         let reason: Arc<str> = Arc::from(reason);
-        self.users.for_all(|h| h.close.request(code, reason.clone()));
+        let mut asked = 0;
+        self.users.for_all(|h| {
+            h.close.request(code, reason.clone());
+            asked += 1;
+        });
+        asked
     }
 
     /// Every local session.

@@ -39,6 +39,7 @@ async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let dev = args.dev_mode();
     let data_dir = args.data_dir.clone();
+    let (drain_delay, drain_seconds) = (args.drain_delay, args.drain_seconds);
     let server = switchyard::Server::start(args).await?;
     let addr = server.addr;
     let (http, ws) = if server.tls() { ("https", "wss") } else { ("http", "ws") };
@@ -56,16 +57,30 @@ async fn serve(args: config::ServeArgs) -> anyhow::Result<()> {
             "dev mode: clients are trusted to name their user; configure --jwt-secret or --jwt-public-key for production"
         );
     }
-    loop {
+    // An orchestrator's SIGTERM drains by default (a gateway needs time to stop sending clients,
+    // and the other nodes to take the reconnects); a person's Ctrl-C stops at once unless the
+    // flags say otherwise. SIGHUP reads --tls-cert and --tls-key again meanwhile (and is ignored
+    // once the drain has begun, rather than ending the process).
+    let default = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = interrupt.recv() => break,
-            // SIGHUP: read --tls-cert and --tls-key again.
+            _ = term.recv() => break switchyard::drain::SIGTERM_DEFAULT,
+            _ = interrupt.recv() => break switchyard::drain::Plan::NOW,
             _ = hangup.recv() => server.reload_tls(),
         }
-    }
-    tracing::info!("shutting down: closing sessions with 1001");
-    server.shutdown().await;
+    };
+    let plan = switchyard::drain::Plan::from_flags(drain_delay, drain_seconds, default);
+    tracing::info!(
+        drain_delay_secs = plan.delay.as_secs(),
+        drain_seconds = plan.window.as_secs(),
+        "shutting down: closing sessions with 1001"
+    );
+    let again = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    };
+    server.drain(plan, again).await;
     tracing::info!("stopped");
     Ok(())
 }

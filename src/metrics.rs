@@ -122,6 +122,10 @@ pub struct Metrics {
     /// Outbox rows this node moved to the dead-letter table because they can never be delivered.
     pub outbox_dead_letters: Counter,
     rejected: Family<ReasonLabel, Counter>,
+    /// Where a stopping node is in its drain: 0 serving, 1 unready, 2 closing sessions.
+    pub drain_phase: Gauge,
+    /// Sessions this node asked to close (1001) while draining.
+    pub drain_closed: Counter,
 }
 
 impl Default for Metrics {
@@ -148,6 +152,14 @@ impl Metrics {
         let outbox_delivered = Counter::default();
         let outbox_dead_letters = Counter::default();
         let rejected = Family::<ReasonLabel, Counter>::default();
+        let drain_phase = Gauge::default();
+        let drain_closed = Counter::default();
+        registry.register(
+            "drain_phase",
+            "Where a stopping node is in its drain: 0 serving, 1 unready (/readyz 503), 2 closing sessions",
+            drain_phase.clone(),
+        );
+        registry.register("drain_closed_sessions", "Sessions asked to close (1001) by a drain", drain_closed.clone());
         registry.register("sessions", "WebSocket sessions on this node", sessions.clone());
         registry.register("users", "Distinct users with a session on this node", users.clone());
         registry.register("rooms", "Rooms with a member on this node", rooms.clone());
@@ -206,6 +218,8 @@ impl Metrics {
             outbox_delivered,
             outbox_dead_letters,
             rejected,
+            drain_phase,
+            drain_closed,
         }
     }
 

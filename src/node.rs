@@ -552,9 +552,14 @@ impl Node {
         self.hub.counts()
     }
 
-    /// Asks every local session to close (shutdown).
-    pub fn close_sessions(&self, code: u16, reason: &str) {
-        self.hub.close_all(code, reason);
+    /// Asks every local session to close (shutdown); answers how many were asked.
+    pub fn close_sessions(&self, code: u16, reason: &str) -> usize {
+        self.hub.close_all(code, reason)
+    }
+
+    /// Every local session, for a drain to close them a few at a time.
+    pub(crate) fn local_sessions(&self) -> Vec<Arc<SessionHandle>> {
+        self.hub.sessions()
     }
 
     /// Flushes and releases the store at shutdown, once the outbox consumer has stopped (its

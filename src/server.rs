@@ -20,9 +20,11 @@ use tokio::sync::Notify;
 
 use crate::api::{self, error_response};
 use crate::config::ServeArgs;
+use crate::drain::{Batches, DrainState, Phase, Plan};
 use crate::metrics::Rejection;
 use crate::node::Node;
-use crate::protocol::{ErrorCode, ProtocolError};
+use crate::protocol::{ErrorCode, ProtocolError, close};
+use crate::proxy::TrustedProxies;
 use crate::session;
 use crate::shutdown::{self, Shutdown, Trigger};
 use crate::tls::{Tls, TlsStream};
@@ -114,6 +116,17 @@ impl Drop for SessionSlot {
 }
 
 impl Sessions {
+    /// Resolves once no session is left.
+    async fn all_gone(&self) {
+        loop {
+            let notified = self.drained.notified();
+            if self.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Counts one more session from `ip`, unless it already has `limit` (0: no limit).
     fn admit_ip(&self, ip: IpAddr, limit: usize) -> bool {
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
@@ -130,7 +143,13 @@ impl Sessions {
 struct AppState {
     node: Arc<Node>,
     sessions: Arc<Sessions>,
+    drain: Arc<DrainState>,
 }
+
+/// The address of a request's client: its peer's, or the one a trusted proxy forwarded
+/// (`--trusted-proxy`). Every request carries it as an extension.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub IpAddr);
 
 /// A running node.
 pub struct Server {
@@ -138,6 +157,7 @@ pub struct Server {
     pub node: Arc<Node>,
     trigger: Trigger,
     sessions: Arc<Sessions>,
+    drain: Arc<DrainState>,
     task: tokio::task::JoinHandle<()>,
     /// With `--tls-cert`: the TLS side, for [`reload_tls`](Self::reload_tls).
     tls: Option<Arc<Tls>>,
@@ -160,7 +180,8 @@ impl Server {
         let autobahn = config.autobahn_echo;
         let node = Node::start(config, addr.to_string(), shutdown.clone()).await?;
         let sessions = Arc::new(Sessions::default());
-        let state = AppState { node: node.clone(), sessions: sessions.clone() };
+        let drain = Arc::new(DrainState::default());
+        let state = AppState { node: node.clone(), sessions: sessions.clone(), drain: drain.clone() };
         let mut app = Router::new()
             .route("/", get(|| async { Html(DEMO_PAGE) }))
             .route("/ws", get(upgrade))
@@ -177,8 +198,9 @@ impl Server {
         if let Some(tls) = &tls {
             tokio::spawn(tls.clone().watch(shutdown.clone()));
         }
-        let task = tokio::spawn(accept(listener, app, header_timeout, tls.clone(), shutdown.clone()));
-        Ok(Self { addr, node, trigger, sessions, task, tls })
+        let trusted = Arc::new(TrustedProxies::new(node.config.trusted_proxy.clone()));
+        let task = tokio::spawn(accept(listener, app, header_timeout, tls.clone(), trusted, shutdown.clone()));
+        Ok(Self { addr, node, trigger, sessions, drain, task, tls })
     }
 
     /// Whether the node serves HTTPS and `wss://`.
@@ -196,18 +218,46 @@ impl Server {
 
     /// Stops accepting, closes every session with 1001 and waits (bounded) for them to finish.
     pub async fn shutdown(self) {
-        self.trigger.fire();
-        self.node.close_sessions(crate::protocol::close::GOING_AWAY, "node shutting down");
-        let drained = async {
-            loop {
-                let notified = self.sessions.drained.notified();
-                if self.sessions.live.load(Ordering::Acquire) == 0 {
-                    break;
-                }
-                notified.await;
+        self.drain(Plan::NOW, std::future::pending()).await;
+    }
+
+    /// Drains, then stops: `/readyz` answers 503 at once; the node keeps serving for
+    /// `plan.delay`; then it refuses new sessions and closes its own with 1001 in even batches
+    /// over `plan.window`; then it stops accepting, closes whatever is left and waits (bounded)
+    /// for the sessions to finish. When `skip` resolves (a second signal), what is left of the
+    /// delay and the window is skipped.
+    pub async fn drain(self, plan: Plan, skip: impl Future<Output = ()>) {
+        tokio::pin!(skip);
+        let metrics = &self.node.metrics;
+        self.drain.enter(Phase::Unready);
+        metrics.drain_phase.set(Phase::Unready as i64);
+        let live = || self.sessions.live.load(Ordering::Acquire);
+        let mut skipped = false;
+        if !plan.delay.is_zero() {
+            tracing::info!(
+                delay_secs = plan.delay.as_secs_f64(),
+                sessions = live(),
+                "draining: /readyz answers 503, still serving"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(plan.delay) => {}
+                _ = &mut skip => skipped = true,
             }
-        };
-        if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
+        }
+        self.drain.enter(Phase::Closing);
+        metrics.drain_phase.set(Phase::Closing as i64);
+        if !skipped && !plan.window.is_zero() {
+            skipped = self.close_in_batches(plan.window, &mut skip).await;
+        }
+        if skipped {
+            tracing::info!(left = live(), "drain skipped by a second signal: closing the rest at once");
+        }
+        self.trigger.fire();
+        let closed = self.node.close_sessions(close::GOING_AWAY, "node shutting down");
+        if skipped || plan.window.is_zero() {
+            metrics.drain_closed.inc_by(closed as u64);
+        }
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.sessions.all_gone()).await.is_err() {
             tracing::warn!(
                 left = self.sessions.live.load(Ordering::Acquire),
                 "sessions still open after the drain timeout"
@@ -216,6 +266,49 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
         self.node.deregister().await;
         self.node.close_store().await;
+    }
+
+    /// Closes the sessions there are now in even batches over `window`, and returns early when
+    /// none is left; answers whether `skip` cut it short.
+    async fn close_in_batches(
+        &self,
+        window: Duration,
+        skip: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> bool {
+        let sessions = self.node.local_sessions();
+        let batches = Batches::new(sessions.len(), window);
+        tracing::info!(
+            sessions = sessions.len(),
+            batches = batches.count(),
+            window_secs = window.as_secs_f64(),
+            "draining: closing sessions with 1001, new ones refused"
+        );
+        let reason: Arc<str> = Arc::from("node shutting down");
+        let start = tokio::time::Instant::now();
+        let mut reported = start;
+        for k in 0..batches.count() {
+            let due = start + batches.interval * k as u32;
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = self.sessions.all_gone() => return false,
+                _ = skip.as_mut() => return true,
+            }
+            let batch = &sessions[batches.range(k)];
+            for handle in batch {
+                handle.close.request(close::GOING_AWAY, reason.clone());
+            }
+            self.node.metrics.drain_closed.inc_by(batch.len() as u64);
+            if reported.elapsed() >= Duration::from_secs(1) || k + 1 == batches.count() {
+                reported = tokio::time::Instant::now();
+                tracing::info!(
+                    closed = batches.range(k).end,
+                    of = sessions.len(),
+                    live = self.sessions.live.load(Ordering::Acquire),
+                    "draining"
+                );
+            }
+        }
+        false
     }
 }
 
@@ -228,6 +321,7 @@ async fn accept(
     app: Router,
     header_timeout: Duration,
     tls: Option<Arc<Tls>>,
+    trusted: Arc<TrustedProxies>,
     mut stop: Shutdown,
 ) {
     loop {
@@ -246,9 +340,10 @@ async fn accept(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let stop = stop.clone();
+        let trusted = trusted.clone();
         match &tls {
             None => {
-                tokio::spawn(serve_http(stream, app, peer, false, header_timeout, stop));
+                tokio::spawn(serve_http(stream, app, peer, false, trusted, header_timeout, stop));
             }
             Some(tls) => {
                 let config = tls.config.clone();
@@ -265,7 +360,7 @@ async fn accept(
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                     let left = header_timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
-                    serve_http(stream, app, peer, true, left, stop).await;
+                    serve_http(stream, app, peer, true, trusted, left, stop).await;
                 });
             }
         }
@@ -284,13 +379,17 @@ async fn serve_http<S>(
     app: Router,
     peer: SocketAddr,
     secure: bool,
+    trusted: Arc<TrustedProxies>,
     header_timeout: Duration,
     mut stop: Shutdown,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Every request learns its client's address (for `--max-connections-per-ip` and logs).
     let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        let client = trusted.client(peer.ip(), request.headers());
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(ClientAddr(client));
         if secure {
             request.extensions_mut().insert(Secure);
         }
@@ -312,7 +411,7 @@ async fn serve_http<S>(
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if !state.node.shutdown.started() && state.node.ready().await {
+    if state.drain.phase() == Phase::Serving && !state.node.shutdown.started() && state.node.ready().await {
         (StatusCode::OK, axum::Json(serde_json::json!({"ready": true}))).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"ready": false}))).into_response()
@@ -353,13 +452,13 @@ fn stomp_protocol(headers: &http::HeaderMap) -> Option<&'static str> {
 }
 
 /// `GET /ws`: JSON, or STOMP when the client offers a STOMP subprotocol (PROTOCOL.md §7).
-async fn upgrade(state: State<AppState>, peer: Extension<ConnectInfo<SocketAddr>>, request: Request) -> Response {
+async fn upgrade(state: State<AppState>, peer: Extension<ClientAddr>, request: Request) -> Response {
     let stomp = stomp_protocol(request.headers()).map(Some);
     open(state, peer, request, stomp).await
 }
 
 /// `GET /stomp`: STOMP whatever the client offers.
-async fn upgrade_stomp(state: State<AppState>, peer: Extension<ConnectInfo<SocketAddr>>, request: Request) -> Response {
+async fn upgrade_stomp(state: State<AppState>, peer: Extension<ClientAddr>, request: Request) -> Response {
     let stomp = Some(stomp_protocol(request.headers()));
     open(state, peer, request, stomp).await
 }
@@ -370,7 +469,7 @@ async fn upgrade_stomp(state: State<AppState>, peer: Extension<ConnectInfo<Socke
 /// `CONNECT` frame instead (browsers cannot set headers on an upgrade).
 async fn open(
     State(state): State<AppState>,
-    Extension(ConnectInfo(peer)): Extension<ConnectInfo<SocketAddr>>,
+    Extension(ClientAddr(client)): Extension<ClientAddr>,
     mut request: Request,
     stomp: Option<Option<&'static str>>,
 ) -> Response {
@@ -380,6 +479,7 @@ async fn open(
         && !node.config.allowed_origin.iter().any(|allowed| origin.as_bytes().eq_ignore_ascii_case(allowed.as_bytes()))
     {
         node.metrics.reject(Rejection::Origin);
+        tracing::debug!(%client, origin = ?origin, "upgrade refused: origin not allowed");
         return error_response(&ProtocolError::new(ErrorCode::Forbidden, "this origin may not open a WebSocket here"));
     }
     let accept = match handshake::accept_key(&request) {
@@ -402,7 +502,7 @@ async fn open(
             return error_response(&e);
         }
     };
-    if node.shutdown.started() {
+    if node.shutdown.started() || state.drain.phase() == Phase::Closing {
         node.metrics.reject(Rejection::Capacity);
         return error_response(&ProtocolError::new(
             ErrorCode::Unavailable,
@@ -410,11 +510,12 @@ async fn open(
         ));
     }
     let per_ip_limit = node.config.max_connections_per_ip;
-    let ip = (per_ip_limit > 0).then(|| peer.ip());
+    let ip = (per_ip_limit > 0).then_some(client);
     if let Some(ip) = ip
         && !state.sessions.admit_ip(ip, per_ip_limit)
     {
         node.metrics.reject(Rejection::PerIp);
+        tracing::debug!(%client, limit = per_ip_limit, "upgrade refused: too many connections from this address");
         return error_response(&ProtocolError::new(
             ErrorCode::RateLimited,
             format!("at most {per_ip_limit} connections from one address"),
@@ -432,9 +533,9 @@ async fn open(
     let on_upgrade = hyper::upgrade::on(&mut request);
     let node = state.node.clone();
     if request.extensions().get::<Secure>().is_some() {
-        tokio::spawn(run_session::<TlsStream>(node, on_upgrade, slot, stomp.is_some(), identity));
+        tokio::spawn(run_session::<TlsStream>(node, on_upgrade, slot, stomp.is_some(), identity, client));
     } else {
-        tokio::spawn(run_session::<TcpStream>(node, on_upgrade, slot, stomp.is_some(), identity));
+        tokio::spawn(run_session::<TcpStream>(node, on_upgrade, slot, stomp.is_some(), identity, client));
     }
     let mut response = handshake::switching_protocols(&accept);
     if let Some(Some(protocol)) = stomp {
@@ -450,14 +551,15 @@ async fn run_session<S: Transport + Send + 'static>(
     slot: SessionSlot,
     stomp: bool,
     identity: Option<crate::auth::Identity>,
+    client: IpAddr,
 ) {
     let _slot = slot;
     let Some(ws) = handshake::upgraded::<S>(on_upgrade, node.config.max_message_size).await else { return };
     match (stomp, identity) {
-        (false, Some(identity)) => session::run(node, ws, identity, None).await,
+        (false, Some(identity)) => session::run(node, ws, identity, client, None).await,
         (true, identity) => {
             if let Some((ws, identity, stomp)) = session::stomp_connect(&node, ws, identity).await {
-                session::run(node, ws, identity, Some(stomp)).await;
+                session::run(node, ws, identity, client, Some(stomp)).await;
             }
         }
         (false, None) => unreachable!("a JSON session is authenticated before its upgrade"),

@@ -208,6 +208,12 @@ pub enum StreamKind {
     Direct,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KillSignal {
+    Kill,
+    Term,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ResumeArgs {
     #[command(flatten)]
@@ -230,6 +236,10 @@ pub struct ResumeArgs {
     /// Seconds after publishing starts to send SIGKILL.
     #[arg(long, default_value_t = 3.0)]
     pub kill_after: f64,
+    /// The signal sent to --kill-pid: `kill` (a crash) or `term` (a drain: the node closes its
+    /// sessions with 1001 as its --drain-delay / --drain-seconds say).
+    #[arg(long, value_enum, default_value_t = KillSignal::Kill)]
+    pub kill_signal: KillSignal,
     /// Seconds of publishing.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,

@@ -84,21 +84,33 @@ async fn not_found() -> ApiError {
 /// Admits a request that carries one of the configured API keys. A dev-mode node without keys
 /// leaves the API open (it listens on loopback only).
 async fn require_key(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    // The client's address, forwarded by a trusted proxy or the peer's (`--trusted-proxy`).
+    let client = request.extensions().get::<crate::server::ClientAddr>().map(|c| c.0);
+    let span = tracing::debug_span!("api", client = ?client, method = %request.method(), path = %request.uri().path());
     let keys = &node.config.api_key;
     if keys.is_empty() && node.auth.dev_mode() {
-        return next.run(request).await;
+        return logged(next.run(request)).instrument(span).await;
     }
     let given = crate::auth::bearer(request.headers()).unwrap_or("");
     // Compare against every key so the time taken does not tell which one nearly matched.
     let matched = keys.iter().fold(0u8, |acc, key| acc | u8::from(bool::from(key.as_bytes().ct_eq(given.as_bytes()))));
     if matched == 1 {
-        next.run(request).await
+        logged(next.run(request)).instrument(span).await
     } else {
+        span.in_scope(|| tracing::debug!("API request refused: no valid key"));
         error_response(&ProtocolError::new(
             ErrorCode::Unauthorized,
             "a valid API key is required: Authorization: Bearer <key>",
         ))
     }
+}
+
+/// A request's outcome, at debug level, in the span that names its client.
+async fn logged(response: impl Future<Output = Response>) -> Response {
+    let response = response.await;
+    tracing::debug!(status = response.status().as_u16(), "API request");
+    response
 }
 
 #[derive(Deserialize)]

@@ -178,6 +178,7 @@ pub fn run<S: Transport + Send + 'static>(
     node: Arc<Node>,
     ws: WebSocket<S>,
     identity: Identity,
+    client: std::net::IpAddr,
     stomp: Option<Stomp>,
 ) -> impl Future<Output = ()> {
     let id = SessionId::random();
@@ -206,7 +207,7 @@ pub fn run<S: Transport + Send + 'static>(
         stashed: None,
         stomp,
     };
-    let span = tracing::debug_span!("session", id = %id, user = %session.handle.info.user);
+    let span = tracing::debug_span!("session", id = %id, user = %session.handle.info.user, %client);
     async move {
         let stop = match session.node.open_session(&session.handle, &session.handle.info).await {
             Ok(()) => {

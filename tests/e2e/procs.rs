@@ -88,14 +88,21 @@ impl Cluster {
 
     /// Like [`Cluster::node`], with more `serve` flags.
     pub async fn node_with(&self, name: &str, extra: &[&str]) -> NodeProc {
+        self.node_on(name, 0, extra).await
+    }
+
+    /// Like [`Cluster::node_with`], listening on `port` (0: a free one), e.g. to restart a node
+    /// where it was.
+    pub async fn node_on(&self, name: &str, port: u16, extra: &[&str]) -> NodeProc {
         let id = format!("{}-{name}", self.prefix);
+        let listen = format!("127.0.0.1:{port}");
         let data = self.dir.path().join(&id);
         let log = self.dir.path().join(format!("{id}.log"));
         let url = &self.redis_url;
         let mut args: Vec<String> = [
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            &listen,
             "--redis",
             url,
             "--redis-prefix",
@@ -265,8 +272,19 @@ impl NodeProc {
 
     /// SIGTERM: a graceful shutdown. Answers the exit status once the process ended.
     pub async fn terminate(&mut self, wait: Duration) -> ExitStatus {
+        self.signal("TERM");
+        self.exited(wait).await
+    }
+
+    /// Sends the signal `name` (`TERM`, `INT`) and returns at once.
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("node running");
+        let _ = Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status();
+    }
+
+    /// Waits for the process to exit and answers its status; panics after `wait`.
+    pub async fn exited(&mut self, wait: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("node running");
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let deadline = Instant::now() + wait;
         loop {
             if let Some(status) = child.try_wait().expect("wait for node") {
@@ -275,10 +293,15 @@ impl NodeProc {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("node {} did not exit within {wait:?} of SIGTERM:\n{}", self.id, self.log_text());
+                panic!("node {} did not exit within {wait:?} of its signal:\n{}", self.id, self.log_text());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// What the node logged so far.
+    pub fn log(&self) -> String {
+        self.log_text()
     }
 
     /// Whether the process is still running.

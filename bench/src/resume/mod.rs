@@ -24,7 +24,7 @@ use client::{ClientLog, client};
 use report::{Kill, Recovery, ResumeDelivery, ResumePublish, ResumeServer};
 pub use report::{ResumeReport, human};
 
-use crate::cli::{ResumeArgs, StreamKind};
+use crate::cli::{KillSignal, ResumeArgs, StreamKind};
 use crate::clock::{now_us, secs_us, until_us};
 use crate::latency::Latency;
 use crate::ledger::{Check, Ranges};
@@ -127,13 +127,17 @@ pub async fn run(a: &ResumeArgs) -> anyhow::Result<ResumeReport> {
     let start_us = now_us() + 200_000;
     let end_us = start_us + secs_us(a.duration);
     phase_tx.send(Phase::Run)?;
+    let signal = match a.kill_signal {
+        KillSignal::Kill => libc::SIGKILL,
+        KillSignal::Term => libc::SIGTERM,
+    };
     let kill = a.kill_pid.map(|pid| {
         let at = start_us + secs_us(a.kill_after);
         tokio::spawn(async move {
             tokio::time::sleep(until_us(at)).await;
             let sent_at = now_us();
             // SAFETY: kill(2) with a pid the user named for exactly this.
-            let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
             let error = (rc != 0).then(|| std::io::Error::last_os_error().to_string());
             (pid, sent_at, error)
         })

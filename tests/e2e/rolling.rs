@@ -1,0 +1,391 @@
+//! A rolling restart of a three-node cluster under a steady mixed load loses nothing: every
+//! device of every user ends with every message of its streams once and in order.
+//!
+//! The nodes restart one after another (SIGTERM with a short drain, wait for the exit, start again
+//! on the same port, wait for `/readyz`). Devices and senders reach the cluster through
+//! `entries`: the nodes themselves here, each client moving to the next address of its list when
+//! its node closes it (1001) or refuses it; a gateway's single address works the same way.
+//! A device resumes with `sync`/`join` `since` the last seq it has.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_websockets::{ClientBuilder, Message};
+
+use crate::procs::{Cluster, NodeProc, http_within};
+
+/// Users and how many devices each has.
+const USERS: [(&str, usize); 4] = [("ann", 3), ("ben", 2), ("cid", 3), ("dee", 2)];
+/// Rooms and their members (every device of a member joins).
+const ROOMS: [(&str, &[&str]); 2] = [("lobby", &["ann", "ben", "cid", "dee"]), ("team", &["ann", "cid"])];
+/// Pause between two messages of one sender.
+const PACE: Duration = Duration::from_millis(40);
+const DRAIN: [&str; 4] = ["--drain-delay", "1", "--drain-seconds", "2"];
+
+/// What every stream was sent: seq → mid, from the senders' replies.
+type Sent = Arc<Mutex<HashMap<String, HashMap<u64, String>>>>;
+
+/// What one device received, per stream in arrival order, and the close codes it got.
+#[derive(Default)]
+struct Seen {
+    streams: HashMap<String, Vec<(u64, String)>>,
+    closes: Vec<u16>,
+    connects: usize,
+}
+
+#[tokio::test]
+async fn a_rolling_restart_under_load_loses_nothing() {
+    let Some(cluster) = Cluster::start("rolling") else { return };
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(cluster.node_with(&format!("n{i}"), &DRAIN).await);
+    }
+    let entries: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    rolling_restart(&cluster, &mut nodes, &entries).await;
+}
+
+/// Runs the load through `entries`, restarts `nodes` one by one, then checks every device.
+pub async fn rolling_restart(cluster: &Cluster, nodes: &mut [NodeProc], entries: &[SocketAddr]) {
+    let sent: Sent = Arc::default();
+    let sending = Arc::new(AtomicBool::new(true));
+    // Set once the senders stopped: the last seq of every stream.
+    let finals: Arc<Mutex<Option<HashMap<String, u64>>>> = Arc::default();
+
+    let mut devices = Vec::new();
+    for (u, (user, count)) in USERS.iter().enumerate() {
+        for d in 0..*count {
+            let rooms: Vec<String> =
+                ROOMS.iter().filter(|(_, members)| members.contains(user)).map(|(r, _)| r.to_string()).collect();
+            let seen = Arc::new(Mutex::new(Seen::default()));
+            let task = tokio::spawn(device(
+                user.to_string(),
+                format!("d{d}"),
+                rooms,
+                entries.to_vec(),
+                u + d,
+                seen.clone(),
+                finals.clone(),
+            ));
+            devices.push((format!("{user}/d{d}"), seen, task));
+        }
+    }
+    // Let every device connect before the load starts.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while devices.iter().any(|(_, seen, _)| seen.lock().unwrap().connects == 0) {
+        assert!(Instant::now() < deadline, "devices connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut senders = Vec::new();
+    for (i, (user, _)) in USERS.iter().enumerate() {
+        let path = format!("/api/v1/users/{user}/messages");
+        senders.push(tokio::spawn(api_sender(
+            path,
+            format!("user:{user}"),
+            entries.to_vec(),
+            i,
+            sent.clone(),
+            sending.clone(),
+        )));
+    }
+    for (i, (room, _)) in ROOMS.iter().enumerate() {
+        let path = format!("/api/v1/rooms/{room}/messages");
+        senders.push(tokio::spawn(api_sender(
+            path,
+            format!("room:{room}"),
+            entries.to_vec(),
+            i,
+            sent.clone(),
+            sending.clone(),
+        )));
+    }
+    senders.push(tokio::spawn(client_sender(entries.to_vec(), sent.clone(), sending.clone())));
+
+    for (i, node) in nodes.iter_mut().enumerate() {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let port = node.addr.port();
+        node.signal("TERM");
+        let status = node.exited(Duration::from_secs(40)).await;
+        assert!(status.success(), "node n{i} exits cleanly after its drain: {status}");
+        *node = cluster.node_on(&format!("n{i}"), port, &DRAIN).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while node.readyz(Duration::from_secs(2)).await != Some(200) {
+            assert!(Instant::now() < deadline, "n{i} ready again:\n{}", node.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sending.store(false, Ordering::Release);
+    for sender in senders {
+        sender.await.expect("sender");
+    }
+    let sent = sent.lock().unwrap().clone();
+    let last: HashMap<String, u64> =
+        sent.iter().map(|(s, m)| (s.clone(), m.keys().copied().max().unwrap_or(0))).collect();
+    *finals.lock().unwrap() = Some(last.clone());
+
+    for (name, _, task) in &mut devices {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .unwrap_or_else(|_| panic!("{name} caught up with every stream"))
+            .expect("device task");
+    }
+    let mut closes_1001 = 0;
+    let mut total = 0;
+    for (name, seen, _) in &devices {
+        let seen = seen.lock().unwrap();
+        assert!(seen.closes.iter().all(|&c| c == 1001), "{name} was only ever closed with 1001: {:?}", seen.closes);
+        closes_1001 += seen.closes.len();
+        for (stream, got) in &seen.streams {
+            let sent = &sent[stream];
+            let want: Vec<(u64, String)> = (1..=last[stream]).map(|seq| (seq, sent[&seq].clone())).collect();
+            assert_eq!(got.len(), want.len(), "{name} on {stream}: every message once");
+            assert!(*got == want, "{name} on {stream}: every message once and in order");
+            total += got.len();
+        }
+        let (user, _) = name.split_once('/').unwrap();
+        let streams = 1 + ROOMS.iter().filter(|(_, m)| m.contains(&user)).count();
+        assert_eq!(seen.streams.len(), streams, "{name} got its user stream and its rooms");
+    }
+    assert!(closes_1001 >= 3, "the drains closed sessions with 1001 ({closes_1001})");
+    eprintln!(
+        "rolling restart: {} streams, {} messages sent, {total} deliveries checked, {closes_1001} sessions moved by a drain",
+        sent.len(),
+        sent.values().map(HashMap::len).sum::<usize>()
+    );
+}
+
+/// Sends a message to `path` every [`PACE`] until `sending` ends, through the next entry when one
+/// fails, with an idempotency key so a retry is never a second message.
+async fn api_sender(
+    path: String,
+    stream: String,
+    entries: Vec<SocketAddr>,
+    mut at: usize,
+    sent: Sent,
+    sending: Arc<AtomicBool>,
+) {
+    let mut n = 0u64;
+    while sending.load(Ordering::Acquire) {
+        n += 1;
+        let body = json!({"body": {"n": n}, "from": "loadgen", "key": format!("{stream}-{n}")}).to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let answer = loop {
+            let addr = entries[at % entries.len()];
+            match http_within(addr, "POST", &path, &body, Duration::from_secs(5)).await {
+                Some((200, answer)) => break answer,
+                _ => {
+                    assert!(Instant::now() < deadline, "{path}: no node took message {n}");
+                    at += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let (seq, mid) = (answer["seq"].as_u64().expect("seq"), answer["mid"].as_str().expect("mid").to_owned());
+        let previous = sent.lock().unwrap().entry(stream.clone()).or_default().insert(seq, mid.clone());
+        assert!(previous.is_none_or(|p| p == mid), "{stream} seq {seq} given to two messages");
+        tokio::time::sleep(PACE).await;
+    }
+}
+
+/// A client of user `bot` that sends DMs to every user in turn over its WebSocket, reconnecting
+/// through the next entry when closed and resending with the same key until it has a reply.
+async fn client_sender(entries: Vec<SocketAddr>, sent: Sent, sending: Arc<AtomicBool>) {
+    let mut at = 0;
+    let mut n = 0u64;
+    let mut ws = None;
+    while sending.load(Ordering::Acquire) {
+        n += 1;
+        let to = USERS[n as usize % USERS.len()].0;
+        let command = json!({"type": "send", "id": n, "to": to, "body": {"bot": n}, "key": format!("bot-{n}")});
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let reply = loop {
+            assert!(Instant::now() < deadline, "bot: no node took message {n}");
+            if ws.is_none() {
+                let url = format!("ws://{}/ws?user=bot", entries[at % entries.len()]);
+                match ClientBuilder::new().uri(&url).expect("uri").connect().await {
+                    Ok((stream, _)) => ws = Some(stream),
+                    Err(_) => {
+                        at += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                }
+            }
+            let socket = ws.as_mut().expect("connected");
+            if socket.send(Message::text(command.to_string())).await.is_err() {
+                ws = None;
+                at += 1;
+                continue;
+            }
+            match reply_to(socket, n).await {
+                Some(reply) => break reply,
+                None => {
+                    ws = None;
+                    at += 1;
+                }
+            }
+        };
+        assert_eq!(reply["type"], "reply", "bot send {n}: {reply}");
+        let mid = reply["mid"].as_str().expect("mid").to_owned();
+        // The reply's seq is of the bot's own stream; the recipient's is read from history at
+        // the end, by mid, since other senders write the same stream.
+        sent.lock().unwrap().entry("bot".into()).or_default().insert(n, mid);
+        tokio::time::sleep(PACE).await;
+    }
+    to_recipient_streams(&entries, &sent).await;
+}
+
+/// Files the bot's messages under their recipients' streams, with the seqs history gives them.
+async fn to_recipient_streams(entries: &[SocketAddr], sent: &Sent) {
+    let bot = sent.lock().unwrap().remove("bot").unwrap_or_default();
+    let mids: std::collections::HashSet<String> = bot.into_values().collect();
+    let mut found = 0;
+    for (user, _) in USERS {
+        let mut since = 0;
+        loop {
+            let path = format!("/api/v1/users/{user}/history?since={since}&limit=1000");
+            let (status, answer) = {
+                let mut answer = None;
+                for addr in entries {
+                    if let Some(a) = http_within(*addr, "GET", &path, "", Duration::from_secs(5)).await {
+                        answer = Some(a);
+                        break;
+                    }
+                }
+                answer.expect("a node answers history")
+            };
+            assert_eq!(status, 200, "{path}: {answer}");
+            let messages = answer["messages"].as_array().expect("messages");
+            if messages.is_empty() {
+                break;
+            }
+            for m in messages {
+                let (seq, mid) = (m["seq"].as_u64().expect("seq"), m["mid"].as_str().expect("mid"));
+                since = seq;
+                if mids.contains(mid) {
+                    found += 1;
+                    sent.lock().unwrap().entry(format!("user:{user}")).or_default().insert(seq, mid.to_owned());
+                }
+            }
+        }
+    }
+    assert_eq!(found, mids.len(), "every message the bot sent is in its recipient's stream once");
+}
+
+/// Reads until the reply or error with id `n`; `None` when the socket closes or goes silent.
+async fn reply_to(
+    socket: &mut tokio_websockets::WebSocketStream<tokio_websockets::MaybeTlsStream<tokio::net::TcpStream>>,
+    n: u64,
+) -> Option<Value> {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), socket.next()).await.ok()??.ok()?;
+        let Some(text) = message.as_text() else {
+            if message.is_close() {
+                return None;
+            }
+            continue;
+        };
+        let frame: Value = serde_json::from_str(text).ok()?;
+        if frame["id"] == json!(n) {
+            return Some(frame);
+        }
+    }
+}
+
+/// One device of `user`: connected through `entries` from `at` on, resuming its streams with
+/// `since` after every reconnect, until it has the last seq of every stream in `finals`.
+async fn device(
+    user: String,
+    device: String,
+    rooms: Vec<String>,
+    entries: Vec<SocketAddr>,
+    mut at: usize,
+    seen: Arc<Mutex<Seen>>,
+    finals: Arc<Mutex<Option<HashMap<String, u64>>>>,
+) {
+    let own = format!("user:{user}");
+    let mut streams = vec![own.clone()];
+    streams.extend(rooms.iter().map(|r| format!("room:{r}")));
+    let last = |seen: &Seen, stream: &str| seen.streams.get(stream).and_then(|v| v.last()).map_or(0, |(s, _)| *s);
+    let done = |seen: &Seen| {
+        finals
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|f| streams.iter().all(|s| last(seen, s) >= f.get(s).copied().unwrap_or(0)))
+    };
+    let ids = AtomicUsize::new(0);
+    loop {
+        if done(&seen.lock().unwrap()) {
+            return;
+        }
+        let url = format!("ws://{}/ws?user={user}&device={device}", entries[at % entries.len()]);
+        let Ok((mut ws, _)) = ClientBuilder::new().uri(&url).expect("uri").connect().await else {
+            at += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        seen.lock().unwrap().connects += 1;
+        // `sync` right after the welcome keeps the user stream in strict order (PROTOCOL.md §4).
+        let mut commands = vec![json!({"type": "sync", "since": last(&seen.lock().unwrap(), &own)})];
+        for room in &rooms {
+            commands.push(
+                json!({"type": "join", "room": room, "since": last(&seen.lock().unwrap(), &format!("room:{room}"))}),
+            );
+        }
+        let mut ok = true;
+        for mut command in commands {
+            command["id"] = json!(ids.fetch_add(1, Ordering::Relaxed));
+            if ws.send(Message::text(command.to_string())).await.is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if !ok {
+            at += 1;
+            continue;
+        }
+        loop {
+            let next = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+                Err(_) => {
+                    if done(&seen.lock().unwrap()) {
+                        let _ = ws.close().await;
+                        return;
+                    }
+                    continue;
+                }
+                Ok(next) => next,
+            };
+            let message = match next {
+                Some(Ok(message)) => message,
+                _ => {
+                    // Ended without a close frame.
+                    seen.lock().unwrap().closes.push(0);
+                    break;
+                }
+            };
+            if let Some((code, _)) = message.as_close() {
+                seen.lock().unwrap().closes.push(u16::from(code));
+                break;
+            }
+            let Some(text) = message.as_text() else { continue };
+            let frame: Value = serde_json::from_str(text).expect("JSON frames");
+            match frame["type"].as_str() {
+                Some("message") => {
+                    let stream = frame["stream"].as_str().expect("stream").to_owned();
+                    let (seq, mid) = (frame["seq"].as_u64().expect("seq"), frame["mid"].as_str().expect("mid"));
+                    seen.lock().unwrap().streams.entry(stream).or_default().push((seq, mid.to_owned()));
+                }
+                Some("error") => panic!("{user}/{device}: {frame}"),
+                _ => {}
+            }
+        }
+        at += 1;
+    }
+}
