@@ -593,11 +593,18 @@ mod tests {
     #[tokio::test]
     async fn large_messages_go_both_ways_through_a_full_socket() {
         let big: Vec<u8> = (0..(4 << 20) as u32).map(|i| (i * 7 % 253) as u8).collect();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Small socket buffers on both sides (an accepted socket takes the listener's), so that
+        // 4 MiB cannot fit in them whatever the kernel's autotuning would allow.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(32 << 10).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(16).unwrap();
         let addr = listener.local_addr().unwrap();
         let expected = big.clone();
         let client = tokio::spawn(async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(32 << 10).unwrap();
+            let tcp = socket.connect(addr).await.unwrap();
             let connector = tokio_rustls::TlsConnector::from(client_config(&rustls::version::TLS13));
             let mut tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
             tls.write_all(&expected).await.unwrap();
