@@ -3,8 +3,8 @@
 //!
 //! The nodes restart one after another (SIGTERM with a short drain, wait for the exit, start again
 //! on the same port, wait for `/readyz`). Devices and senders reach the cluster through
-//! `entries`: the nodes themselves here, each client moving to the next address of its list when
-//! its node closes it (1001) or refuses it; a gateway's single address works the same way.
+//! `entries`: the nodes themselves, each client moving to the next address of its list when its
+//! node closes it (1001) or refuses it, or nginx in front of them on the shipped config.
 //! A device resumes with `sync`/`join` `since` the last seq it has.
 
 use std::collections::HashMap;
@@ -15,9 +15,60 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio_websockets::{ClientBuilder, Message};
+use tokio_websockets::{ClientBuilder, MaybeTlsStream, Message, WebSocketStream};
 
+use crate::nginx_server::NginxServer;
 use crate::procs::{Cluster, NodeProc, http_within};
+
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Where the load reaches the cluster.
+#[derive(Clone)]
+pub enum Entries {
+    /// The nodes themselves (`ws://`, `http://`): a client moves to the next when its node
+    /// closes or refuses it.
+    Nodes(Vec<SocketAddr>),
+    /// nginx in front of them (`wss://`, `https://`, the shipped config): one address, behind
+    /// which nginx picks a node for every connection.
+    Nginx(Arc<NginxServer>),
+}
+
+impl Entries {
+    fn len(&self) -> usize {
+        match self {
+            Self::Nodes(addrs) => addrs.len(),
+            Self::Nginx(_) => 1,
+        }
+    }
+
+    /// A WebSocket to `path` through entry `at`, or `None` when refused.
+    async fn ws(&self, at: usize, path: &str) -> Option<Ws> {
+        let connected = match self {
+            Self::Nodes(addrs) => {
+                let url = format!("ws://{}{path}", addrs[at % addrs.len()]);
+                ClientBuilder::new().uri(&url).expect("uri").connect().await
+            }
+            Self::Nginx(nginx) => {
+                let url = nginx.wss_url(path);
+                ClientBuilder::new().uri(&url).expect("uri").connector(nginx.connector()).connect().await
+            }
+        };
+        connected.ok().map(|(ws, _)| ws)
+    }
+
+    /// An API request through entry `at`: the status and the JSON answer, `None` when no answer.
+    async fn http(&self, at: usize, method: &str, path: &str, body: &str) -> Option<(u16, Value)> {
+        match self {
+            Self::Nodes(addrs) => {
+                http_within(addrs[at % addrs.len()], method, path, body, Duration::from_secs(5)).await
+            }
+            Self::Nginx(nginx) => {
+                let (status, _, answer) = nginx.https(method, path, "", body).await;
+                Some((status, serde_json::from_str(&answer).unwrap_or(Value::Null)))
+            }
+        }
+    }
+}
 
 /// Users and how many devices each has.
 const USERS: [(&str, usize); 4] = [("ann", 3), ("ben", 2), ("cid", 3), ("dee", 2)];
@@ -45,12 +96,27 @@ async fn a_rolling_restart_under_load_loses_nothing() {
     for i in 0..3 {
         nodes.push(cluster.node_with(&format!("n{i}"), &DRAIN).await);
     }
-    let entries: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let entries = Entries::Nodes(nodes.iter().map(|n| n.addr).collect());
     rolling_restart(&cluster, &mut nodes, &entries).await;
 }
 
+/// The same behind nginx on the shipped config: clients over `wss://`, the API over `https://`,
+/// and nginx moving every reconnect and request to a node that takes it (a draining node's
+/// upgrades answer 503, which the config passes to the next node).
+#[tokio::test]
+async fn a_rolling_restart_behind_nginx_loses_nothing() {
+    let Some(cluster) = Cluster::start("rolling-nginx") else { return };
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(cluster.node_with(&format!("n{i}"), &DRAIN).await);
+    }
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let Some(nginx) = NginxServer::start(&addrs) else { return };
+    rolling_restart(&cluster, &mut nodes, &Entries::Nginx(Arc::new(nginx))).await;
+}
+
 /// Runs the load through `entries`, restarts `nodes` one by one, then checks every device.
-pub async fn rolling_restart(cluster: &Cluster, nodes: &mut [NodeProc], entries: &[SocketAddr]) {
+pub async fn rolling_restart(cluster: &Cluster, nodes: &mut [NodeProc], entries: &Entries) {
     let sent: Sent = Arc::default();
     let sending = Arc::new(AtomicBool::new(true));
     // Set once the senders stopped: the last seq of every stream.
@@ -66,7 +132,7 @@ pub async fn rolling_restart(cluster: &Cluster, nodes: &mut [NodeProc], entries:
                 user.to_string(),
                 format!("d{d}"),
                 rooms,
-                entries.to_vec(),
+                entries.clone(),
                 u + d,
                 seen.clone(),
                 finals.clone(),
@@ -87,7 +153,7 @@ pub async fn rolling_restart(cluster: &Cluster, nodes: &mut [NodeProc], entries:
         senders.push(tokio::spawn(api_sender(
             path,
             format!("user:{user}"),
-            entries.to_vec(),
+            entries.clone(),
             i,
             sent.clone(),
             sending.clone(),
@@ -98,13 +164,13 @@ pub async fn rolling_restart(cluster: &Cluster, nodes: &mut [NodeProc], entries:
         senders.push(tokio::spawn(api_sender(
             path,
             format!("room:{room}"),
-            entries.to_vec(),
+            entries.clone(),
             i,
             sent.clone(),
             sending.clone(),
         )));
     }
-    senders.push(tokio::spawn(client_sender(entries.to_vec(), sent.clone(), sending.clone())));
+    senders.push(tokio::spawn(client_sender(entries.clone(), sent.clone(), sending.clone())));
 
     for (i, node) in nodes.iter_mut().enumerate() {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -165,7 +231,7 @@ pub async fn rolling_restart(cluster: &Cluster, nodes: &mut [NodeProc], entries:
 async fn api_sender(
     path: String,
     stream: String,
-    entries: Vec<SocketAddr>,
+    entries: Entries,
     mut at: usize,
     sent: Sent,
     sending: Arc<AtomicBool>,
@@ -176,8 +242,7 @@ async fn api_sender(
         let body = json!({"body": {"n": n}, "from": "loadgen", "key": format!("{stream}-{n}")}).to_string();
         let deadline = Instant::now() + Duration::from_secs(30);
         let answer = loop {
-            let addr = entries[at % entries.len()];
-            match http_within(addr, "POST", &path, &body, Duration::from_secs(5)).await {
+            match entries.http(at, "POST", &path, &body).await {
                 Some((200, answer)) => break answer,
                 _ => {
                     assert!(Instant::now() < deadline, "{path}: no node took message {n}");
@@ -195,7 +260,7 @@ async fn api_sender(
 
 /// A client of user `bot` that sends DMs to every user in turn over its WebSocket, reconnecting
 /// through the next entry when closed and resending with the same key until it has a reply.
-async fn client_sender(entries: Vec<SocketAddr>, sent: Sent, sending: Arc<AtomicBool>) {
+async fn client_sender(entries: Entries, sent: Sent, sending: Arc<AtomicBool>) {
     let mut at = 0;
     let mut n = 0u64;
     let mut ws = None;
@@ -207,10 +272,9 @@ async fn client_sender(entries: Vec<SocketAddr>, sent: Sent, sending: Arc<Atomic
         let reply = loop {
             assert!(Instant::now() < deadline, "bot: no node took message {n}");
             if ws.is_none() {
-                let url = format!("ws://{}/ws?user=bot", entries[at % entries.len()]);
-                match ClientBuilder::new().uri(&url).expect("uri").connect().await {
-                    Ok((stream, _)) => ws = Some(stream),
-                    Err(_) => {
+                match entries.ws(at, "/ws?user=bot").await {
+                    Some(stream) => ws = Some(stream),
+                    None => {
                         at += 1;
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -242,7 +306,7 @@ async fn client_sender(entries: Vec<SocketAddr>, sent: Sent, sending: Arc<Atomic
 }
 
 /// Files the bot's messages under their recipients' streams, with the seqs history gives them.
-async fn to_recipient_streams(entries: &[SocketAddr], sent: &Sent) {
+async fn to_recipient_streams(entries: &Entries, sent: &Sent) {
     let bot = sent.lock().unwrap().remove("bot").unwrap_or_default();
     let mids: std::collections::HashSet<String> = bot.into_values().collect();
     let mut found = 0;
@@ -252,8 +316,8 @@ async fn to_recipient_streams(entries: &[SocketAddr], sent: &Sent) {
             let path = format!("/api/v1/users/{user}/history?since={since}&limit=1000");
             let (status, answer) = {
                 let mut answer = None;
-                for addr in entries {
-                    if let Some(a) = http_within(*addr, "GET", &path, "", Duration::from_secs(5)).await {
+                for at in 0..entries.len() {
+                    if let Some(a) = entries.http(at, "GET", &path, "").await {
                         answer = Some(a);
                         break;
                     }
@@ -279,10 +343,7 @@ async fn to_recipient_streams(entries: &[SocketAddr], sent: &Sent) {
 }
 
 /// Reads until the reply or error with id `n`; `None` when the socket closes or goes silent.
-async fn reply_to(
-    socket: &mut tokio_websockets::WebSocketStream<tokio_websockets::MaybeTlsStream<tokio::net::TcpStream>>,
-    n: u64,
-) -> Option<Value> {
+async fn reply_to(socket: &mut Ws, n: u64) -> Option<Value> {
     loop {
         let message = tokio::time::timeout(Duration::from_secs(10), socket.next()).await.ok()??.ok()?;
         let Some(text) = message.as_text() else {
@@ -304,7 +365,7 @@ async fn device(
     user: String,
     device: String,
     rooms: Vec<String>,
-    entries: Vec<SocketAddr>,
+    entries: Entries,
     mut at: usize,
     seen: Arc<Mutex<Seen>>,
     finals: Arc<Mutex<Option<HashMap<String, u64>>>>,
@@ -325,8 +386,7 @@ async fn device(
         if done(&seen.lock().unwrap()) {
             return;
         }
-        let url = format!("ws://{}/ws?user={user}&device={device}", entries[at % entries.len()]);
-        let Ok((mut ws, _)) = ClientBuilder::new().uri(&url).expect("uri").connect().await else {
+        let Some(mut ws) = entries.ws(at, &format!("/ws?user={user}&device={device}")).await else {
             at += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
