@@ -41,29 +41,46 @@ impl Certificates {
             ]
             .concat(),
         );
-        openssl(
-            &[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat(),
-        );
         std::fs::write(path("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            "-out",
-            "server.pem",
-        ]);
-        Self { ca: path("ca.pem"), cert: path("server.pem"), key: path("server.key"), _dir: dir }
+        let (cert, key) = issue(dir.path(), "server");
+        Self { ca: path("ca.pem"), cert, key, _dir: dir }
     }
+
+    /// Another certificate for `localhost` signed by the same CA (a renewal), as `<name>.pem`
+    /// and `<name>.key` beside the others.
+    pub fn issue(&self, name: &str) -> (PathBuf, PathBuf) {
+        issue(self._dir.path(), name)
+    }
+}
+
+/// Signs a new `localhost` key and certificate with the CA in `dir` (`ca.pem`, `ca.key`,
+/// `san.ext`): `<name>.pem` and `<name>.key`.
+fn issue(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let (key, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
+    openssl(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"]].concat());
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        &pem,
+    ]);
+    (dir.join(pem), dir.join(key))
 }
 
 /// Accepts TLS on 127.0.0.1 with a certificate and relays the plain bytes to `upstream`.

@@ -179,31 +179,7 @@ async fn a_silent_or_slow_tls_handshake_is_dropped_and_others_connect() {
 /// Makes a new certificate for the same name, signed by the same CA, and its key, as
 /// `new.pem` and `new.key` beside the node's.
 fn new_pair(certs: &Certificates) -> (std::path::PathBuf, std::path::PathBuf) {
-    let dir = certs.cert.parent().unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(&[&["req"][..], &ec, &["-keyout", "new.key", "-out", "new.csr", "-subj", "/CN=localhost"]].concat());
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "new.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "new.pem",
-    ]);
-    (dir.join("new.pem"), dir.join("new.key"))
+    certs.issue("new")
 }
 
 /// Moves a new pair over the node's files (the key first: a reload between the two renames
