@@ -539,7 +539,15 @@ impl<S: Transport> Session<S> {
             None => false,
         };
         if self.last_heard.elapsed() > every * 2 {
-            return Err(Stop::Close(close::GOING_AWAY, Arc::from("ping timeout")));
+            // A STOMP client that promised heart-beats (at least this often: the server offers
+            // the ping interval) and went silent is told so, whichever check saw it first.
+            let reason = match &self.stomp {
+                Some(stomp) if stomp.expects_beats() => {
+                    format!("heart-beat timeout: nothing received for {} ms", (every * 2).as_millis())
+                }
+                _ => "ping timeout".to_owned(),
+            };
+            return Err(Stop::Close(close::GOING_AWAY, Arc::from(reason)));
         }
         if beat && self.ws.push_text([&b"\n"[..]]).is_err() {
             return Err(Stop::Gone);

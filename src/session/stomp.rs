@@ -142,6 +142,11 @@ impl Stomp {
         self.subscription(Some(stream)).is_some()
     }
 
+    /// Whether the client promised heart-beats: silence is then a heart-beat timeout.
+    pub(super) fn expects_beats(&self) -> bool {
+        self.expect_every > 0
+    }
+
     /// The client sent a frame or a heart-beat.
     fn heard(&mut self) {
         self.heard = clock_ms();
@@ -150,7 +155,8 @@ impl Stomp {
     /// At each ping tick: a heart-beat to send, or why the client is gone.
     pub(super) fn beat(&self) -> Result<bool, Stop> {
         let limit = u32::from(self.expect_every) * 2000;
-        if self.expect_every > 0 && clock_ms().wrapping_sub(self.heard) > limit {
+        // `>=`: both ends are whole milliseconds, rounded down.
+        if self.expect_every > 0 && clock_ms().wrapping_sub(self.heard) >= limit {
             let reason = format!("heart-beat timeout: nothing received for {limit} ms");
             return Err(Stop::Close(close::GOING_AWAY, Arc::from(reason)));
         }

@@ -225,7 +225,11 @@ pub async fn rolling_restart(cluster: &Cluster, nodes: &mut [NodeProc], entries:
             sorted.sort_unstable();
             if let Some(at) = sorted.iter().zip(&want).position(|(g, w)| g != w) {
                 let around = |v: &[(u64, String)]| v[at.saturating_sub(2)..(at + 3).min(v.len())].to_vec();
-                panic!("{name} on {stream}: every message once; from index {at} got {:?}, want {:?}", around(&sorted), around(&want));
+                panic!(
+                    "{name} on {stream}: every message once; from index {at} got {:?}, want {:?}",
+                    around(&sorted),
+                    around(&want)
+                );
             }
             total += got.len();
         }
