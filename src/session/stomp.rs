@@ -84,6 +84,12 @@ impl More {
     }
 }
 
+/// A `MESSAGE` in one piece, for a frame written on its own (a catch-up, a refusal) rather than
+/// as a shared tail behind each session's head.
+fn whole_message(head: [&[u8]; 3], tail: &[u8]) -> Bytes {
+    Bytes::from([head[0], head[1], head[2], tail].concat())
+}
+
 /// Milliseconds on a clock of the process's own, wrapping after 49 days: a session's last
 /// heart-beat in 4 bytes. A gap is told right while it is under 49 days, and a session that
 /// negotiated heart-beats and stayed silent that long was closed long before.
@@ -122,7 +128,7 @@ impl Stomp {
     ) -> Option<Bytes> {
         let head = self.subscription(Some(stream))?.head();
         let tail = encode::message_tail(Some((stream, seq)), message.view());
-        Some(Bytes::from([head[0], head[1], head[2], &tail[..]].concat()))
+        Some(whole_message(head, &tail))
     }
 
     /// The `CONNECTED` frame, announcing beats at the ping interval both ways.
@@ -389,7 +395,7 @@ impl<S: Transport> Session<S> {
         let stomp = self.stomp.as_ref().expect("a STOMP session");
         let errors = stomp.more.as_ref().and_then(|more| more.errors.as_ref());
         let head = errors.map_or(UNSUBSCRIBED_HEAD, SubscriptionId::head);
-        Bytes::from([head[0], head[1], head[2], &tail[..]].concat())
+        whole_message(head, &tail)
     }
 
     /// `SEND`s that arrived together, in order: `SEND /user/<id>` is a `send` and

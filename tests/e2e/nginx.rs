@@ -131,6 +131,20 @@ async fn history(nginx: &NginxServer, stream: &str, expected: &BTreeSet<u64>) ->
     messages.iter().map(|m| (seq(m), m["mid"].as_str().expect("mid").to_owned())).collect()
 }
 
+/// Every device sends a direct message to the user `step` places after its own and one to the
+/// room, numbered on from `n`, each written in the ledger.
+async fn send_round(devices: &mut [Device], ledger: &mut Ledger, n: &mut u64, step: usize) {
+    for device in devices.iter_mut() {
+        let to = USERS[(USERS.iter().position(|u| *u == device.user).expect("a user") + step) % USERS.len()];
+        *n += 1;
+        device.send(to, *n).await;
+        ledger.direct(Some(device.user), to, *n);
+        *n += 1;
+        device.publish(*n).await;
+        ledger.room(*n);
+    }
+}
+
 /// Reads every device up to the history of its streams, then checks that each device has
 /// every message of each of its streams exactly once, in seq order, counting those it sent.
 async fn settle(devices: &mut [Device], nginx: &NginxServer, ledger: &Ledger) {
@@ -219,15 +233,7 @@ async fn a_node_killed_behind_nginx_loses_nothing() {
     // Before: every device sends a direct message to the next user and one to the room.
     let mut ledger = Ledger::default();
     let mut n = 0;
-    for device in devices.iter_mut() {
-        let to = USERS[(USERS.iter().position(|u| *u == device.user).expect("a user") + 1) % USERS.len()];
-        n += 1;
-        device.send(to, n).await;
-        ledger.direct(Some(device.user), to, n);
-        n += 1;
-        device.publish(n).await;
-        ledger.room(n);
-    }
+    send_round(&mut devices, &mut ledger, &mut n, 1).await;
     settle(&mut devices, &nginx, &ledger).await;
 
     // The node of the first device dies without a word.
@@ -288,15 +294,7 @@ async fn a_node_killed_behind_nginx_loses_nothing() {
     // After: everyone, reconnected devices included, sends once more.
     let cut_count = cut.len();
     let mut devices: Vec<Device> = cut.into_iter().chain(alive).collect();
-    for device in devices.iter_mut() {
-        let to = USERS[(USERS.iter().position(|u| *u == device.user).expect("a user") + 2) % USERS.len()];
-        n += 1;
-        device.send(to, n).await;
-        ledger.direct(Some(device.user), to, n);
-        n += 1;
-        device.publish(n).await;
-        ledger.room(n);
-    }
+    send_round(&mut devices, &mut ledger, &mut n, 2).await;
     settle(&mut devices, &nginx, &ledger).await;
     println!(
         "nginx: {} devices over 3 nodes; node {victim} killed under {cut_count} of them, which resumed on {:?}; {n} messages, all delivered",
