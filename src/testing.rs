@@ -27,6 +27,12 @@ pub(crate) fn redis_url() -> String {
     std::env::var("SWITCHYARD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
+/// `SWITCHYARD_TEST_REDIS_CLUSTER`, else the Redis Cluster `scripts/redis-cluster.sh start` runs.
+pub(crate) fn redis_cluster_url() -> String {
+    std::env::var("SWITCHYARD_TEST_REDIS_CLUSTER")
+        .unwrap_or_else(|_| "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002".into())
+}
+
 /// `SWITCHYARD_TEST_NATS`, else the NATS on the default port.
 pub(crate) fn nats_url() -> String {
     std::env::var("SWITCHYARD_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())

@@ -36,95 +36,154 @@ use crate::protocol::{RoomName, StreamId, UserId};
 #[derive(Clone, Debug)]
 pub struct Keys {
     prefix: String,
+    /// Redis Cluster: names carry hash tags (see [`Keys::cluster`]).
+    tagged: bool,
 }
 
 impl Keys {
+    /// The names on one Redis.
     pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.to_owned() }
+        Self { prefix: prefix.to_owned(), tagged: false }
     }
 
-    /// `P:<kind>:` followed by `parts`. Keys are built several times per message, so without
-    /// `format!`: one exact allocation, no formatting machinery.
-    fn key(&self, kind: &str, parts: &[&str]) -> String {
-        let len = self.prefix.len() + kind.len() + 2 + parts.iter().map(|p| p.len()).sum::<usize>();
+    /// The names on a Redis Cluster: the same, with a hash tag in each, so that every name a
+    /// script touches at once is in one slot. A stream's seq, log and idempotency keys and its
+    /// channel carry the stream (`{user:alice}`, `{room:lobby}`), and so do the user's cursor and
+    /// sessions and the room's members; an instance's indexes carry the instance
+    /// (`{n:<instance>}`), and the registry one tag of its own (`{registry}`).
+    pub fn cluster(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned(), tagged: true }
+    }
+
+    /// Whether the names carry hash tags (a Redis Cluster).
+    pub fn tagged(&self) -> bool {
+        self.tagged
+    }
+
+    /// `P:<kind>:` followed by `parts`, and on a cluster `{tag}` in between. Keys are built
+    /// several times per message, so without `format!`: one exact allocation, no formatting
+    /// machinery.
+    fn name(&self, kind: &str, tag: &[&str], parts: &[&str]) -> String {
+        let tag_len = if self.tagged { 2 + tag.iter().map(|p| p.len()).sum::<usize>() } else { 0 };
+        let len = self.prefix.len() + kind.len() + 2 + tag_len + parts.iter().map(|p| p.len()).sum::<usize>();
         let mut key = String::with_capacity(len);
         key.push_str(&self.prefix);
         key.push(':');
         key.push_str(kind);
         key.push(':');
+        if self.tagged {
+            key.push('{');
+            tag.iter().for_each(|p| key.push_str(p));
+            key.push('}');
+        }
         parts.iter().for_each(|p| key.push_str(p));
         key
     }
 
+    /// A name of `kind` for `stream`: `P:<kind>:<stream>`, on a cluster `P:<kind>:{<stream>}`.
+    fn of_stream(&self, kind: &str, stream: &StreamId) -> String {
+        let (what, name) = stream.parts();
+        if self.tagged { self.name(kind, &[what, name], &[]) } else { self.name(kind, &[], &[what, name]) }
+    }
+
+    fn of_user(&self, kind: &str, user: &UserId) -> String {
+        if self.tagged { self.name(kind, &["user:", user.as_str()], &[]) } else { self.name(kind, &[], &[user.as_str()]) }
+    }
+
+    fn of_room(&self, kind: &str, room: &RoomName) -> String {
+        if self.tagged { self.name(kind, &["room:", room.as_str()], &[]) } else { self.name(kind, &[], &[room.as_str()]) }
+    }
+
+    fn of_instance(&self, kind: &str, instance: &str) -> String {
+        if self.tagged { self.name(kind, &["n:", instance], &[]) } else { self.name(kind, &[], &[instance]) }
+    }
+
     pub fn seq(&self, stream: &StreamId) -> String {
-        let (kind, name) = stream.parts();
-        self.key("seq", &[kind, name])
+        self.of_stream("seq", stream)
     }
 
     pub fn log(&self, stream: &StreamId) -> String {
-        let (kind, name) = stream.parts();
-        self.key("log", &[kind, name])
+        self.of_stream("log", stream)
     }
 
     pub fn cursor(&self, user: &UserId) -> String {
-        self.key("cur", &[user.as_str()])
+        self.of_user("cur", user)
     }
 
-    pub fn idempotency(&self, scope: &str, key: &str) -> String {
-        self.key("idem", &[scope, ":", key])
+    /// The idempotency key of an append whose first entry is `stream` (on a cluster it shares
+    /// that stream's slot; an append split over slots has one per stream, see `store.rs`).
+    pub fn idempotency(&self, stream: Option<&StreamId>, scope: &str, key: &str) -> String {
+        match stream {
+            Some(stream) if self.tagged => {
+                let (what, name) = stream.parts();
+                self.name("idem", &[what, name], &[":", scope, ":", key])
+            }
+            _ => self.name("idem", &[], &[scope, ":", key]),
+        }
     }
 
     /// `P:us:<user>`: the user's sessions, cluster-wide.
     pub fn user_sessions(&self, user: &UserId) -> String {
-        self.key("us", &[user.as_str()])
+        self.of_user("us", user)
     }
 
     /// `P:rm:<room>`: the room's users.
     pub fn room_members(&self, room: &RoomName) -> String {
-        self.key("rm", &[room.as_str()])
+        self.of_room("rm", room)
+    }
+
+    /// `P:ri:{room:<room>}` (a cluster only): `<user>\n<instance>` for every instance that has
+    /// the user in the room, so that a room's count moves once per instance whatever is retried.
+    pub fn room_instances(&self, room: &RoomName) -> String {
+        self.of_room("ri", room)
     }
 
     /// `P:ns:<instance>`: the sessions an instance added.
     pub fn instance_sessions(&self, instance: &str) -> String {
-        self.key("ns", &[instance])
+        self.of_instance("ns", instance)
     }
 
     /// `P:nr:<instance>`: an instance's session memberships.
     pub fn instance_memberships(&self, instance: &str) -> String {
-        self.key("nr", &[instance])
+        self.of_instance("nr", instance)
     }
 
     /// `P:nm:<instance>`: an instance's sessions per (room, user).
     pub fn instance_rooms(&self, instance: &str) -> String {
-        self.key("nm", &[instance])
+        self.of_instance("nm", instance)
     }
 
     /// `P:nodes`: the registry of instances by last heartbeat.
     pub fn nodes(&self) -> String {
-        format!("{}:nodes", self.prefix)
+        if self.tagged { self.name("nodes", &["registry"], &[]) } else { format!("{}:nodes", self.prefix) }
     }
 
     /// `P:node:<instance>`: an instance's details.
     pub fn node(&self, instance: &str) -> String {
-        self.key("node", &[instance])
+        self.kind_prefix(KeyKind::Node) + instance
+    }
+
+    /// `P:reap:<instance>`: the lock of the node reaping the instance.
+    pub fn reap_lock(&self, instance: &str) -> String {
+        self.kind_prefix(KeyKind::ReapLock) + instance
     }
 
     /// The start of every name of `kind` (`P:us:`, say), for scripts that complete names
-    /// themselves from what they read.
+    /// themselves from what they read (one Redis only; the registry's names share its tag).
     pub fn kind_prefix(&self, kind: KeyKind) -> String {
-        let kind = match kind {
-            KeyKind::UserSessions => "us",
-            KeyKind::RoomMembers => "rm",
-            KeyKind::Node => "node",
-            KeyKind::ReapLock => "reap",
+        let (kind, tag): (&str, &[&str]) = match kind {
+            KeyKind::UserSessions => ("us", &[]),
+            KeyKind::RoomMembers => ("rm", &[]),
+            KeyKind::Node => ("node", &["registry"]),
+            KeyKind::ReapLock => ("reap", &["registry"]),
         };
-        self.key(kind, &[])
+        self.name(kind, tag, &[])
     }
 
     pub fn channel(&self, topic: &Topic) -> String {
         match topic {
-            Topic::User(user) => self.key("u", &[user.as_str()]),
-            Topic::Room(room) => self.key("r", &[room.as_str()]),
+            Topic::User(user) => self.of_user("u", user),
+            Topic::Room(room) => self.of_room("r", room),
             Topic::All => format!("{}:all", self.prefix),
         }
     }
@@ -136,10 +195,18 @@ impl Keys {
             return Some(Topic::All);
         }
         if let Some(user) = rest.strip_prefix("u:") {
-            return UserId::parse(user).ok().map(Topic::User);
+            return UserId::parse(self.untag(user, "user:")?).ok().map(Topic::User);
         }
         let room = rest.strip_prefix("r:")?;
-        RoomName::parse(room).ok().map(Topic::Room)
+        RoomName::parse(self.untag(room, "room:")?).ok().map(Topic::Room)
+    }
+
+    /// A channel's name part without its hash tag's braces and kind (`{user:alice}` → `alice`).
+    fn untag<'a>(&self, name: &'a str, what: &str) -> Option<&'a str> {
+        if !self.tagged {
+            return Some(name);
+        }
+        name.strip_prefix('{')?.strip_suffix('}')?.strip_prefix(what)
     }
 }
 
@@ -217,7 +284,7 @@ mod tests {
         assert_eq!(keys.seq(&stream), "sy:seq:room:a:b");
         assert_eq!(keys.log(&stream), "sy:log:room:a:b");
         assert_eq!(keys.cursor(&UserId::parse("bob").unwrap()), "sy:cur:bob");
-        assert_eq!(keys.idempotency("u:bob", "k1"), "sy:idem:u:bob:k1");
+        assert_eq!(keys.idempotency(Some(&stream), "u:bob", "k1"), "sy:idem:u:bob:k1");
         let (bob, lobby) = (UserId::parse("bob").unwrap(), RoomName::parse("lobby").unwrap());
         assert_eq!(keys.user_sessions(&bob), "sy:us:bob");
         assert_eq!(keys.room_members(&lobby), "sy:rm:lobby");
@@ -229,6 +296,42 @@ mod tests {
         assert_eq!(keys.kind_prefix(KeyKind::RoomMembers) + "lobby", keys.room_members(&lobby));
         assert_eq!(keys.kind_prefix(KeyKind::Node) + "n1@ab", keys.node("n1@ab"));
         assert_eq!(keys.kind_prefix(KeyKind::ReapLock) + "n1@ab", "sy:reap:n1@ab");
+    }
+
+    #[test]
+    fn cluster_names_keep_what_a_script_touches_in_one_slot() {
+        use crate::backend::redis::conn::slot;
+        let keys = Keys::cluster("sy");
+        let (bob, lobby) = (UserId::parse("bob").unwrap(), RoomName::parse("lobby").unwrap());
+        let (dm, room) = (StreamId::User(bob.clone()), StreamId::Room(lobby.clone()));
+        assert_eq!(keys.seq(&dm), "sy:seq:{user:bob}");
+        assert_eq!(keys.log(&room), "sy:log:{room:lobby}");
+        assert_eq!(keys.idempotency(Some(&dm), "u:al", "k1"), "sy:idem:{user:bob}:u:al:k1");
+        let user_slot = slot(keys.seq(&dm).as_bytes());
+        for name in [
+            keys.log(&dm),
+            keys.cursor(&bob),
+            keys.user_sessions(&bob),
+            keys.idempotency(Some(&dm), "u:al", "k1"),
+            keys.channel(&Topic::User(bob.clone())),
+        ] {
+            assert_eq!(slot(name.as_bytes()), user_slot, "{name}");
+        }
+        let room_slot = slot(keys.seq(&room).as_bytes());
+        for name in [keys.log(&room), keys.room_members(&lobby), keys.room_instances(&lobby)] {
+            assert_eq!(slot(name.as_bytes()), room_slot, "{name}");
+        }
+        assert_eq!(slot(keys.channel(&Topic::Room(lobby.clone())).as_bytes()), room_slot);
+        let instance = slot(keys.instance_sessions("n1@ab").as_bytes());
+        assert_eq!(slot(keys.instance_rooms("n1@ab").as_bytes()), instance);
+        assert_eq!(slot(keys.instance_memberships("n1@ab").as_bytes()), instance);
+        let registry = slot(keys.nodes().as_bytes());
+        assert_eq!(slot(keys.node("n1@ab").as_bytes()), registry);
+        assert_eq!(slot(keys.reap_lock("n2@cd").as_bytes()), registry);
+        for topic in [Topic::User(bob), Topic::Room(lobby), Topic::All] {
+            assert_eq!(keys.topic(&keys.channel(&topic)), Some(topic.clone()));
+            assert_eq!(Keys::new("sy").topic(&keys.channel(&topic)).is_some(), topic == Topic::All);
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! presence and the registry share. Every write script checks its deadline.
 
 pub(crate) mod bus;
+pub(crate) mod conn;
 pub(crate) mod keys;
 pub(crate) mod presence;
 pub(crate) mod registry;

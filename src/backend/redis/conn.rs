@@ -1,0 +1,263 @@
+//! A command connection to one Redis or to a Redis Cluster (`redis+cluster://`), behind one type,
+//! so that the store, presence and the registry send the same commands to either.
+//!
+//! On a cluster, redis-rs's cluster connection routes each command by its first key (a script by
+//! its first declared key), follows `MOVED`/`ASK`, reconnects, and reads `CLUSTER SLOTS` again
+//! when the topology changed. Every script this node sends to a cluster declares its keys and
+//! keeps them in one slot (the hash tags of `keys.rs`), and every pipeline stays in one slot.
+//!
+//! What the crate does not do is tell whether the cluster can serve every slot right now:
+//! [`Conn::ready`] checks that every slot has a master and that every master answers.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, Pipeline, ProtocolVersion, RedisFuture, RedisResult, Value};
+
+use super::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
+
+/// How many slots a Redis Cluster has.
+pub const SLOTS: u16 = 16384;
+
+/// A command connection: cheap to clone, multiplexed.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// Whether this is a Redis Cluster.
+    pub fn clustered(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+
+    /// Runs `cmd` on the master at `address` (`host:port`); on one Redis, on that Redis.
+    pub async fn on_node(&mut self, address: &(String, u16), cmd: Cmd) -> RedisResult<Value> {
+        match self {
+            Conn::Single(conn) => cmd.query_async(conn).await,
+            Conn::Cluster(conn) => {
+                let (host, port) = address.clone();
+                conn.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port })).await
+            }
+        }
+    }
+
+    /// The masters and the slot ranges each serves, from `CLUSTER SLOTS` on any node.
+    pub async fn slots(&mut self) -> RedisResult<Vec<SlotRange>> {
+        let value = match self {
+            Conn::Single(_) => return Ok(vec![SlotRange { first: 0, last: SLOTS - 1, master: None }]),
+            Conn::Cluster(conn) => {
+                let cmd = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
+                conn.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random)).await?
+            }
+        };
+        Ok(parse_slots(value))
+    }
+
+    /// Whether every slot has a master and every master answers a PING within `timeout` (on
+    /// one Redis: whether it answers).
+    pub async fn ready(&mut self, timeout: Duration) -> bool {
+        let check = async {
+            let ranges = self.slots().await.ok()?;
+            if !covers_every_slot(&ranges) {
+                return None;
+            }
+            let mut masters: Vec<(String, u16)> = ranges.into_iter().filter_map(|r| r.master).collect();
+            masters.sort();
+            masters.dedup();
+            if masters.is_empty() {
+                let _: String = redis::cmd("PING").query_async(self).await.ok()?;
+                return Some(());
+            }
+            let pings = masters.iter().map(|master| {
+                let mut conn = self.clone();
+                async move { conn.on_node(master, redis::cmd("PING")).await }
+            });
+            let answers = futures_util::future::join_all(pings).await;
+            answers.iter().all(Result::is_ok).then_some(())
+        };
+        matches!(tokio::time::timeout(timeout, check).await, Ok(Some(())))
+    }
+}
+
+/// Slots `first..=last` and their master's address (`None` on one Redis).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotRange {
+    pub first: u16,
+    pub last: u16,
+    pub master: Option<(String, u16)>,
+}
+
+/// The ranges of a `CLUSTER SLOTS` reply: `[first, last, [host, port, id, …], replicas…]` each.
+pub fn parse_slots(value: Value) -> Vec<SlotRange> {
+    let Value::Array(ranges) = value else { return Vec::new() };
+    ranges
+        .into_iter()
+        .filter_map(|range| {
+            let Value::Array(mut items) = range else { return None };
+            if items.len() < 3 {
+                return None;
+            }
+            let master = items.swap_remove(2);
+            let first: u16 = redis::from_redis_value(items[0].clone()).ok()?;
+            let last: u16 = redis::from_redis_value(items[1].clone()).ok()?;
+            let Value::Array(master) = master else { return None };
+            let host: String = redis::from_redis_value(master.first()?.clone()).ok()?;
+            let port: u16 = redis::from_redis_value(master.get(1)?.clone()).ok()?;
+            Some(SlotRange { first, last, master: Some((host, port)) })
+        })
+        .collect()
+}
+
+/// Whether `ranges` give every slot a master.
+pub fn covers_every_slot(ranges: &[SlotRange]) -> bool {
+    let mut sorted: Vec<(u16, u16)> = ranges.iter().map(|r| (r.first, r.last)).collect();
+    sorted.sort();
+    let mut next: u32 = 0;
+    for (first, last) in sorted {
+        if u32::from(first) > next {
+            return false;
+        }
+        next = next.max(u32::from(last) + 1);
+    }
+    next >= u32::from(SLOTS)
+}
+
+/// The seed nodes of a `redis+cluster://` (or `rediss+cluster://`) URL, as plain Redis URLs that
+/// carry its credentials: `redis+cluster://u:p@a:1,b:2/?x` → `redis://u:p@a:1/?x`, `redis://u:p@b:2/?x`.
+pub fn seeds(url: &str) -> anyhow::Result<Vec<String>> {
+    let shown = super::super::redact(url);
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| anyhow::anyhow!("{shown}: not a URL"))?;
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "redis+cluster" => "redis",
+        "rediss+cluster" => "rediss",
+        other => anyhow::bail!("{shown}: `{other}` is not a Redis Cluster scheme"),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (credentials, hosts) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    if tail.trim_start_matches('/').split(['?', '#']).next().is_some_and(|db| !db.is_empty() && db != "0") {
+        anyhow::bail!("{shown}: a Redis Cluster has database 0 only");
+    }
+    let seeds: Vec<String> =
+        hosts.split(',').filter(|h| !h.is_empty()).map(|host| format!("{scheme}://{credentials}{host}{tail}")).collect();
+    if seeds.is_empty() {
+        anyhow::bail!("{shown}: no HOST:PORT to start from");
+    }
+    Ok(seeds)
+}
+
+/// A cluster command connection from `url`'s seed nodes (RESP2: replies are plain values, and
+/// the bus has its own pub/sub connections).
+pub async fn cluster(url: &str) -> anyhow::Result<ClusterConnection> {
+    let shown = super::super::redact(url);
+    let client = ClusterClientBuilder::new(seeds(url)?)
+        .use_protocol(ProtocolVersion::RESP2)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .retries(2)
+        .min_retry_wait(50)
+        .max_retry_wait(500)
+        .build()
+        .map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+    let conn = tokio::time::timeout(RESPONSE_TIMEOUT * 2, client.get_async_connection())
+        .await
+        .map_err(|_| anyhow::anyhow!("{shown}: the Redis Cluster did not answer in time"))?
+        .map_err(|e| anyhow::anyhow!("{shown}: cannot reach the Redis Cluster: {e}"))?;
+    Ok(conn)
+}
+
+/// The hash slot of `key`: CRC16 (XMODEM) of its hash tag (the text between the first `{` and the
+/// next `}`, when not empty) or of the whole key, modulo [`SLOTS`].
+pub fn slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = key[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &key[open + 1..open + 1 + close])
+    });
+    crc16(tagged.unwrap_or(key)) % SLOTS
+}
+
+/// CRC16-XMODEM (polynomial 0x1021, initial 0), as Redis Cluster hashes keys.
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_redis_clusters() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"), "an empty tag hashes the whole key");
+        assert_ne!(slot(b"foo{}{bar}"), slot(b"bar"));
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+        assert_eq!(slot(b"foo{bar}{zap}"), slot(b"bar"));
+    }
+
+    #[test]
+    fn seeds_keep_credentials_and_options() {
+        assert_eq!(
+            seeds("redis+cluster://u:pw@a:7000,b:7001/?protocol=2").unwrap(),
+            ["redis://u:pw@a:7000/?protocol=2", "redis://u:pw@b:7001/?protocol=2"]
+        );
+        assert_eq!(seeds("rediss+cluster://a:1").unwrap(), ["rediss://a:1"]);
+        let e = seeds("redis+cluster://:secret@a:1/3").unwrap_err().to_string();
+        assert!(e.contains("database 0 only") && !e.contains("secret"), "{e}");
+        assert!(seeds("redis+cluster://").is_err());
+    }
+
+    #[test]
+    fn coverage_needs_every_slot() {
+        let range = |first, last| SlotRange { first, last, master: Some(("h".into(), 1)) };
+        assert!(covers_every_slot(&[range(5461, 10922), range(0, 5460), range(10923, 16383)]));
+        assert!(!covers_every_slot(&[range(0, 5460), range(10923, 16383)]));
+        assert!(!covers_every_slot(&[range(0, 16382)]));
+        assert!(!covers_every_slot(&[]));
+    }
+}
