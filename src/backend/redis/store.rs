@@ -437,9 +437,10 @@ impl Appends {
         let mut cmd = cluster::evalsha(&self.script, keys, args, room);
         for item in items.clone() {
             let request = &item.request;
+            let first = request.entries.first().map(|e| &e.stream);
             match &request.idempotency {
-                Some((scope, key)) => cmd.arg(self.keys.idempotency(scope, key)),
-                None => cmd.arg(self.keys.idempotency("-", "-")),
+                Some((scope, key)) => cmd.arg(self.keys.idempotency(first, scope, key)),
+                None => cmd.arg(self.keys.idempotency(first, "-", "-")),
             };
             for entry in &request.entries {
                 cmd.arg(self.keys.seq(&entry.stream)).arg(self.keys.log(&entry.stream));
