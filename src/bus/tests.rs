@@ -134,6 +134,7 @@ pub(crate) async fn open_redis(prefix: String) -> Option<Vec<BusNode>> {
         let clock = Arc::new(RedisClock::default());
         clock.sample(&mut commands).await.unwrap();
         let metrics = Arc::new(Metrics::new());
+        let commands = crate::backend::redis::Conn::Single(commands);
         let bus = RedisBus::connect(client, commands, clock, Keys::new(&prefix), metrics).await.unwrap();
         let sink = Arc::new(Recorder::default());
         bus.attach(sink.clone());

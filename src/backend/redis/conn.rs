@@ -174,8 +174,11 @@ pub fn seeds(url: &str) -> anyhow::Result<Vec<String>> {
     if tail.trim_start_matches('/').split(['?', '#']).next().is_some_and(|db| !db.is_empty() && db != "0") {
         anyhow::bail!("{shown}: a Redis Cluster has database 0 only");
     }
-    let seeds: Vec<String> =
-        hosts.split(',').filter(|h| !h.is_empty()).map(|host| format!("{scheme}://{credentials}{host}{tail}")).collect();
+    let seeds: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|host| format!("{scheme}://{credentials}{host}{tail}"))
+        .collect();
     if seeds.is_empty() {
         anyhow::bail!("{shown}: no HOST:PORT to start from");
     }

@@ -87,11 +87,19 @@ impl Keys {
     }
 
     fn of_user(&self, kind: &str, user: &UserId) -> String {
-        if self.tagged { self.name(kind, &["user:", user.as_str()], &[]) } else { self.name(kind, &[], &[user.as_str()]) }
+        if self.tagged {
+            self.name(kind, &["user:", user.as_str()], &[])
+        } else {
+            self.name(kind, &[], &[user.as_str()])
+        }
     }
 
     fn of_room(&self, kind: &str, room: &RoomName) -> String {
-        if self.tagged { self.name(kind, &["room:", room.as_str()], &[]) } else { self.name(kind, &[], &[room.as_str()]) }
+        if self.tagged {
+            self.name(kind, &["room:", room.as_str()], &[])
+        } else {
+            self.name(kind, &[], &[room.as_str()])
+        }
     }
 
     fn of_instance(&self, kind: &str, instance: &str) -> String {
