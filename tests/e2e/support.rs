@@ -46,6 +46,11 @@ pub enum Mode {
     /// A [`Mode::Cluster`] whose bus is the machine's RabbitMQ (see `amqp_server.rs`); store and
     /// presence stay on the private Redis.
     ClusterAmqp,
+    /// [`CLUSTER_SIZE`] in-process nodes on a Redis Cluster of 3 masters without replicas
+    /// (`--redis redis+cluster://…`): store, bus and presence sharded over the masters. The
+    /// cluster is shared by every test of the process ([`crate::redis_server::shared_cluster`]);
+    /// the test's `--prefix` keeps its keys and channels apart.
+    ClusterRedisCluster,
 }
 
 /// The faults of [`Mode::Faulty`].
@@ -60,12 +65,12 @@ impl Mode {
 
 /// Writes one end-to-end test once and runs it in every deployment: the body becomes
 /// `name::single`, `name::cluster`, `name::faulty_bus`, `name::postgres`,
-/// `name::cluster_postgres`, `name::cluster_nats_bus`, `name::cluster_nats` and
-/// `name::cluster_amqp`, each called with its [`Mode`].
+/// `name::cluster_postgres`, `name::cluster_nats_bus`, `name::cluster_nats`, `name::cluster_amqp`
+/// and `name::cluster_redis_cluster`, each called with its [`Mode`].
 /// Optional, in this order: doc comments, `#[tokio::test(...)]` arguments for every variant, and
 /// `#[cluster_ignore = "cluster: why"]`, which ignores the cluster variants only (a known server
-/// bug, named in the reason). Without Redis, PostgreSQL, NATS or RabbitMQ (outside CI) a variant
-/// that needs it prints SKIP and passes.
+/// bug, named in the reason). Without Redis (or `redis-cli`, for the Redis Cluster), PostgreSQL,
+/// NATS or RabbitMQ (outside CI) a variant that needs it prints SKIP and passes.
 macro_rules! both_modes {
     (
         $(#[doc = $doc:literal])*
@@ -139,6 +144,14 @@ macro_rules! both_modes {
                     body($crate::support::Mode::ClusterAmqp).await;
                 }
             }
+
+            #[tokio::test($($($flavor)*)?)]
+            $(#[ignore = $reason])?
+            async fn cluster_redis_cluster() {
+                if $crate::redis_server::cluster_available() {
+                    body($crate::support::Mode::ClusterRedisCluster).await;
+                }
+            }
         }
     };
 }
@@ -195,6 +208,11 @@ impl TestNode {
                     args.extend(["--bus".into(), crate::amqp_server::amqp_url()]);
                 }
                 Some(redis)
+            }
+            Mode::ClusterRedisCluster => {
+                let cluster = crate::redis_server::shared_cluster().expect("the shared Redis Cluster");
+                args.extend(["--redis".into(), cluster.url(), "--prefix".into(), prefix.clone()]);
+                None
             }
         };
         let nats = match mode {
@@ -506,6 +524,26 @@ impl Client {
         client.welcome = client.next_frame().await;
         assert_eq!(client.welcome["type"], "welcome", "first frame is the welcome");
         client
+    }
+
+    /// Like [`Client::new`], for a node that may refuse: `None` when the first frame is not a
+    /// welcome or nothing came within `wait`.
+    pub async fn try_new(ws: WebSocketStream<MaybeTlsStream<TcpStream>>, node: usize, wait: Duration) -> Option<Self> {
+        let mut client = Self { ws, welcome: Value::Null, node, buffered: VecDeque::new(), next_id: 0 };
+        loop {
+            let message = tokio::time::timeout(wait, client.ws.next()).await.ok()??.ok()?;
+            if let Some(text) = message.as_text() {
+                let frame: Value = serde_json::from_str(text).ok()?;
+                if frame["type"] != "welcome" {
+                    return None;
+                }
+                client.welcome = frame;
+                return Some(client);
+            }
+            if message.is_close() {
+                return None;
+            }
+        }
     }
 
     pub fn session(&self) -> String {
