@@ -26,6 +26,7 @@ mod openapi;
 mod operations;
 mod outbox;
 mod proxy;
+mod redis_cluster;
 mod repair;
 mod rolling;
 mod rooms;

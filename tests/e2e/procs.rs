@@ -60,6 +60,13 @@ impl Cluster {
         Some((cluster, proxy))
     }
 
+    /// This cluster with `--redis url` for every node started after instead of its private
+    /// Redis (which keeps running, unused): e.g. a Redis Cluster's `redis+cluster://…`.
+    pub fn with_redis(mut self, url: String) -> Self {
+        self.redis_url = url;
+        self
+    }
+
     /// This cluster with its bus at `url` (e.g. RabbitMQ's), for every node started after.
     pub fn with_bus(mut self, url: String) -> Self {
         self.bus = Some(url);
