@@ -33,9 +33,9 @@ pub(crate) fn redis_cluster_url() -> String {
 
 /// A command connection to the test Redis Cluster, or `None` (see [`absent`]) when it is not
 /// running (`scripts/redis-cluster.sh start` runs one).
-pub(crate) async fn redis_cluster(test: &str) -> Option<redis::cluster_async::ClusterConnection> {
+pub(crate) async fn redis_cluster(test: &str) -> Option<Conn> {
     let url = redis_cluster_url();
-    match tokio::time::timeout(Duration::from_secs(5), crate::backend::redis::conn::cluster(&url)).await {
+    match tokio::time::timeout(Duration::from_secs(5), Conn::cluster(&url)).await {
         Ok(Ok(conn)) => Some(conn),
         Ok(Err(e)) => absent(test, &format!("no Redis Cluster at {url} (scripts/redis-cluster.sh start): {e:#}")),
         Err(_) => absent(test, &format!("no Redis Cluster at {url}: timed out after 5 s")),
@@ -85,7 +85,7 @@ impl TestRedis {
 
     /// [`TestRedis::start`] on the test Redis Cluster ([`redis_cluster_url`]).
     pub(crate) async fn start_cluster(test: &str) -> Option<Self> {
-        let mut conn = Conn::Cluster(redis_cluster(test).await?);
+        let mut conn = redis_cluster(test).await?;
         let clock = Arc::new(RedisClock::default());
         clock.sample(&mut conn).await.unwrap();
         Some(Self { conn, clock, prefix: unique_prefix() })

@@ -160,7 +160,7 @@ impl Shared {
                         .map_err(|_| anyhow::anyhow!("{}: not a valid Redis Cluster URL", super::redact(url)))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            (Server::Cluster(seeds), Conn::Cluster(conn::cluster(url).await?))
+            (Server::Cluster(seeds), Conn::cluster(url).await?)
         } else {
             let client = client(url)?;
             let commands = commands(&client, url).await?;

@@ -694,8 +694,8 @@ impl Store for RedisStore {
 
     async fn ready(&self) -> bool {
         let mut conn = self.appends.conn.clone();
-        if conn.clustered() {
-            return conn.ready(PING_TIMEOUT).await;
+        if conn.clustered() || self.appends.wait_replicas > 0 {
+            return conn.ready_with_replicas(PING_TIMEOUT, self.appends.wait_replicas).await;
         }
         let ping = redis::cmd("PING");
         matches!(tokio::time::timeout(PING_TIMEOUT, ping.query_async::<String>(&mut conn)).await, Ok(Ok(_)))
