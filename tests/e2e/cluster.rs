@@ -336,7 +336,7 @@ async fn registry_heals_after_sigkill_on_nats() {
 
 /// A SIGKILLed node leaves the node list and presence, and its users leave their rooms, with the
 /// events; a SIGTERMed one leaves at once.
-pub(crate) async fn registry_heals(cluster: Cluster) {
+async fn registry_heals(cluster: Cluster) {
     let n1 = cluster.node("n1").await;
     let mut n2 = cluster.node("n2").await;
     let mut n3 = cluster.node("n3").await;

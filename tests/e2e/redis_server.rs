@@ -170,6 +170,9 @@ type SlotRange = (u16, u16, u16);
 pub struct RedisCluster {
     /// Every server's client port, in start order.
     pub ports: Vec<u16>,
+    /// Every server's cluster bus port, in the same order.
+    bus_ports: Vec<u16>,
+    node_timeout: Duration,
     children: Vec<Option<Child>>,
     /// The slot ranges once the cluster was created, sorted by first slot.
     initial: Vec<SlotRange>,
@@ -192,11 +195,18 @@ impl RedisCluster {
             return None;
         }
         let count = masters * (1 + replicas);
-        let mut cluster = Self { ports: Vec::new(), children: Vec::new(), initial: Vec::new(), dir };
+        let mut cluster = Self {
+            ports: Vec::new(),
+            bus_ports: Vec::new(),
+            node_timeout,
+            children: Vec::new(),
+            initial: Vec::new(),
+            dir,
+        };
         // The ports are free when picked and taken when the servers bind, so a parallel test
         // may take one first (see `RedisServer::start_checked`): then start again elsewhere.
         for attempt in 1..=5 {
-            match cluster.spawn_all(count, node_timeout).and_then(|()| cluster.create(replicas)) {
+            match cluster.spawn_all(count).and_then(|()| cluster.create(replicas)) {
                 Ok(()) => return Some(cluster),
                 Err(why) if attempt < 5 => {
                     eprintln!("Redis Cluster start failed ({why}); retrying on other ports");
@@ -210,38 +220,81 @@ impl RedisCluster {
 
     /// Starts `count` servers on fresh ports and checks that each port is served by its own
     /// child.
-    fn spawn_all(&mut self, count: usize, node_timeout: Duration) -> Result<(), String> {
+    fn spawn_all(&mut self, count: usize) -> Result<(), String> {
         let ports = free_ports(2 * count);
         self.ports = ports[..count].to_vec();
-        self.children = Vec::new();
-        for (i, &port) in self.ports.iter().enumerate() {
-            let mut command = Command::new("redis-server");
-            command
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--cluster-enabled", "yes", "--cluster-port", &ports[count + i].to_string()])
-                .args(["--cluster-node-timeout", &node_timeout.as_millis().to_string()])
-                .arg("--cluster-config-file")
-                .arg(self.dir.path().join(format!("nodes-{port}.conf")))
-                .arg("--logfile")
-                .arg(self.dir.path().join(format!("redis-{port}.log")))
-                .arg("--dir")
-                .arg(self.dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            self.children.push(Some(spawn_tied(command).map_err(|e| format!("redis-server: {e}"))?));
+        self.bus_ports = ports[count..].to_vec();
+        self.children = (0..count).map(|_| None).collect();
+        for i in 0..count {
+            self.spawn(i)?;
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        for (i, &port) in self.ports.iter().enumerate() {
-            let pid = self.children[i].as_ref().map(Child::id).unwrap_or_default();
-            while !serves(port, pid) {
-                let exited = self.children[i].as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
-                if exited || Instant::now() > deadline {
-                    return Err(format!("port {port} is not served by its redis-server"));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        for i in 0..count {
+            self.wait_served(i, deadline)?;
         }
         Ok(())
+    }
+
+    /// Starts server `i` on its ports with its `nodes.conf` (a server that was killed comes back
+    /// as the cluster member it was).
+    fn spawn(&mut self, i: usize) -> Result<(), String> {
+        let port = self.ports[i];
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--cluster-enabled", "yes", "--cluster-port", &self.bus_ports[i].to_string()])
+            .args(["--cluster-node-timeout", &self.node_timeout.as_millis().to_string()])
+            // A replica's first sync starts at once, not after the default 5 s wait for more
+            // replicas to share it.
+            .args(["--repl-diskless-sync-delay", "0"])
+            .arg("--cluster-config-file")
+            .arg(self.dir.path().join(format!("nodes-{port}.conf")))
+            .arg("--logfile")
+            .arg(self.dir.path().join(format!("redis-{port}.log")))
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.children[i] = Some(spawn_tied(command).map_err(|e| format!("redis-server: {e}"))?);
+        Ok(())
+    }
+
+    /// Waits until server `i`'s port is served by its own child.
+    fn wait_served(&mut self, i: usize, deadline: Instant) -> Result<(), String> {
+        let port = self.ports[i];
+        let pid = self.children[i].as_ref().map(Child::id).unwrap_or_default();
+        while !serves(port, pid) {
+            let exited = self.children[i].as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited || Instant::now() > deadline {
+                return Err(format!("port {port} is not served by its redis-server"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Starts server `i` again after [`RedisCluster::kill`], on the same ports with its
+    /// `nodes.conf` and without data, as a crashed machine comes back: a master that was failed
+    /// over rejoins as a replica of the server that took its slots.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "server {i} is running");
+        self.spawn(i).unwrap_or_else(|e| panic!("restart of server {i}: {e}"));
+        self.wait_served(i, Instant::now() + Duration::from_secs(10)).unwrap_or_else(|e| panic!("restart: {e}"));
+    }
+
+    /// Waits (up to 60 s) until the master on `port` has `replicas` replicas in sync (`state=online`
+    /// in its `INFO replication`), so that a `WAIT` for them can be answered.
+    pub async fn wait_replicated(&self, port: u16, replicas: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let online = query(port, "INFO replication")
+                .map(|info| info.lines().filter(|l| l.starts_with("slave") && l.contains("state=online")).count());
+            if online.is_some_and(|n| n >= replicas) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "master {port} has no {replicas} replicas in sync within 60 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// `redis-cli --cluster create`, then waits until the cluster has settled.
