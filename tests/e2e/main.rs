@@ -1,6 +1,7 @@
 //! End-to-end tests: real nodes on port 0, real WebSocket clients, as PROTOCOL.md describes.
 
 mod amqp_server;
+mod failover_load;
 mod fault_proxy;
 mod nats_server;
 mod nginx_server;
