@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::cluster::ms;
 use crate::failover_load::{Kind, ROOM, Shared, device, history, sender, watch_ready};
 use crate::procs::{Cluster, http_within};
-use crate::redis_server::{RedisCluster, shared_cluster};
+use crate::redis_server::{RedisCluster, query, shared_cluster};
 
 /// `count` user names whose streams' slots are served by master `on` (or by any other master,
 /// when `on_it` is false), so that the kill hits some of the users' streams and spares others.
@@ -96,6 +96,8 @@ async fn failover(test: &str, wait: u32) -> Option<Report> {
     }
 
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let keys = query(doomed, "DBSIZE").and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    assert!(keys > 0, "the master to kill holds none of the test's keys");
     shared.killed.store(true, Ordering::Relaxed);
     let killed = Instant::now();
     redis.kill(redis.index_of(doomed));
