@@ -41,16 +41,17 @@ pub(crate) struct Acked {
     pub(crate) also_in: Option<String>,
     /// From the first attempt to the acknowledgement.
     pub(crate) latency: Duration,
-    /// Whether it was first sent before the master was killed.
-    pub(crate) before_kill: bool,
+    /// Whether it was acknowledged before the fault began (the replica's stall, then the
+    /// master's death).
+    pub(crate) before_fault: bool,
 }
 
-/// What the senders share: when to stop, whether the kill happened, and how many `unavailable`
+/// What the senders share: when to stop, whether the fault began, and how many `unavailable`
 /// answers (and unanswered attempts) they met.
 #[derive(Default)]
 pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
-    pub(crate) killed: AtomicBool,
+    pub(crate) faulted: AtomicBool,
     pub(crate) refused: AtomicUsize,
 }
 
@@ -193,7 +194,6 @@ pub(crate) async fn sender(
     while !shared.stop.load(Ordering::Relaxed) {
         let body = format!("{name}-{n}");
         let to = &users[n % users.len()];
-        let before_kill = !shared.killed.load(Ordering::Relaxed);
         let started = Instant::now();
         let (stream, seq, also_in) = match kind {
             Kind::Direct => {
@@ -218,7 +218,8 @@ pub(crate) async fn sender(
             }
         };
         let seq = seq.as_u64().unwrap_or_else(|| panic!("{body}: an acknowledgement without a seq"));
-        acked.push(Acked { stream, seq, body, also_in, latency: started.elapsed(), before_kill });
+        let before_fault = !shared.faulted.load(Ordering::Relaxed);
+        acked.push(Acked { stream, seq, body, also_in, latency: started.elapsed(), before_fault });
         n += 1;
         tokio::time::sleep(PACE).await;
     }

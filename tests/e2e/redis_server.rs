@@ -396,6 +396,37 @@ impl RedisCluster {
         self.ports.iter().position(|&p| p == port).unwrap_or_else(|| panic!("no server of this cluster on {port}"))
     }
 
+    /// The port of a replica of the master on `master`, as the first live server sees it.
+    pub fn replica_of(&self, master: u16) -> u16 {
+        let nodes = self.alive_ports().find_map(|p| query(p, "CLUSTER NODES")).expect("a live server answers");
+        let rows: Vec<Vec<&str>> = nodes.lines().map(|l| l.split_whitespace().collect()).collect();
+        let port = |row: &Vec<&str>| row[1].split(['@', ',']).next()?.rsplit(':').next()?.parse::<u16>().ok();
+        let id = rows.iter().find(|r| r.len() > 3 && port(r) == Some(master)).map(|r| r[0]);
+        let id = id.unwrap_or_else(|| panic!("no server on {master} in {nodes}"));
+        rows.iter()
+            .filter(|r| r.len() > 3 && r[3] == id)
+            .find_map(port)
+            .unwrap_or_else(|| panic!("master {master} has no replica: {nodes}"))
+    }
+
+    /// SIGSTOPs server `i` (`resume` undoes it): it keeps its connections but does nothing, as a
+    /// process that is stalled or swapped out.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    /// SIGCONTs server `i` after [`RedisCluster::pause`].
+    pub fn resume(&self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, signal: libc::c_int) {
+        let pid = self.children[i].as_ref().map(Child::id).unwrap_or_else(|| panic!("server {i} is not running"));
+        // SAFETY: kill(2) on a child this value owns and has not reaped.
+        let sent = unsafe { libc::kill(pid as libc::pid_t, signal) };
+        assert_eq!(sent, 0, "signal {signal} to redis-server {pid}: {}", std::io::Error::last_os_error());
+    }
+
     /// SIGKILLs server `i` (an index in [`RedisCluster::ports`]): it vanishes without a word.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.children[i].take() {
