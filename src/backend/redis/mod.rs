@@ -9,6 +9,7 @@ pub(crate) mod conn;
 pub(crate) mod keys;
 pub(crate) mod presence;
 pub(crate) mod registry;
+pub(crate) mod sharded;
 pub(crate) mod store;
 mod subscriber;
 
@@ -209,7 +210,11 @@ pub fn evalsha(script: &Script, keys: usize, args: usize, bytes: usize) -> Cmd {
 
 /// Runs `cmd`, built by [`evalsha`] for `script`; loads the script and runs it again when Redis
 /// does not know it (it restarted, or its scripts were flushed).
-pub async fn eval<T: FromRedisValue>(conn: &mut ConnectionManager, script: &Script, cmd: &Cmd) -> RedisResult<T> {
+pub async fn eval<T: FromRedisValue, C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    script: &Script,
+    cmd: &Cmd,
+) -> RedisResult<T> {
     match cmd.query_async(conn).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
             script.load_async(conn).await?;
