@@ -361,6 +361,11 @@ impl RedisShardedBus {
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(conn.clustered(), "the sharded bus needs a Redis Cluster");
         let seed = seeds.into_iter().next().ok_or_else(|| anyhow::anyhow!("no Redis Cluster node to start from"))?;
+        // The masters' addresses come from CLUSTER SLOTS; the seed gives them its way in.
+        anyhow::ensure!(
+            matches!(seed.addr(), ConnectionAddr::Tcp(..)),
+            "the Redis Cluster bus connects to the masters over plain TCP only (no TLS, no socket)"
+        );
         let shared = Arc::new(Shared {
             keys,
             interests: Interests::default(),
@@ -402,15 +407,24 @@ enum Round {
     /// Nothing to do.
     Idle,
     Done,
-    /// Something is left to try again after a pause: the reason.
-    Failed(String),
+    /// Something is left to try again after a pause.
+    Failed(Failure),
+}
+
+/// Why something is left to try again.
+#[derive(PartialEq)]
+enum Failure {
+    /// A slot moved (a `MOVED` answer, a slot map that changed meanwhile): expected while slots
+    /// migrate, and not worth a warning.
+    Moved,
+    Error(String),
 }
 
 /// Applies changes of interest in rounds: reads the slot map when it may be out of date, then
 /// writes each master its commands at once, every master at the same time.
 async fn manage_subscriptions(shared: Weak<Shared>, changed: Arc<Notify>, mut conn: Conn) {
     let mut delay = RETRY_MIN;
-    let mut last_failure: Option<String> = None;
+    let mut last_failure: Option<Failure> = None;
     loop {
         let notified = changed.notified();
         let Some(strong) = shared.upgrade() else { return };
@@ -422,13 +436,15 @@ async fn manage_subscriptions(shared: Weak<Shared>, changed: Arc<Notify>, mut co
                 delay = RETRY_MIN;
                 last_failure = None;
             }
-            Round::Failed(why) => {
+            Round::Failed(failure) => {
                 // Once per kind of failure, not per retry: a failover fails every round for
                 // seconds, and the health task already says the bus is not ready.
-                if last_failure.as_ref() != Some(&why) {
+                if let Failure::Error(why) = &failure
+                    && last_failure.as_ref() != Some(&failure)
+                {
                     tracing::warn!(error = %why, "redis cluster subscription change failed; retrying");
-                    last_failure = Some(why);
                 }
+                last_failure = Some(failure);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(RETRY_MAX);
             }
@@ -442,7 +458,7 @@ async fn apply_pending(shared: &Arc<Shared>, conn: &mut Conn) -> Round {
         && let Err(e) = shared.refresh(conn).await
     {
         shared.stale.store(true, Ordering::Release);
-        return Round::Failed(format!("reading the slot map: {e}"));
+        return Round::Failed(Failure::Error(format!("reading the slot map: {e}")));
     }
     let (subscribe, unsubscribe) = shared.interests.pending(BATCH);
     if subscribe.is_empty() && unsubscribe.is_empty() {
@@ -479,11 +495,13 @@ async fn apply_pending(shared: &Arc<Shared>, conn: &mut Conn) -> Round {
     }
     shared.interests.confirm(&gone, false);
     let rounds = plans.into_iter().map(|(addr, plan)| send_plan(shared, addr, plan));
-    let failures: Vec<String> = futures_util::future::join_all(rounds).await.into_iter().flatten().collect();
+    let mut failures: Vec<Failure> = futures_util::future::join_all(rounds).await.into_iter().flatten().collect();
+    // An error is worth telling; a moved slot only worth retrying.
+    failures.sort_by_key(|failure| *failure == Failure::Moved);
     shared.resync_if_recovered();
     if homeless {
         shared.stale.store(true, Ordering::Release);
-        return Round::Failed("a slot has no master".into());
+        return Round::Failed(Failure::Error("a slot has no master".into()));
     }
     match failures.into_iter().next() {
         Some(why) => Round::Failed(why),
@@ -493,7 +511,7 @@ async fn apply_pending(shared: &Arc<Shared>, conn: &mut Conn) -> Round {
 
 /// Sends one master its plan in one write and records the outcome of each slot's command;
 /// answers the first failure.
-async fn send_plan(shared: &Arc<Shared>, addr: Addr, plan: Plan) -> Option<String> {
+async fn send_plan(shared: &Arc<Shared>, addr: Addr, plan: Plan) -> Option<Failure> {
     let unsubscribed: Vec<String> = plan.unsubscribe.values().flatten().cloned().collect();
     let (id, subscriber) = match shared.link(&addr).await {
         Ok(link) => link,
@@ -501,7 +519,7 @@ async fn send_plan(shared: &Arc<Shared>, addr: Addr, plan: Plan) -> Option<Strin
             // Its channels stay pending; the unsubscribed ones went with the old connection.
             shared.interests.confirm(&unsubscribed, false);
             shared.stale.store(true, Ordering::Release);
-            return Some(format!("connecting to {}: {e}", format_addr(&addr)));
+            return Some(Failure::Error(format!("connecting to {}: {e}", format_addr(&addr))));
         }
     };
     let mut batch = Batch::default();
@@ -528,14 +546,17 @@ async fn send_plan(shared: &Arc<Shared>, addr: Addr, plan: Plan) -> Option<Strin
                 } else {
                     // The connection dropped or the slot moved meanwhile: subscribe again.
                     shared.stale.store(true, Ordering::Release);
-                    failure.get_or_insert_with(|| format!("slot {slot} moved while subscribing"));
+                    failure.get_or_insert(Failure::Moved);
                 }
             }
             Err(e) => {
-                if e.to_string().contains("MOVED") {
+                if e.to_string().starts_with("redis: MOVED ") {
+                    tracing::debug!(slot, error = %e, "redis moved a slot: reading the slot map again");
                     shared.stale.store(true, Ordering::Release);
+                    failure.get_or_insert(Failure::Moved);
+                } else {
+                    failure.get_or_insert_with(|| Failure::Error(format!("{}: {e}", format_addr(&addr))));
                 }
-                failure.get_or_insert_with(|| format!("{}: {e}", format_addr(&addr)));
             }
         }
     }

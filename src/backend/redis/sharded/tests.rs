@@ -1,7 +1,7 @@
 //! The sharded bus against real Redis Clusters. The one `scripts/redis-cluster.sh start` runs
 //! (`SWITCHYARD_TEST_REDIS_CLUSTER`, ports 7000-7005) serves the tests that leave its topology
 //! alone; a test that moves a slot or kills a master starts a cluster of its own with the same
-//! script (ports 7100-7105 and 7110-7115) and stops it at the end. Without a cluster (or
+//! script (ports 7100-7105, 7110-7115 and 7120-7125) and stops it at the end. Without a cluster (or
 //! `redis-server`) the tests are skipped with a printed reason, except under `CI=true`.
 
 use std::future::Future;
@@ -74,9 +74,7 @@ impl Node {
 
     /// The master that serves `channel`'s slot now.
     async fn owner(&self, channel: &str) -> Addr {
-        let mut ranges = self.conn.clone().slots().await.unwrap();
-        ranges.sort_by_key(|r| r.first);
-        master_of(&ranges, slot(channel.as_bytes())).unwrap().clone()
+        master_of(&self.ranges().await, slot(channel.as_bytes())).unwrap().clone()
     }
 
     /// This test's channels that `master` has subscribers for.
@@ -91,6 +89,30 @@ impl Node {
     /// Each node's answer to a command sent to `master`.
     async fn on(&self, master: &Addr, cmd: redis::Cmd) -> Value {
         self.conn.clone().on_node(master, cmd).await.unwrap()
+    }
+
+    /// Moves `slot` (holding no keys) from master `from` to master `to`, as `redis-cli
+    /// --cluster reshard` does, and tells every master.
+    async fn migrate(&self, slot: u16, from: &Addr, to: &Addr) {
+        let id = |value| redis::from_redis_value::<String>(value).unwrap();
+        let from_id = id(self.on(from, redis::cmd("CLUSTER").arg("MYID").to_owned()).await);
+        let to_id = id(self.on(to, redis::cmd("CLUSTER").arg("MYID").to_owned()).await);
+        let setslot =
+            |state: &str, id: &str| redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg(state).arg(id).to_owned();
+        self.on(to, setslot("IMPORTING", &from_id)).await;
+        self.on(from, setslot("MIGRATING", &to_id)).await;
+        let others: Vec<Addr> = self.masters().await.into_iter().filter(|m| m != from && m != to).collect();
+        for master in [to, from].into_iter().chain(&others) {
+            self.on(master, setslot("NODE", &to_id)).await;
+        }
+        assert_eq!(master_of(&self.ranges().await, slot), Some(to));
+    }
+
+    /// `CLUSTER SLOTS` now, by first slot.
+    async fn ranges(&self) -> Vec<SlotRange> {
+        let mut ranges = self.conn.clone().slots().await.unwrap();
+        ranges.sort_by_key(|r| r.first);
+        ranges
     }
 
     /// Publishes `label` to each topic, retrying for a while what the cluster refuses (a
@@ -241,6 +263,17 @@ impl Drop for OwnCluster {
     }
 }
 
+#[test]
+fn a_slot_is_found_in_its_range_and_nowhere_else() {
+    let range = |first, last, port| SlotRange { first, last, master: Some(("h".to_owned(), port)) };
+    let ranges = [range(0, 99, 1), range(100, 100, 2), range(200, 16383, 3)];
+    let port = |slot| master_of(&ranges, slot).map(|addr| addr.1);
+    assert_eq!([port(0), port(99), port(100), port(200), port(16383)], [Some(1), Some(1), Some(2), Some(3), Some(3)]);
+    assert_eq!(port(101), None, "a slot with no master");
+    assert_eq!(port(199), None);
+    assert_eq!(master_of(&[], 0), None);
+}
+
 /// (a) one connection per master holding only that master's channels, (b) a message to every
 /// channel arrives once, (c) unsubscribing drops them all.
 #[tokio::test]
@@ -291,20 +324,9 @@ async fn a_migrated_slot_is_subscribed_on_its_new_master() {
     assert_one_connection_per_master(&node).await;
 
     let moving = node.keys.channel(&topics[1]);
-    let slot = slot(moving.as_bytes());
     let from = node.owner(&moving).await;
-    let masters = node.masters().await;
-    let to = masters.iter().find(|m| **m != from).unwrap().clone();
-    let id = |value| redis::from_redis_value::<String>(value).unwrap();
-    let from_id = id(node.on(&from, redis::cmd("CLUSTER").arg("MYID").to_owned()).await);
-    let to_id = id(node.on(&to, redis::cmd("CLUSTER").arg("MYID").to_owned()).await);
-    let setslot = |state: &str, id: &str| redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg(state).arg(id).to_owned();
-    node.on(&to, setslot("IMPORTING", &from_id)).await;
-    node.on(&from, setslot("MIGRATING", &to_id)).await;
-    for master in [&to, &from].into_iter().chain(masters.iter().filter(|m| **m != from && **m != to)) {
-        node.on(master, setslot("NODE", &to_id)).await;
-    }
-    assert_eq!(node.owner(&moving).await, to);
+    let to = node.masters().await.into_iter().find(|m| *m != from).unwrap();
+    node.migrate(slot(moving.as_bytes()), &from, &to).await;
 
     let moved = eventually(WAIT, || async { node.channels_on(&to).await.contains(&moving) }).await;
     assert!(moved, "subscribed again on the slot's new master");
@@ -316,6 +338,54 @@ async fn a_migrated_slot_is_subscribed_on_its_new_master() {
     assert!(node.bus.ready().await);
     node.publish_all(&topics, "after").await;
     assert!(node.seen.events.until(|| node.each_once(&topics, "after")).await, "messages arrive after the move");
+    assert_eq!(node.seen.resyncs.load(Ordering::SeqCst), 1, "one catch-up");
+
+    // A channel nobody subscribed to yet, whose slot moves just before it is subscribed: the
+    // bus's slot map is likely still the old one (it reads it every second), so the SSUBSCRIBE
+    // goes to the old master, which answers MOVED.
+    let mut fresh = Vec::new();
+    for i in 0.. {
+        let topic = room_topic(&format!("fresh{i}"));
+        let channel = node.keys.channel(&topic);
+        let slot = slot(channel.as_bytes());
+        if node.owner(&channel).await == from && fresh.iter().all(|(_, s)| *s != slot) {
+            fresh.push((topic, slot));
+        }
+        if fresh.len() == 3 {
+            break;
+        }
+    }
+    for (_, slot) in &fresh {
+        node.migrate(*slot, &from, &to).await;
+    }
+    let fresh: Vec<Topic> = fresh.into_iter().map(|(topic, _)| topic).collect();
+    subscribe_all(&node.bus, &fresh).await;
+    node.publish_all(&fresh, "fresh").await;
+    assert!(node.seen.events.until(|| node.each_once(&fresh, "fresh")).await, "subscribed where the slot is now");
+    let all: Vec<Topic> = topics.iter().chain(&fresh).cloned().collect();
+    assert_placed(&node, &all).await;
+    assert_eq!(node.seen.resyncs.load(Ordering::SeqCst), 1, "nothing subscribed was lost");
+}
+
+/// A subscriber connection that Redis closes (the master stays): the bus connects again,
+/// subscribes its channels again and asks sessions to catch up.
+#[tokio::test]
+async fn a_closed_connection_is_replaced_and_its_channels_subscribed_again() {
+    let Some(cluster) = OwnCluster::start("sharded bus, closed connection", 7120) else { return };
+    let node = Node::open(&cluster.url, "sharded bus, closed connection").await.unwrap();
+    let topics = topics(30);
+    subscribe_all(&node.bus, &topics).await;
+    let master = node.owner(&node.keys.channel(&topics[0])).await;
+    let kill = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").to_owned();
+    let killed: i64 = redis::from_redis_value(node.on(&master, kill).await).unwrap();
+    assert_eq!(killed, 1, "one pub/sub connection on the master");
+    let resynced = eventually(WAIT, || async { node.seen.resyncs.load(Ordering::SeqCst) > 0 }).await;
+    assert!(resynced, "sessions are asked to catch up");
+    assert_placed(&node, &topics).await;
+    assert_one_connection_per_master(&node).await;
+    assert!(node.bus.ready().await);
+    node.publish_all(&topics, "after").await;
+    assert!(node.seen.events.until(|| node.each_once(&topics, "after")).await, "messages arrive again");
     assert_eq!(node.seen.resyncs.load(Ordering::SeqCst), 1, "one catch-up");
 }
 
