@@ -85,10 +85,17 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_DATA_SYNC", value_enum, default_value_t = DataSync::Always, value_name = "WHEN")]
     pub data_sync: DataSync,
 
-    /// Run as a cluster member over this Redis, e.g. redis://127.0.0.1:6379/0: short for the same
-    /// URL as --store, --bus and --presence, each of which beats it [default: none, single node]
+    /// Run as a cluster member over this Redis, e.g. redis://127.0.0.1:6379/0, or Redis Cluster,
+    /// e.g. redis+cluster://10.0.0.1:6379,10.0.0.2:6379: short for the same URL as --store, --bus
+    /// and --presence, each of which beats it [default: none, single node]
     #[arg(long, env = "SWITCHYARD_REDIS", value_name = "URL", hide_env_values = true)]
     pub redis: Option<String>,
+
+    /// A Redis store acknowledges an append only once N replicas have it (a WAIT after each
+    /// append; not confirmed within 1 s: `unavailable`, and a retry with the same key is safe).
+    /// 0 acknowledges what the master stored, which a failover may take back
+    #[arg(long, env = "SWITCHYARD_REDIS_WAIT_REPLICAS", default_value_t = 0, value_name = "N")]
+    pub redis_wait_replicas: usize,
 
     /// Run as a cluster member over this NATS with JetStream, e.g. nats://127.0.0.1:4222 (several
     /// servers comma-separated): short for the same URL as --store, --bus and --presence, each of

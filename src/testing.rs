@@ -5,10 +5,8 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-
 use crate::backend::nats::{Buckets, Instance as NatsInstance, NatsPresence, NatsRegistry, kv};
-use crate::backend::redis::{Instance, Keys, RedisClock, RedisPresence, RedisRegistry};
+use crate::backend::redis::{Conn, Instance, Keys, RedisClock, RedisPresence, RedisRegistry};
 
 /// A prefix no other test uses.
 pub(crate) fn unique_prefix() -> String {
@@ -33,6 +31,17 @@ pub(crate) fn redis_cluster_url() -> String {
         .unwrap_or_else(|_| "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002".into())
 }
 
+/// A command connection to the test Redis Cluster, or `None` (see [`absent`]) when it is not
+/// running (`scripts/redis-cluster.sh start` runs one).
+pub(crate) async fn redis_cluster(test: &str) -> Option<Conn> {
+    let url = redis_cluster_url();
+    match tokio::time::timeout(Duration::from_secs(5), Conn::cluster(&url)).await {
+        Ok(Ok(conn)) => Some(conn),
+        Ok(Err(e)) => absent(test, &format!("no Redis Cluster at {url} (scripts/redis-cluster.sh start): {e:#}")),
+        Err(_) => absent(test, &format!("no Redis Cluster at {url}: timed out after 5 s")),
+    }
+}
+
 /// `SWITCHYARD_TEST_NATS`, else the NATS on the default port.
 pub(crate) fn nats_url() -> String {
     std::env::var("SWITCHYARD_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -43,9 +52,10 @@ pub(crate) fn amqp_url() -> String {
     std::env::var("SWITCHYARD_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-/// A Redis for one test: a connection, a sampled clock and a prefix no other test uses.
+/// A Redis (or Redis Cluster) for one test: a connection, a sampled clock and a prefix no other
+/// test uses.
 pub(crate) struct TestRedis {
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: Conn,
     pub(crate) clock: Arc<RedisClock>,
     pub(crate) prefix: String,
 }
@@ -64,7 +74,7 @@ impl TestRedis {
         let client = crate::backend::redis::client(&url).unwrap();
         let connecting = crate::backend::redis::commands(&client, &url);
         let mut conn = match tokio::time::timeout(Duration::from_secs(3), connecting).await {
-            Ok(Ok(conn)) => conn,
+            Ok(Ok(conn)) => Conn::Single(conn),
             Ok(Err(e)) => return absent(test, &format!("no Redis at {url}: {e:#}")),
             Err(_) => return absent(test, &format!("no Redis at {url}: timed out after 3 s")),
         };
@@ -73,8 +83,19 @@ impl TestRedis {
         Some(Self { conn, clock, prefix: unique_prefix() })
     }
 
+    /// [`TestRedis::start`] on the test Redis Cluster ([`redis_cluster_url`]).
+    pub(crate) async fn start_cluster(test: &str) -> Option<Self> {
+        let mut conn = redis_cluster(test).await?;
+        let clock = Arc::new(RedisClock::default());
+        clock.sample(&mut conn).await.unwrap();
+        Some(Self { conn, clock, prefix: unique_prefix() })
+    }
+
     pub(crate) fn keys(&self) -> Keys {
-        Keys::new(&self.prefix)
+        match self.conn.clustered() {
+            true => Keys::cluster(&self.prefix),
+            false => Keys::new(&self.prefix),
+        }
     }
 
     /// A new process of node `id`: its presence and registry share one instance.
@@ -104,28 +125,30 @@ impl TestRedis {
         }
     }
 
-    /// Every key of this test (a SCAN is fine here: tests only).
+    /// Every key of this test (a SCAN of every master is fine here: tests only).
     pub(crate) async fn keys_left(&self) -> Vec<String> {
         let mut conn = self.conn.clone();
         let mut keys: Vec<String> = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}:*", self.prefix))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            keys.extend(page);
-            if next == 0 {
-                keys.sort();
-                return keys;
+        let mut masters: Vec<(String, u16)> =
+            conn.slots().await.unwrap().into_iter().map(|r| r.master.unwrap_or_default()).collect();
+        masters.sort();
+        masters.dedup();
+        for master in masters {
+            let mut cursor = 0u64;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor).arg("MATCH").arg(format!("{}:*", self.prefix)).arg("COUNT").arg(1000);
+                let (next, page): (u64, Vec<String>) =
+                    redis::from_redis_value(conn.on_node(&master, scan).await.unwrap()).unwrap();
+                keys.extend(page);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            cursor = next;
         }
+        keys.sort();
+        keys
     }
 
     /// Deletes every key of this test, as a Redis that restarted empty would have.

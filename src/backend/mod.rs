@@ -108,6 +108,8 @@ pub(crate) struct BackendConfig {
     /// Messages held per NATS subscription before the client drops new ones (tests only, see
     /// `--test-nats-subscription-capacity`).
     pub nats_subscription_capacity: Option<usize>,
+    /// Replicas that must confirm each append of a Redis store (`--redis-wait-replicas`).
+    pub redis_wait_replicas: usize,
 }
 
 /// The role a URL is given for, to name it in messages.
@@ -137,8 +139,6 @@ enum Scheme {
     Mysql,
     Nats,
     Amqp,
-    /// Part of the contract, built by a later release.
-    Later(&'static str),
 }
 
 fn scheme(role: Role, url: &str) -> anyhow::Result<Scheme> {
@@ -151,7 +151,7 @@ fn scheme(role: Role, url: &str) -> anyhow::Result<Scheme> {
         "embedded" => Scheme::Embedded,
         "memory" => Scheme::Memory,
         "redis" | "rediss" | "unix" | "redis+unix" => Scheme::Redis,
-        "redis+cluster" | "rediss+cluster" => Scheme::Later("Redis Cluster"),
+        "redis+cluster" | "rediss+cluster" => Scheme::Redis,
         "nats" | "tls" => Scheme::Nats,
         "amqp" | "amqps" => Scheme::Amqp,
         "postgres" | "postgresql" => Scheme::Postgres,
@@ -160,12 +160,9 @@ fn scheme(role: Role, url: &str) -> anyhow::Result<Scheme> {
     })
 }
 
-/// Refuses a backend this release does not have, or one the role cannot take.
-fn unsupported(role: Role, url: &str, what: Scheme) -> anyhow::Error {
-    match what {
-        Scheme::Later(name) => anyhow::anyhow!("{} {}: {name} is not built yet", role.flag(), redact(url)),
-        _ => anyhow::anyhow!("{} {}: this backend cannot hold the {} role", role.flag(), redact(url), role.name()),
-    }
+/// Refuses a backend the role cannot take.
+fn unsupported(role: Role, url: &str) -> anyhow::Error {
+    anyhow::anyhow!("{} {}: this backend cannot hold the {} role", role.flag(), redact(url), role.name())
 }
 
 impl Role {
@@ -193,7 +190,7 @@ impl BackendConfig {
             Scheme::Postgres => StoreConfig::Postgres { url: store_url.to_owned() },
             Scheme::Mysql => StoreConfig::Mysql { url: store_url.replacen("mariadb://", "mysql://", 1) },
             Scheme::Nats => StoreConfig::Nats { url: store_url.to_owned() },
-            other => return Err(unsupported(Role::Store, store_url, other)),
+            _ => return Err(unsupported(Role::Store, store_url)),
         };
         let bus = match scheme(Role::Bus, bus_url)? {
             Scheme::Memory => BusConfig::Memory,
@@ -205,13 +202,13 @@ impl BackendConfig {
                 amqp::validate_message_size(args.max_message_size)?;
                 BusConfig::Amqp { url: bus_url.to_owned() }
             }
-            other => return Err(unsupported(Role::Bus, bus_url, other)),
+            _ => return Err(unsupported(Role::Bus, bus_url)),
         };
         let presence = match scheme(Role::Presence, presence_url)? {
             Scheme::Memory => PresenceConfig::Memory,
             Scheme::Redis => PresenceConfig::Redis { url: presence_url.to_owned() },
             Scheme::Nats => PresenceConfig::Nats { url: presence_url.to_owned() },
-            other => return Err(unsupported(Role::Presence, presence_url, other)),
+            _ => return Err(unsupported(Role::Presence, presence_url)),
         };
         if bus != BusConfig::Memory {
             if matches!(store, StoreConfig::Embedded { .. }) {
@@ -243,6 +240,12 @@ impl BackendConfig {
         if matches!(bus, BusConfig::Nats { .. }) {
             nats::validate_prefix(&args.prefix)?;
         }
+        if args.redis_wait_replicas > 0 && !matches!(store, StoreConfig::Redis { .. }) {
+            bail!(
+                "--redis-wait-replicas needs a Redis store, but --store is {}: give --store redis://… or redis+cluster://…",
+                redact(store_url)
+            );
+        }
         let faults = args.test_bus_faults.as_deref().map(Faults::parse).transpose()?;
         Ok(Self {
             store,
@@ -254,6 +257,7 @@ impl BackendConfig {
             outbox: args.outbox,
             max_message_size: args.max_message_size,
             nats_subscription_capacity: args.test_nats_subscription_capacity,
+            redis_wait_replicas: args.redis_wait_replicas,
         })
     }
 }
@@ -291,11 +295,18 @@ pub(crate) async fn build(
             Arc::new(bus)
         }
         BusConfig::Redis { url } => {
-            let (client, commands, clock) = redis.connect(url).await?;
-            let keys = redis::Keys::new(&config.prefix);
-            let bus = redis::RedisBus::connect(client, commands, clock, keys, metrics).await?;
-            bus.attach(sink);
-            Arc::new(bus)
+            let connected = redis.connect(url).await?;
+            let keys = redis_keys(url, &config.prefix);
+            match connected.server {
+                redis::Server::Single(client) => {
+                    let bus = redis::RedisBus::connect(client, connected.conn, connected.clock, keys, metrics).await?;
+                    bus.attach(sink);
+                    Arc::new(bus)
+                }
+                redis::Server::Cluster(_) => {
+                    bail!("--bus {}: a Redis Cluster bus (sharded pub/sub) is not in this build yet", redact(url))
+                }
+            }
         }
         BusConfig::Nats { url } => {
             let connection = nats.connect(url, config, &node_id, "--bus").await?;
@@ -317,10 +328,15 @@ pub(crate) async fn build(
     let store: Arc<dyn Store> = match &config.store {
         StoreConfig::Embedded { dir, sync } => Arc::new(embedded::EmbeddedStore::open(dir, config.retention, *sync)?),
         StoreConfig::Redis { url } => {
-            let fused = config.bus == BusConfig::Redis { url: url.clone() };
-            let (_, commands, clock) = redis.connect(url).await?;
-            let keys = redis::Keys::new(&config.prefix);
-            Arc::new(redis::RedisStore::new(commands, clock, keys, config.retention, fused))
+            let publish = match config.bus == (BusConfig::Redis { url: url.clone() }) {
+                false => redis::Publish::No,
+                true if redis::is_cluster_url(url) => redis::Publish::Sharded,
+                true => redis::Publish::Plain,
+            };
+            let connected = redis.connect(url).await?;
+            let keys = redis_keys(url, &config.prefix);
+            let (conn, clock, wait) = (connected.conn, connected.clock, config.redis_wait_replicas);
+            Arc::new(redis::RedisStore::new(conn, clock, keys, config.retention, publish, wait))
         }
         StoreConfig::Postgres { url } => {
             let store = postgres::PostgresStore::connect(url, &config.prefix, config.retention).await?;
@@ -351,11 +367,11 @@ pub(crate) async fn build(
             (presence.clone(), Arc::new(memory::MemoryRegistry::new(presence)))
         }
         PresenceConfig::Redis { url } => {
-            let (_, commands, clock) = redis.connect(url).await?;
+            let redis::Connected { conn, clock, .. } = redis.connect(url).await?;
             let instance = Arc::new(redis::Instance::new(node_id));
-            let keys = redis::Keys::new(&config.prefix);
-            let presence = redis::RedisPresence::new(commands.clone(), clock.clone(), keys.clone(), instance.clone());
-            (Arc::new(presence), Arc::new(redis::RedisRegistry::new(commands, clock, keys, instance)))
+            let keys = redis_keys(url, &config.prefix);
+            let presence = redis::RedisPresence::new(conn.clone(), clock.clone(), keys.clone(), instance.clone());
+            (Arc::new(presence), Arc::new(redis::RedisRegistry::new(conn, clock, keys, instance)))
         }
         PresenceConfig::Nats { url } => {
             let client = nats.connect(url, config, &node_id, "--presence").await?.client().clone();
@@ -368,6 +384,14 @@ pub(crate) async fn build(
         }
     };
     Ok(Backends { store, bus, presence, registry, outbox })
+}
+
+/// The key layout for a Redis role on `url`: hash-tagged on a Redis Cluster.
+fn redis_keys(url: &str, prefix: &str) -> redis::Keys {
+    match redis::is_cluster_url(url) {
+        true => redis::Keys::cluster(prefix),
+        false => redis::Keys::new(prefix),
+    }
 }
 
 /// The NATS clients of a node being built: one per URL, shared by the roles on it.
@@ -485,12 +509,17 @@ mod tests {
     }
 
     #[test]
-    fn later_schemes_are_not_built_yet_and_unknown_ones_are_unknown() {
-        for (args, role) in [(&["--redis", "redis+cluster://a:1,b:2"][..], "--store")] {
-            let e = refusal(args);
-            assert!(e.starts_with(role) && e.ends_with("is not built yet"), "{e}");
-            assert!(!e.contains("secret") && !e.contains(":pw@"), "credentials printed: {e}");
-        }
+    fn redis_cluster_takes_every_role_and_unknown_schemes_are_unknown() {
+        let url = "redis+cluster://u:pw@a:1,b:2";
+        let c = config(&["--redis", url, "--redis-wait-replicas", "1"]).unwrap();
+        assert_eq!(c.store, StoreConfig::Redis { url: url.into() });
+        assert_eq!(
+            (c.bus, c.presence),
+            (BusConfig::Redis { url: url.into() }, PresenceConfig::Redis { url: url.into() })
+        );
+        assert_eq!(c.redis_wait_replicas, 1);
+        let e = refusal(&["--nats", "nats://n:4222", "--redis-wait-replicas", "1"]);
+        assert!(e.contains("--redis-wait-replicas needs a Redis store"), "{e}");
         let e = refusal(&["--store", "mongodb://u:secret@db"]);
         assert!(e.contains("--store") && e.contains("unknown scheme `mongodb`") && !e.contains("secret"), "{e}");
         let e = refusal(&["--presence", "embedded"]);

@@ -138,6 +138,7 @@ pub(crate) async fn open_redis(prefix: String) -> Option<Vec<BusNode>> {
         let clock = Arc::new(RedisClock::default());
         clock.sample(&mut commands).await.unwrap();
         let metrics = Arc::new(Metrics::new());
+        let commands = crate::backend::redis::Conn::Single(commands);
         let bus = RedisBus::connect(client, commands, clock, Keys::new(&prefix), metrics).await.unwrap();
         let sink = Arc::new(Recorder::default());
         bus.attach(sink.clone());
@@ -150,14 +151,14 @@ pub(crate) async fn open_redis(prefix: String) -> Option<Vec<BusNode>> {
 /// default the one `scripts/redis-cluster.sh start` runs), each with its own connections, under
 /// one prefix.
 pub(crate) async fn open_redis_cluster(prefix: String) -> Option<Vec<BusNode>> {
-    use crate::backend::redis::conn::{Conn, cluster, seeds};
+    use crate::backend::redis::conn::{Conn, seeds};
     use crate::backend::redis::sharded::RedisShardedBus;
     use ::redis::IntoConnectionInfo;
     let url = redis_cluster_url();
     let mut nodes = Vec::new();
     for _ in 0..2 {
-        let conn = match tokio::time::timeout(Duration::from_secs(5), cluster(&url)).await {
-            Ok(Ok(conn)) => Conn::Cluster(conn),
+        let conn = match tokio::time::timeout(Duration::from_secs(5), Conn::cluster(&url)).await {
+            Ok(Ok(conn)) => conn,
             other => {
                 return absent(
                     "redis cluster bus",

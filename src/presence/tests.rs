@@ -66,6 +66,13 @@ pub(crate) async fn open_redis() -> Option<Subject> {
     Some(Subject { presence, redis: Some(redis), nats: None })
 }
 
+/// The test Redis Cluster (`scripts/redis-cluster.sh start`): every write in steps, one slot each.
+pub(crate) async fn open_redis_cluster() -> Option<Subject> {
+    let redis = TestRedis::start_cluster("redis cluster presence").await?;
+    let presence = Arc::new(redis.node("n1").presence);
+    Some(Subject { presence, redis: Some(redis), nats: None })
+}
+
 pub(crate) async fn open_nats() -> Option<Subject> {
     let nats = TestNats::start("nats presence", DEAD_AFTER).await?;
     let presence = nats.node("n1").presence;
@@ -103,6 +110,7 @@ macro_rules! presence_suite {
 
 presence_suite!(memory, open_memory);
 presence_suite!(redis, open_redis);
+presence_suite!(redis_cluster, open_redis_cluster);
 presence_suite!(nats, open_nats);
 
 /// Two nodes of one cluster: each sees the other's sessions, and a user is in a room once,
@@ -136,6 +144,14 @@ mod redis_shared {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_nodes_share_sessions_and_count_a_user_once_per_room() {
         let Some(redis) = TestRedis::start("redis presence, two nodes").await else { return };
+        let (a, b) = (redis.node("node-a").presence, redis.node("node-b").presence);
+        two_nodes_share_sessions(&a, &b).await;
+        redis.flush().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_on_a_redis_cluster_share_sessions_and_count_a_user_once_per_room() {
+        let Some(redis) = TestRedis::start_cluster("redis cluster presence, two nodes").await else { return };
         let (a, b) = (redis.node("node-a").presence, redis.node("node-b").presence);
         two_nodes_share_sessions(&a, &b).await;
         redis.flush().await;

@@ -72,6 +72,14 @@ pub(crate) async fn open_redis() -> Option<Subject> {
     Some(Subject { registry, presence, redis: Some(redis), nats: None })
 }
 
+/// Node `n1`, on the test Redis Cluster.
+pub(crate) async fn open_redis_cluster() -> Option<Subject> {
+    let redis = TestRedis::start_cluster("redis cluster registry").await?;
+    let node = redis.node("n1");
+    let (registry, presence) = (Arc::new(node.registry), Arc::new(node.presence));
+    Some(Subject { registry, presence, redis: Some(redis), nats: None })
+}
+
 /// Node `n1`.
 pub(crate) async fn open_nats() -> Option<Subject> {
     let nats = TestNats::start("nats registry", DEAD_AFTER).await?;
@@ -109,4 +117,5 @@ macro_rules! registry_suite {
 
 registry_suite!(memory, open_memory);
 registry_suite!(redis, open_redis);
+registry_suite!(redis_cluster, open_redis_cluster);
 registry_suite!(nats, open_nats);

@@ -15,7 +15,7 @@ use crate::backend::embedded::EmbeddedStore;
 use crate::backend::mysql::MysqlStore;
 use crate::backend::nats::NatsStore;
 use crate::backend::postgres::PostgresStore;
-use crate::backend::redis::{Keys, RedisClock, RedisStore};
+use crate::backend::redis::{Keys, Publish, RedisStore};
 use crate::bus::{SessionId, Topic};
 use crate::message::Message;
 use crate::protocol::{RoomName, new_mid, now_ms};
@@ -113,34 +113,36 @@ pub(crate) async fn open_embedded(_prefix: String, retention: Retention) -> Opti
 }
 
 pub(crate) async fn open_redis(prefix: String, retention: Retention) -> Option<Subject> {
-    open_redis_as(prefix, retention, false).await
+    open_redis_as(prefix, retention, Publish::No, 0).await
 }
 
 /// Redis that publishes inside its append script, as when it is the bus too.
 pub(crate) async fn open_redis_fused(prefix: String, retention: Retention) -> Option<Subject> {
-    open_redis_as(prefix, retention, true).await
+    open_redis_as(prefix, retention, Publish::Plain, 0).await
 }
 
-async fn open_redis_as(prefix: String, retention: Retention, fused: bool) -> Option<Subject> {
-    let url = crate::testing::redis_url();
-    let client = crate::backend::redis::client(&url).unwrap();
-    let connecting = crate::backend::redis::commands(&client, &url);
-    let conn = match tokio::time::timeout(std::time::Duration::from_secs(3), connecting).await {
-        Ok(Ok(conn)) => conn,
-        other => return absent("redis store", &format!("no Redis at {url}: {:?}", other.map(|r| r.err()))),
+/// The test Redis Cluster (`scripts/redis-cluster.sh start`), publishing with `SPUBLISH`.
+pub(crate) async fn open_redis_cluster(prefix: String, retention: Retention) -> Option<Subject> {
+    open_redis_as(prefix, retention, Publish::Sharded, 0).await
+}
+
+/// The test Redis Cluster, acknowledging appends once a replica has them.
+pub(crate) async fn open_redis_cluster_waiting(prefix: String, retention: Retention) -> Option<Subject> {
+    open_redis_as(prefix, retention, Publish::Sharded, 1).await
+}
+
+async fn open_redis_as(prefix: String, retention: Retention, publish: Publish, wait: usize) -> Option<Subject> {
+    let redis = match publish {
+        Publish::Sharded => crate::testing::TestRedis::start_cluster("redis cluster store").await?,
+        _ => crate::testing::TestRedis::start("redis store").await?,
     };
-    let clock = Arc::new(RedisClock::default());
-    clock.sample(&mut conn.clone()).await.unwrap();
-    let store = RedisStore::new(conn.clone(), clock, Keys::new(&prefix), retention, fused);
-    let teardown = async move {
-        let mut conn = conn;
-        let keys: Vec<String> =
-            ::redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = ::redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
-        }
+    let keys = match publish {
+        Publish::Sharded => Keys::cluster(&prefix),
+        _ => Keys::new(&prefix),
     };
-    Some(Subject::new(Arc::new(store), teardown))
+    let store = RedisStore::new(redis.conn.clone(), redis.clock.clone(), keys, retention, publish, wait);
+    let redis = crate::testing::TestRedis { prefix, ..redis };
+    Some(Subject::new(Arc::new(store), async move { redis.flush().await }))
 }
 
 pub(crate) fn postgres_url() -> String {
@@ -223,11 +225,113 @@ macro_rules! store_suite {
 store_suite!(embedded, open_embedded);
 store_suite!(redis, open_redis);
 store_suite!(redis_fused, open_redis_fused);
+store_suite!(redis_cluster, open_redis_cluster);
+store_suite!(redis_cluster_waiting, open_redis_cluster_waiting);
 store_suite!(postgres, open_postgres);
 store_suite!(mysql, open_mysql);
 store_suite!(nats, open_nats);
 
 shared::shared_suite!(redis_shared, open_redis);
+shared::shared_suite!(redis_cluster_shared, open_redis_cluster);
 shared::shared_suite!(postgres_shared, open_postgres);
 shared::shared_suite!(mysql_shared, open_mysql);
 shared::shared_suite!(nats_shared, open_nats);
+
+/// What only a Redis Cluster shows: a direct message goes to Redis in two steps, one per slot (see
+/// `backend/redis/split.rs`). A second step that fails is made to fail by a sender's seq that is
+/// not a number, which makes its script stop before it writes anything.
+mod redis_cluster_steps {
+    use super::*;
+    use crate::backend::redis::conn::slot;
+    use crate::testing::TestRedis;
+
+    /// The store under test, its keys and the test Redis Cluster.
+    async fn open(test: &str) -> Option<(RedisStore, Keys, TestRedis)> {
+        let redis = TestRedis::start_cluster(test).await?;
+        let keys = redis.keys();
+        let store = RedisStore::new(redis.conn.clone(), redis.clock.clone(), keys.clone(), KEEP_ALL, Publish::No, 0);
+        Some((store, keys, redis))
+    }
+
+    /// Breaks (`Some`) or mends (`None`) the sender's stream: a seq that is not a number.
+    async fn sender_seq(redis: &TestRedis, keys: &Keys, value: Option<&str>) {
+        let key = keys.seq(&StreamId::User(user("bob")));
+        let mut conn = redis.conn.clone();
+        let _: () = match value {
+            Some(value) => ::redis::cmd("SET").arg(&key).arg(value).query_async(&mut conn).await.unwrap(),
+            None => ::redis::cmd("DEL").arg(&key).query_async(&mut conn).await.map(|_: i64| ()).unwrap(),
+        };
+    }
+
+    async fn stream(store: &RedisStore, name: &str) -> Vec<(u64, String, String)> {
+        let slice =
+            store.read(&StreamId::User(user(name)), HistoryQuery::After { since: 0, limit: 100 }).await.unwrap();
+        slice.messages.iter().map(|m| (m.seq, m.message.mid.to_string(), body_of(m))).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_two_streams_of_a_direct_message_are_in_two_slots() {
+        let keys = Keys::cluster("t");
+        let (alice, bob) = (StreamId::User(user("alice")), StreamId::User(user("bob")));
+        assert_ne!(slot(keys.seq(&alice).as_bytes()), slot(keys.seq(&bob).as_bytes()), "the test needs two slots");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_half_stored_message_is_completed_by_a_retry_with_its_key_and_stored_once() {
+        let Some((store, keys, redis)) = open("redis cluster, half a direct message").await else { return };
+        sender_seq(&redis, &keys, Some("broken")).await;
+        let first = keyed(direct("bob", "alice", "hi"), "k1");
+        let e = store.append(first.clone()).await.expect_err("the sender's step fails");
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+        assert_eq!(stream(&store, "alice").await.len(), 1, "the recipient's step was stored");
+        sender_seq(&redis, &keys, None).await;
+
+        // The client's retry: another mid (a new request), the same key.
+        let retry = keyed(direct("bob", "alice", "hi"), "k1");
+        let answer = store.append(retry).await.unwrap();
+        assert!(answer.duplicate, "the message existed: the retry answers it");
+        assert_eq!(&*answer.mid, &*first.message.mid, "the first mid");
+        let (alice, bob) = (stream(&store, "alice").await, stream(&store, "bob").await);
+        assert_eq!(alice, vec![(1, first.message.mid.to_string(), "hi".into())]);
+        assert_eq!(bob, alice, "the sender's stream has it once, under the first mid");
+        assert_eq!(answer.seq, 1, "the seq of the reply entry (the sender's)");
+        let again = store.append(keyed(direct("bob", "alice", "hi"), "k1")).await.unwrap();
+        assert!(again.duplicate && again.mid == answer.mid);
+        assert_eq!((stream(&store, "alice").await.len(), stream(&store, "bob").await.len()), (1, 1));
+        redis.flush().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_half_stored_message_without_a_key_is_completed_by_the_node() {
+        let Some((store, keys, redis)) = open("redis cluster, half an unkeyed message").await else { return };
+        sender_seq(&redis, &keys, Some("broken")).await;
+        let message = direct("bob", "alice", "unkeyed");
+        store.append(message.clone()).await.expect_err("the sender's step fails");
+        sender_seq(&redis, &keys, None).await;
+        let mut bob = Vec::new();
+        for _ in 0..100 {
+            bob = stream(&store, "bob").await;
+            if !bob.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let expected = vec![(1, message.message.mid.to_string(), "unkeyed".to_owned())];
+        assert_eq!(bob, expected, "the node completed the sender's step");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(stream(&store, "alice").await, expected, "and stored nothing twice");
+        assert_eq!(stream(&store, "bob").await, expected);
+        redis.flush().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_whose_first_step_fails_is_in_no_stream() {
+        let Some((store, keys, redis)) = open("redis cluster, failed first step").await else { return };
+        let key = keys.seq(&StreamId::User(user("alice")));
+        let _: () = ::redis::cmd("SET").arg(&key).arg("broken").query_async(&mut redis.conn.clone()).await.unwrap();
+        store.append(direct("bob", "alice", "never")).await.expect_err("the recipient's step fails");
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert!(stream(&store, "bob").await.is_empty(), "nothing in the sender's stream either");
+        redis.flush().await;
+    }
+}

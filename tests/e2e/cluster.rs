@@ -95,11 +95,40 @@ pub(crate) fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
 
+/// The shared test Redis Cluster (`SWITCHYARD_TEST_REDIS_CLUSTER`, else the one
+/// `scripts/redis-cluster.sh start` runs, which `.ci/run` starts), or `None` after printing why
+/// it is absent (outside CI; under `CI=true` its absence fails the test).
+pub(crate) fn redis_cluster_url() -> Option<String> {
+    let url = std::env::var("SWITCHYARD_TEST_REDIS_CLUSTER")
+        .unwrap_or_else(|_| "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002".into());
+    let first = url.split_once("://").map(|(_, hosts)| hosts.split([',', '/']).next().unwrap_or_default().to_owned());
+    let reachable = first.as_deref().is_some_and(|host| std::net::TcpStream::connect(host).is_ok());
+    if reachable {
+        return Some(url);
+    }
+    let why = format!("no Redis Cluster at {url} (scripts/redis-cluster.sh start runs one)");
+    assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{why}");
+    eprintln!("SKIP: {why}");
+    None
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seqs_are_assigned_once_cluster_wide() {
+    let Some(cluster) = Cluster::start("seqs") else { return };
+    seqs_once(cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seqs_are_assigned_once_cluster_wide_on_redis_cluster() {
+    let Some(url) = redis_cluster_url() else { return };
+    let Some(cluster) = Cluster::start("seqsrc") else { return };
+    seqs_once(cluster.on(&url)).await;
+}
+
+/// Three nodes' publishers race into one room: every listener gets every seq once, in order.
+async fn seqs_once(cluster: Cluster) {
     const EACH: u64 = 200;
     const TOTAL: u64 = 3 * EACH;
-    let Some(cluster) = Cluster::start("seqs") else { return };
     let nodes = [cluster.node("a").await, cluster.node("b").await, cluster.node("c").await];
     let mut listeners = Vec::new();
     let mut publishers = Vec::new();
@@ -285,6 +314,20 @@ async fn registry_heals_after_sigkill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_heals_after_sigkill_on_redis_cluster() {
+    let Some(url) = redis_cluster_url() else { return };
+    let Some(cluster) = Cluster::start("healrc") else { return };
+    registry_heals(cluster.on(&url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_goes_only_where_needed_on_redis_cluster() {
+    let Some(url) = redis_cluster_url() else { return };
+    let Some(cluster) = Cluster::start("routerc") else { return };
+    routes_only_where_needed(cluster.on(&url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_heals_after_sigkill_on_nats() {
     let Some(nats) = NatsServer::start() else { return };
     let Some(cluster) = Cluster::start("healnats") else { return };
@@ -364,8 +407,8 @@ async fn registry_heals(cluster: Cluster) {
 
 /// A client on node 2 receives a stream of `TOTAL` messages sent through node 1; node 2 is
 /// SIGKILLed after `KILL_AT` of them; the client reconnects to node 3 with `since` and must end
-/// with every message exactly once. On the private Redis, on a private NATS alone, or with the
-/// bus on the machine's RabbitMQ.
+/// with every message exactly once. On the private Redis, on the test Redis Cluster, on a private
+/// NATS alone, or with the bus on the machine's RabbitMQ.
 async fn no_loss_when_a_node_dies(room: bool, backend: Backend) {
     const TOTAL: usize = 3000;
     const KILL_AT: usize = 1000;
@@ -378,10 +421,18 @@ async fn no_loss_when_a_node_dies(room: bool, backend: Backend) {
         Backend::Amqp if !crate::amqp_server::available() => return,
         _ => None,
     };
+    let redis_cluster = match backend {
+        Backend::RedisCluster => {
+            let Some(url) = redis_cluster_url() else { return };
+            Some(url)
+        }
+        _ => None,
+    };
     let Some(cluster) = Cluster::start(name) else { return };
     let cluster = match (&nats, backend) {
         (Some(nats), _) => cluster.on(&nats.url()),
         (None, Backend::Amqp) => cluster.with_bus(crate::amqp_server::amqp_url()),
+        (None, Backend::RedisCluster) => cluster.on(redis_cluster.as_deref().expect("checked above")),
         _ => cluster,
     };
     let n1 = cluster.node("n1").await;
@@ -500,6 +551,16 @@ async fn no_loss_when_a_node_dies_room_on_nats() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_loss_when_a_node_dies_direct_on_redis_cluster() {
+    no_loss_when_a_node_dies(false, Backend::RedisCluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_loss_when_a_node_dies_room_on_redis_cluster() {
+    no_loss_when_a_node_dies(true, Backend::RedisCluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_loss_when_a_node_dies_direct_on_amqp() {
     no_loss_when_a_node_dies(false, Backend::Amqp).await;
 }
@@ -513,6 +574,8 @@ async fn no_loss_when_a_node_dies_room_on_amqp() {
 #[derive(Clone, Copy)]
 enum Backend {
     Redis,
+    /// The shared test Redis Cluster, in every role.
+    RedisCluster,
     Nats,
     Amqp,
 }

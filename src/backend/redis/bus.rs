@@ -23,13 +23,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 
 use super::RESPONSE_TIMEOUT;
 use super::subscriber::{Published, Receiver, Subscriber};
-use crate::backend::redis::RedisClock;
 use crate::backend::redis::keys::Keys;
+use crate::backend::redis::{Conn, RedisClock};
 use crate::bus::interest::Interests;
 use crate::bus::{Bursts, Bus, BusError, Event, Sink, Topic, envelope};
 use crate::metrics::Metrics;
@@ -68,7 +67,7 @@ struct Shared {
 
 pub struct RedisBus {
     shared: Arc<Shared>,
-    publisher: ConnectionManager,
+    publisher: Conn,
     clock: Arc<RedisClock>,
     publish: Script,
 }
@@ -143,7 +142,7 @@ impl RedisBus {
     /// is shared with the store.
     pub async fn connect(
         client: redis::Client,
-        publisher: ConnectionManager,
+        publisher: Conn,
         clock: Arc<RedisClock>,
         keys: Keys,
         metrics: Arc<Metrics>,
@@ -233,7 +232,7 @@ async fn manage_subscriptions(
 }
 
 /// Pings Redis every second; flips readiness and, after an outage, asks sessions to catch up.
-async fn watch_health(shared: std::sync::Weak<Shared>, mut publisher: ConnectionManager, clock: Arc<RedisClock>) {
+async fn watch_health(shared: std::sync::Weak<Shared>, mut publisher: Conn, clock: Arc<RedisClock>) {
     let mut tick = tokio::time::interval(HEALTH_EVERY);
     loop {
         tick.tick().await;

@@ -7,33 +7,130 @@
 //! keeps them in one slot (the hash tags of `keys.rs`), and every pipeline stays in one slot.
 //!
 //! What the crate does not do is tell whether the cluster can serve every slot right now:
-//! [`Conn::ready`] checks that every slot has a master and that every master answers.
+//! [`Conn::ready`] checks that every slot has a master and that every master answers. Nor does it
+//! notice a failover: a request to a master that died is refused, and the crate retries the same
+//! address for ever, never reading the topology again (only a `MOVED` makes it do that, and a dead
+//! master sends none). So a [`Cluster`] builds a new cluster connection (which reads `CLUSTER
+//! SLOTS` afresh) whenever a request fails for want of a connection, at most every
+//! [`REBUILD_EVERY`], from the seed nodes and every node it has seen.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Cmd, Pipeline, ProtocolVersion, RedisFuture, RedisResult, Value};
+use redis::{Cmd, ErrorKind, Pipeline, ProtocolVersion, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value};
 
 use super::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
 
 /// How many slots a Redis Cluster has.
 pub const SLOTS: u16 = 16384;
 
+/// The shortest time between two rebuilds of a cluster connection.
+const REBUILD_EVERY: Duration = Duration::from_millis(500);
+
 /// A command connection: cheap to clone, multiplexed.
 #[derive(Clone)]
 pub enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<Cluster>),
+}
+
+/// A Redis Cluster's command connection, rebuilt when it loses a master (see the module docs).
+pub struct Cluster {
+    /// What the connection is built from: the URL's seed nodes as URLs (credentials and options
+    /// included), then every node `CLUSTER SLOTS` named since.
+    nodes: Mutex<Vec<String>>,
+    current: RwLock<ClusterConnection>,
+    rebuilding: AtomicBool,
+    /// The URL, redacted, for messages.
+    shown: String,
+}
+
+impl Cluster {
+    fn current(&self) -> ClusterConnection {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Builds a new connection in the background when `e` says a node could not be reached.
+    fn failed(self: &Arc<Self>, e: &RedisError) {
+        let unreachable = e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.kind(),
+                ErrorKind::ClusterConnectionNotFound
+                    | ErrorKind::Server(ServerErrorKind::ClusterDown)
+                    | ErrorKind::Server(ServerErrorKind::TryAgain)
+                    | ErrorKind::Server(ServerErrorKind::MasterDown)
+                    // A redirection that reached us: the crate's own retries followed it to no avail.
+                    | ErrorKind::Server(ServerErrorKind::Moved)
+                    | ErrorKind::Server(ServerErrorKind::Ask)
+            );
+        if unreachable && !self.rebuilding.swap(true, Ordering::AcqRel) {
+            let cluster = self.clone();
+            tokio::spawn(async move {
+                let nodes = cluster.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                match connect(&nodes, &cluster.shown).await {
+                    Ok(conn) => {
+                        *cluster.current.write().unwrap_or_else(|p| p.into_inner()) = conn;
+                        tracing::info!(cluster = %cluster.shown, "reconnected to the redis cluster, its topology read again");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "rebuilding the redis cluster connection failed; retrying on the next error")
+                    }
+                }
+                tokio::time::sleep(REBUILD_EVERY).await;
+                cluster.rebuilding.store(false, Ordering::Release);
+            });
+        }
+    }
+
+    /// Remembers the nodes of a `CLUSTER SLOTS` answer as places to rebuild from.
+    fn saw(&self, ranges: &[SlotRange], replicas: &[(String, u16)]) {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(template) = nodes.first().cloned() else { return };
+        for (host, port) in ranges.iter().filter_map(|r| r.master.as_ref()).chain(replicas) {
+            let url = with_host(&template, host, *port);
+            if !nodes.contains(&url) && nodes.len() < MAX_NODES {
+                nodes.push(url);
+            }
+        }
+    }
+}
+
+/// Most nodes a [`Cluster`] remembers to rebuild from.
+const MAX_NODES: usize = 256;
+
+/// `url` (`redis://creds@host:port/rest`) with another host and port.
+fn with_host(url: &str, host: &str, port: u16) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let credentials = authority.rfind('@').map(|at| &authority[..=at]).unwrap_or("");
+    format!("{scheme}://{credentials}{host}:{port}{tail}")
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(conn) => conn.req_packed_command(cmd),
-            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(cluster) => {
+                let cluster = cluster.clone();
+                async move {
+                    let answer = cluster.current().req_packed_command(cmd).await;
+                    if let Err(e) = &answer {
+                        cluster.failed(e);
+                    }
+                    answer
+                }
+                .boxed()
+            }
         }
     }
 
@@ -45,14 +142,24 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(cluster) => {
+                let cluster = cluster.clone();
+                async move {
+                    let answer = cluster.current().req_packed_commands(pipeline, offset, count).await;
+                    if let Err(e) = &answer {
+                        cluster.failed(e);
+                    }
+                    answer
+                }
+                .boxed()
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(conn) => conn.get_db(),
-            Conn::Cluster(conn) => conn.get_db(),
+            Conn::Cluster(_) => 0,
         }
     }
 }
@@ -67,49 +174,107 @@ impl Conn {
     pub async fn on_node(&mut self, address: &(String, u16), cmd: Cmd) -> RedisResult<Value> {
         match self {
             Conn::Single(conn) => cmd.query_async(conn).await,
-            Conn::Cluster(conn) => {
+            Conn::Cluster(cluster) => {
                 let (host, port) = address.clone();
-                conn.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port })).await
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+                let answer = cluster.current().route_command(cmd, routing).await;
+                if let Err(e) = &answer {
+                    cluster.failed(e);
+                }
+                answer
             }
         }
     }
 
     /// The masters and the slot ranges each serves, from `CLUSTER SLOTS` on any node.
     pub async fn slots(&mut self) -> RedisResult<Vec<SlotRange>> {
-        let value = match self {
-            Conn::Single(_) => return Ok(vec![SlotRange { first: 0, last: SLOTS - 1, master: None }]),
-            Conn::Cluster(conn) => {
-                let cmd = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
-                conn.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random)).await?
-            }
+        let Conn::Cluster(cluster) = self else {
+            return Ok(vec![SlotRange { first: 0, last: SLOTS - 1, master: None }]);
         };
-        Ok(parse_slots(value))
+        let cmd = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
+        let answer = cluster.current().route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random)).await;
+        let value = answer.inspect_err(|e| cluster.failed(e))?;
+        let replicas = replicas(&value);
+        let ranges = parse_slots(value);
+        cluster.saw(&ranges, &replicas);
+        Ok(ranges)
     }
 
     /// Whether every slot has a master and every master answers a PING within `timeout` (on
     /// one Redis: whether it answers).
     pub async fn ready(&mut self, timeout: Duration) -> bool {
+        self.ready_with_replicas(timeout, 0).await
+    }
+
+    /// [`Conn::ready`], and every master has at least `replicas` replicas connected (`ROLE`), so
+    /// that an append waiting for them (`--redis-wait-replicas`) can be acknowledged.
+    pub async fn ready_with_replicas(&mut self, timeout: Duration, replicas: usize) -> bool {
         let check = async {
             let ranges = self.slots().await.ok()?;
             if !covers_every_slot(&ranges) {
                 return None;
             }
-            let mut masters: Vec<(String, u16)> = ranges.into_iter().filter_map(|r| r.master).collect();
+            let mut masters: Vec<Option<(String, u16)>> = ranges.into_iter().map(|r| r.master).collect();
             masters.sort();
             masters.dedup();
-            if masters.is_empty() {
-                let _: String = redis::cmd("PING").query_async(self).await.ok()?;
-                return Some(());
-            }
-            let pings = masters.iter().map(|master| {
+            let probes = masters.iter().map(|master| {
                 let mut conn = self.clone();
-                async move { conn.on_node(master, redis::cmd("PING")).await }
+                let cmd = redis::cmd(if replicas == 0 { "PING" } else { "ROLE" });
+                async move {
+                    let answer = match master {
+                        Some(master) => conn.on_node(master, cmd).await,
+                        None => cmd.query_async(&mut conn).await,
+                    };
+                    answer.ok().is_some_and(|role| replicas == 0 || replicas_of(&role) >= replicas)
+                }
             });
-            let answers = futures_util::future::join_all(pings).await;
-            answers.iter().all(Result::is_ok).then_some(())
+            futures_util::future::join_all(probes).await.into_iter().all(|ok| ok).then_some(())
         };
         matches!(tokio::time::timeout(timeout, check).await, Ok(Some(())))
     }
+
+    /// A connection to the Redis Cluster of `url`, from its seed nodes.
+    pub async fn cluster(url: &str) -> anyhow::Result<Conn> {
+        let shown = super::super::redact(url);
+        let nodes = seeds(url)?;
+        let current = RwLock::new(connect(&nodes, &shown).await?);
+        Ok(Conn::Cluster(Arc::new(Cluster {
+            nodes: Mutex::new(nodes),
+            current,
+            rebuilding: AtomicBool::new(false),
+            shown,
+        })))
+    }
+}
+
+/// How many replicas a master's `ROLE` answer lists (`["master", offset, [replica, …]]`).
+fn replicas_of(role: &Value) -> usize {
+    match role {
+        Value::Array(items) => match items.get(2) {
+            Some(Value::Array(replicas)) => replicas.len(),
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+/// The replicas named in a `CLUSTER SLOTS` answer (the fourth item of a range on).
+fn replicas(value: &Value) -> Vec<(String, u16)> {
+    let Value::Array(ranges) = value else { return Vec::new() };
+    ranges
+        .iter()
+        .filter_map(|range| match range {
+            Value::Array(items) => Some(items.iter().skip(3)),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|node| {
+            let Value::Array(node) = node else { return None };
+            let host: String = redis::from_redis_value(node.first()?.clone()).ok()?;
+            let port: u16 = redis::from_redis_value(node.get(1)?.clone()).ok()?;
+            Some((host, port))
+        })
+        .collect()
 }
 
 /// Slots `first..=last` and their master's address (`None` on one Redis).
@@ -174,19 +339,21 @@ pub fn seeds(url: &str) -> anyhow::Result<Vec<String>> {
     if tail.trim_start_matches('/').split(['?', '#']).next().is_some_and(|db| !db.is_empty() && db != "0") {
         anyhow::bail!("{shown}: a Redis Cluster has database 0 only");
     }
-    let seeds: Vec<String> =
-        hosts.split(',').filter(|h| !h.is_empty()).map(|host| format!("{scheme}://{credentials}{host}{tail}")).collect();
+    let seeds: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|host| format!("{scheme}://{credentials}{host}{tail}"))
+        .collect();
     if seeds.is_empty() {
         anyhow::bail!("{shown}: no HOST:PORT to start from");
     }
     Ok(seeds)
 }
 
-/// A cluster command connection from `url`'s seed nodes (RESP2: replies are plain values, and
-/// the bus has its own pub/sub connections).
-pub async fn cluster(url: &str) -> anyhow::Result<ClusterConnection> {
-    let shown = super::super::redact(url);
-    let client = ClusterClientBuilder::new(seeds(url)?)
+/// A cluster command connection from `nodes` (RESP2: replies are plain values, and the bus has
+/// its own pub/sub connections); `shown` names the cluster in errors.
+async fn connect(nodes: &[String], shown: &str) -> anyhow::Result<ClusterConnection> {
+    let client = ClusterClientBuilder::new(nodes.to_vec())
         .use_protocol(ProtocolVersion::RESP2)
         .connection_timeout(CONNECT_TIMEOUT)
         .response_timeout(RESPONSE_TIMEOUT)

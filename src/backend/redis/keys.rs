@@ -25,8 +25,16 @@
 //! | `P:all` | channel | broadcasts |
 //!
 //! Scripts that walk one instance's keys (reaping) are handed a key prefix (`P:us:`, `P:rm:`, …)
-//! and complete the names themselves, so this needs a single Redis (or a prefix that is a hash
-//! tag, `{sy}`, on Redis Cluster).
+//! and complete the names themselves, which one Redis allows.
+//!
+//! On a Redis Cluster ([`Keys::cluster`]) every name carries a hash tag, so that what one script
+//! touches is in one slot, and no script completes names itself: `P:seq:{user:alice}`,
+//! `P:log:{room:lobby}`, `P:idem:{user:alice}:<scope>:<key>` (one per stream of a message stored
+//! in steps), `P:cur:{user:alice}`, `P:us:{user:alice}`, `P:rm:{room:lobby}` and
+//! `P:ri:{room:lobby}` (`<user>\n<instance>` of every instance counted in `rm`), `P:ns:{n:<instance>}`
+//! and its `nr`/`nm`, `P:nodes:{registry}`, `P:node:{registry}:<instance>`,
+//! `P:reap:{registry}:<instance>`; channels `P:u:{user:alice}` and `P:r:{room:lobby}`, whose tag is
+//! their stream's (a message is `SPUBLISH`ed on the shard that stored it), and `P:all`.
 
 use std::sync::Arc;
 
@@ -87,11 +95,19 @@ impl Keys {
     }
 
     fn of_user(&self, kind: &str, user: &UserId) -> String {
-        if self.tagged { self.name(kind, &["user:", user.as_str()], &[]) } else { self.name(kind, &[], &[user.as_str()]) }
+        if self.tagged {
+            self.name(kind, &["user:", user.as_str()], &[])
+        } else {
+            self.name(kind, &[], &[user.as_str()])
+        }
     }
 
     fn of_room(&self, kind: &str, room: &RoomName) -> String {
-        if self.tagged { self.name(kind, &["room:", room.as_str()], &[]) } else { self.name(kind, &[], &[room.as_str()]) }
+        if self.tagged {
+            self.name(kind, &["room:", room.as_str()], &[])
+        } else {
+            self.name(kind, &[], &[room.as_str()])
+        }
     }
 
     fn of_instance(&self, kind: &str, instance: &str) -> String {
@@ -177,7 +193,8 @@ impl Keys {
             KeyKind::Node => ("node", &["registry"]),
             KeyKind::ReapLock => ("reap", &["registry"]),
         };
-        self.name(kind, tag, &[])
+        let separator: &[&str] = if self.tagged && !tag.is_empty() { &[":"] } else { &[] };
+        self.name(kind, tag, separator)
     }
 
     pub fn channel(&self, topic: &Topic) -> String {
@@ -331,6 +348,44 @@ mod tests {
         for topic in [Topic::User(bob), Topic::Room(lobby), Topic::All] {
             assert_eq!(keys.topic(&keys.channel(&topic)), Some(topic.clone()));
             assert_eq!(Keys::new("sy").topic(&keys.channel(&topic)).is_some(), topic == Topic::All);
+        }
+    }
+
+    /// How the streams of 100,000 users (ids `user<n>`, and bare numbers, which some systems tag
+    /// with as they are) and 10,000 rooms spread over 3 and over 6 masters, each serving an even
+    /// share of the slots as `redis-cli --cluster create` splits them. Printed with
+    /// `cargo test --lib stream_keys_spread -- --nocapture`.
+    #[test]
+    fn stream_keys_spread_evenly_over_the_masters() {
+        use crate::backend::redis::conn::{SLOTS, slot};
+        let keys = Keys::cluster("switchyard");
+        let owner = |masters: usize, slot: u16| {
+            // redis-cli gives master i the slots from round(i * 16384 / n) on.
+            (0..masters).rev().find(|&i| usize::from(slot) >= (i * usize::from(SLOTS) + masters / 2) / masters).unwrap()
+        };
+        let users = |style: fn(u32) -> String| {
+            (0..100_000).map(move |n| StreamId::User(UserId::parse(&style(n)).unwrap())).collect::<Vec<_>>()
+        };
+        let rooms: Vec<StreamId> =
+            (0..10_000).map(|n| StreamId::Room(RoomName::parse(&format!("room-{n}")).unwrap())).collect();
+        for (what, streams, tolerance) in [
+            ("users user<n>", users(|n| format!("user{n}")), 0.01),
+            ("users <n>", users(|n| n.to_string()), 0.01),
+            ("rooms room-<n>", rooms, 0.03),
+        ] {
+            for masters in [3, 6] {
+                let mut counts = vec![0usize; masters];
+                for stream in &streams {
+                    counts[owner(masters, slot(keys.seq(stream).as_bytes()))] += 1;
+                }
+                let even = streams.len() as f64 / masters as f64;
+                let worst = counts.iter().map(|&c| (c as f64 - even).abs() / even).fold(0.0, f64::max);
+                println!(
+                    "{what} over {masters} masters: {counts:?}, at most {:.2} % from an even share",
+                    worst * 100.0
+                );
+                assert!(worst < tolerance, "{what} over {masters} masters: {counts:?}");
+            }
         }
     }
 

@@ -10,14 +10,16 @@ pub(crate) mod keys;
 pub(crate) mod presence;
 pub(crate) mod registry;
 pub(crate) mod sharded;
+mod split;
 pub(crate) mod store;
 mod subscriber;
 
 pub(crate) use bus::RedisBus;
+pub(crate) use conn::Conn;
 pub(crate) use keys::{Instance, Keys};
 pub(crate) use presence::RedisPresence;
 pub(crate) use registry::RedisRegistry;
-pub(crate) use store::RedisStore;
+pub(crate) use store::{Publish, RedisStore};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +27,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{
     Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, ProtocolVersion, RedisResult, Script, ServerErrorKind,
 };
@@ -78,7 +80,7 @@ pub struct RedisClock {
 
 impl RedisClock {
     /// Takes one sample: the offset seen at the midpoint of a `TIME` round trip.
-    pub async fn sample(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+    pub async fn sample(&self, conn: &mut impl ConnectionLike) -> redis::RedisResult<()> {
         let sent = crate::protocol::now_ms() as i64;
         let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
         let received = crate::protocol::now_ms() as i64;
@@ -119,30 +121,64 @@ pub fn manager_config() -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_secs(1))
 }
 
+/// Where a role's Redis is: one server (its client, for the bus's subscriber), or a Redis
+/// Cluster (its seed nodes, for the sharded bus's subscribers).
+#[derive(Clone)]
+pub(crate) enum Server {
+    Single(redis::Client),
+    Cluster(Vec<redis::ConnectionInfo>),
+}
+
+/// One Redis or Redis Cluster as the roles on it share it: where it is, a command connection and
+/// the estimate of its clock.
+#[derive(Clone)]
+pub(crate) struct Connected {
+    pub server: Server,
+    pub conn: Conn,
+    pub clock: Arc<RedisClock>,
+}
+
 /// The connections of a node's roles, by URL, so that roles on one Redis share a connection and
 /// a clock.
 #[derive(Default)]
 pub(crate) struct Shared {
-    by_url: HashMap<String, (redis::Client, ConnectionManager, Arc<RedisClock>)>,
+    by_url: HashMap<String, Connected>,
 }
 
 impl Shared {
-    /// The client, command connection and clock for `url`, connecting on first use.
-    pub(crate) async fn connect(
-        &mut self,
-        url: &str,
-    ) -> anyhow::Result<(redis::Client, ConnectionManager, Arc<RedisClock>)> {
+    /// The server, command connection and clock for `url` (`redis://…` or
+    /// `redis+cluster://…`), connecting on first use.
+    pub(crate) async fn connect(&mut self, url: &str) -> anyhow::Result<Connected> {
         if let Some(found) = self.by_url.get(url) {
             return Ok(found.clone());
         }
-        let client = client(url)?;
-        let mut commands = commands(&client, url).await?;
+        let (server, mut conn) = if is_cluster_url(url) {
+            let seeds = conn::seeds(url)?
+                .iter()
+                .map(|seed| {
+                    seed.as_str()
+                        .into_connection_info()
+                        .map_err(|_| anyhow::anyhow!("{}: not a valid Redis Cluster URL", super::redact(url)))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            (Server::Cluster(seeds), Conn::cluster(url).await?)
+        } else {
+            let client = client(url)?;
+            let commands = commands(&client, url).await?;
+            (Server::Single(client), Conn::Single(commands))
+        };
         let clock = Arc::new(RedisClock::default());
-        clock.sample(&mut commands).await?;
-        tokio::spawn(resample(Arc::downgrade(&clock), commands.clone(), CLOCK_EVERY));
-        self.by_url.insert(url.to_owned(), (client.clone(), commands.clone(), clock.clone()));
-        Ok((client, commands, clock))
+        clock.sample(&mut conn).await.with_context(|| format!("{}: reading the Redis clock", super::redact(url)))?;
+        tokio::spawn(resample(Arc::downgrade(&clock), conn.clone(), CLOCK_EVERY));
+        let connected = Connected { server, conn, clock };
+        self.by_url.insert(url.to_owned(), connected.clone());
+        Ok(connected)
     }
+}
+
+/// Whether `url` names a Redis Cluster (`redis+cluster://`, `rediss+cluster://`).
+pub(crate) fn is_cluster_url(url: &str) -> bool {
+    url.split_once("://").is_some_and(|(scheme, _)| scheme.to_ascii_lowercase().ends_with("+cluster"))
 }
 
 /// How often every Redis a node uses has its clock sampled again (the bus's health check
@@ -151,7 +187,7 @@ impl Shared {
 const CLOCK_EVERY: Duration = Duration::from_secs(10);
 
 /// Samples `clock` every `every` on `conn`, for as long as some role holds the clock.
-async fn resample(clock: std::sync::Weak<RedisClock>, mut conn: ConnectionManager, every: Duration) {
+async fn resample(clock: std::sync::Weak<RedisClock>, mut conn: Conn, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
@@ -182,7 +218,7 @@ mod tests {
         let clock = Arc::new(RedisClock::late_by(60_000));
         let deadline_now = || crate::protocol::now_ms() + WRITE_DEADLINE.as_millis() as u64;
         assert!(clock.write_deadline() + 30_000 < deadline_now(), "starts a minute wrong");
-        let sampler = tokio::spawn(resample(Arc::downgrade(&clock), conn, Duration::from_millis(50)));
+        let sampler = tokio::spawn(resample(Arc::downgrade(&clock), Conn::Single(conn), Duration::from_millis(50)));
         tokio::time::sleep(Duration::from_millis(400)).await;
         let error = clock.write_deadline().abs_diff(deadline_now());
         assert!(error < 1_000, "after a sample the estimate is off by {error} ms");
@@ -208,13 +244,26 @@ pub fn evalsha(script: &Script, keys: usize, args: usize, bytes: usize) -> Cmd {
     cmd
 }
 
+/// Runs `script` with `keys` and `args` (loading it when Redis does not know it yet).
+pub(crate) async fn invoke<T: FromRedisValue>(
+    conn: &mut Conn,
+    script: &Script,
+    keys: &[&str],
+    args: &[&str],
+) -> RedisResult<T> {
+    let mut invocation = script.prepare_invoke();
+    keys.iter().for_each(|key| {
+        invocation.key(*key);
+    });
+    args.iter().for_each(|arg| {
+        invocation.arg(*arg);
+    });
+    invocation.invoke_async(conn).await
+}
+
 /// Runs `cmd`, built by [`evalsha`] for `script`; loads the script and runs it again when Redis
 /// does not know it (it restarted, or its scripts were flushed).
-pub async fn eval<T: FromRedisValue, C: redis::aio::ConnectionLike>(
-    conn: &mut C,
-    script: &Script,
-    cmd: &Cmd,
-) -> RedisResult<T> {
+pub async fn eval<T: FromRedisValue>(conn: &mut impl ConnectionLike, script: &Script, cmd: &Cmd) -> RedisResult<T> {
     match cmd.query_async(conn).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
             script.load_async(conn).await?;

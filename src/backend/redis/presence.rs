@@ -19,10 +19,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
-use super::{DEAD_AFTER, Instance, Keys, RedisClock, is_late, write_script};
+use super::{Conn, DEAD_AFTER, Instance, Keys, RedisClock, invoke, is_late, write_script};
 use crate::bus::SessionId;
 use crate::presence::{Presence, PresenceError, SessionInfo};
 use crate::protocol::{RoomName, UserId};
@@ -72,6 +71,62 @@ return 1
 "
 );
 
+/// On a Redis Cluster, where a script keeps to one slot, the writes above go in steps: the
+/// instance's own keys in one script, the user's or the room's in another (see `Cluster`).
+///
+/// KEYS: a set; ARGV: deadline, member. Answers 1 when added.
+const SET_ADD: &str = write_script!("return redis.call('SADD', KEYS[1], ARGV[2])\n");
+
+/// KEYS: a set; ARGV: deadline, member. Answers 1 when removed.
+const SET_REMOVE: &str = write_script!("return redis.call('SREM', KEYS[1], ARGV[2])\n");
+
+/// KEYS: a hash; ARGV: deadline, field, value.
+const HASH_SET: &str = write_script!("return redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])\n");
+
+/// KEYS: a hash; ARGV: deadline, field.
+const HASH_DELETE: &str = write_script!("return redis.call('HDEL', KEYS[1], ARGV[2])\n");
+
+/// KEYS: `nr`, `nm` of the instance; ARGV: deadline, session membership, `<room>\n<user>`.
+/// Answers 1 when the instance's first session of the user joined the room.
+const INSTANCE_JOIN: &str = write_script!(
+    r"
+if redis.call('SADD', KEYS[1], ARGV[2]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[2], ARGV[3], 1) > 1 then return 0 end
+return 1
+"
+);
+
+/// Same keys and arguments as [`INSTANCE_JOIN`]. Answers 1 when the instance's last session of
+/// the user left the room.
+const INSTANCE_LEAVE: &str = write_script!(
+    r"
+if redis.call('SREM', KEYS[1], ARGV[2]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[2], ARGV[3], -1) > 0 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[3])
+return 1
+"
+);
+
+/// KEYS: `ri`, `rm` of the room; ARGV: deadline, `<user>\n<instance>`, user. Counts the instance
+/// in the room's user once, however often it is run; answers 1 when the user entered the room.
+const ROOM_ENTER: &str = write_script!(
+    r"
+if redis.call('SADD', KEYS[1], ARGV[2]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[2], ARGV[3], 1) > 1 then return 0 end
+return 1
+"
+);
+
+/// Same keys and arguments as [`ROOM_ENTER`]. Answers 1 when the user left the room.
+pub(super) const ROOM_EXIT: &str = write_script!(
+    r"
+if redis.call('SREM', KEYS[1], ARGV[2]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[2], ARGV[3], -1) > 0 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[3])
+return 1
+"
+);
+
 /// `rm`; ARGV: limit, exact-listing threshold. Answers {count, ids}. Reads only.
 const ROOM: &str = r"
 local n = redis.call('HLEN', KEYS[1])
@@ -93,6 +148,19 @@ struct Scripts {
     join: Script,
     leave: Script,
     room: Script,
+    /// The steps of the writes on a Redis Cluster.
+    cluster: ClusterScripts,
+}
+
+struct ClusterScripts {
+    set_add: Script,
+    set_remove: Script,
+    hash_set: Script,
+    hash_delete: Script,
+    instance_join: Script,
+    instance_leave: Script,
+    room_enter: Script,
+    room_exit: Script,
 }
 
 /// A session as stored in `P:us:<user>`: [`SessionInfo`] with its user.
@@ -107,7 +175,7 @@ struct StoredSession {
 
 /// Presence shared by every node of a cluster through Redis (see the module docs).
 pub struct RedisPresence {
-    conn: ConnectionManager,
+    conn: Conn,
     clock: Arc<RedisClock>,
     keys: Keys,
     /// This process, shared with its [`super::RedisRegistry`].
@@ -117,13 +185,23 @@ pub struct RedisPresence {
 
 impl RedisPresence {
     /// Presence of `instance` under `keys`. Does no I/O.
-    pub fn new(conn: ConnectionManager, clock: Arc<RedisClock>, keys: Keys, instance: Arc<Instance>) -> Self {
+    pub fn new(conn: Conn, clock: Arc<RedisClock>, keys: Keys, instance: Arc<Instance>) -> Self {
         let scripts = Scripts {
             connect: Script::new(CONNECT),
             disconnect: Script::new(DISCONNECT),
             join: Script::new(JOIN),
             leave: Script::new(LEAVE),
             room: Script::new(ROOM),
+            cluster: ClusterScripts {
+                set_add: Script::new(SET_ADD),
+                set_remove: Script::new(SET_REMOVE),
+                hash_set: Script::new(HASH_SET),
+                hash_delete: Script::new(HASH_DELETE),
+                instance_join: Script::new(INSTANCE_JOIN),
+                instance_leave: Script::new(INSTANCE_LEAVE),
+                room_enter: Script::new(ROOM_ENTER),
+                room_exit: Script::new(ROOM_EXIT),
+            },
         };
         Self { conn, clock, keys, instance, scripts }
     }
@@ -132,6 +210,9 @@ impl RedisPresence {
     async fn session(&self, script: &Script, session: &SessionInfo, json: Option<String>) -> Result<(), PresenceError> {
         let field = self.instance.session_field(session.session);
         let member = format!("{}\n{field}", session.user);
+        if self.keys.tagged() {
+            return self.session_in_steps(session, field, member, json).await;
+        }
         let mut invocation = script.key(self.keys.user_sessions(&session.user));
         invocation.key(self.keys.instance_sessions(self.instance.name())).arg(self.clock.write_deadline()).arg(field);
         if let Some(json) = json {
@@ -139,6 +220,91 @@ impl RedisPresence {
         }
         let _: i64 = invocation.arg(member).invoke_async(&mut self.conn.clone()).await.map_err(unavailable)?;
         Ok(())
+    }
+
+    /// [`RedisPresence::session`] on a Redis Cluster: the instance's index first and the user's
+    /// sessions second when connecting, the other way round when disconnecting, so that whatever
+    /// a dead instance left in the user's sessions is in its index for the reaper.
+    async fn session_in_steps(
+        &self,
+        session: &SessionInfo,
+        field: String,
+        member: String,
+        json: Option<String>,
+    ) -> Result<(), PresenceError> {
+        let scripts = &self.scripts.cluster;
+        let index = self.keys.instance_sessions(self.instance.name());
+        let sessions = self.keys.user_sessions(&session.user);
+        let mut conn = self.conn.clone();
+        let deadline = || self.clock.write_deadline().to_string();
+        match json {
+            Some(json) => {
+                let _: i64 = invoke(&mut conn, &scripts.set_add, &[&index], &[&deadline(), &member])
+                    .await
+                    .map_err(unavailable)?;
+                let _: i64 = invoke(&mut conn, &scripts.hash_set, &[&sessions], &[&deadline(), &field, &json])
+                    .await
+                    .map_err(unavailable)?;
+            }
+            None => {
+                let _: i64 = invoke(&mut conn, &scripts.hash_delete, &[&sessions], &[&deadline(), &field])
+                    .await
+                    .map_err(unavailable)?;
+                let _: i64 = invoke(&mut conn, &scripts.set_remove, &[&index], &[&deadline(), &member])
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A join or leave on a Redis Cluster: the instance's count of the user's sessions in the
+    /// room first; when it moves between 0 and 1, the room's count of instances second (counted
+    /// once per instance, however often it runs). A join whose second step fails takes back its
+    /// first, so that the session can join again.
+    async fn membership_in_steps(
+        &self,
+        join: bool,
+        room: &RoomName,
+        user: &UserId,
+        session: SessionId,
+    ) -> Result<bool, PresenceError> {
+        let scripts = &self.scripts.cluster;
+        let instance = self.instance.name();
+        let mut conn = self.conn.clone();
+        let membership = format!("{room}\n{user}\n{session}");
+        let pair = format!("{room}\n{user}");
+        let on_instance = [self.keys.instance_memberships(instance), self.keys.instance_rooms(instance)];
+        let on_instance = [on_instance[0].as_str(), on_instance[1].as_str()];
+        let on_room = [self.keys.room_instances(room), self.keys.room_members(room)];
+        let (first, undo, second) = match join {
+            true => (&scripts.instance_join, &scripts.instance_leave, &scripts.room_enter),
+            false => (&scripts.instance_leave, &scripts.instance_join, &scripts.room_exit),
+        };
+        let deadline = || self.clock.write_deadline().to_string();
+        let moved: i64 =
+            invoke(&mut conn, first, &on_instance, &[&deadline(), &membership, &pair]).await.map_err(unavailable)?;
+        if moved == 0 {
+            return Ok(false);
+        }
+        let member = format!("{user}\n{instance}");
+        let on_room = [on_room[0].as_str(), on_room[1].as_str()];
+        let changed: Result<i64, _> = invoke(&mut conn, second, &on_room, &[&deadline(), &member, user.as_str()]).await;
+        match changed {
+            Ok(changed) => Ok(changed == 1),
+            Err(e) => {
+                if join {
+                    let undone: Result<i64, _> =
+                        invoke(&mut conn, undo, &on_instance, &[&deadline(), &membership, &pair]).await;
+                    if let Err(e) = undone {
+                        tracing::warn!(error = %e, %room, %user, "taking back half a join failed: the room counts the user on this node until it is reaped");
+                    }
+                }
+                // A leave whose second step failed stays left on this instance; the room forgets
+                // the instance when it is reaped.
+                Err(unavailable(e))
+            }
+        }
     }
 
     /// Runs the join or leave script for one session; true when the user entered or left the
@@ -171,6 +337,14 @@ impl RedisPresence {
         let mut pipe = redis::pipe();
         pipe.cmd("TIME").cmd("ZRANGE").arg(self.keys.nodes()).arg(0).arg(-1).arg("WITHSCORES");
         pipe
+    }
+
+    /// The nonces of the dead instances not reaped yet, read on their own (a Redis Cluster, where
+    /// the registry is in a slot of its own).
+    async fn dead(&self) -> Result<HashSet<String>, PresenceError> {
+        let (time, registry): ((u64, u64), Vec<(String, f64)>) =
+            self.registry_pipe().query_async(&mut self.conn.clone()).await.map_err(unavailable)?;
+        Ok(dead_nonces(time, registry))
     }
 }
 
@@ -232,11 +406,19 @@ impl Presence for RedisPresence {
     }
 
     async fn sessions(&self, user: &UserId) -> Result<Vec<SessionInfo>, PresenceError> {
-        let mut pipe = self.registry_pipe();
-        pipe.cmd("HGETALL").arg(self.keys.user_sessions(user));
-        let (time, registry, all): ((u64, u64), Vec<(String, f64)>, Vec<(String, String)>) =
-            pipe.query_async(&mut self.conn.clone()).await.map_err(unavailable)?;
-        let dead = dead_nonces(time, registry);
+        let (dead, all): (HashSet<String>, Vec<(String, String)>) = if self.keys.tagged() {
+            // The registry and the user's sessions are in different slots: read them together.
+            let sessions = redis::cmd("HGETALL").arg(self.keys.user_sessions(user)).to_owned();
+            let mut conn = self.conn.clone();
+            let (dead, all) = tokio::join!(self.dead(), sessions.query_async(&mut conn));
+            (dead?, all.map_err(unavailable)?)
+        } else {
+            let mut pipe = self.registry_pipe();
+            pipe.cmd("HGETALL").arg(self.keys.user_sessions(user));
+            let (time, registry, all): ((u64, u64), Vec<(String, f64)>, Vec<(String, String)>) =
+                pipe.query_async(&mut self.conn.clone()).await.map_err(unavailable)?;
+            (dead_nonces(time, registry), all)
+        };
         let mut sessions: Vec<SessionInfo> = all
             .into_iter()
             .filter(|(field, _)| live(field, &dead))
@@ -249,6 +431,20 @@ impl Presence for RedisPresence {
     async fn session_counts(&self, users: &[UserId]) -> Result<Vec<usize>, PresenceError> {
         if users.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.keys.tagged() {
+            // One slot per user: the cluster connection pipelines the reads to each master.
+            let reads = users.iter().map(|user| {
+                let mut conn = self.conn.clone();
+                let cmd = redis::cmd("HKEYS").arg(self.keys.user_sessions(user)).to_owned();
+                async move { cmd.query_async::<Vec<String>>(&mut conn).await }
+            });
+            let (dead, fields) = tokio::join!(self.dead(), futures_util::future::join_all(reads));
+            let dead = dead?;
+            return fields
+                .into_iter()
+                .map(|fields| Ok(fields.map_err(unavailable)?.iter().filter(|f| live(f, &dead)).count()))
+                .collect();
         }
         let mut pipe = self.registry_pipe();
         for user in users {
@@ -267,10 +463,16 @@ impl Presence for RedisPresence {
     }
 
     async fn join(&self, room: &RoomName, user: &UserId, session: SessionId) -> Result<bool, PresenceError> {
+        if self.keys.tagged() {
+            return self.membership_in_steps(true, room, user, session).await;
+        }
         self.membership(&self.scripts.join, room, user, session).await
     }
 
     async fn leave(&self, room: &RoomName, user: &UserId, session: SessionId) -> Result<bool, PresenceError> {
+        if self.keys.tagged() {
+            return self.membership_in_steps(false, room, user, session).await;
+        }
         self.membership(&self.scripts.leave, room, user, session).await
     }
 

@@ -19,11 +19,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use serde::Deserialize;
 
 use super::keys::KeyKind;
-use super::{DEAD_AFTER, Instance, Keys, RedisClock, is_late, write_script};
+use super::{Conn, DEAD_AFTER, Instance, Keys, RedisClock, invoke, is_late, write_script};
 use crate::protocol::{RoomName, UserId};
 use crate::registry::{NodeInfo, Registry, RegistryError, Standing};
 
@@ -114,7 +113,25 @@ return 0
 "
 );
 
+/// KEYS: `nodes`; ARGV: dead-after ms. Answers {instance, score, …} of the live instances (a
+/// Redis Cluster, where the script may not read the names it makes). Reads only.
+const LIVE: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], now - ARGV[1] + 1, '+inf', 'WITHSCORES')
+";
+
+/// KEYS: `nodes`; ARGV: dead-after ms. Answers the dead instances (a Redis Cluster). Reads only.
+const DEAD: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ARGV[1])
+";
+
 struct Scripts {
+    live: Script,
+    dead: Script,
+    room_exit: Script,
     heartbeat: Script,
     nodes: Script,
     claim: Script,
@@ -135,7 +152,7 @@ struct StoredNode {
 
 /// The registry shared by every node of a cluster through Redis (see the module docs).
 pub struct RedisRegistry {
-    conn: ConnectionManager,
+    conn: Conn,
     clock: Arc<RedisClock>,
     keys: Keys,
     /// This process, shared with its [`super::RedisPresence`].
@@ -147,8 +164,11 @@ pub struct RedisRegistry {
 
 impl RedisRegistry {
     /// The registry entry of `instance` under `keys`. Does no I/O.
-    pub fn new(conn: ConnectionManager, clock: Arc<RedisClock>, keys: Keys, instance: Arc<Instance>) -> Self {
+    pub fn new(conn: Conn, clock: Arc<RedisClock>, keys: Keys, instance: Arc<Instance>) -> Self {
         let scripts = Scripts {
+            live: Script::new(LIVE),
+            dead: Script::new(DEAD),
+            room_exit: Script::new(super::presence::ROOM_EXIT),
             heartbeat: Script::new(HEARTBEAT),
             nodes: Script::new(NODES),
             claim: Script::new(CLAIM),
@@ -163,6 +183,9 @@ impl RedisRegistry {
     /// rooms by it), its registry entry. Safe to run twice or concurrently: each batch deletes
     /// what it handles atomically.
     async fn purge(&self, instance: &str) -> Result<Vec<(RoomName, UserId)>, RegistryError> {
+        if self.keys.tagged() {
+            return self.purge_in_steps(instance).await;
+        }
         let mut conn = self.conn.clone();
         let (ns, nm) = (self.keys.instance_sessions(instance), self.keys.instance_rooms(instance));
         let mut sessions = 0;
@@ -221,6 +244,138 @@ impl RedisRegistry {
     }
 }
 
+impl RedisRegistry {
+    /// [`RedisRegistry::purge`] on a Redis Cluster, where the instance's indexes, each user's
+    /// sessions, each room and the registry are in slots of their own. Each batch removes what
+    /// it read from the users' sessions or the rooms before it removes it from the index, so a
+    /// purge cut short leaves nothing the next one cannot find; and a room counts an instance's
+    /// user once however often it is told (`ri`), so running a batch twice is harmless.
+    async fn purge_in_steps(&self, instance: &str) -> Result<Vec<(RoomName, UserId)>, RegistryError> {
+        let mut conn = self.conn.clone();
+        let (ns, nm) = (self.keys.instance_sessions(instance), self.keys.instance_rooms(instance));
+        let mut sessions = 0;
+        loop {
+            let members: Vec<String> =
+                redis::cmd("SRANDMEMBER").arg(&ns).arg(REAP_BATCH).query_async(&mut conn).await.map_err(unavailable)?;
+            if members.is_empty() {
+                break;
+            }
+            let removals = members.iter().filter_map(|member| {
+                let (user, field) = member.split_once('\n')?;
+                let user = UserId::parse(user).ok()?;
+                let cmd = redis::cmd("HDEL").arg(self.keys.user_sessions(&user)).arg(field).to_owned();
+                let mut conn = conn.clone();
+                Some(async move { cmd.query_async::<i64>(&mut conn).await })
+            });
+            for removed in futures_util::future::join_all(removals).await {
+                removed.map_err(unavailable)?;
+            }
+            let _: i64 = redis::cmd("SREM").arg(&ns).arg(&members).query_async(&mut conn).await.map_err(unavailable)?;
+            sessions += members.len();
+        }
+        let mut left = Vec::new();
+        let mut cursor = String::from("0");
+        loop {
+            let (next, page): (String, Vec<(String, String)>) = redis::cmd("HSCAN")
+                .arg(&nm)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(REAP_BATCH)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let pairs: Vec<(RoomName, UserId)> = page.iter().filter_map(|(field, _)| parse_pair(field)).collect();
+            let exits = pairs.iter().map(|(room, user)| {
+                let mut conn = conn.clone();
+                let script = &self.scripts.room_exit;
+                let keys = [self.keys.room_instances(room), self.keys.room_members(room)];
+                let args = [self.clock.write_deadline().to_string(), format!("{user}\n{instance}")];
+                async move {
+                    let keys = [keys[0].as_str(), keys[1].as_str()];
+                    invoke::<i64>(&mut conn, script, &keys, &[&args[0], &args[1], user.as_str()]).await
+                }
+            });
+            let exited = futures_util::future::join_all(exits).await;
+            for (pair, exited) in pairs.into_iter().zip(exited) {
+                if exited.map_err(unavailable)? == 1 {
+                    left.push(pair);
+                }
+            }
+            if !page.is_empty() {
+                let fields: Vec<&str> = page.iter().map(|(field, _)| field.as_str()).collect();
+                let _: i64 =
+                    redis::cmd("HDEL").arg(&nm).arg(fields).query_async(&mut conn).await.map_err(unavailable)?;
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        let instance_keys = [ns, nm, self.keys.instance_memberships(instance)];
+        let _: i64 = redis::cmd("UNLINK").arg(&instance_keys[..]).query_async(&mut conn).await.map_err(unavailable)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("UNLINK").arg(self.keys.node(instance)).ignore();
+        pipe.cmd("ZREM").arg(self.keys.nodes()).arg(instance).ignore();
+        let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        tracing::info!(instance, sessions, left = left.len(), "removed the presence of a node");
+        Ok(left)
+    }
+
+    /// [`Registry::nodes`] on a Redis Cluster: the live instances, then their details.
+    async fn nodes_in_steps(&self) -> Result<Vec<String>, RegistryError> {
+        let mut conn = self.conn.clone();
+        let live: Vec<String> = self
+            .scripts
+            .live
+            .key(self.keys.nodes())
+            .arg(DEAD_AFTER.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if live.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<String> = live.chunks_exact(2).map(|pair| self.keys.node(&pair[0])).collect();
+        let infos: Vec<Option<String>> =
+            redis::cmd("MGET").arg(names).query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(live
+            .chunks_exact(2)
+            .zip(infos)
+            .filter_map(|(pair, info)| Some([info?, pair[1].clone()]))
+            .flatten()
+            .collect())
+    }
+
+    /// The dead instances whose reaping lock this node took (a Redis Cluster).
+    async fn claim_in_steps(&self) -> Result<Vec<String>, RegistryError> {
+        let mut conn = self.conn.clone();
+        let dead: Vec<String> = self
+            .scripts
+            .dead
+            .key(self.keys.nodes())
+            .arg(DEAD_AFTER.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut claimed = Vec::new();
+        for instance in dead {
+            let lock: Option<String> = redis::cmd("SET")
+                .arg(self.keys.reap_lock(&instance))
+                .arg("1")
+                .arg("NX")
+                .arg("PX")
+                .arg(REAP_LOCK.as_millis() as u64)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if lock.is_some() {
+                claimed.push(instance);
+            }
+        }
+        Ok(claimed)
+    }
+}
+
 fn unavailable(e: redis::RedisError) -> RegistryError {
     if is_late(&e) {
         return RegistryError::Unavailable("redis ran the write after its deadline: nothing was written".into());
@@ -258,15 +413,18 @@ impl Registry for RedisRegistry {
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, RegistryError> {
-        let flat: Vec<String> = self
-            .scripts
-            .nodes
-            .key(self.keys.nodes())
-            .arg(DEAD_AFTER.as_millis() as u64)
-            .arg(self.keys.kind_prefix(KeyKind::Node))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+        let flat: Vec<String> = if self.keys.tagged() {
+            self.nodes_in_steps().await?
+        } else {
+            self.scripts
+                .nodes
+                .key(self.keys.nodes())
+                .arg(DEAD_AFTER.as_millis() as u64)
+                .arg(self.keys.kind_prefix(KeyKind::Node))
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?
+        };
         let nodes: Vec<NodeInfo> = flat
             .chunks_exact(2)
             .filter_map(|pair| {
@@ -285,17 +443,20 @@ impl Registry for RedisRegistry {
     }
 
     async fn reap(&self) -> Result<Vec<(RoomName, UserId)>, RegistryError> {
-        let claimed: Vec<String> = self
-            .scripts
-            .claim
-            .key(self.keys.nodes())
-            .arg(self.clock.write_deadline())
-            .arg(DEAD_AFTER.as_millis() as u64)
-            .arg(self.keys.kind_prefix(KeyKind::ReapLock))
-            .arg(REAP_LOCK.as_millis() as u64)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+        let claimed: Vec<String> = if self.keys.tagged() {
+            self.claim_in_steps().await?
+        } else {
+            self.scripts
+                .claim
+                .key(self.keys.nodes())
+                .arg(self.clock.write_deadline())
+                .arg(DEAD_AFTER.as_millis() as u64)
+                .arg(self.keys.kind_prefix(KeyKind::ReapLock))
+                .arg(REAP_LOCK.as_millis() as u64)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?
+        };
         let mut left = Vec::new();
         for instance in claimed {
             left.extend(self.purge(&instance).await?);

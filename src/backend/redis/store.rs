@@ -20,11 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tokio::sync::oneshot;
 
-use super::RedisClock;
+use super::{Conn, RedisClock};
 use crate::backend::redis as cluster;
 use crate::backend::redis::keys::Keys;
 use crate::message::Record;
@@ -36,7 +35,8 @@ use crate::store::{
 /// Appends a batch of messages, one after the other, as if each were a script of its own.
 ///
 /// KEYS, per message: its idempotency key, then (seq key, log key) per entry.
-/// ARGV: now, idempotency ttl, max messages, expiry cutoff, ttl, publish (1/0), message count;
+/// ARGV: now, idempotency ttl, max messages, expiry cutoff, ttl, publish (0: no, 1: `PUBLISH`,
+/// 2: `SPUBLISH`), message count;
 /// then per message: deadline (ms, see [`crate::backend::redis::WRITE_DEADLINE`]), mid, keyed
 /// (1/0), the message's record, entry count, reply entry (1-based), then (channel, envelope head)
 /// per entry. Answers one line per message, in order: `0 <mid> <seq> <seq of each entry>…`,
@@ -48,7 +48,9 @@ const APPEND: &str = r#"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local cutoff = tonumber(ARGV[4])
-local publish = ARGV[6] == '1'
+-- '0': the bus is elsewhere; '1': PUBLISH; '2': SPUBLISH (a Redis Cluster's sharded pub/sub,
+-- on a channel in the stream's slot).
+local publish = ARGV[6] ~= '0' and (ARGV[6] == '2' and 'SPUBLISH' or 'PUBLISH')
 local answers = {}
 local k, a = 1, 8
 for m = 1, tonumber(ARGV[7]) do
@@ -89,7 +91,7 @@ for m = 1, tonumber(ARGV[7]) do
       redis.call('PEXPIRE', logk, ARGV[5])
       if publish then
         local c = a + 4 + 2 * i
-        redis.call('PUBLISH', ARGV[c], ARGV[c + 1] .. seq .. ' ' .. record)
+        redis.call(publish, ARGV[c], ARGV[c + 1] .. seq .. ' ' .. record)
       end
       if i == reply_entry then reply = seq end
       seqs[i] = seq
@@ -135,10 +137,12 @@ const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// the next one (see [`Appends`]).
 const IN_FLIGHT: usize = 2;
 /// Appends that may wait; beyond it an append is answered `unavailable` at once.
-const QUEUE: usize = 4096;
+pub(super) const QUEUE: usize = 4096;
 
 /// How long `ready` waits for a PING.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an append waits for `--redis-wait-replicas` replicas: within the response timeout.
+const WAIT_TIMEOUT: Duration = Duration::from_millis(1000);
 
 pub struct RedisStore {
     /// The connection, keys, retention and fusion the reads share with the appends.
@@ -148,11 +152,11 @@ pub struct RedisStore {
 }
 
 /// One message to append.
-struct Item {
-    request: AppendRequest,
-    record: Vec<u8>,
+pub(super) struct Item {
+    pub(super) request: AppendRequest,
+    pub(super) record: Vec<u8>,
     /// In Redis's clock.
-    deadline: u64,
+    pub(super) deadline: u64,
 }
 
 /// A waiting append and where its answer goes.
@@ -170,14 +174,44 @@ struct Pending {
 /// would, each with its own deadline and idempotency key, so a repeat of a key in the same batch
 /// is answered as the first one's duplicate. A waiting append is never sent by a caller's task,
 /// whose future may be dropped: only by a task that answers it.
-struct Appends {
-    conn: ConnectionManager,
-    keys: Keys,
+pub(super) struct Appends {
+    pub(super) conn: Conn,
+    pub(super) keys: Keys,
     retention: Retention,
-    /// Whether the bus is this same Redis, so that the append script publishes.
-    fused: bool,
+    /// How the append script may publish: the bus is this same Redis (or Redis Cluster).
+    pub(super) publish: Publish,
+    /// Whether appends publish in their script: the bus is this Redis, and no `WAIT` comes
+    /// between storing and acknowledging (`--redis-wait-replicas 0`; otherwise the node
+    /// publishes once the replicas confirmed, so that no session sees a message a failover can
+    /// take back).
+    pub(super) fused: bool,
+    /// `--redis-wait-replicas`: replicas that must confirm each append before it is answered.
+    pub(super) wait_replicas: usize,
     script: Script,
     queue: Mutex<Queue>,
+    pub(super) clock: Arc<RedisClock>,
+    /// Appends in Redis now, on a Redis Cluster (which has no queue, see `split.rs`).
+    pub(super) in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// How the append script publishes what it stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Publish {
+    /// The bus is another server: the node publishes.
+    No,
+    /// The bus is this Redis: `PUBLISH`.
+    Plain,
+    /// The bus is this Redis Cluster: `SPUBLISH`, on the stream's own shard.
+    Sharded,
+}
+
+/// How one run of the append script goes.
+#[derive(Clone, Copy)]
+pub(super) struct Run {
+    /// Publish what it stores (when the bus is this Redis).
+    pub(super) publish: bool,
+    /// `WAIT` for `--redis-wait-replicas` before answering.
+    pub(super) wait: bool,
 }
 
 #[derive(Default)]
@@ -235,28 +269,40 @@ impl Drop for Slot {
     }
 }
 
-fn full() -> StoreError {
+pub(super) fn full() -> StoreError {
     StoreError::Unavailable(format!("redis append: {QUEUE} appends already waiting"))
 }
 
-fn unavailable(e: redis::RedisError) -> StoreError {
+pub(super) fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
 
-fn malformed(what: &str) -> StoreError {
+pub(super) fn malformed(what: &str) -> StoreError {
     StoreError::Internal(format!("unexpected reply from redis: {what}"))
 }
 
 impl RedisStore {
-    /// A store on `conn`; `fused` when the bus is the same Redis (see the module header).
-    pub fn new(conn: ConnectionManager, clock: Arc<RedisClock>, keys: Keys, retention: Retention, fused: bool) -> Self {
+    /// A store on `conn`; `publish` says whether the bus is the same Redis (see the module
+    /// header); `wait_replicas` is `--redis-wait-replicas`.
+    pub fn new(
+        conn: Conn,
+        clock: Arc<RedisClock>,
+        keys: Keys,
+        retention: Retention,
+        publish: Publish,
+        wait_replicas: usize,
+    ) -> Self {
         let appends = Arc::new(Appends {
             conn,
             keys,
             retention,
-            fused,
+            publish,
+            fused: publish != Publish::No && wait_replicas == 0,
+            wait_replicas,
             script: Script::new(APPEND),
             queue: Mutex::new(Queue::default()),
+            clock: clock.clone(),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         });
         Self { appends, clock, ack: Script::new(ACK) }
     }
@@ -318,6 +364,9 @@ impl Appends {
 
     /// Appends one message: [`Appends::append_all`] without its vectors, for the common case.
     async fn append(self: &Arc<Self>, item: Item) -> Result<Appended, StoreError> {
+        if self.keys.tagged() {
+            return self.append_split(item).await;
+        }
         let answer = {
             let mut queue = self.queue();
             if queue.take_slot() {
@@ -331,7 +380,7 @@ impl Appends {
         match answer {
             Ok(item) => {
                 let _slot = Slot(self.clone());
-                self.send([&item]).await.and_then(|answer| appended(&answer, self.fused))
+                self.send([&item], self.run()).await.and_then(|answer| appended(&answer, self.fused))
             }
             Err(answer) => self.answer(answer, tokio::time::Instant::now() + super::RESPONSE_TIMEOUT).await,
         }
@@ -339,12 +388,21 @@ impl Appends {
 
     /// Appends `items` in their order, together when they fit in one script.
     async fn append_all(self: &Arc<Self>, items: Vec<Item>) -> Vec<Result<Appended, StoreError>> {
+        if self.keys.tagged() {
+            // One after the other: a sender's messages keep their order in its own stream even
+            // when each goes to Redis in steps.
+            let mut answers = Vec::with_capacity(items.len());
+            for item in items {
+                answers.push(self.append_split(item).await);
+            }
+            return answers;
+        }
         let waiting = match self.turn(items) {
             Turn::Now(items) => {
                 let _slot = Slot(self.clone());
                 let mut answers = Vec::with_capacity(items.len());
                 for chunk in items.chunks(MAX_BATCH) {
-                    match self.send(chunk).await {
+                    match self.send(chunk, self.run()).await {
                         Ok(answer) => answers.extend(lines(&answer, chunk.len(), self.fused)),
                         Err(e) => answers.extend(chunk.iter().map(|_| Err(e.clone()))),
                     }
@@ -406,7 +464,7 @@ impl Appends {
     /// Sends batches of waiting appends while there are any, then frees its slot.
     async fn drain(self: Arc<Self>, mut batch: Vec<Pending>) {
         loop {
-            let answer = self.send(batch.iter().map(|p| &p.item)).await;
+            let answer = self.send(batch.iter().map(|p| &p.item), self.run()).await;
             answer_each(batch, answer, self.fused);
             let mut queue = self.queue();
             if queue.waiting.is_empty() {
@@ -417,14 +475,48 @@ impl Appends {
         }
     }
 
-    /// Runs the append script on `items`; its answer, one line per item.
-    async fn send<'a>(&self, items: impl IntoIterator<Item = &'a Item> + Clone) -> Result<String, StoreError> {
-        let command = self.command(items);
-        let mut conn = self.conn.clone();
-        cluster::eval(&mut conn, &self.script, &command).await.map_err(unavailable)
+    /// How an acknowledged append runs: publishing in its script when fused, waiting for the
+    /// replicas when asked to.
+    pub(super) fn run(&self) -> Run {
+        Run { publish: self.fused, wait: self.wait_replicas > 0 }
     }
 
-    fn command<'a>(&self, items: impl IntoIterator<Item = &'a Item> + Clone) -> redis::Cmd {
+    /// Runs the append script on `items`; its answer, one line per item. With `run.wait`, the
+    /// script and a `WAIT` go together on one connection (so the `WAIT` covers the script's
+    /// writes), and an append that too few replicas confirmed is answered `unavailable`: it is
+    /// on the master, and a retry with the same key answers it without storing it again.
+    pub(super) async fn send<'a>(
+        &self,
+        items: impl IntoIterator<Item = &'a Item> + Clone,
+        run: Run,
+    ) -> Result<String, StoreError> {
+        let command = self.command(items, run.publish);
+        let mut conn = self.conn.clone();
+        if !run.wait {
+            return cluster::eval(&mut conn, &self.script, &command).await.map_err(unavailable);
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(command).cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
+        let replies: (String, usize) = match pipe.query_async(&mut conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.script.load_async(&mut conn).await.map_err(unavailable)?;
+                pipe.query_async(&mut conn).await.map_err(unavailable)?
+            }
+            other => other.map_err(unavailable)?,
+        };
+        let (answer, confirmed) = replies;
+        if confirmed < self.wait_replicas {
+            return Err(StoreError::Unavailable(format!(
+                "redis stored the message on its master, but {confirmed} of {} replicas confirmed it within {} ms: \
+                 retry with the same key",
+                self.wait_replicas,
+                WAIT_TIMEOUT.as_millis()
+            )));
+        }
+        Ok(answer)
+    }
+
+    fn command<'a>(&self, items: impl IntoIterator<Item = &'a Item> + Clone, publish: bool) -> redis::Cmd {
         let (mut count, mut entries, mut bytes) = (0, 0, 0);
         for item in items.clone() {
             count += 1;
@@ -452,7 +544,11 @@ impl Appends {
             .arg(self.retention.max_messages)
             .arg(now.saturating_sub(self.retention.ttl_ms))
             .arg(self.retention.ttl_ms)
-            .arg(if self.fused { "1" } else { "0" })
+            .arg(match (publish, self.publish) {
+                (false, _) | (_, Publish::No) => "0",
+                (true, Publish::Plain) => "1",
+                (true, Publish::Sharded) => "2",
+            })
             .arg(count);
         for item in items {
             let request = &item.request;
@@ -463,7 +559,7 @@ impl Appends {
                 .arg(request.entries.len())
                 .arg(request.reply_entry + 1);
             for entry in &request.entries {
-                if self.fused {
+                if publish && self.publish != Publish::No {
                     cmd.arg(self.keys.channel(&entry.topic))
                         .arg(crate::bus::envelope::message_head(entry.exclude, &entry.stream));
                 } else {
@@ -528,7 +624,7 @@ fn lines(answer: &str, count: usize, fused: bool) -> Vec<Result<Appended, StoreE
 }
 
 /// One message's line of the append script's answer.
-fn appended(line: &str, fused: bool) -> Result<Appended, StoreError> {
+pub(super) fn appended(line: &str, fused: bool) -> Result<Appended, StoreError> {
     let mut fields = line.split(' ');
     let duplicate = match fields.next() {
         Some("0") => false,
@@ -598,6 +694,9 @@ impl Store for RedisStore {
 
     async fn ready(&self) -> bool {
         let mut conn = self.appends.conn.clone();
+        if conn.clustered() || self.appends.wait_replicas > 0 {
+            return conn.ready_with_replicas(PING_TIMEOUT, self.appends.wait_replicas).await;
+        }
         let ping = redis::cmd("PING");
         matches!(tokio::time::timeout(PING_TIMEOUT, ping.query_async::<String>(&mut conn)).await, Ok(Ok(_)))
     }

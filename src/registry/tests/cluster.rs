@@ -33,6 +33,10 @@ impl Cluster {
         TestRedis::start("redis registry, cluster").await.map(Self::Redis)
     }
 
+    async fn redis_cluster() -> Option<Self> {
+        TestRedis::start_cluster("redis cluster registry, cluster").await.map(Self::Redis)
+    }
+
     async fn nats() -> Option<Self> {
         TestNats::start("nats registry, cluster", NATS_DEAD_AFTER).await.map(|nats| Self::Nats(Box::new(nats)))
     }
@@ -121,6 +125,7 @@ macro_rules! cluster_suite {
 }
 
 cluster_suite!(redis, Cluster::redis);
+cluster_suite!(redis_cluster, Cluster::redis_cluster);
 cluster_suite!(nats, Cluster::nats);
 
 async fn nodes_lists_every_live_node_sorted_and_deregistered_nodes_leave_no_keys(cluster: &Cluster) {

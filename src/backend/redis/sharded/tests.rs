@@ -47,8 +47,8 @@ struct Node {
 
 impl Node {
     async fn open(url: &str, test: &str) -> Option<Self> {
-        let conn = match tokio::time::timeout(Duration::from_secs(5), conn::cluster(url)).await {
-            Ok(Ok(cluster)) => Conn::Cluster(cluster),
+        let conn = match tokio::time::timeout(Duration::from_secs(5), Conn::cluster(url)).await {
+            Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return absent(test, &format!("no Redis Cluster at {url}: {e:#}")),
             Err(_) => return absent(test, &format!("no Redis Cluster at {url}: timed out")),
         };
