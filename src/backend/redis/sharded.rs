@@ -350,8 +350,8 @@ fn format_addr(addr: &Addr) -> String {
 impl RedisShardedBus {
     /// Reads the slot map, connects a subscriber to every master, starts the subscription and
     /// health tasks and subscribes to broadcasts. `seeds` give the credentials for the masters'
-    /// connections; `conn` (shared with the store) publishes and reads `CLUSTER SLOTS`. The
-    /// owner of `clock` keeps it sampled.
+    /// connections; `conn` (shared with the store) publishes and reads `CLUSTER SLOTS`; `clock`
+    /// is sampled every second besides.
     pub async fn connect(
         seeds: Vec<ConnectionInfo>,
         conn: Conn,
@@ -383,7 +383,7 @@ impl RedisShardedBus {
         shared.ready.store(ok, Ordering::Release);
         let changed = shared.interests.changed();
         tokio::spawn(manage_subscriptions(Arc::downgrade(&shared), changed, reader.clone()));
-        tokio::spawn(watch_health(Arc::downgrade(&shared), reader));
+        tokio::spawn(watch_health(Arc::downgrade(&shared), reader, clock.clone()));
         let bus = Self { shared, conn, clock, publish: Script::new(PUBLISH) };
         bus.subscribe(&Topic::All).await.map_err(|e| anyhow::anyhow!("subscribing to broadcasts: {e}"))?;
         Ok(bus)
@@ -564,8 +564,9 @@ async fn send_plan(shared: &Arc<Shared>, addr: Addr, plan: Plan) -> Option<Failu
 }
 
 /// Reads the slot map and pings every master every second; flips readiness and, after a lost
-/// subscription, asks sessions to catch up.
-async fn watch_health(shared: Weak<Shared>, mut conn: Conn) {
+/// subscription, asks sessions to catch up. Samples the clock too, as the bus on one Redis does,
+/// so that publish deadlines follow the cluster's clock closely.
+async fn watch_health(shared: Weak<Shared>, mut conn: Conn, clock: Arc<RedisClock>) {
     let mut tick = tokio::time::interval(HEALTH_EVERY);
     tick.tick().await;
     loop {
@@ -573,6 +574,10 @@ async fn watch_health(shared: Weak<Shared>, mut conn: Conn) {
         let Some(strong) = shared.upgrade() else { return };
         let ok = strong.check(&mut conn).await;
         strong.set_ready(ok);
+        drop(strong);
+        if ok && let Ok(Err(e)) = tokio::time::timeout(HEALTH_EVERY, clock.sample(&mut conn)).await {
+            tracing::debug!(error = %e, "sampling the redis cluster clock failed");
+        }
     }
 }
 
