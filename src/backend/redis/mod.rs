@@ -19,6 +19,7 @@ pub(crate) use conn::Conn;
 pub(crate) use keys::{Instance, Keys};
 pub(crate) use presence::RedisPresence;
 pub(crate) use registry::RedisRegistry;
+pub(crate) use sharded::RedisShardedBus;
 pub(crate) use store::{Publish, RedisStore};
 
 use std::collections::HashMap;
