@@ -50,6 +50,18 @@ start() {
     [ "$ok" = 1 ] && break
     sleep 0.1
   done
+  # A replica that has not finished its first sync refuses to take over from a dead master
+  # ("disconnected from master for longer than allowed"): wait for every replication link.
+  for _ in $(seq 300); do
+    local synced=1
+    for port in $(ports); do
+      if redis-cli -p "$port" info replication | grep -q '^role:slave'; then
+        redis-cli -p "$port" info replication | grep -q '^master_link_status:up' || synced=0
+      fi
+    done
+    [ "$synced" = 1 ] && break
+    sleep 0.1
+  done
   url
 }
 

@@ -303,8 +303,12 @@ pub(crate) async fn build(
                     bus.attach(sink);
                     Arc::new(bus)
                 }
-                redis::Server::Cluster(_) => {
-                    bail!("--bus {}: a Redis Cluster bus (sharded pub/sub) is not in this build yet", redact(url))
+                redis::Server::Cluster(seeds) => {
+                    let bus =
+                        redis::RedisShardedBus::connect(seeds, connected.conn, connected.clock, keys, metrics).await;
+                    let bus = bus.with_context(|| format!("--bus {}", redact(url)))?;
+                    bus.attach(sink);
+                    Arc::new(bus)
                 }
             }
         }

@@ -113,6 +113,37 @@ impl Interests {
         }
     }
 
+    /// The server dropped `names` (the connection to one of several servers ended, or a server
+    /// moved them away): each still wanted is pending again, and `add` waits for it as for a
+    /// new one; the others are forgotten.
+    pub(crate) fn reset_names<S: AsRef<str>>(&self, dropped: impl IntoIterator<Item = S>) {
+        let mut names = self.names();
+        let mut any = false;
+        for name in dropped {
+            let name = name.as_ref();
+            match names.get_mut(name) {
+                Some(i) if i.count > 0 => {
+                    i.active = false;
+                    i.ready.send_replace(false);
+                    any = true;
+                }
+                Some(_) => {
+                    names.remove(name);
+                }
+                None => {}
+            }
+        }
+        drop(names);
+        if any {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Whether the server has every wanted name.
+    pub(crate) fn settled(&self) -> bool {
+        self.names().values().all(|i| i.count == 0 || i.active)
+    }
+
     /// Whether a local session wants `name`.
     pub(crate) fn wanted(&self, name: &str) -> bool {
         self.names().get(name).is_some_and(|i| i.count > 0)
@@ -166,5 +197,21 @@ mod tests {
         interests.reset();
         assert!(!interests.active("a"));
         assert_eq!(interests.pending(10), (vec!["a".to_owned()], vec![]), "b is no longer wanted");
+    }
+
+    #[tokio::test]
+    async fn a_reset_of_some_names_leaves_the_others_confirmed() {
+        let interests = Interests::default();
+        for name in ["a", "b", "c"] {
+            let _ = interests.add(name.into(), Duration::ZERO, "test").await;
+        }
+        interests.confirm(&["a".to_owned(), "b".to_owned(), "c".to_owned()], true);
+        assert!(interests.settled());
+        interests.remove("c");
+        interests.reset_names(["a", "c", "unknown"]);
+        assert!(!interests.active("a") && interests.active("b") && !interests.settled());
+        assert_eq!(interests.pending(10), (vec!["a".to_owned()], vec![]), "c is forgotten, not unsubscribed");
+        interests.confirm(&["a".to_owned()], true);
+        assert!(interests.settled());
     }
 }

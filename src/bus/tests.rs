@@ -11,6 +11,10 @@
 //! at once; Redis keeps one publisher's order on a subscriber connection; NATS on one connection,
 //! and the reader tasks of a node's subscriptions are woken in that order on the tests'
 //! one-thread runtime; RabbitMQ one channel's order into each queue) can no longer deliver the earlier event once the fence arrived.
+//! On a Redis Cluster (`SWITCHYARD_TEST_REDIS_CLUSTER`, default the one `scripts/redis-cluster.sh
+//! start` runs) the fence travels through the master of the broadcast channel and an event through
+//! its own topic's, on other connections, so there a fence shows less: an event still on its way
+//! on another master's connection could arrive after it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +29,7 @@ use crate::backend::nats::{Nats, NatsBus, NatsOptions, Subjects};
 use crate::backend::redact;
 use crate::backend::redis::{Keys, RedisBus, RedisClock};
 use crate::metrics::Metrics;
-use crate::testing::{absent, amqp_url, nats_url, redis_url, unique_prefix};
+use crate::testing::{absent, amqp_url, nats_url, redis_cluster_url, redis_url, unique_prefix};
 
 pub(crate) mod checks;
 
@@ -143,6 +147,36 @@ pub(crate) async fn open_redis(prefix: String) -> Option<Vec<BusNode>> {
     Some(nodes)
 }
 
+/// Two nodes: two sharded Redis buses on the Redis Cluster (`SWITCHYARD_TEST_REDIS_CLUSTER`,
+/// default the one `scripts/redis-cluster.sh start` runs), each with its own connections, under
+/// one prefix.
+pub(crate) async fn open_redis_cluster(prefix: String) -> Option<Vec<BusNode>> {
+    use crate::backend::redis::conn::{Conn, seeds};
+    use crate::backend::redis::sharded::RedisShardedBus;
+    use ::redis::IntoConnectionInfo;
+    let url = redis_cluster_url();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let conn = match tokio::time::timeout(Duration::from_secs(5), Conn::cluster(&url)).await {
+            Ok(Ok(conn)) => conn,
+            other => {
+                return absent(
+                    "redis cluster bus",
+                    &format!("no Redis Cluster at {url}: {:?}", other.map(|r| r.err())),
+                );
+            }
+        };
+        let seeds = seeds(&url).unwrap().iter().map(|s| s.as_str().into_connection_info().unwrap()).collect();
+        let clock = Arc::new(RedisClock::default());
+        let metrics = Arc::new(Metrics::new());
+        let bus = RedisShardedBus::connect(seeds, conn, clock, Keys::cluster(&prefix), metrics).await.unwrap();
+        let sink = Arc::new(Recorder::default());
+        bus.attach(sink.clone());
+        nodes.push(BusNode { bus: Arc::new(bus), sink });
+    }
+    Some(nodes)
+}
+
 /// Two nodes: two NATS buses, each with its own client, under one prefix.
 pub(crate) async fn open_nats(prefix: String) -> Option<Vec<BusNode>> {
     let url = nats_url();
@@ -210,5 +244,6 @@ macro_rules! bus_suite {
 
 bus_suite!(memory, open_memory);
 bus_suite!(redis, open_redis);
+bus_suite!(redis_cluster, open_redis_cluster);
 bus_suite!(nats, open_nats);
 bus_suite!(amqp, open_amqp);

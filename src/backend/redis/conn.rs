@@ -7,7 +7,7 @@
 //! keeps them in one slot (the hash tags of `keys.rs`), and every pipeline stays in one slot.
 //!
 //! What the crate does not do is tell whether the cluster can serve every slot right now:
-//! [`Conn::ready`] checks that every slot has a master and that every master answers. Nor does it
+//! [`Conn::ready_with_replicas`] checks that every slot has a master and that every master answers. Nor does it
 //! notice a failover: a request to a master that died is refused, and the crate retries the same
 //! address for ever, never reading the topology again (only a `MOVED` makes it do that, and a dead
 //! master sends none). So a [`Cluster`] builds a new cluster connection (which reads `CLUSTER
@@ -200,14 +200,9 @@ impl Conn {
         Ok(ranges)
     }
 
-    /// Whether every slot has a master and every master answers a PING within `timeout` (on
-    /// one Redis: whether it answers).
-    pub async fn ready(&mut self, timeout: Duration) -> bool {
-        self.ready_with_replicas(timeout, 0).await
-    }
-
-    /// [`Conn::ready`], and every master has at least `replicas` replicas connected (`ROLE`), so
-    /// that an append waiting for them (`--redis-wait-replicas`) can be acknowledged.
+    /// Whether every slot has a master, every master answers within `timeout` (on one Redis:
+    /// whether it answers), and every master has at least `replicas` replicas connected (`ROLE`),
+    /// so that an append waiting for them (`--redis-wait-replicas`) can be acknowledged.
     pub async fn ready_with_replicas(&mut self, timeout: Duration, replicas: usize) -> bool {
         let check = async {
             let ranges = self.slots().await.ok()?;

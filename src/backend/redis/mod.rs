@@ -9,6 +9,7 @@ pub(crate) mod conn;
 pub(crate) mod keys;
 pub(crate) mod presence;
 pub(crate) mod registry;
+pub(crate) mod sharded;
 mod split;
 pub(crate) mod store;
 mod subscriber;
@@ -18,6 +19,7 @@ pub(crate) use conn::Conn;
 pub(crate) use keys::{Instance, Keys};
 pub(crate) use presence::RedisPresence;
 pub(crate) use registry::RedisRegistry;
+pub(crate) use sharded::RedisShardedBus;
 pub(crate) use store::{Publish, RedisStore};
 
 use std::collections::HashMap;

@@ -11,6 +11,13 @@
 //! sends, handing each message to the [`Receiver`] on that same task and each other reply to the
 //! command waiting for it, in order. When the connection ends, the commands waiting fail and the
 //! receiver is told once; connecting again is the owner's job.
+//!
+//! The sharded bus (`sharded.rs`) uses the same connection for Redis Cluster's sharded pub/sub:
+//! `smessage` is a message like `message`, and every `sunsubscribe` goes to the receiver rather
+//! than to a waiting command, because Redis 7 sends one unasked when the slot of a subscribed
+//! channel moves to another node, and in RESP2 it looks just like the confirmation of a
+//! `SUNSUBSCRIBE`. So a `SUNSUBSCRIBE` waits for no confirmation: it is answered by nothing, or
+//! by an error, and a [`Batch`] follows every run of them with a `PING` that tells which.
 
 use std::collections::VecDeque;
 use std::io;
@@ -32,6 +39,10 @@ pub(crate) trait Receiver: Send + Sync + 'static {
     fn messages(&self, read: &[Published]);
     /// The connection ended (it is not called when the owner drops the subscriber).
     fn closed(&self);
+    /// Redis no longer sends this connection `channel`'s sharded messages: the answer to a
+    /// `SUNSUBSCRIBE`, or its own notice that the channel's slot moved away. Called on the
+    /// connection's task, after the messages read before it.
+    fn unsubscribed(&self, _channel: &[u8]) {}
 }
 
 /// A message as received: the frame it came in, and where its channel and payload are in it.
@@ -58,11 +69,49 @@ pub(crate) struct Subscriber {
     timeout: Duration,
 }
 
-/// A command to write and the number of replies that complete it.
+/// Commands to write at once, and for each the number of replies that complete it (0: a
+/// `SUNSUBSCRIBE`, which only an error answers) and who waits for them.
 struct Command {
     bytes: Vec<u8>,
-    replies: usize,
-    done: oneshot::Sender<io::Result<()>>,
+    parts: Vec<(usize, oneshot::Sender<io::Result<()>>)>,
+}
+
+/// Sharded pub/sub commands written to the connection in one write, each answered on its own.
+/// Every command names channels of one slot (Redis refuses others with `CROSSSLOT`).
+#[derive(Default)]
+pub(crate) struct Batch {
+    bytes: Vec<u8>,
+    /// The replies each command waits for, in order (0: a `SUNSUBSCRIBE`).
+    parts: Vec<usize>,
+    /// Whether a `SUNSUBSCRIBE` waits for the `PING` that tells it succeeded.
+    unsettled: bool,
+}
+
+impl Batch {
+    /// Adds an `SSUBSCRIBE`, confirmed once per channel; answers its index among the outcomes.
+    pub(crate) fn ssubscribe(&mut self, channels: &[String]) -> usize {
+        self.settle();
+        write_command(&mut self.bytes, b"SSUBSCRIBE", channels);
+        self.parts.push(channels.len());
+        self.parts.len() - 1
+    }
+
+    /// Adds a `SUNSUBSCRIBE`; answers its index among the outcomes.
+    pub(crate) fn sunsubscribe(&mut self, channels: &[String]) -> usize {
+        write_command(&mut self.bytes, b"SUNSUBSCRIBE", channels);
+        self.parts.push(0);
+        self.unsettled = true;
+        self.parts.len() - 1
+    }
+
+    /// Follows a run of `SUNSUBSCRIBE`s with a `PING`: its reply, when no error came first,
+    /// says they succeeded.
+    fn settle(&mut self) {
+        if std::mem::take(&mut self.unsettled) {
+            write_command(&mut self.bytes, b"PING", &[]);
+            self.parts.push(1);
+        }
+    }
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -113,6 +162,34 @@ impl Subscriber {
         self.send(command(&[b"PING"]), 1).await
     }
 
+    /// Writes `batch` in one write and answers each of its commands' outcome, by index; an
+    /// error for them all when the connection is closed. The whole batch has the subscriber's
+    /// timeout.
+    pub(crate) async fn send_batch(&self, mut batch: Batch) -> Vec<io::Result<()>> {
+        batch.settle();
+        let (parts, answers): (Vec<_>, Vec<_>) = batch
+            .parts
+            .iter()
+            .map(|&replies| {
+                let (done, answer) = oneshot::channel();
+                ((replies, done), answer)
+            })
+            .unzip();
+        if self.commands.send(Command { bytes: batch.bytes, parts }).is_err() {
+            return answers.iter().map(|_| Err(closed())).collect();
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut outcomes = Vec::with_capacity(answers.len());
+        for answer in answers {
+            outcomes.push(match tokio::time::timeout_at(deadline, answer).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(closed()),
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "redis did not answer in time")),
+            });
+        }
+        outcomes
+    }
+
     /// A command that Redis confirms once per channel.
     async fn each_channel(&self, name: &[u8], channels: &[String]) -> io::Result<()> {
         if channels.is_empty() {
@@ -126,7 +203,7 @@ impl Subscriber {
 
     async fn send(&self, bytes: Vec<u8>, replies: usize) -> io::Result<()> {
         let (done, answer) = oneshot::channel();
-        self.commands.send(Command { bytes, replies, done }).map_err(|_| closed())?;
+        self.commands.send(Command { bytes, parts: vec![(replies, done)] }).map_err(|_| closed())?;
         match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(closed()),
@@ -160,6 +237,21 @@ async fn read(stream: &mut Box<dyn Stream>, input: &mut BytesMut) -> io::Result<
     match stream.read_buf(input).await? {
         0 => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "redis closed the connection")),
         _ => Ok(()),
+    }
+}
+
+/// Appends the command `name channels…` in RESP to `out`.
+fn write_command(out: &mut Vec<u8>, name: &[u8], channels: &[String]) {
+    let mut n = itoa::Buffer::new();
+    out.push(b'*');
+    out.extend_from_slice(n.format(1 + channels.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for arg in std::iter::once(name).chain(channels.iter().map(|c| c.as_bytes())) {
+        out.push(b'$');
+        out.extend_from_slice(n.format(arg.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
     }
 }
 
@@ -203,12 +295,14 @@ async fn run(
                 Err(e) => break e,
             },
             command = queue.recv() => {
-                let Some(Command { bytes, replies, done }) = command else { return };
+                let Some(Command { bytes, parts }) = command else { return };
                 if let Err(e) = stream.write_all(&bytes).await {
-                    let _ = done.send(Err(io::Error::new(e.kind(), e.to_string())));
+                    for (_, done) in parts {
+                        let _ = done.send(Err(io::Error::new(e.kind(), e.to_string())));
+                    }
                     break e;
                 }
-                waiting.push_back((replies, done));
+                waiting.extend(parts);
             }
         }
     };
@@ -227,7 +321,7 @@ fn take_replies(
     to: &dyn Receiver,
 ) -> io::Result<()> {
     let mut read = Vec::new();
-    let outcome = take_each(input, waiting, &mut read);
+    let outcome = take_each(input, waiting, &mut read, to);
     if !read.is_empty() {
         to.messages(&read);
     }
@@ -238,18 +332,38 @@ fn take_each(
     input: &mut BytesMut,
     waiting: &mut VecDeque<(usize, oneshot::Sender<io::Result<()>>)>,
     read: &mut Vec<Published>,
+    to: &dyn Receiver,
 ) -> io::Result<()> {
     while let Some((reply, used)) = Reply::read(input)? {
         if let Some((channel, payload)) = reply.message(input) {
             read.push(Published { frame: input.split_to(used).freeze(), channel, payload });
             continue;
         }
+        if let Some(channel) = reply.sunsubscribed(input) {
+            // After the messages before it: none of this channel can follow it.
+            if !read.is_empty() {
+                to.messages(read);
+                read.clear();
+            }
+            if let Some(channel) = channel {
+                to.unsubscribed(&input[channel]);
+            }
+            input.advance(used);
+            continue;
+        }
         let outcome = reply.outcome(input);
         input.advance(used);
+        if outcome.is_ok() {
+            // Whatever this answers was written after the SUNSUBSCRIBEs waiting: they succeeded.
+            while waiting.front().is_some_and(|(left, _)| *left == 0) {
+                let (_, done) = waiting.pop_front().expect("there is a front");
+                let _ = done.send(Ok(()));
+            }
+        }
         let Some((left, _)) = waiting.front_mut() else {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "redis sent a reply nobody asked for"));
         };
-        *left -= 1;
+        *left = left.saturating_sub(1);
         if *left == 0 || outcome.is_err() {
             let (_, done) = waiting.pop_front().expect("there is a front");
             let _ = done.send(outcome);
@@ -315,11 +429,25 @@ impl Reply {
         Ok(Some((reply, at)))
     }
 
-    /// A published message: where its channel and payload are.
+    /// A published message (`message`, or `smessage` on a sharded channel): where its channel
+    /// and payload are.
     fn message(&self, input: &[u8]) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
         match self {
-            Self::Array([Some(kind), Some(channel), Some(payload), _], 3) if &input[kind.clone()] == b"message" => {
+            Self::Array([Some(kind), Some(channel), Some(payload), _], 3)
+                if matches!(&input[kind.clone()], b"message" | b"smessage") =>
+            {
                 Some((channel.clone(), payload.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// A `sunsubscribe` (asked for or not): where its channel is (`None`: nil, the answer to a
+    /// `SUNSUBSCRIBE` of nothing).
+    fn sunsubscribed(&self, input: &[u8]) -> Option<Option<std::ops::Range<usize>>> {
+        match self {
+            Self::Array([Some(kind), channel, _, _], 3) if &input[kind.clone()] == b"sunsubscribe" => {
+                Some(channel.clone())
             }
             _ => None,
         }
@@ -356,19 +484,105 @@ fn number(text: &[u8]) -> io::Result<i64> {
 mod tests {
     use super::*;
 
-    /// The messages handed on, as (channel, payload).
+    /// The messages handed on, as (channel, payload), and everything handed on, in order.
     #[derive(Default)]
     struct Seen {
         messages: std::sync::Mutex<Vec<(Vec<u8>, Bytes)>>,
+        log: std::sync::Mutex<Vec<String>>,
     }
 
     impl Receiver for Seen {
         fn messages(&self, read: &[Published]) {
             let mut messages = self.messages.lock().unwrap();
             messages.extend(read.iter().map(|m| (m.channel().to_vec(), m.payload())));
+            let mut log = self.log.lock().unwrap();
+            log.extend(read.iter().map(|m| format!("message {}", String::from_utf8_lossy(m.channel()))));
         }
 
         fn closed(&self) {}
+
+        fn unsubscribed(&self, channel: &[u8]) {
+            self.log.lock().unwrap().push(format!("unsubscribed {}", String::from_utf8_lossy(channel)));
+        }
+    }
+
+    /// Waiting commands for `parts` (replies each), and their answers.
+    #[allow(clippy::type_complexity)]
+    fn waiting_for(
+        parts: &[usize],
+    ) -> (VecDeque<(usize, oneshot::Sender<io::Result<()>>)>, Vec<oneshot::Receiver<io::Result<()>>>) {
+        parts
+            .iter()
+            .map(|&replies| {
+                let (done, answer) = oneshot::channel();
+                ((replies, done), answer)
+            })
+            .unzip()
+    }
+
+    #[test]
+    fn sharded_messages_and_unasked_sunsubscribes_go_to_the_receiver_in_order() {
+        let traffic = b"*3\r\n$10\r\nssubscribe\r\n$4\r\nch:a\r\n:1\r\n\
+            *3\r\n$8\r\nsmessage\r\n$4\r\nch:a\r\n$2\r\nhi\r\n\
+            *3\r\n$12\r\nsunsubscribe\r\n$4\r\nch:a\r\n:0\r\n\
+            *3\r\n$8\r\nsmessage\r\n$4\r\nch:b\r\n$2\r\nho\r\n\
+            *3\r\n$10\r\nssubscribe\r\n$4\r\nch:b\r\n:1\r\n";
+        for cut in 0..traffic.len() {
+            let seen = Seen::default();
+            let (mut waiting, mut answers) = waiting_for(&[2]);
+            let mut input = BytesMut::from(&traffic[..cut]);
+            take_replies(&mut input, &mut waiting, &seen).unwrap();
+            input.extend_from_slice(&traffic[cut..]);
+            take_replies(&mut input, &mut waiting, &seen).unwrap();
+            assert!(input.is_empty() && waiting.is_empty(), "cut at {cut}");
+            assert!(answers[0].try_recv().unwrap().is_ok(), "the sunsubscribe is not one of its replies");
+            assert_eq!(
+                *seen.log.lock().unwrap(),
+                ["message ch:a", "unsubscribed ch:a", "message ch:b"],
+                "cut at {cut}"
+            );
+            assert_eq!(seen.messages.lock().unwrap()[1].1, Bytes::from_static(b"ho"));
+        }
+    }
+
+    #[test]
+    fn a_moved_ssubscribe_fails_alone_and_a_ping_settles_the_sunsubscribes_before_it() {
+        let mut batch = Batch::default();
+        let gone = batch.sunsubscribe(&["x".to_owned()]);
+        let moved = batch.ssubscribe(&["y".to_owned()]);
+        let taken = batch.ssubscribe(&["z".to_owned(), "z2".to_owned()]);
+        assert_eq!((gone, moved, taken), (0, 2, 3), "a PING after the SUNSUBSCRIBE");
+        assert_eq!(batch.parts, [0, 1, 1, 2]);
+        assert!(
+            batch
+                .bytes
+                .starts_with(b"*2\r\n$12\r\nSUNSUBSCRIBE\r\n$1\r\nx\r\n*1\r\n$4\r\nPING\r\n*2\r\n$10\r\nSSUBSCRIBE")
+        );
+        let seen = Seen::default();
+        let (mut waiting, mut answers) = waiting_for(&batch.parts);
+        let mut input = BytesMut::from(
+            &b"*3\r\n$12\r\nsunsubscribe\r\n$1\r\nx\r\n:0\r\n\
+            *2\r\n$4\r\npong\r\n$0\r\n\r\n\
+            -MOVED 12 127.0.0.1:7001\r\n\
+            *3\r\n$10\r\nssubscribe\r\n$1\r\nz\r\n:1\r\n\
+            *3\r\n$10\r\nssubscribe\r\n$2\r\nz2\r\n:2\r\n"[..],
+        );
+        take_replies(&mut input, &mut waiting, &seen).unwrap();
+        let outcomes: Vec<io::Result<()>> = answers.iter_mut().map(|a| a.try_recv().unwrap()).collect();
+        assert!(outcomes[0].is_ok() && outcomes[1].is_ok() && outcomes[3].is_ok());
+        let e = outcomes[2].as_ref().unwrap_err().to_string();
+        assert!(e.contains("MOVED 12"), "{e}");
+        assert_eq!(*seen.log.lock().unwrap(), ["unsubscribed x"]);
+
+        // A SUNSUBSCRIBE that Redis refuses takes the error; the PING still its pong.
+        let mut batch = Batch::default();
+        batch.sunsubscribe(&["x".to_owned()]);
+        batch.settle();
+        let (mut waiting, mut answers) = waiting_for(&batch.parts);
+        let mut input = BytesMut::from(&b"-MOVED 3 127.0.0.1:7002\r\n*2\r\n$4\r\npong\r\n$0\r\n\r\n"[..]);
+        take_replies(&mut input, &mut waiting, &seen).unwrap();
+        assert!(answers[0].try_recv().unwrap().is_err());
+        assert!(answers[1].try_recv().unwrap().is_ok());
     }
 
     const TRAFFIC: &[u8] = b"*3\r\n$9\r\nsubscribe\r\n$4\r\nch:a\r\n:1\r\n\
