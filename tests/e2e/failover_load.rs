@@ -41,6 +41,8 @@ pub(crate) struct Acked {
     pub(crate) also_in: Option<String>,
     /// From the first attempt to the acknowledgement.
     pub(crate) latency: Duration,
+    /// When the acknowledgement came.
+    pub(crate) at: Instant,
     /// Whether it was acknowledged before the fault began (the replica's stall, then the
     /// master's death).
     pub(crate) before_fault: bool,
@@ -219,7 +221,8 @@ pub(crate) async fn sender(
         };
         let seq = seq.as_u64().unwrap_or_else(|| panic!("{body}: an acknowledgement without a seq"));
         let before_fault = !shared.faulted.load(Ordering::Relaxed);
-        acked.push(Acked { stream, seq, body, also_in, latency: started.elapsed(), before_fault });
+        let (latency, at) = (started.elapsed(), Instant::now());
+        acked.push(Acked { stream, seq, body, also_in, latency, at, before_fault });
         n += 1;
         tokio::time::sleep(PACE).await;
     }
