@@ -3,9 +3,10 @@
 //! A room message, and a direct message to oneself, touch one stream: one script, as on one
 //! Redis. A direct message touches two streams (the recipient's and the sender's), in two slots
 //! as a rule, so it goes in steps, one script per slot, in the request's order of entries. Every
-//! step carries the same idempotency key (the client's, or one made of the message's mid), kept in
-//! the step's own slot, so a step run twice stores nothing twice and answers the first run's mid
-//! and seq. Hence:
+//! step carries the same idempotency key (the client's, or one made of the message's mid, which the
+//! first step of an unkeyed message goes without: nothing runs that one again), kept in the step's
+//! own slot, so a step run twice stores nothing twice and answers the first run's mid and seq.
+//! Hence:
 //! - an acknowledged message is in every stream: every step succeeded;
 //! - a message answered `unavailable` is in no stream (its first step failed, and a script that
 //!   fails stores nothing), or its first steps are stored and the rest is completed by a retry
@@ -72,9 +73,9 @@ fn steps(appends: &Appends, request: &AppendRequest) -> Vec<Vec<usize>> {
     steps.into_iter().map(|(_, entries)| entries).collect()
 }
 
-/// One step of a message: its entries, keyed with `key`.
-fn part(message: &Message, entries: Vec<Entry>, key: &(String, String), record: &[u8], deadline: u64) -> Item {
-    let request = AppendRequest { message: message.clone(), entries, reply_entry: 0, idempotency: Some(key.clone()) };
+/// One step of a message: its entries, keyed with `key` when given.
+fn part(message: &Message, entries: Vec<Entry>, key: Option<&(String, String)>, record: &[u8], deadline: u64) -> Item {
+    let request = AppendRequest { message: message.clone(), entries, reply_entry: 0, idempotency: key.cloned() };
     Item { request, record: record.to_vec(), deadline }
 }
 
@@ -97,7 +98,11 @@ impl Appends {
             // A step after a duplicate completes a message stored before: published in its script
             // whenever the bus is this cluster, since the node publishes nothing for a duplicate.
             let run = Run { publish: self.fused || duplicate, wait: self.wait_replicas > 0 };
-            let one = part(&message, entries, &key, &record, self.clock.write_deadline());
+            // The first step of a message without a client's key needs none: nothing runs it
+            // again (a message whose first step failed is not completed), and a key costs Redis a
+            // write.
+            let keyed = (done > 0 || request.idempotency.is_some()).then_some(&key);
+            let one = part(&message, entries, keyed, &record, self.clock.write_deadline());
             let answer = match self.send([&one], run).await.and_then(|a| appended(&a, run.publish)) {
                 Ok(answer) => answer,
                 Err(e) => {
@@ -148,7 +153,7 @@ impl Appends {
             let run = Run { publish: appends.publish != super::store::Publish::No, wait: appends.wait_replicas > 0 };
             for entries in left {
                 loop {
-                    let one = part(&message, entries.clone(), &key, &record, appends.clock.write_deadline());
+                    let one = part(&message, entries.clone(), Some(&key), &record, appends.clock.write_deadline());
                     match appends.send([&one], run).await {
                         Ok(_) => break,
                         Err(e) if tokio::time::Instant::now() + pause > until => {
