@@ -73,29 +73,11 @@ pub struct RedisBus {
 }
 
 impl Shared {
-    /// Decodes the pub/sub messages of one read and delivers them locally: a topic's messages
-    /// together (see [`Bursts`]), any other event after the messages before it.
+    /// Decodes the pub/sub messages of one read and delivers them locally.
     fn on_messages(&self, read: &[Published]) {
-        let Some(sink) = self.sink.get() else { return };
-        if let [one] = read {
-            // Alone, the common case while traffic is light: no grouping.
-            if let Some((topic, event)) = self.decode(one) {
-                sink.deliver(&topic, &event);
-            }
-            return;
+        if let Some(sink) = self.sink.get() {
+            deliver_read(&**sink, &self.keys, &self.metrics, read);
         }
-        Bursts::deliver_read(&**sink, read.iter().filter_map(|published| self.decode(published)));
-    }
-
-    /// One pub/sub message's topic and event; `None` (logged) when it is malformed.
-    fn decode(&self, published: &Published) -> Option<(Topic, Event)> {
-        self.metrics.bus_received.inc();
-        let topic = std::str::from_utf8(published.channel()).ok().and_then(|c| self.keys.topic(c))?;
-        let event = envelope::decode(&topic, published.payload());
-        if event.is_none() {
-            tracing::warn!("malformed bus message dropped");
-        }
-        Some((topic, event?))
     }
 
     /// The subscriber connection ended: the subscription task connects anew.
@@ -264,8 +246,53 @@ async fn watch_health(shared: std::sync::Weak<Shared>, mut publisher: Conn, cloc
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> BusError {
-    BusError::Unavailable(format!("redis: {e}"))
+/// Decodes the pub/sub messages of one read and hands them to `sink`: a topic's messages together
+/// (see [`Bursts`]), any other event after the messages before it. Shared with the sharded bus.
+pub(super) fn deliver_read(sink: &dyn Sink, keys: &Keys, metrics: &Metrics, read: &[Published]) {
+    if let [one] = read {
+        // Alone, the common case while traffic is light: no grouping.
+        if let Some((topic, event)) = decode(keys, metrics, one) {
+            sink.deliver(&topic, &event);
+        }
+        return;
+    }
+    Bursts::deliver_read(sink, read.iter().filter_map(|published| decode(keys, metrics, published)));
+}
+
+/// One pub/sub message's topic and event; `None` (logged) when it is malformed.
+fn decode(keys: &Keys, metrics: &Metrics, published: &Published) -> Option<(Topic, Event)> {
+    metrics.bus_received.inc();
+    let topic = std::str::from_utf8(published.channel()).ok().and_then(|c| keys.topic(c))?;
+    let event = envelope::decode(&topic, published.payload());
+    if event.is_none() {
+        tracing::warn!("malformed bus message dropped");
+    }
+    Some((topic, event?))
+}
+
+/// Publishes `event` on `topic`'s channel with `script` ([`PUBLISH`] or the sharded bus's), which
+/// takes the channel as its one key when `keyed` (a Redis Cluster routes the script by it) and
+/// publishes nothing when Redis runs it after the deadline. `server` names the backend in errors.
+pub(super) async fn publish_by_script(
+    conn: &mut Conn,
+    script: &Script,
+    keyed: bool,
+    channel: String,
+    event: &Event,
+    clock: &RedisClock,
+    server: &str,
+) -> Result<(), BusError> {
+    let Some(payload) = envelope::encode(event) else { return Ok(()) };
+    let unavailable = |e: &dyn std::fmt::Display| BusError::Unavailable(format!("{server}: {e}"));
+    let deadline = clock.write_deadline();
+    let keys = usize::from(keyed);
+    let mut cmd = crate::backend::redis::evalsha(script, keys, 3, channel.len() + payload.len() + 16);
+    cmd.arg(channel).arg(payload).arg(deadline);
+    let receivers: i64 = crate::backend::redis::eval(conn, script, &cmd).await.map_err(|e| unavailable(&e))?;
+    if receivers < 0 {
+        return Err(unavailable(&"redis reached the publish after its deadline: nothing was published"));
+    }
+    Ok(())
 }
 
 impl Drop for RedisBus {
@@ -287,17 +314,9 @@ impl Bus for RedisBus {
     }
 
     async fn publish(&self, topic: Topic, event: Event) -> Result<(), BusError> {
-        let Some(payload) = envelope::encode(&event) else { return Ok(()) };
-        let mut conn = self.publisher.clone();
         let channel = self.shared.keys.channel(&topic);
-        let deadline = self.clock.write_deadline();
-        let mut cmd = crate::backend::redis::evalsha(&self.publish, 0, 3, channel.len() + payload.len() + 16);
-        cmd.arg(channel).arg(payload).arg(deadline);
-        let receivers: i64 = crate::backend::redis::eval(&mut conn, &self.publish, &cmd).await.map_err(unavailable)?;
-        if receivers < 0 {
-            return Err(unavailable("redis reached the publish after its deadline: nothing was published"));
-        }
-        Ok(())
+        publish_by_script(&mut self.publisher.clone(), &self.publish, false, channel, &event, &self.clock, "redis")
+            .await
     }
 
     async fn ready(&self) -> bool {

@@ -36,7 +36,7 @@ use super::subscriber::{Batch, Published, Receiver, Subscriber};
 use crate::backend::redis::RedisClock;
 use crate::backend::redis::keys::Keys;
 use crate::bus::interest::Interests;
-use crate::bus::{Bursts, Bus, BusError, Event, Sink, Topic, envelope};
+use crate::bus::{Bus, BusError, Event, Sink, Topic};
 use crate::metrics::Metrics;
 
 #[cfg(test)]
@@ -140,25 +140,9 @@ impl Shared {
 
     /// Decodes the messages of one read and delivers them locally, a topic's together.
     fn on_messages(&self, read: &[Published]) {
-        let Some(sink) = self.sink.get() else { return };
-        if let [one] = read {
-            if let Some((topic, event)) = self.decode(one) {
-                sink.deliver(&topic, &event);
-            }
-            return;
+        if let Some(sink) = self.sink.get() {
+            super::bus::deliver_read(&**sink, &self.keys, &self.metrics, read);
         }
-        Bursts::deliver_read(&**sink, read.iter().filter_map(|published| self.decode(published)));
-    }
-
-    /// One message's topic and event; `None` (logged) when it is malformed.
-    fn decode(&self, published: &Published) -> Option<(Topic, Event)> {
-        self.metrics.bus_received.inc();
-        let topic = std::str::from_utf8(published.channel()).ok().and_then(|c| self.keys.topic(c))?;
-        let event = envelope::decode(&topic, published.payload());
-        if event.is_none() {
-            tracing::warn!("malformed bus message dropped");
-        }
-        Some((topic, event?))
     }
 
     /// Link `id` ended: its channels are pending again, and the slot map is read again (its
@@ -581,10 +565,6 @@ async fn watch_health(shared: Weak<Shared>, mut conn: Conn, clock: Arc<RedisCloc
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> BusError {
-    BusError::Unavailable(format!("redis cluster: {e}"))
-}
-
 impl Drop for RedisShardedBus {
     /// Wakes the subscription task so that it sees the bus is gone and ends.
     fn drop(&mut self) {
@@ -604,17 +584,9 @@ impl Bus for RedisShardedBus {
     }
 
     async fn publish(&self, topic: Topic, event: Event) -> Result<(), BusError> {
-        let Some(payload) = envelope::encode(&event) else { return Ok(()) };
-        let mut conn = self.conn.clone();
         let channel = self.shared.keys.channel(&topic);
-        let deadline = self.clock.write_deadline();
-        let mut cmd = crate::backend::redis::evalsha(&self.publish, 1, 3, channel.len() + payload.len() + 16);
-        cmd.arg(channel).arg(payload).arg(deadline);
-        let receivers: i64 = crate::backend::redis::eval(&mut conn, &self.publish, &cmd).await.map_err(unavailable)?;
-        if receivers < 0 {
-            return Err(unavailable("redis reached the publish after its deadline: nothing was published"));
-        }
-        Ok(())
+        let (conn, clock) = (&mut self.conn.clone(), &self.clock);
+        super::bus::publish_by_script(conn, &self.publish, true, channel, &event, clock, "redis cluster").await
     }
 
     async fn ready(&self) -> bool {
