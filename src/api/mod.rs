@@ -115,6 +115,7 @@ async fn logged(response: impl Future<Output = Response>) -> Response {
 
 #[derive(Deserialize)]
 struct MessageBody {
+    #[serde(default, deserialize_with = "crate::protocol::any_json")]
     body: Option<Box<RawValue>>,
     from: Option<String>,
     key: Option<String>,
@@ -313,6 +314,7 @@ mod tests {
         assert_eq!((&*push.from, &*push.body, push.key.as_deref()), ("billing", r#"{"a":[1]}"#, Some("k1")));
         assert_eq!(&*parse_push(br#"{"body":1}"#).map_err(|e| e.0).unwrap().from, "system");
         assert!(refusal(parse_push(b"{}")).contains("needs `body`"));
+        assert_eq!(&*parse_push(br#"{"body":null}"#).map_err(|e| e.0).unwrap().body, "null", "null is JSON too");
         assert!(refusal(parse_push(br#"{"body":1,"from":"a b"}"#)).contains("from must be"));
         assert!(refusal(parse_push(br#"{"body":1,"key":""}"#)).contains("key must be"));
         // Found by fuzzing: serde reads a struct from an array, its elements taken as the fields.

@@ -80,6 +80,7 @@ struct RawFrame<'a> {
     kind: Option<std::borrow::Cow<'a, str>>,
     id: Option<Box<RawValue>>,
     to: Option<String>,
+    #[serde(default, deserialize_with = "any_json")]
     body: Option<Box<RawValue>>,
     key: Option<String>,
     room: Option<String>,
@@ -89,6 +90,13 @@ struct RawFrame<'a> {
     seq: Option<u64>,
     users: Option<Vec<String>>,
     stream: Option<String>,
+}
+
+/// A field that may hold any JSON value, `null` included (PROTOCOL.md §3: a message's `body` is
+/// any JSON): `Some` whenever the field is present, where a plain `Option` would read `null` as
+/// absent. Use with `#[serde(default)]`, which makes an absent field `None`.
+pub fn any_json<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    <Box<RawValue> as Deserialize>::deserialize(deserializer).map(Some)
 }
 
 fn required<T>(field: Option<T>, name: &str, kind: &str) -> Result<T, ProtocolError> {
@@ -251,6 +259,18 @@ mod tests {
             Command::History { query: HistoryQuery::Before { before: 5, limit: 3 }, .. }
         ));
         assert!(matches!(ok(r#"{"type":"ping","id":"x"}"#), Command::Ping));
+    }
+
+    #[test]
+    fn a_null_body_is_a_body_and_a_missing_one_is_not() {
+        let Command::Send { body, .. } = ok(r#"{"type":"send","to":"bob","body":null}"#) else { panic!("a send") };
+        assert_eq!(body.get(), "null");
+        let Command::Publish { body, .. } = ok(r#"{"type":"publish","room":"r","body" : null ,"key":"k"}"#) else {
+            panic!("a publish")
+        };
+        assert_eq!(body.get(), "null");
+        assert_eq!(err(r#"{"type":"send","to":"bob"}"#).1, "send needs `body`");
+        assert_eq!(err(r#"{"type":"publish","room":"r"}"#).1, "publish needs `body`");
     }
 
     #[test]

@@ -11,7 +11,9 @@ use std::fmt;
 use std::sync::Arc;
 
 pub(crate) use command::is_object;
-pub use command::{Command, CommandFrame, HistoryQuery, PresenceQuery, checked_body, checked_key, parse_command};
+pub use command::{
+    Command, CommandFrame, HistoryQuery, PresenceQuery, any_json, checked_body, checked_key, parse_command,
+};
 pub use event::{
     encode_disconnect, encode_error, encode_message, encode_presence, encode_reply, encode_view, encode_welcome,
     write_message,

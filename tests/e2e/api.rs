@@ -1,6 +1,6 @@
 //! The server API for backends (PROTOCOL.md §5), against a live node and live clients.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::support::{TestNode, WAIT, both_modes};
 
@@ -31,6 +31,47 @@ both_modes! {
         assert_eq!(first, again);
         assert_eq!(bob.next_message().await["body"], "once");
         bob.expect_silence(200).await;
+    }
+}
+
+both_modes! {
+    /// PROTOCOL.md §3: a body is any JSON, `null` included; it is stored and delivered as
+    /// `"body": null`, through the API and over WebSocket alike.
+    async fn a_null_body_is_stored_and_delivered(mode) {
+        let node = TestNode::start_mode(mode, &["--api-key", KEY]).await;
+        let mut bob = node.connect("bob").await;
+        bob.ok(json!({"type":"join","room":"nulls"})).await;
+        let mut amy = node.connect("amy").await;
+        amy.ok(json!({"type":"join","room":"nulls"})).await;
+        bob.next_frame().await; // amy's presence
+
+        for (path, stream) in [("/api/v1/users/bob/messages", "user:bob"), ("/api/v1/rooms/nulls/messages", "room:nulls")] {
+            let (status, answer) = node.http("POST", path, Some(r#"{"body":null}"#), Some(KEY)).await;
+            assert_eq!(status, 200, "{path}: {answer}");
+            let m = bob.next_message().await;
+            assert_eq!((m["stream"].as_str(), m.get("body")), (Some(stream), Some(&Value::Null)), "{m}");
+        }
+        let (status, answer) = node.http("POST", "/api/v1/broadcast", Some(r#"{"body":null}"#), Some(KEY)).await;
+        assert_eq!(status, 200, "{answer}");
+        let m = bob.next_message().await;
+        assert_eq!(m.get("body"), Some(&Value::Null), "{m}");
+        amy.next_message().await;
+        amy.next_message().await;
+
+        amy.ok(json!({"type":"send","to":"bob","body":null})).await;
+        let m = bob.next_message().await;
+        assert_eq!((m["from"].as_str(), m.get("body")), (Some("amy"), Some(&Value::Null)), "{m}");
+        amy.ok(json!({"type":"publish","room":"nulls","body":null})).await;
+        let m = bob.next_message().await;
+        assert_eq!((m["room"].as_str(), m.get("body")), (Some("nulls"), Some(&Value::Null)), "{m}");
+
+        let (_, history) = node.http("GET", "/api/v1/users/bob/history", None, Some(KEY)).await;
+        let bodies: Vec<&Value> = history["messages"].as_array().unwrap().iter().map(|m| &m["body"]).collect();
+        assert_eq!(bodies, [&Value::Null, &Value::Null], "stored as null: {history}");
+        let (_, history) = node.http("GET", "/api/v1/rooms/nulls/history", None, Some(KEY)).await;
+        assert!(history["messages"].as_array().unwrap().iter().all(|m| m.get("body") == Some(&Value::Null)), "{history}");
+        let (status, answer) = node.http("POST", "/api/v1/users/bob/messages", Some(r#"{"from":"x"}"#), Some(KEY)).await;
+        assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("bad_request")), "a missing body is still refused");
     }
 }
 
