@@ -25,9 +25,15 @@ pub struct SessionInfo {
     #[serde(skip)]
     pub user: UserId,
     pub node: Arc<str>,
+    /// The client's label; reported as [`crate::protocol::DEFAULT_DEVICE`] when it gave none.
+    #[serde(serialize_with = "device_or_default")]
     pub device: Option<String>,
     /// ms since the epoch.
     pub connected_at: u64,
+}
+
+fn device_or_default<S: serde::Serializer>(device: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(device.as_deref().unwrap_or(crate::protocol::DEFAULT_DEVICE))
 }
 
 fn display<S: serde::Serializer>(v: &SessionId, s: S) -> Result<S::Ok, S::Error> {

@@ -96,13 +96,15 @@ struct Welcome<'a> {
     kind: &'static str,
     session: &'a str,
     user: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    device: Option<&'a str>,
+    device: &'a str,
     node: &'a str,
     ping_interval: u64,
 }
 
+/// The `welcome` frame. It always names the device, as presence will know it: the client's label,
+/// else [`super::DEFAULT_DEVICE`].
 pub fn encode_welcome(session: &str, user: &UserId, device: Option<&str>, node: &str, ping_interval: u64) -> Bytes {
+    let device = device.unwrap_or(super::DEFAULT_DEVICE);
     let welcome = Welcome { kind: "welcome", session, user: user.as_str(), device, node, ping_interval };
     Bytes::from(serde_json::to_vec(&welcome).expect("welcome serializes"))
 }

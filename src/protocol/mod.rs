@@ -19,6 +19,10 @@ pub use event::{
     write_message,
 };
 
+/// The device label of a session whose client gave none (no `device` claim, `?device=` or STOMP
+/// `device` header): what its `welcome` frame and presence name it.
+pub const DEFAULT_DEVICE: &str = "default";
+
 /// Longest user id or room name (§1).
 pub const MAX_NAME_LEN: usize = 128;
 

@@ -76,6 +76,24 @@ both_modes! {
 }
 
 both_modes! {
+    /// PROTOCOL.md §2 shows `device` in every welcome: a session whose client gave no label is
+    /// welcomed as `default`, the label presence knows it by.
+    async fn a_session_without_a_device_label_is_welcomed_and_listed_as_default(mode) {
+        let node = TestNode::start_mode(mode, &["--api-key", KEY]).await;
+        let plain = node.connect("carol").await;
+        let labelled = node.connect("carol&device=phone").await;
+        assert_eq!(plain.welcome["device"], "default", "{}", plain.welcome);
+        assert_eq!(labelled.welcome["device"], "phone");
+        let (_, p) = node.http("GET", "/api/v1/users/carol/presence", None, Some(KEY)).await;
+        let device_of = |client: &crate::support::Client| {
+            let session = p["sessions"].as_array().unwrap().iter().find(|s| s["session"] == json!(client.session()));
+            session.map(|s| s["device"].clone())
+        };
+        assert_eq!((device_of(&plain), device_of(&labelled)), (Some(json!("default")), Some(json!("phone"))), "{p}");
+    }
+}
+
+both_modes! {
     async fn api_errors_are_json_with_the_protocol_codes(mode) {
         let node = TestNode::start_mode(mode, &["--api-key", KEY, "--max-message-size", "1024"]).await;
         let cases: [(&str, &str, Option<String>, u16, &str); 7] = [
