@@ -325,6 +325,8 @@ mod tests {
     fn disconnect_bodies_are_checked() {
         assert_eq!(parse_disconnect(b"").map_err(|e| e.0).unwrap(), "disconnected by the server");
         assert_eq!(parse_disconnect(br#" {"reason":"bye"}"#).map_err(|e| e.0).unwrap(), "bye");
+        let null = parse_disconnect(br#"{"reason":null}"#).map_err(|e| e.0).unwrap();
+        assert_eq!(null, "disconnected by the server", "null is the default reason, as the document says");
         assert!(refusal(parse_disconnect(format!(r#"{{"reason":"{}"}}"#, "x".repeat(101)).as_bytes())).contains("100"));
         assert!(refusal(parse_disconnect(br#"["bye"]"#)).contains("expected a JSON object"));
     }

@@ -55,6 +55,10 @@ pub enum HistoryQuery {
     Last { limit: usize },
 }
 
+/// The highest seq a history query may name: the largest signed 64-bit integer, as the OpenAPI
+/// document declares (`int64`) and most clients' integers hold. No stream comes near it.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
 impl HistoryQuery {
     /// Builds a query from the optional fields shared by the WebSocket and the HTTP API.
     pub fn from_parts(since: Option<u64>, before: Option<u64>, limit: Option<u64>) -> Result<Self, ProtocolError> {
@@ -65,6 +69,9 @@ impl HistoryQuery {
             }
             Some(n) => n as usize,
         };
+        if since.max(before).is_some_and(|seq| seq > MAX_SEQ) {
+            return Err(ProtocolError::bad_request(format!("since and before must be at most {MAX_SEQ}")));
+        }
         match (since, before) {
             (Some(_), Some(_)) => Err(ProtocolError::bad_request("give since or before, not both")),
             (Some(since), None) => Ok(Self::After { since, limit }),
@@ -313,5 +320,19 @@ mod tests {
     #[test]
     fn history_defaults() {
         assert_eq!(HistoryQuery::from_parts(None, None, None).unwrap(), HistoryQuery::Last { limit: 100 });
+    }
+
+    #[test]
+    fn history_seqs_are_at_most_the_largest_int64() {
+        let max = i64::MAX as u64;
+        assert_eq!(
+            HistoryQuery::from_parts(Some(max), None, None).unwrap(),
+            HistoryQuery::After { since: max, limit: 100 }
+        );
+        for (since, before) in [(Some(max + 1), None), (None, Some(max + 1)), (Some(u64::MAX), None)] {
+            let e = HistoryQuery::from_parts(since, before, None).unwrap_err();
+            assert!(e.message.contains("at most 9223372036854775807"), "{}", e.message);
+        }
+        assert!(err(r#"{"type":"history","stream":"room:r","since":9223372036854775808}"#).1.contains("at most"));
     }
 }

@@ -96,13 +96,15 @@ both_modes! {
 both_modes! {
     async fn api_errors_are_json_with_the_protocol_codes(mode) {
         let node = TestNode::start_mode(mode, &["--api-key", KEY, "--max-message-size", "1024"]).await;
-        let cases: [(&str, &str, Option<String>, u16, &str); 7] = [
+        let cases: [(&str, &str, Option<String>, u16, &str); 9] = [
             ("POST", "/api/v1/users/bad%20id/messages", Some(r#"{"body":1}"#.into()), 400, "bad_request"),
             ("POST", "/api/v1/users/bob/messages", Some("{not json".into()), 400, "bad_request"),
             ("POST", "/api/v1/users/bob/messages", Some(r#"{"from":"x"}"#.into()), 400, "bad_request"),
             ("POST", "/api/v1/users/bob/messages", Some(format!(r#"{{"body":"{}"}}"#, "x".repeat(8000))), 413, "too_large"),
             ("GET", "/api/v1/rooms/r/history?since=1&before=2", None, 400, "bad_request"),
             ("GET", "/api/v1/rooms/r/history?limit=5000", None, 400, "bad_request"),
+            ("GET", "/api/v1/rooms/r/history?since=9223372036854775808", None, 400, "bad_request"),
+            ("GET", "/api/v1/users/bob/history?before=18446744073709551615", None, 400, "bad_request"),
             ("GET", "/api/v1/nothing-here", None, 404, "not_found"),
         ];
         for (method, path, body, status, code) in cases {
@@ -111,6 +113,10 @@ both_modes! {
             assert_eq!(answer["error"]["code"], code, "{method} {path}");
             assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
         }
+        let (status, answer) = node.http("GET", "/api/v1/rooms/r/history?since=9223372036854775807", None, Some(KEY)).await;
+        assert_eq!((status, &answer["messages"]), (200, &serde_json::json!([])), "the largest int64 is a seq: {answer}");
+        let (status, answer) = node.http("POST", "/api/v1/users/bob/disconnect", Some(r#"{"reason":null}"#), Some(KEY)).await;
+        assert_eq!((status, &answer["sessions"]), (200, &serde_json::json!(0)), "a null reason is the default: {answer}");
         let (status, answer) = node.http("GET", "/api/v1/nodes", None, Some("wrong-key-123")).await;
         assert_eq!((status, answer["error"]["code"].as_str()), (401, Some("unauthorized")));
         let (status, _) = node.http("GET", "/api/v1/nodes", None, None).await;
