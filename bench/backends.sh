@@ -51,19 +51,6 @@ if has amqp; then
 fi
 declare -A ALSO=([redis]="$REDIS" [nats]="$NATS" [amqp]="${BEAM:-}${BEAM:+,}$REDIS")
 
-run() {
-  local name=$1
-  shift
-  [[ " $SCENARIOS " == *" $name "* ]] || return 0
-  for i in $(seq "$RUNS"); do
-    for system in $SYSTEMS; do
-      local target="TARGET_$system" pid="PIDS_$system"
-      "$BENCH" "$@" --json --target "${!target}" --pid "${!pid}" --also-pid "${ALSO[$system]}" \
-        >"$OUT/$name.$system.$i.json"
-    done
-  done
-}
-
 run fanout-rate fanout --rooms 10 --members 100 --rate 1000
 run fanout-flat fanout --rooms 10 --members 100 --rate 0 --window 4
 run direct-rate direct --pairs 100 --rate 5000

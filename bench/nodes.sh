@@ -20,3 +20,20 @@ start_nodes() {
   printf -v "PIDS_$name" %s "$list"
   printf -v "TARGET_$name" %s "$targets"
 }
+
+# run NAME ARGS...: the generator's scenario ARGS, RUNS times on every system of $SYSTEMS,
+# interleaved (a, b, a, b, ...), when $SCENARIOS names NAME; each run's JSON in
+# $OUT/NAME.SYSTEM.RUN.json. Uses TARGET_<system> and PIDS_<system> (start_nodes) and the
+# associative array ALSO (the backend servers' pids of each system).
+run() {
+  local name=$1
+  shift
+  [[ " $SCENARIOS " == *" $name "* ]] || return 0
+  for i in $(seq "$RUNS"); do
+    for system in $SYSTEMS; do
+      local target="TARGET_$system" pid="PIDS_$system"
+      "$BENCH" "$@" --json --target "${!target}" --pid "${!pid}" --also-pid "${ALSO[$system]}" \
+        >"$OUT/$name.$system.$i.json"
+    done
+  done
+}

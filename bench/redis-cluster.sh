@@ -54,19 +54,6 @@ if has rcluster; then start_nodes rcluster "$SERVER" 9260 "$PREFIX-c" --redis "$
 if has rwait; then start_nodes rwait "$SERVER" 9270 "$PREFIX-w" --redis "$RW_URL" --redis-wait-replicas 1; fi
 declare -A ALSO=([redis]="$REDIS" [rcluster]="${RC_PIDS:-}" [rwait]="${RW_PIDS:-}")
 
-run() {
-  local name=$1
-  shift
-  [[ " $SCENARIOS " == *" $name "* ]] || return 0
-  for i in $(seq "$RUNS"); do
-    for system in $SYSTEMS; do
-      local target="TARGET_$system" pid="PIDS_$system"
-      "$BENCH" "$@" --json --target "${!target}" --pid "${!pid}" --also-pid "${ALSO[$system]}" \
-        >"$OUT/$name.$system.$i.json"
-    done
-  done
-}
-
 run direct-flat direct --pairs 100 --rate 0 --window 4
 run fanout-flat fanout --rooms 10 --members 100 --rate 0 --window 4
 run direct-rate direct --pairs 100 --rate 2000
