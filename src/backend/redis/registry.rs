@@ -113,24 +113,18 @@ return 0
 "
 );
 
-/// KEYS: `nodes`; ARGV: dead-after ms. Answers {instance, score, …} of the live instances (a
-/// Redis Cluster, where the script may not read the names it makes). Reads only.
-const LIVE: &str = r"
+/// KEYS: `nodes`; ARGV: dead-after ms, `live` or `dead`. Answers {instance, score, …} of the live
+/// instances, or the dead instances (a Redis Cluster, where a script may not read the names it
+/// makes). Reads only.
+const BY_AGE: &str = r"
 local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-return redis.call('ZRANGEBYSCORE', KEYS[1], now - ARGV[1] + 1, '+inf', 'WITHSCORES')
-";
-
-/// KEYS: `nodes`; ARGV: dead-after ms. Answers the dead instances (a Redis Cluster). Reads only.
-const DEAD: &str = r"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ARGV[1])
+local horizon = t[1] * 1000 + math.floor(t[2] / 1000) - ARGV[1]
+if ARGV[2] == 'live' then return redis.call('ZRANGEBYSCORE', KEYS[1], horizon + 1, '+inf', 'WITHSCORES') end
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', horizon)
 ";
 
 struct Scripts {
-    live: Script,
-    dead: Script,
+    by_age: Script,
     room_exit: Script,
     heartbeat: Script,
     nodes: Script,
@@ -166,8 +160,7 @@ impl RedisRegistry {
     /// The registry entry of `instance` under `keys`. Does no I/O.
     pub fn new(conn: Conn, clock: Arc<RedisClock>, keys: Keys, instance: Arc<Instance>) -> Self {
         let scripts = Scripts {
-            live: Script::new(LIVE),
-            dead: Script::new(DEAD),
+            by_age: Script::new(BY_AGE),
             room_exit: Script::new(super::presence::ROOM_EXIT),
             heartbeat: Script::new(HEARTBEAT),
             nodes: Script::new(NODES),
@@ -321,17 +314,17 @@ impl RedisRegistry {
         Ok(left)
     }
 
+    /// The registry's `live` instances with their scores, or its `dead` ones (a Redis Cluster).
+    async fn by_age(&self, which: &str) -> Result<Vec<String>, RegistryError> {
+        let dead_after = DEAD_AFTER.as_millis().to_string();
+        let mut conn = self.conn.clone();
+        invoke(&mut conn, &self.scripts.by_age, &[&self.keys.nodes()], &[&dead_after, which]).await.map_err(unavailable)
+    }
+
     /// [`Registry::nodes`] on a Redis Cluster: the live instances, then their details.
     async fn nodes_in_steps(&self) -> Result<Vec<String>, RegistryError> {
         let mut conn = self.conn.clone();
-        let live: Vec<String> = self
-            .scripts
-            .live
-            .key(self.keys.nodes())
-            .arg(DEAD_AFTER.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let live = self.by_age("live").await?;
         if live.is_empty() {
             return Ok(Vec::new());
         }
@@ -349,14 +342,7 @@ impl RedisRegistry {
     /// The dead instances whose reaping lock this node took (a Redis Cluster).
     async fn claim_in_steps(&self) -> Result<Vec<String>, RegistryError> {
         let mut conn = self.conn.clone();
-        let dead: Vec<String> = self
-            .scripts
-            .dead
-            .key(self.keys.nodes())
-            .arg(DEAD_AFTER.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let dead = self.by_age("dead").await?;
         let mut claimed = Vec::new();
         for instance in dead {
             let lock: Option<String> = redis::cmd("SET")
