@@ -1,6 +1,7 @@
 //! Server API request bodies (PROTOCOL.md §5): `api::parse_push`, the exact parse of the
-//! message and broadcast routes (`{body, from?, key?}`), and `api::parse_disconnect`, that of
-//! `POST /users/{user}/disconnect` (`{reason?}`). The routes take raw bytes, so any byte string is
+//! message routes (`{body, from?, key?}`), `api::parse_broadcast`, that of the broadcast route
+//! (`{body, from?}`), and `api::parse_disconnect`, that of `POST /users/{user}/disconnect`
+//! (`{reason?}`, or an empty or `null` body). The routes take raw bytes, so any byte string is
 //! a possible body (axum's body limit only bounds its length).
 //!
 //! Invariants: a refused body is `bad_request` with an API error body of known shape; an accepted
@@ -15,7 +16,7 @@ mod common;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use switchyard::api::{ApiError, parse_disconnect, parse_push};
+use switchyard::api::{ApiError, parse_broadcast, parse_disconnect, parse_push};
 use switchyard::message::{Message, Record};
 use switchyard::protocol::{
     ErrorCode, RoomName, StreamId, encode_disconnect, encode_message, valid_name,
@@ -30,9 +31,15 @@ fn check_refusal(e: &ApiError, data: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    match parse_broadcast(data) {
+        Err(e) => check_refusal(&e, data),
+        Ok(push) => assert!(push.key.is_none(), "a broadcast has no key"),
+    }
+
     match parse_push(data) {
         Err(e) => check_refusal(&e, data),
         Ok(push) => {
+            assert!(parse_broadcast(data).is_ok(), "a message body is a broadcast body too");
             // serde_json does not check UTF-8 inside fields it skips, hence the lossy reading.
             assert!(serde_accepts(data), "a body that is not JSON was accepted: {:?}", String::from_utf8_lossy(data));
             assert!(
@@ -65,7 +72,9 @@ fuzz_target!(|data: &[u8]| {
     match parse_disconnect(data) {
         Err(e) => check_refusal(&e, data),
         Ok(reason) => {
-            assert!(data.is_empty() || object_members(&String::from_utf8_lossy(data)).is_some(), "not an object");
+            let trimmed = data.trim_ascii();
+            let object = || object_members(&String::from_utf8_lossy(data)).is_some();
+            assert!(trimmed.is_empty() || trimmed == b"null" || object(), "not an object, empty or null");
             assert!(reason.len() <= 100, "reason of {} bytes accepted", reason.len());
             let back: serde_json::Value = serde_json::from_slice(&encode_disconnect(4004, &reason)).unwrap();
             assert_eq!(back["reason"].as_str(), Some(reason.as_str()));

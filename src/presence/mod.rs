@@ -18,17 +18,23 @@ use crate::bus::SessionId;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName, UserId};
 
 /// One session as presence reports it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct SessionInfo {
+    /// The session id (16 hex digits).
     #[serde(serialize_with = "display")]
+    #[schema(value_type = String, pattern = "^[0-9a-f]{16}$")]
     pub session: SessionId,
     #[serde(skip)]
     pub user: UserId,
+    /// The id of the node the session is connected to.
+    #[schema(value_type = String)]
     pub node: Arc<str>,
-    /// The client's label; reported as [`crate::protocol::DEFAULT_DEVICE`] when it gave none.
+    /// The device label: the token's `device` claim, else `?device=`, else `default` when the
+    /// client gave none (`protocol::DEFAULT_DEVICE`).
     #[serde(serialize_with = "device_or_default")]
+    #[schema(value_type = String, required = true)]
     pub device: Option<String>,
-    /// ms since the epoch.
+    /// When the session connected, in ms since the Unix epoch.
     pub connected_at: u64,
 }
 

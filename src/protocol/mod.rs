@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 pub(crate) use command::is_object;
 pub use command::{
-    Command, CommandFrame, HistoryQuery, PresenceQuery, any_json, checked_body, checked_key, parse_command,
+    Command, CommandFrame, DEFAULT_HISTORY_LIMIT, HistoryQuery, MAX_HISTORY_LIMIT, MAX_KEY_LEN, MAX_SEQ, PresenceQuery,
+    any_json, checked_body, checked_key, parse_command,
 };
 pub use event::{
     encode_disconnect, encode_error, encode_message, encode_presence, encode_reply, encode_view, encode_welcome,
@@ -142,6 +143,19 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in the order of §4.
+    pub const ALL: [Self; 9] = [
+        Self::BadRequest,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::NotFound,
+        Self::NotMember,
+        Self::RateLimited,
+        Self::TooLarge,
+        Self::Unavailable,
+        Self::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::BadRequest => "bad_request",
@@ -168,6 +182,12 @@ impl ErrorCode {
             Self::Internal => 500,
             Self::Unavailable => 503,
         }
+    }
+}
+
+impl serde::Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 

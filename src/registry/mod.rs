@@ -18,15 +18,20 @@ use serde::Serialize;
 use crate::protocol::{ErrorCode, ProtocolError, RoomName, UserId};
 
 /// One node as `GET /api/v1/nodes` reports it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct NodeInfo {
+    /// The node id.
+    #[schema(value_type = String)]
     pub id: Arc<str>,
+    /// The address the node listens on.
     pub address: String,
-    /// ms since the epoch.
+    /// When the node started, in ms since the Unix epoch.
     pub started_at: u64,
-    /// ms since the epoch, by the registry's clock.
+    /// The node's last heartbeat, in ms since the Unix epoch by the registry's clock.
     pub last_seen: u64,
+    /// Sessions connected to that node.
     pub sessions: usize,
+    /// Distinct users connected to that node.
     pub users: usize,
 }
 
