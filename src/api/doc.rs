@@ -26,13 +26,14 @@ pub(super) const NAME_PATTERN: &str = "^[A-Za-z0-9_.:@-]{1,128}$";
             Every /api/v1 route needs `Authorization: Bearer <api key>` (401 otherwise); only a \
             dev-mode node started with no API key leaves the API open (it listens on loopback \
             only). Every node of a cluster answers alike. Errors carry the HTTP status and \
-            `{\"error\":{\"code\",\"message\"}}` with the codes of PROTOCOL.md §4. Request bodies \
+            `{\"error\":{\"code\",\"message\"}}` with the codes of PROTOCOL.md §4; a path under \
+            /api that is none of these routes answers 404 with code not_found. Request bodies \
             are read as JSON whatever their Content-Type; unknown fields are ignored. Lengths \
             given in bytes are of the UTF-8 text.",
     ),
     components(
         schemas(ErrorBody, ErrorDetail, ErrorCode),
-        responses(BadRequest, Unauthorized, NotFound, TooLarge, Internal, Unavailable)
+        responses(BadRequest, Unauthorized, TooLarge, Internal, Unavailable)
     ),
     modifiers(&BearerKey),
     security(("apiKey" = [])),
@@ -127,12 +128,6 @@ pub(super) struct BadRequest(ErrorBody<'static>);
 #[response(example = json!({"error": {"code": "unauthorized", "message": "a valid API key is required: Authorization: Bearer <key>"}}))]
 #[allow(dead_code)]
 pub(super) struct Unauthorized(ErrorBody<'static>);
-
-/// not_found: no such API route (a path outside this document, such as a name holding `/`).
-#[derive(ToResponse)]
-#[response(example = json!({"error": {"code": "not_found", "message": "no such API route"}}))]
-#[allow(dead_code)]
-pub(super) struct NotFound(ErrorBody<'static>);
 
 /// too_large: the request body is larger than the node's `--max-message-size` plus 4096 bytes
 /// for the fields around the message's body.

@@ -25,7 +25,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use self::doc::{
-    ApiDoc, BadRequest, ErrorBody, ErrorDetail, HistoryParams, Internal, NotFound, TooLarge, Unauthorized, Unavailable,
+    ApiDoc, BadRequest, ErrorBody, ErrorDetail, HistoryParams, Internal, TooLarge, Unauthorized, Unavailable,
 };
 use crate::node::{DirectMessage, Node, RoomMessage};
 use crate::presence::SessionInfo;
@@ -344,7 +344,7 @@ struct Nodes {
     responses(
         (status = 200, description = "Accepted and stored.", body = Accepted),
         (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 404, response = NotFound), (status = 413, response = TooLarge),
+        (status = 413, response = TooLarge),
         (status = 500, response = Internal), (status = 503, response = Unavailable),
     )
 )]
@@ -374,7 +374,7 @@ fn accepted(appended: crate::store::Appended) -> Json<Accepted> {
     responses(
         (status = 200, description = "Accepted and stored.", body = Accepted),
         (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 404, response = NotFound), (status = 413, response = TooLarge),
+        (status = 413, response = TooLarge),
         (status = 500, response = Internal), (status = 503, response = Unavailable),
     )
 )]
@@ -398,8 +398,8 @@ async fn room_message(
     responses(
         (status = 200, description = "Handed to every node.", body = BroadcastAccepted),
         (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 404, response = NotFound), (status = 413, response = TooLarge),
-        (status = 500, response = Internal), (status = 503, response = Unavailable),
+        (status = 413, response = TooLarge), (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
     )
 )]
 async fn broadcast(
@@ -419,7 +419,7 @@ async fn broadcast(
     responses(
         (status = 200, description = "The user's sessions.", body = UserPresence),
         (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 404, response = NotFound), (status = 500, response = Internal),
+        (status = 500, response = Internal),
         (status = 503, response = Unavailable),
     )
 )]
@@ -441,7 +441,7 @@ async fn user_presence(
     responses(
         (status = 200, description = "The room's users.", body = RoomPresence),
         (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 404, response = NotFound), (status = 500, response = Internal),
+        (status = 500, response = Internal),
         (status = 503, response = Unavailable),
     )
 )]
@@ -477,7 +477,7 @@ async fn history(
     responses(
         (status = 200, description = "A slice of the stream.", body = History),
         (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 404, response = NotFound), (status = 500, response = Internal),
+        (status = 500, response = Internal),
         (status = 503, response = Unavailable),
     )
 )]
@@ -500,7 +500,7 @@ async fn user_history(
     responses(
         (status = 200, description = "A slice of the stream.", body = History),
         (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 404, response = NotFound), (status = 500, response = Internal),
+        (status = 500, response = Internal),
         (status = 503, response = Unavailable),
     )
 )]
@@ -533,7 +533,7 @@ struct DisconnectBody {
     responses(
         (status = 200, description = "The sessions were told to close.", body = Disconnected),
         (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 404, response = NotFound), (status = 413, response = TooLarge),
+        (status = 413, response = TooLarge),
         (status = 500, response = Internal), (status = 503, response = Unavailable),
     )
 )]
@@ -554,8 +554,8 @@ async fn disconnect(
     get, path = "/nodes", operation_id = "listNodes", tag = "cluster",
     responses(
         (status = 200, description = "The live nodes.", body = Nodes),
-        (status = 401, response = Unauthorized), (status = 404, response = NotFound),
-        (status = 500, response = Internal), (status = 503, response = Unavailable),
+        (status = 401, response = Unauthorized), (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
     )
 )]
 async fn nodes(State(node): State<Arc<Node>>) -> Result<Json<Nodes>, ApiError> {
@@ -587,6 +587,58 @@ mod tests {
         assert!(refusal(parse_push(br#"{"body":1,"key":""}"#)).contains("key must be"));
         // Found by fuzzing: serde reads a struct from an array, its elements taken as the fields.
         assert!(refusal(parse_push(br#"[{"a":1},"billing"]"#)).contains("expected a JSON object"));
+    }
+
+    /// `docs/openapi.json` is the document a node serves, for readers without a node; a change
+    /// to the API shows there in review. `SWITCHYARD_BLESS=1 cargo test --lib api::` rewrites it.
+    #[test]
+    fn the_committed_document_is_the_generated_one() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
+        let generated = format!("{}\n", openapi_json());
+        if std::env::var_os("SWITCHYARD_BLESS").is_some() {
+            std::fs::write(path, &generated).expect("docs/openapi.json written");
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/openapi.json differs from the generated document: run SWITCHYARD_BLESS=1 cargo test --lib api::"
+        );
+    }
+
+    /// Every `$ref` names a component the document has, and every operation has an id, a summary
+    /// and a 200 answer.
+    #[test]
+    fn the_document_is_whole() {
+        let document: serde_json::Value = serde_json::from_str(openapi_json()).expect("JSON");
+        assert_eq!(document["openapi"], "3.1.0");
+        let mut refs = Vec::new();
+        fn walk<'a>(value: &'a serde_json::Value, refs: &mut Vec<&'a str>) {
+            match value {
+                serde_json::Value::Object(map) => {
+                    if let Some(serde_json::Value::String(target)) = map.get("$ref") {
+                        refs.push(target);
+                    }
+                    map.values().for_each(|v| walk(v, refs));
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, refs)),
+                _ => {}
+            }
+        }
+        walk(&document, &mut refs);
+        assert!(refs.len() > 20, "{} references", refs.len());
+        for target in refs {
+            let pointer = target.strip_prefix('#').unwrap_or_else(|| panic!("{target} is not local"));
+            assert!(document.pointer(pointer).is_some(), "{target} names nothing");
+        }
+        let paths = document["paths"].as_object().expect("paths");
+        assert_eq!(paths.len(), 10, "the ten routes of PROTOCOL.md §5");
+        for (path, item) in paths {
+            for (method, operation) in item.as_object().expect("a path item") {
+                let what = format!("{method} {path}");
+                assert!(operation["operationId"].is_string() && operation["summary"].is_string(), "{what}");
+                assert!(operation["responses"]["200"].is_object(), "{what}");
+            }
+        }
     }
 
     #[test]

@@ -204,6 +204,25 @@ both_modes! {
     }
 }
 
+/// A disconnect request may come with no body, `null`, or a null reason: each closes the user's
+/// sessions with the default reason, which the `disconnect` frame carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_without_a_reason_sends_the_default_one() {
+    let node = TestNode::start(&["--api-key", KEY]).await;
+    for body in [None, Some("null"), Some(r#"{"reason":null}"#), Some(r#"{}"#)] {
+        let mut bob = node.connect("bob").await;
+        let (status, answer) = node.http("POST", "/api/v1/users/bob/disconnect", body, Some(KEY)).await;
+        assert_eq!((status, answer["sessions"].as_u64()), (200, Some(1)), "body {body:?}: {answer}");
+        let frame = bob.next_frame().await;
+        assert_eq!(frame["type"], "disconnect", "body {body:?}: {frame}");
+        assert_eq!(frame["reason"], "disconnected by the server", "body {body:?}: {frame}");
+        assert_eq!(bob.closed().await.0, 4004, "body {body:?}");
+    }
+    let (status, answer) = node.http("POST", "/api/v1/users/bob/disconnect", Some("[]"), Some(KEY)).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("bad_request")), "{answer}");
+    node.shutdown().await;
+}
+
 both_modes! {
     async fn a_dev_node_without_keys_leaves_the_api_open(mode) {
         let node = TestNode::start_mode(mode, &[]).await;
