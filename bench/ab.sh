@@ -6,7 +6,8 @@
 # A BIN_DIR holds release builds of `switchyard` and `switchyard-bench` (the new dir's generator
 # drives both). Keeps every run's JSON under $OUT (default /tmp/switchyard-ab) and prints medians
 # and spread with bench/summarize.py; systems are named `old` and `new`. $SCENARIOS picks
-# scenarios by name (default: fanout-rate fanout-flat direct-rate; direct-flat, 100 pairs flat out, is there too).
+# scenarios by name (default: fanout-rate fanout-flat direct-rate; direct-flat, 100 pairs flat out,
+# and api-flat, room messages posted to the server API flat out, are there too).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -42,4 +43,20 @@ run fanout-rate fanout --rooms 10 --members 100 --rate 1000
 run fanout-flat fanout --rooms 10 --members 100 --rate 0 --window 4
 run direct-rate direct --pairs 100 --rate 5000
 run direct-flat direct --pairs 100 --rate 0 --window 4
+
+# The server API: keep-alive connections posting room messages to every node's API (api-flat: 8
+# requests in flight on each of 4 connections, flat out), delivered to 10 rooms of 30 members.
+run_api() {
+  local name=$1
+  shift
+  [[ " $SCENARIOS " == *" $name "* ]] || return 0
+  for i in $(seq "$RUNS"); do
+    for system in old new; do
+      local target="TARGET_$system" pid="PIDS_$system"
+      "$BENCH" api "$@" --json --target "${!target}" --api "${!target//ws:/http:}" --pid "${!pid}" \
+        --also-pid "$REDIS" >"$OUT/$name.$system.$i.json"
+    done
+  done
+}
+run_api api-flat --rooms 10 --members 30 --connections 4 --pipeline 8 --rate 0
 python3 bench/summarize.py "$OUT"

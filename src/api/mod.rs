@@ -166,7 +166,7 @@ async fn logged(response: impl Future<Output = Response>) -> Response {
 
 /// A message for a user or a room.
 #[derive(Deserialize, ToSchema)]
-#[schema(as = MessageRequest)]
+#[schema(as = MessageRequest, example = json!({"body": {"text": "your order shipped"}, "from": "shop", "key": "order-42-shipped"}))]
 struct MessageBody {
     /// The message body: any JSON value, null included, delivered as given.
     #[serde(default, deserialize_with = "crate::protocol::any_json")]
@@ -180,7 +180,7 @@ struct MessageBody {
 
 /// A message for every session on every node. It is not stored.
 #[derive(Deserialize, ToSchema)]
-#[schema(as = BroadcastRequest)]
+#[schema(as = BroadcastRequest, example = json!({"body": {"alert": "maintenance at 18:00"}}))]
 struct BroadcastBody {
     /// The message body: any JSON value, null included, delivered as given.
     #[serde(default, deserialize_with = "crate::protocol::any_json")]
@@ -515,7 +515,7 @@ async fn room_history(
 
 /// Why the sessions are closed.
 #[derive(Deserialize, Default, ToSchema)]
-#[schema(as = DisconnectRequest)]
+#[schema(as = DisconnectRequest, example = json!({"reason": "account suspended"}))]
 struct DisconnectBody {
     #[schema(schema_with = doc::reason_schema)]
     reason: Option<String>,
