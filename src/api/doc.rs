@@ -4,13 +4,16 @@
 //! header, the error responses of §5, the schemas of the validated names and of a stored message
 //! frame, and the history query, whose `since` and `before` exclude each other.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::extensions::Extensions;
 use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn, ParameterStyle};
 use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, SchemaFormat, SchemaType, Type};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{KnownFormat, Object, RefOr, Required};
-use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToResponse, ToSchema};
+use utoipa::openapi::{Ref, Response};
+use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, PartialSchema, ToResponse, ToSchema};
 
 use crate::protocol::{ErrorCode, MAX_NAME_LEN, RoomName, UserId};
 
@@ -148,6 +151,40 @@ pub(super) struct Internal(ErrorBody<'static>);
 #[response(example = json!({"error": {"code": "unavailable", "message": "store unavailable: retry with the same key"}}))]
 #[allow(dead_code)]
 pub(super) struct Unavailable(ErrorBody<'static>);
+
+/// The failures of a route that reads a name or a query: 400, 401, 500 and 503.
+pub(super) struct ReadFailures;
+
+/// The failures of a route that takes a request body: those of [`ReadFailures`] and 413.
+pub(super) struct WriteFailures;
+
+/// The failures of a route that takes no input: 401, 500 and 503.
+pub(super) struct PlainFailures;
+
+/// References to the error responses of §5 (the components above), by status.
+fn failures(list: &[(u16, &str)]) -> BTreeMap<String, RefOr<Response>> {
+    list.iter().map(|&(status, name)| (status.to_string(), RefOr::Ref(Ref::from_response_name(name)))).collect()
+}
+
+impl IntoResponses for ReadFailures {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        failures(&[(400, "BadRequest"), (401, "Unauthorized"), (500, "Internal"), (503, "Unavailable")])
+    }
+}
+
+impl IntoResponses for WriteFailures {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let mut all = ReadFailures::responses();
+        all.extend(failures(&[(413, "TooLarge")]));
+        all
+    }
+}
+
+impl IntoResponses for PlainFailures {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        failures(&[(401, "Unauthorized"), (500, "Internal"), (503, "Unavailable")])
+    }
+}
 
 // The server writes message frames by hand on its hot path (`protocol::event`); a test reads what
 // it writes back into this type, which refuses unknown fields, so the frames and this schema agree.

@@ -24,9 +24,7 @@ use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use self::doc::{
-    ApiDoc, BadRequest, ErrorBody, ErrorDetail, HistoryParams, Internal, TooLarge, Unauthorized, Unavailable,
-};
+use self::doc::{ApiDoc, ErrorBody, ErrorDetail, HistoryParams, PlainFailures, ReadFailures, WriteFailures};
 use crate::node::{DirectMessage, Node, RoomMessage};
 use crate::presence::SessionInfo;
 use crate::protocol::{ErrorCode, HistoryQuery, ProtocolError, RoomName, StreamId, UserId, valid_name};
@@ -343,9 +341,7 @@ struct Nodes {
     request_body(content = MessageBody, description = "The message."),
     responses(
         (status = 200, description = "Accepted and stored.", body = Accepted),
-        (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 413, response = TooLarge),
-        (status = 500, response = Internal), (status = 503, response = Unavailable),
+        WriteFailures,
     )
 )]
 async fn user_message(
@@ -373,9 +369,7 @@ fn accepted(appended: crate::store::Appended) -> Json<Accepted> {
     request_body(content = MessageBody, description = "The message."),
     responses(
         (status = 200, description = "Accepted and stored.", body = Accepted),
-        (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 413, response = TooLarge),
-        (status = 500, response = Internal), (status = 503, response = Unavailable),
+        WriteFailures,
     )
 )]
 async fn room_message(
@@ -397,9 +391,7 @@ async fn room_message(
     request_body(content = BroadcastBody, description = "The message."),
     responses(
         (status = 200, description = "Handed to every node.", body = BroadcastAccepted),
-        (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 413, response = TooLarge), (status = 500, response = Internal),
-        (status = 503, response = Unavailable),
+        WriteFailures,
     )
 )]
 async fn broadcast(
@@ -418,9 +410,7 @@ async fn broadcast(
     params(("user" = UserId, Path, description = "The user.")),
     responses(
         (status = 200, description = "The user's sessions.", body = UserPresence),
-        (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 500, response = Internal),
-        (status = 503, response = Unavailable),
+        ReadFailures,
     )
 )]
 async fn user_presence(
@@ -440,9 +430,7 @@ async fn user_presence(
     params(("room" = RoomName, Path, description = "The room.")),
     responses(
         (status = 200, description = "The room's users.", body = RoomPresence),
-        (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 500, response = Internal),
-        (status = 503, response = Unavailable),
+        ReadFailures,
     )
 )]
 async fn room_presence(
@@ -476,9 +464,7 @@ async fn history(
     params(("user" = UserId, Path, description = "The user."), HistoryParams),
     responses(
         (status = 200, description = "A slice of the stream.", body = History),
-        (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 500, response = Internal),
-        (status = 503, response = Unavailable),
+        ReadFailures,
     )
 )]
 async fn user_history(
@@ -499,9 +485,7 @@ async fn user_history(
     params(("room" = RoomName, Path, description = "The room."), HistoryParams),
     responses(
         (status = 200, description = "A slice of the stream.", body = History),
-        (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 500, response = Internal),
-        (status = 503, response = Unavailable),
+        ReadFailures,
     )
 )]
 async fn room_history(
@@ -532,9 +516,7 @@ struct DisconnectBody {
     request_body(content = Option<DisconnectBody>, description = "The reason. The body may be empty, or null."),
     responses(
         (status = 200, description = "The sessions were told to close.", body = Disconnected),
-        (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
-        (status = 413, response = TooLarge),
-        (status = 500, response = Internal), (status = 503, response = Unavailable),
+        WriteFailures,
     )
 )]
 async fn disconnect(
@@ -554,8 +536,7 @@ async fn disconnect(
     get, path = "/nodes", operation_id = "listNodes", tag = "cluster",
     responses(
         (status = 200, description = "The live nodes.", body = Nodes),
-        (status = 401, response = Unauthorized), (status = 500, response = Internal),
-        (status = 503, response = Unavailable),
+        PlainFailures,
     )
 )]
 async fn nodes(State(node): State<Arc<Node>>) -> Result<Json<Nodes>, ApiError> {
