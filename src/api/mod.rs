@@ -63,9 +63,10 @@ pub(crate) const REQUEST_SLACK: usize = 4096;
 /// Where the server nests [`router`].
 const MOUNT: &str = "/api";
 
-/// The `/v1` routes, and the document that describes them and `/openapi.json`.
+/// The routes under `/v1` (relative to it), and the document that describes them and
+/// `/openapi.json` with their full paths.
 fn routes() -> (Router<Arc<Node>>, utoipa::openapi::OpenApi) {
-    let v1 = OpenApiRouter::new()
+    let (v1, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(user_message))
         .routes(routes!(room_message))
         .routes(routes!(broadcast))
@@ -74,11 +75,12 @@ fn routes() -> (Router<Arc<Node>>, utoipa::openapi::OpenApi) {
         .routes(routes!(user_history))
         .routes(routes!(room_history))
         .routes(routes!(disconnect))
-        .routes(routes!(nodes));
-    let (v1, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi()).nest("/v1", v1).split_for_parts();
-    document.paths.add_path_operation("/openapi.json", vec![utoipa::openapi::HttpMethod::Get], document_operation());
+        .routes(routes!(nodes))
+        .split_for_parts();
     let paths = std::mem::take(&mut document.paths.paths);
-    document.paths.paths = paths.into_iter().map(|(path, item)| (format!("{MOUNT}{path}"), item)).collect();
+    document.paths.paths = paths.into_iter().map(|(path, item)| (format!("{MOUNT}/v1{path}"), item)).collect();
+    let get = vec![utoipa::openapi::HttpMethod::Get];
+    document.paths.add_path_operation(format!("{MOUNT}/openapi.json"), get, document_operation());
     (v1, document)
 }
 
@@ -118,7 +120,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .layer(middleware::from_fn_with_state(node.clone(), require_key))
         .with_state(node);
     Router::new()
-        .merge(v1)
+        .nest("/v1", v1)
         .route(
             "/openapi.json",
             axum::routing::get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
