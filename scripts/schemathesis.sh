@@ -5,6 +5,7 @@
 #
 #   scripts/schemathesis.sh                  # the debug build, 100 examples per operation
 #   BIN=target/release/switchyard EXAMPLES=500 SEED=123 scripts/schemathesis.sh
+#   REDIS=redis://127.0.0.1:6379/0 scripts/schemathesis.sh   # a cluster member over that Redis
 #
 # Strings are generated as ASCII (`--generation-codec ascii`): the document bounds `key` and
 # `reason` with JSON Schema's maxLength, which counts characters, where the server counts UTF-8
@@ -30,14 +31,22 @@ PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PA
 [ -x "$BIN" ] || cargo build --locked --bin switchyard
 DATA=$(mktemp -d /tmp/switchyard-schemathesis.XXXXXX)
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$BIN" serve --listen "127.0.0.1:$PORT" --api-key "$KEY" --data-dir "$DATA" >"$DATA/node.log" 2>&1 &
+# With REDIS, the node is a cluster member (store, bus and presence on that Redis) under a prefix
+# of its own; without, a single node with embedded storage.
+backend=()
+what="a single node"
+if [ -n "${REDIS:-}" ]; then
+  backend=(--redis "$REDIS" --prefix "schemathesis-$$-$RANDOM")
+  what="a cluster member over $REDIS"
+fi
+"$BIN" serve --listen "127.0.0.1:$PORT" --api-key "$KEY" --data-dir "$DATA" "${backend[@]}" >"$DATA/node.log" 2>&1 &
 NODE=$!
 trap 'kill "$NODE" 2>/dev/null; wait "$NODE" 2>/dev/null; rm -rf "$DATA"' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null || { cat "$DATA/node.log"; echo "the node did not start" >&2; exit 1; }
 
 run() {
-  echo "== schemathesis, seed $1 ($2), $EXAMPLES examples per operation"
+  echo "== schemathesis, seed $1 ($2), $EXAMPLES examples per operation, $what"
   schemathesis run "http://127.0.0.1:$PORT/api/openapi.json" \
     --header "Authorization: Bearer $KEY" --checks all --max-examples "$EXAMPLES" \
     --generation-codec ascii --seed "$1" --no-color
