@@ -29,34 +29,15 @@ source bench/nodes.sh
 start_nodes old "$OLD/switchyard" 9110 "ab$$old"
 start_nodes new "$NEW/switchyard" 9120 "ab$$new"
 
-run() {
-  local name=$1
-  shift
-  [[ " $SCENARIOS " == *" $name "* ]] || return 0
-  for i in $(seq "$RUNS"); do
-    "$BENCH" "$@" --json --target "$TARGET_old" --pid "$PIDS_old" --also-pid "$REDIS" >"$OUT/$name.old.$i.json"
-    "$BENCH" "$@" --json --target "$TARGET_new" --pid "$PIDS_new" --also-pid "$REDIS" >"$OUT/$name.new.$i.json"
-  done
-}
+SYSTEMS="old new"
+declare -A ALSO=([old]="$REDIS" [new]="$REDIS")
 
 run fanout-rate fanout --rooms 10 --members 100 --rate 1000
 run fanout-flat fanout --rooms 10 --members 100 --rate 0 --window 4
 run direct-rate direct --pairs 100 --rate 5000
 run direct-flat direct --pairs 100 --rate 0 --window 4
 
-# The server API: keep-alive connections posting room messages to every node's API (api-flat: 8
-# requests in flight on each of 4 connections, flat out), delivered to 10 rooms of 30 members.
-run_api() {
-  local name=$1
-  shift
-  [[ " $SCENARIOS " == *" $name "* ]] || return 0
-  for i in $(seq "$RUNS"); do
-    for system in old new; do
-      local target="TARGET_$system" pid="PIDS_$system"
-      "$BENCH" api "$@" --json --target "${!target}" --api "${!target//ws:/http:}" --pid "${!pid}" \
-        --also-pid "$REDIS" >"$OUT/$name.$system.$i.json"
-    done
-  done
-}
-run_api api-flat --rooms 10 --members 30 --connections 4 --pipeline 8 --rate 0
+# The server API: 4 keep-alive connections posting room messages to the nodes' APIs, 8 requests in
+# flight on each, flat out, delivered to 10 rooms of 30 members.
+run api-flat api --rooms 10 --members 30 --connections 4 --pipeline 8 --rate 0
 python3 bench/summarize.py "$OUT"

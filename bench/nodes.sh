@@ -24,7 +24,8 @@ start_nodes() {
 # run NAME ARGS...: the generator's scenario ARGS, RUNS times on every system of $SYSTEMS,
 # interleaved (a, b, a, b, ...), when $SCENARIOS names NAME; each run's JSON in
 # $OUT/NAME.SYSTEM.RUN.json. Uses TARGET_<system> and PIDS_<system> (start_nodes) and the
-# associative array ALSO (the backend servers' pids of each system).
+# associative array ALSO (the backend servers' pids of each system). The nodes' HTTP bases go in
+# --api, which the api scenario posts to and the others ignore.
 run() {
   local name=$1
   shift
@@ -32,8 +33,8 @@ run() {
   for i in $(seq "$RUNS"); do
     for system in $SYSTEMS; do
       local target="TARGET_$system" pid="PIDS_$system"
-      "$BENCH" "$@" --json --target "${!target}" --pid "${!pid}" --also-pid "${ALSO[$system]}" \
-        >"$OUT/$name.$system.$i.json"
+      "$BENCH" "$@" --json --target "${!target}" --api "${!target//ws:/http:}" --pid "${!pid}" \
+        --also-pid "${ALSO[$system]}" >"$OUT/$name.$system.$i.json"
     done
   done
 }

@@ -66,14 +66,13 @@ impl Modify for BearerKey {
     }
 }
 
+/// A string of the name alphabet, without its type (a nullable field adds that itself).
+fn name_rules() -> ObjectBuilder {
+    ObjectBuilder::new().pattern(Some(NAME_PATTERN)).min_length(Some(1)).max_length(Some(MAX_NAME_LEN))
+}
+
 fn name_schema(description: &str) -> Schema {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .pattern(Some(NAME_PATTERN))
-        .min_length(Some(1))
-        .max_length(Some(MAX_NAME_LEN))
-        .description(Some(description))
-        .into()
+    name_rules().schema_type(Type::String).description(Some(description)).into()
 }
 
 impl PartialSchema for UserId {
@@ -197,16 +196,13 @@ pub(crate) struct MessageFrame {
     #[serde(rename = "type")]
     #[schema(pattern = "^message$")]
     kind: String,
-    /// `user:<id>` or `room:<name>`.
-    #[schema(pattern = "^(user|room):[A-Za-z0-9_.:@-]{1,128}$")]
+    #[schema(schema_with = stream_schema)]
     stream: String,
-    /// Position in the stream: 1, 2, 3, … with no gaps.
-    #[schema(minimum = 1, maximum = 9223372036854775807_i64)]
+    #[schema(schema_with = frame_seq_schema)]
     seq: u64,
     /// The server-made message id, unique across the cluster.
     mid: String,
-    /// The sending user, or what the backend named (default `system`).
-    #[schema(pattern = "^[A-Za-z0-9_.:@-]{1,128}$", min_length = 1, max_length = 128)]
+    #[schema(schema_with = frame_sender_schema)]
     from: String,
     /// The recipient; direct messages only.
     #[serde(default)]
@@ -249,8 +245,28 @@ fn nullable(string: ObjectBuilder, description: &str, default: Option<&str>) -> 
 
 /// `from` of a message request.
 pub(super) fn sender_schema() -> Schema {
-    let name = ObjectBuilder::new().pattern(Some(NAME_PATTERN)).min_length(Some(1)).max_length(Some(MAX_NAME_LEN));
-    nullable(name, "The sender as recipients see it in `from`. Absent or null: `system`.", Some("system"))
+    nullable(name_rules(), "The sender as recipients see it in `from`. Absent or null: `system`.", Some("system"))
+}
+
+/// `seq` of a message frame.
+fn frame_seq_schema() -> Schema {
+    seq_schema(1, "Position in the stream: 1, 2, 3, … with no gaps.")
+}
+
+/// `from` of a message frame.
+fn frame_sender_schema() -> Schema {
+    name_schema("The sending user, or what the backend named (default `system`).")
+}
+
+/// `stream` of a message frame: `user:<id>` or `room:<name>`.
+fn stream_schema() -> Schema {
+    let name = NAME_PATTERN.trim_start_matches('^');
+    let pattern = format!("^(user|room):{name}");
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(pattern))
+        .description(Some("`user:<id>` or `room:<name>`."))
+        .into()
 }
 
 /// `key` of a message request.
@@ -274,11 +290,12 @@ pub(super) fn reason_schema() -> Schema {
     )
 }
 
-fn seq_schema(description: &str) -> RefOr<Schema> {
+/// A seq, from `minimum` to the largest one a history query may name.
+fn seq_schema(minimum: u64, description: &str) -> Schema {
     ObjectBuilder::new()
         .schema_type(Type::Integer)
         .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
-        .minimum(Some(0))
+        .minimum(Some(minimum))
         .maximum(Some(crate::protocol::MAX_SEQ))
         .description(Some(description))
         .into()
@@ -294,8 +311,8 @@ impl IntoParams for HistoryParams {
             .description(Some("At most this many messages."));
         let mut query: Object = ObjectBuilder::new()
             .schema_type(SchemaType::new(Type::Object))
-            .property("since", seq_schema("Answer the messages after this seq (exclusive)."))
-            .property("before", seq_schema("Answer the messages before this seq (exclusive)."))
+            .property("since", seq_schema(0, "Answer the messages after this seq (exclusive)."))
+            .property("before", seq_schema(0, "Answer the messages before this seq (exclusive)."))
             .property("limit", limit)
             .additional_properties(Some(AdditionalProperties::FreeForm(false)))
             .build();
