@@ -3,8 +3,9 @@
 # node, the figure of BENCHMARKS.md ("Issue 10", "What the profile showed").
 #
 # BIN is a directory holding the server build to measure (`switchyard`); SCENARIO is `fanout`
-# (`switchyard-bench fanout --rooms 10 --members 30 --rate 100`) or `direct` (`switchyard-bench
-# direct --pairs 100 --rate 500`). Starts a private redis-server on REDIS_PORT (default 6394)
+# (`switchyard-bench fanout --rooms 10 --members 30 --rate 100`), `direct` (`switchyard-bench
+# direct --pairs 100 --rate 500`) or `api` (`switchyard-bench api --rooms 10 --members 30 --rate
+# 300`, every request posted to node 1). Starts a private redis-server on REDIS_PORT (default 6394)
 # and three nodes on it (`--rate-limit 0`, ports 9301-9303), node 1 under `valgrind
 # --tool=callgrind`, and runs the load against all three. Once node 1 delivers, it waits 2 s,
 # zeroes the counters (`callgrind_control -z`), waits 8 s and dumps them (`callgrind_control -d`);
@@ -33,7 +34,9 @@ PROTOCOL=${PROTOCOL:-switchyard}
 case "$SCENARIO" in
   fanout) LOAD=(fanout --rooms 10 --members 30 --rate 100) ;;
   direct) LOAD=(direct --pairs 100 --rate 500) ;;
-  *) echo "callgrind.sh: SCENARIO is fanout or direct" >&2; exit 2 ;;
+  # Every request to node 1's server API, so that its count holds the API's work on each message.
+  api) LOAD=(api --rooms 10 --members 30 --connections 3 --rate 300 --api http://127.0.0.1:9301) ;;
+  *) echo "callgrind.sh: SCENARIO is fanout, direct or api" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT"
 RUN=$OUT/$SCENARIO.$PROTOCOL.$(date +%H%M%S).$$
